@@ -1,0 +1,114 @@
+"""The error family of the sans-I/O protocol.
+
+Two kinds of failure, split by who is at fault (as h11 does):
+
+* :class:`LocalProtocolError`: *we* misused the API (sending on a closed stream, opening a stream before the
+  handshake finished, ...). It is a bug in the caller, raised synchronously from the offending method.
+* :class:`RemoteProtocolError`: *the peer* broke the protocol (a malformed frame, a window overrun, a stream it
+  may not open). The connection never raises it out of :meth:`~proto.Connection.receive_data`; instead it queues a
+  GOAWAY (or a REFUSE during the handshake) carrying :attr:`ProtocolError.code` and a readable reason, and reports
+  a :class:`~proto.ConnectionTerminated` event that holds the error.
+
+Both carry an :class:`ErrorCode`, the same table that RST, OPEN_ERR, GOAWAY and REFUSE put on the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "ErrorCode",
+    "FlowControlError",
+    "FrameSizeError",
+    "LocalProtocolError",
+    "ProtocolError",
+    "RemoteProtocolError",
+]
+
+
+class ErrorCode(enum.IntEnum):
+    """Codes shared by RST, OPEN_ERR, GOAWAY and REFUSE (docs/PROTOCOL.md, "Error codes")."""
+
+    NO_ERROR = 0
+    PROTOCOL = 1
+    INTERNAL = 2
+    FLOW_CONTROL = 3
+    STREAM_LIMIT = 4
+    REFUSED = 5
+    """The stream was never processed; opening it again (on this or the next session) is safe."""
+    CANCEL = 6
+    CONNECT_FAILED = 7
+    CONNECT_TIMEOUT = 8
+    PROHIBITED = 9
+    UNKNOWN_ROUTE = 10
+    CONN_RESET = 11
+    """A TCP reset carried end to end."""
+    STREAM_CLOSED = 12
+    ENHANCE_YOUR_CALM = 13
+    AUTH = 14
+    VERSION = 15
+    FRAME_SIZE = 16
+    IDLE_TIMEOUT = 17
+    SHUTTING_DOWN = 18
+    NAME_NOT_FOUND = 19
+    """A forward target's host name did not resolve."""
+
+    @classmethod
+    def parse(cls, value: int) -> ErrorCode | int:
+        """Return the enum member for ``value``, or ``value`` itself for a code this version does not know."""
+        try:
+            return cls(value)
+        except ValueError:
+            return value
+
+
+def code_name(code: int) -> str:
+    """A readable name for any code, known or not (``"PROTOCOL"``, ``"code 4711"``)."""
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return f"code {code}"
+
+
+class ProtocolError(Exception):
+    """Base class of every error the protocol raises. Never instantiated directly.
+
+    Attributes:
+        code: the :class:`ErrorCode` that goes on the wire for this error.
+        reason: a readable sentence for logs and for the peer.
+    """
+
+    code: ErrorCode
+    reason: str
+
+    def __init__(self, reason: str, code: ErrorCode = ErrorCode.PROTOCOL) -> None:
+        if type(self) is ProtocolError:
+            raise TypeError("tried to directly instantiate ProtocolError")
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.reason} ({self.code.name})"
+
+
+class LocalProtocolError(ProtocolError):
+    """The caller used the API in a way the protocol forbids (a bug on our side)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol forbids; the connection is closed with :attr:`code`."""
+
+
+class FrameSizeError(RemoteProtocolError):
+    """A frame's prefix announced a header or payload above the agreed limits; nothing of it was buffered."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, ErrorCode.FRAME_SIZE)
+
+
+class FlowControlError(RemoteProtocolError):
+    """The peer sent more bytes on a stream than the window we granted it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, ErrorCode.FLOW_CONTROL)
