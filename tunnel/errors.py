@@ -1,0 +1,71 @@
+"""Errors raised by the Trio layer. Stream problems use trio's own Broken/Closed/BusyResourceError; these carry
+the protocol's reason for them (as ``__cause__``) or describe failures of a whole session or of the configuration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proto.errors import ErrorCode, code_name
+
+__all__ = [
+    "ConfigError",
+    "HandshakeError",
+    "RequestError",
+    "SessionClosedError",
+    "StreamOpenError",
+    "StreamResetError",
+    "TunnelError",
+]
+
+
+class TunnelError(Exception):
+    """Base class of trio-tunnel's own errors."""
+
+
+class ConfigError(TunnelError):
+    """A configuration problem: the message names the file or flag, the key, and the fix."""
+
+
+class _Coded(TunnelError):
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+    @property
+    def retryable(self) -> bool:
+        """True when the peer never processed the request, so trying again (e.g. on a new session) is safe."""
+        return self.code in (ErrorCode.REFUSED, ErrorCode.SHUTTING_DOWN)
+
+    def __str__(self) -> str:
+        name = code_name(self.code)
+        return f"{self.reason} ({name})" if self.reason else name
+
+
+class HandshakeError(_Coded):
+    """The peer refused the session (bad token, version, not allowed) or the handshake failed."""
+
+
+class StreamOpenError(_Coded):
+    """The peer answered our OPEN with OPEN_ERR (target refused, not allowed, timeout, ...)."""
+
+
+class StreamResetError(_Coded):
+    """The peer reset the stream; ``code`` CONN_RESET means the far TCP peer sent a RST."""
+
+
+class SessionClosedError(_Coded):
+    """The session ended (GOAWAY, transport lost, protocol error, keepalive timeout)."""
+
+
+class RequestError(TunnelError):
+    """A CTRL request was answered with an error code."""
+
+    def __init__(self, code: int, body: Any = None) -> None:
+        super().__init__(code, body)
+        self.code = code
+        self.body = body
+
+    def __str__(self) -> str:
+        detail = self.body.get("message") if isinstance(self.body, dict) else self.body
+        return f"{code_name(self.code)}: {detail}" if detail else code_name(self.code)
