@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 
 __all__ = [
+    "code_name",
     "ErrorCode",
     "FlowControlError",
     "FrameSizeError",

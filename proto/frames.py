@@ -22,7 +22,7 @@ from typing import Any, Final, TypeAlias
 import attrs
 import msgpack
 
-from .errors import ErrorCode, FrameSizeError, RemoteProtocolError
+from .errors import FrameSizeError, RemoteProtocolError
 
 __all__ = [
     "CTRL_KIND_MAX",
@@ -51,7 +51,10 @@ __all__ = [
     "SID_LIMIT",
     "Welcome",
     "Window",
+    "check",
+    "decode_frame",
     "encode",
+    "encode_data_header",
     "encode_preamble",
     "parse_preamble",
 ]
@@ -245,14 +248,14 @@ Frame: TypeAlias = (
 
 # ------------------------------------------------------------------------------------------------------- encoding
 
-_packb: Final = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+_packb: Final[Callable[[Any], bytes]] = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
 def _body(obj: Any) -> bytes:
     return b"" if obj is None else _packb(obj)
 
 
-def _header_fields(frame: Frame) -> tuple[list[Any], bytes]:  # noqa: PLR0911
+def _header_fields(frame: Frame) -> tuple[list[Any], bytes]:
     match frame:
         case Data(sid, payload, fin):
             return [FrameType.DATA, sid, FLAG_FIN if fin else 0], payload
@@ -635,3 +638,10 @@ class FrameDecoder:
             self._pos = end
             if frame is not None:
                 return frame
+
+
+def check(frame: Frame) -> None:
+    """Raise :class:`RemoteProtocolError` if ``frame`` would not pass our own decoder (used before sending)."""
+    fields, payload = _header_fields(frame)
+    fields[0] = int(fields[0])
+    decode_frame(_packb(fields), payload)

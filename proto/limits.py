@@ -52,12 +52,16 @@ class Limits:
     """Bytes per DATA frame when a stream is the only one with data to send (fewer frames, same fairness)."""
 
     # --- local: flow control and memory ---
+    max_send_buffer: int = attrs.field(default=256 * KiB, validator=_positive)
+    """Stream bytes queued for sending per stream (on top of the peer's credit, which also bounds it)."""
     max_window: int = attrs.field(default=8 * MiB, validator=_positive)
     """Cap of a stream's receive window after auto-tuning."""
     autotune_budget: int = attrs.field(default=32 * MiB, validator=_positive)
     """Window growth above ``initial_window``, summed over all streams of the connection."""
 
     # --- local: streams ---
+    open_timeout: float = 10.0
+    """Seconds an OPEN may wait for its answer (either side) before it is timed out (CONNECT_TIMEOUT)."""
     accept_backlog: int = attrs.field(default=64, validator=_positive)
     """Peer-opened streams not yet accepted by the application; beyond it: OPEN_ERR(REFUSED)."""
     max_ctrl_body: int = attrs.field(default=64 * KiB, validator=_positive)

@@ -1,0 +1,1164 @@
+"""The connection state machine: handshake, streams, flow control, scheduling and defences. Sans-I/O.
+
+General theory of operation
+---------------------------
+A :class:`Connection` is one end of the single TCP link between a trio-tunnel client and server. It never does
+I/O and never reads a clock. The caller (``tunnel/mux.py``) does three things with it:
+
+* feeds it every byte read from the transport with :meth:`Connection.receive_data` and acts on the returned
+  events (an empty ``bytes`` means the transport reached EOF);
+* calls command methods as the application acts: :meth:`open_stream`, :meth:`send_data`, :meth:`end_stream`,
+  :meth:`acknowledge` (the application consumed bytes: return credit), :meth:`close_stream`,
+  :meth:`reset_stream`, :meth:`ping`, :meth:`go_away`, :meth:`send_request`...; these only change state and queue
+  frames, synchronously;
+* asks :meth:`data_to_send` for the next bytes to write whenever the transport can take them. This is where
+  scheduling happens, at the last moment: control frames first (PONG, WINDOW, GOAWAY, then OPEN/OPEN_OK/RST/
+  CTRL/PING/MAX_STREAMS in order), then stream data by deficit round robin, a small quantum per stream per turn,
+  so a bulk stream cannot starve an interactive one. FIN rides on a stream's last DATA frame, so it can never
+  overtake queued data.
+
+Memory is bounded everywhere. Each stream's receive buffer (held by the caller) is bounded by the window we
+granted, and a peer that overruns a window ends the connection with FLOW_CONTROL. Each stream's send buffer is
+bounded by the peer's credit and by ``Limits.max_send_buffer``. Window auto-tuning grows a stream's window only
+from a per-connection budget that returns when the stream is released. Control queues are coalesced (one PONG
+slot, one pending WINDOW per stream, one MAX_STREAMS) and capped.
+
+Time is passed in: methods that need it take ``now`` (seconds, any monotonic origin). Without it, rate limits do
+not refill, RTT is not measured and open timeouts are not armed, which is what synchronous tests usually want.
+
+Errors by the peer never raise out of :meth:`receive_data`: the connection queues a GOAWAY (or REFUSE during the
+handshake) with a code and a readable reason, moves to CLOSED and reports :class:`ConnectionTerminated`. Misuse
+by the caller raises :class:`LocalProtocolError` at once.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import os
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
+
+import attrs
+
+from . import frames as F
+from .errors import ErrorCode, FlowControlError, LocalProtocolError, ProtocolError, RemoteProtocolError
+from .events import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    HandshakeComplete,
+    PongReceived,
+    ReplyReceived,
+    RequestReceived,
+    StreamAccepted,
+    StreamCreditGranted,
+    StreamEnded,
+    StreamOpened,
+    StreamRejected,
+    StreamReset,
+    WindowUpdated,
+)
+from .flow import TokenBucket, next_window
+from .limits import Limits
+from .stream import TRANSITIONS, StreamInput, StreamState
+
+__all__ = ["PROTOCOL_VERSION", "Connection", "ConnectionState", "ConnectionStatistics", "Role"]
+
+PROTOCOL_VERSION: Final = 1
+AUTH_HMAC: Final = "hmac-sha256"
+AUTH_NONE: Final = "none"
+_CLIENT_LABEL: Final = b"trio-tunnel/1 client\x00"
+_SERVER_LABEL: Final = b"trio-tunnel/1 server\x00"
+
+SI = StreamInput
+SS = StreamState
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class ConnectionState(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class _Hs(enum.Enum):
+    """Handshake steps."""
+
+    AWAIT_PREAMBLE = enum.auto()  # server
+    AWAIT_HELLO = enum.auto()  # server
+    AWAIT_AUTH = enum.auto()  # server
+    AWAIT_CHALLENGE = enum.auto()  # client
+    AWAIT_WELCOME = enum.auto()  # client
+    DONE = enum.auto()
+
+
+@attrs.frozen
+class ConnectionStatistics:
+    """A snapshot of one connection's counters (all since the connection began)."""
+
+    state: ConnectionState
+    streams: int
+    """Entries in the stream table (open, half-closed, or closed but not yet released)."""
+    pending_streams: int
+    """Peer-opened streams not yet answered (the accept backlog, dials in progress included)."""
+    local_streams_available: int
+    """Streams we may still open under the peer's MAX_STREAMS credit."""
+    frames_sent: int
+    frames_received: int
+    bytes_sent: int
+    bytes_received: int
+    data_bytes_sent: int
+    data_bytes_received: int
+    discarded_data_bytes: int
+    """DATA for streams that were already closed: counted, then dropped."""
+    buffered_send_bytes: int
+    """Stream bytes accepted by :meth:`Connection.send_data` and not yet framed."""
+    receive_window_total: int
+    """Sum over streams of credit we granted and the application has not consumed (bounds receive memory)."""
+    autotune_budget_used: int
+    srtt: float | None
+
+
+@attrs.define(eq=False, slots=True)
+class _Stream:
+    sid: int
+    state: StreamState
+    local: bool
+    # send direction
+    send_limit: int
+    sent: int = 0
+    send_buf: deque[bytes] = attrs.field(factory=deque)
+    send_buffered: int = 0
+    head_offset: int = 0
+    fin_queued: bool = False
+    fin_sent: bool = False
+    rst_after_fin: bool = False
+    # receive direction
+    window: int = 0
+    recv_limit: int = 0
+    received: int = 0
+    consumed: int = 0
+    epoch_time: float | None = None
+    epoch_consumed: int = 0
+    # lifecycle
+    app_closed: bool = False
+    blocked: bool = False  # a writer found no room; tell the caller when room appears
+    in_ready: bool = False
+
+
+def _stream_index(sid: int) -> int:
+    """1 for the first stream of either side (1 or 2), 2 for the second (3 or 4), ..."""
+    return (sid + 1) // 2
+
+
+class Connection:
+    """One end of a trio-tunnel link (see the module docstring for the theory of operation).
+
+    Args:
+        role: CLIENT dials and sends the preamble; SERVER listens.
+        limits: what this side enforces and declares; defaults suit the internet.
+        name: the client's identity, sent in HELLO (client only).
+        token: the client's shared secret; required when the server asks for HMAC auth (client only).
+        tokens: the secrets the server accepts, any of them (rotation). Empty means no authentication
+            (server only; the caller must have asked for that explicitly).
+        random_bytes: source of nonces and session ids (injectable for deterministic tests).
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        limits: Limits | None = None,
+        name: str = "",
+        token: bytes | None = None,
+        tokens: Sequence[bytes] = (),
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.role = role
+        self.limits = limits if limits is not None else Limits()
+        self.name = name
+        self._token = token
+        self._tokens = tuple(tokens)
+        self._random = random_bytes
+        self.state = ConnectionState.HANDSHAKE
+        self.session_id = ""
+        self.peer_name = ""
+        self.peer_limits: dict[str, int] = {}
+        self.terminated: ConnectionTerminated | None = None
+        lim = self.limits
+        self._decoder = F.FrameDecoder(lim.max_header, max(lim.max_frame_payload, lim.max_ctrl_body))
+        self._now = 0.0
+        self._time_given = False
+        # handshake
+        self._hs = _Hs.AWAIT_CHALLENGE if role is Role.CLIENT else _Hs.AWAIT_PREAMBLE
+        self._client_nonce = b""
+        self._server_nonce = b""
+        self._auth_method = ""
+        self._matched_token: bytes | None = None
+        # output queues
+        self._raw_out: list[bytes] = []
+        self._urgent: deque[F.Frame] = deque()  # GOAWAY, REFUSE
+        self._pong: int | None = None
+        self._window_dirty: dict[int, None] = {}
+        self._control: deque[F.Frame] = deque()  # OPEN, OPEN_OK, OPEN_ERR, RST, PING, CTRL, handshake frames
+        self._max_streams_dirty = False
+        self._ready: deque[int] = deque()
+        self._writable: set[int] = set()
+        # peer's declared limits (until the handshake tells us)
+        self._peer_max_payload = 16 * 1024
+        self._peer_initial_window = 64 * 1024
+        # streams
+        self._streams: dict[int, _Stream] = {}
+        self._next_sid = 1 if role is Role.CLIENT else 2
+        self._local_opened = 0
+        self._local_credit = 0
+        self._highest_peer_sid = 0
+        self._granted = lim.max_streams  # cumulative MAX_STREAMS we allow the peer
+        self._granted_sent = lim.max_streams
+        self._pending = 0  # peer streams not yet answered
+        self._deadlines: dict[int, float] = {}
+        self._budget_used = 0
+        self._goaway_sent = False
+        self._goaway_received = False
+        self._last_peer_sid_allowed = F.SID_LIMIT  # after our GOAWAY, peer OPENs above this are refused
+        # keepalive / rtt
+        self._ping_counter = 0
+        self._ping_outstanding: int | None = None
+        self._ping_sent_at: float | None = None
+        self.srtt: float | None = None
+        # control plane
+        self._next_request_id = 1
+        self._outstanding_requests: set[int] = set()
+        self._peer_requests: set[int] = set()
+        # defences
+        self._open_bucket = TokenBucket(lim.open_rate)
+        self._reset_bucket = TokenBucket(lim.reset_rate)
+        self._ping_bucket = TokenBucket(lim.ping_rate)
+        self._empty_bucket = TokenBucket(lim.empty_rate)
+        # statistics
+        self._frames_sent = 0
+        self._frames_received = 0
+        self._bytes_sent = 0
+        self._bytes_received = 0
+        self._data_sent = 0
+        self._data_received = 0
+        self._discarded = 0
+
+        if role is Role.CLIENT:
+            self._client_nonce = self._random(F.NONCE_SIZE)
+            self._raw_out.append(F.encode_preamble(PROTOCOL_VERSION, PROTOCOL_VERSION))
+            self._control.append(F.Hello(name, self._client_nonce, lim.declared()))
+
+    # ------------------------------------------------------------------------------------------------ properties
+
+    @property
+    def is_open(self) -> bool:
+        return self.state is ConnectionState.OPEN
+
+    @property
+    def closed(self) -> bool:
+        return self.state is ConnectionState.CLOSED
+
+    @property
+    def streams_available(self) -> int:
+        """How many more streams we may open now (the peer's MAX_STREAMS credit minus streams opened)."""
+        if self.state is not ConnectionState.OPEN or self._goaway_sent or self._goaway_received:
+            return 0
+        return max(0, self._local_credit - self._local_opened)
+
+    @property
+    def can_open_streams(self) -> bool:
+        """False once either side sent GOAWAY or the connection is not open: no new stream will ever fit."""
+        return self.state is ConnectionState.OPEN and not (self._goaway_sent or self._goaway_received)
+
+    @property
+    def peer_max_frame_payload(self) -> int:
+        return self._peer_max_payload
+
+    def stream_state(self, stream_id: int) -> StreamState | None:
+        """The state of a stream in the table, or None once it is released (or never existed)."""
+        stream = self._streams.get(stream_id)
+        return stream.state if stream is not None else None
+
+    def send_credit(self, stream_id: int) -> int:
+        """Bytes :meth:`send_data` would accept on this stream right now (0 for an unknown or closed stream)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or not self._can_send_data(stream):
+            return 0
+        return max(0, min(stream.send_limit - stream.sent, self.limits.max_send_buffer - stream.send_buffered))
+
+    def pop_writable(self) -> set[int]:
+        """Streams whose writers found no room before and have room now (more credit or a drained buffer)."""
+        out, self._writable = self._writable, set()
+        return out
+
+    def statistics(self) -> ConnectionStatistics:
+        streams = self._streams.values()
+        return ConnectionStatistics(
+            state=self.state,
+            streams=len(self._streams),
+            pending_streams=self._pending,
+            local_streams_available=self.streams_available,
+            frames_sent=self._frames_sent,
+            frames_received=self._frames_received,
+            bytes_sent=self._bytes_sent,
+            bytes_received=self._bytes_received,
+            data_bytes_sent=self._data_sent,
+            data_bytes_received=self._data_received,
+            discarded_data_bytes=self._discarded,
+            buffered_send_bytes=sum(s.send_buffered for s in streams),
+            receive_window_total=sum(s.recv_limit - s.consumed for s in streams),
+            autotune_budget_used=self._budget_used,
+            srtt=self.srtt,
+        )
+
+    # ---------------------------------------------------------------------------------------------- receiving
+
+    def receive_data(self, data: bytes | bytearray | memoryview, *, now: float | None = None) -> list[Event]:
+        """Feed bytes read from the transport; ``b""`` means the transport reached EOF.
+
+        Returns the events they complete, in order. Never raises for anything the peer sends: a violation ends
+        the connection with a queued GOAWAY/REFUSE and a final :class:`ConnectionTerminated` event.
+        """
+        self._set_now(now)
+        events: list[Event] = []
+        if self.state is ConnectionState.CLOSED:
+            return events
+        self._bytes_received += len(data)
+        if not data:
+            self._terminate_by_peer(events, ErrorCode.NO_ERROR if self._goaway_received else ErrorCode.INTERNAL,
+                                    "the peer closed the connection")
+            return events
+        self._decoder.feed(data)
+        try:
+            if self._hs is _Hs.AWAIT_PREAMBLE and not self._receive_preamble(events):
+                return events
+            while not self.closed:
+                frame = self._decoder.next_frame()
+                if frame is None:
+                    break
+                self._frames_received += 1
+                self._dispatch(frame, events)
+        except ProtocolError as exc:
+            self._fail(exc, events)
+        return events
+
+    def _receive_preamble(self, events: list[Event]) -> bool:
+        raw = self._decoder.take(F.PREAMBLE_SIZE)
+        if raw is None:
+            return False
+        versions = F.parse_preamble(raw)
+        if versions is None:
+            self._close(events, ConnectionTerminated(
+                ErrorCode.PROTOCOL, "not a trio-tunnel client (wrong magic bytes)", by_peer=True, silent=True))
+            return False
+        high, low = versions
+        if not low <= PROTOCOL_VERSION <= high:
+            raise RemoteProtocolError(
+                f"the client speaks protocol versions {low} to {high}, this server speaks {PROTOCOL_VERSION}: "
+                "upgrade the older of the two",
+                ErrorCode.VERSION,
+            )
+        self._hs = _Hs.AWAIT_HELLO
+        return True
+
+    def _dispatch(self, frame: F.Frame, events: list[Event]) -> None:
+        if self._hs is not _Hs.DONE:
+            self._handshake_frame(frame, events)
+            return
+        match frame:
+            case F.Data():
+                self._on_data(frame, events)
+            case F.Window(sid, limit):
+                self._on_window(sid, limit, events)
+            case F.Open():
+                self._on_open(frame, events)
+            case F.OpenOk(sid):
+                self._on_open_answer(sid, None, events)
+            case F.OpenErr():
+                self._on_open_answer(frame.stream_id, frame, events)
+            case F.Reset(sid, code, reason):
+                self._on_reset(sid, code, reason, events)
+            case F.Ping(opaque):
+                if not self._ping_bucket.take(self._now):
+                    raise RemoteProtocolError("too many PINGs", ErrorCode.ENHANCE_YOUR_CALM)
+                self._pong = opaque  # one slot: a newer PING overwrites an unanswered one
+            case F.Pong(opaque):
+                self._on_pong(opaque, events)
+            case F.GoAway(last, code, reason):
+                self._on_goaway(last, code, reason, events)
+            case F.MaxStreams(count):
+                if count <= self._local_credit:
+                    self._count_empty("MAX_STREAMS")
+                else:
+                    self._local_credit = count
+                    events.append(StreamCreditGranted(self.streams_available))
+            case F.Ctrl(req, kind, body):
+                if req:
+                    if req in self._peer_requests:
+                        raise RemoteProtocolError(f"CTRL request id {req} is already in use")
+                    if len(self._peer_requests) >= self.limits.max_pending_requests:
+                        raise RemoteProtocolError(
+                            f"more than {self.limits.max_pending_requests} CTRL requests outstanding",
+                            ErrorCode.ENHANCE_YOUR_CALM)
+                    self._peer_requests.add(req)
+                events.append(RequestReceived(req, kind, body))
+            case F.CtrlReply(req, code, body):
+                if req not in self._outstanding_requests:
+                    raise RemoteProtocolError(f"CTRL_REPLY for unknown request id {req}")
+                self._outstanding_requests.discard(req)
+                events.append(ReplyReceived(req, code, body))
+            case _:
+                raise RemoteProtocolError(f"unexpected {type(frame).__name__.upper()} frame after the handshake")
+
+    # --------------------------------------------------------------------------------------------- handshake
+
+    def _handshake_frame(self, frame: F.Frame, events: list[Event]) -> None:
+        hs = self._hs
+        if isinstance(frame, F.Refuse) and self.role is Role.CLIENT:
+            self._close(events, ConnectionTerminated(frame.code, frame.message, by_peer=True))
+            return
+        if hs is _Hs.AWAIT_HELLO and isinstance(frame, F.Hello):
+            self._on_hello(frame)
+        elif hs is _Hs.AWAIT_AUTH and isinstance(frame, F.Auth):
+            self._on_auth(frame, events)
+        elif hs is _Hs.AWAIT_CHALLENGE and isinstance(frame, F.Challenge):
+            self._on_challenge(frame, events)
+        elif hs is _Hs.AWAIT_WELCOME and isinstance(frame, F.Welcome):
+            self._on_welcome(frame, events)
+        else:
+            raise RemoteProtocolError(f"unexpected {type(frame).__name__.upper()} frame during the handshake")
+
+    def _check_peer_limits(self, limits: Mapping[str, int]) -> dict[str, int]:
+        out = dict(limits)
+        payload = out.get("max_frame_payload", 16 * 1024)
+        window = out.get("initial_window", 64 * 1024)
+        streams = out.get("max_streams", 1)
+        if payload < 1024 or window < 1024 or streams < 1:
+            raise RemoteProtocolError(
+                "peer limits too small (max_frame_payload and initial_window must be >= 1024, max_streams >= 1)")
+        self._peer_max_payload = min(payload, 16 * 1024 * 1024)
+        self._peer_initial_window = min(window, F.SID_LIMIT - 1)
+        self._local_credit = streams
+        return out
+
+    def _on_hello(self, hello: F.Hello) -> None:
+        if len(hello.nonce) != F.NONCE_SIZE:
+            raise RemoteProtocolError(f"HELLO nonce must be {F.NONCE_SIZE} bytes")
+        self.peer_name = hello.name
+        self._client_nonce = hello.nonce
+        self.peer_limits = self._check_peer_limits(hello.limits)
+        self._server_nonce = self._random(F.NONCE_SIZE)
+        self._auth_method = AUTH_HMAC if self._tokens else AUTH_NONE
+        self._control.append(F.Challenge(PROTOCOL_VERSION, self._server_nonce, self._auth_method))
+        self._hs = _Hs.AWAIT_AUTH
+
+    def _transcript(self, label: bytes, extra: bytes = b"") -> bytes:
+        name = (self.peer_name if self.role is Role.SERVER else self.name).encode()
+        return label + self._client_nonce + self._server_nonce + len(name).to_bytes(2, "big") + name + extra
+
+    @staticmethod
+    def _mac(token: bytes, message: bytes) -> bytes:
+        return hmac.new(token, message, hashlib.sha256).digest()
+
+    def _on_auth(self, auth: F.Auth, events: list[Event]) -> None:
+        if self._auth_method == AUTH_HMAC:
+            message = self._transcript(_CLIENT_LABEL)
+            matched = None
+            for token in self._tokens:  # check all, so timing does not tell which one matched
+                if hmac.compare_digest(self._mac(token, message), auth.mac) and matched is None:
+                    matched = token
+            if matched is None:
+                raise RemoteProtocolError(
+                    "authentication failed: the client's token is not one this server accepts "
+                    "(check --token, --token-file or TRIO_TUNNEL_TOKEN on both sides)",
+                    ErrorCode.AUTH,
+                )
+            self._matched_token = matched
+        self.session_id = self._random(12).hex()
+        proof = b""
+        if self._matched_token is not None:
+            proof = self._mac(self._matched_token, self._transcript(_SERVER_LABEL, self.session_id.encode()))
+        self._control.append(F.Welcome(self.session_id, self.limits.declared(), proof))
+        self._open(events, authenticated=self._matched_token is not None)
+
+    def _on_challenge(self, challenge: F.Challenge, events: list[Event]) -> None:
+        if challenge.version != PROTOCOL_VERSION:
+            raise RemoteProtocolError(f"server chose protocol version {challenge.version}", ErrorCode.VERSION)
+        if len(challenge.nonce) != F.NONCE_SIZE:
+            raise RemoteProtocolError(f"CHALLENGE nonce must be {F.NONCE_SIZE} bytes")
+        self._server_nonce = challenge.nonce
+        self._auth_method = challenge.method
+        if challenge.method == AUTH_HMAC:
+            if self._token is None:
+                raise LocalProtocolError(
+                    "the server requires a token and this client has none (pass --token, --token-file or "
+                    "TRIO_TUNNEL_TOKEN)", ErrorCode.AUTH)
+            mac = self._mac(self._token, self._transcript(_CLIENT_LABEL))
+        elif challenge.method == AUTH_NONE:
+            if self._token is not None:
+                raise LocalProtocolError(
+                    "the server does not authenticate, but this client has a token: refusing to connect, since a "
+                    "server that cannot prove it knows the token may be an impostor (drop the client's token only "
+                    "if the server really runs with --insecure-no-auth)", ErrorCode.AUTH)
+            mac = b""
+        else:
+            raise RemoteProtocolError(f"unknown authentication method {challenge.method!r}", ErrorCode.AUTH)
+        self._control.append(F.Auth(mac))
+        self._hs = _Hs.AWAIT_WELCOME
+
+    def _on_welcome(self, welcome: F.Welcome, events: list[Event]) -> None:
+        self.session_id = welcome.session_id
+        if self._auth_method == AUTH_HMAC:
+            assert self._token is not None
+            expected = self._mac(self._token, self._transcript(_SERVER_LABEL, welcome.session_id.encode()))
+            if not hmac.compare_digest(expected, welcome.proof):
+                raise RemoteProtocolError(
+                    "the server could not prove it knows the token: wrong server address, or someone in between",
+                    ErrorCode.AUTH)
+        self.peer_limits = self._check_peer_limits(welcome.limits)
+        self._open(events, authenticated=self._auth_method == AUTH_HMAC)
+
+    def _open(self, events: list[Event], *, authenticated: bool) -> None:
+        self._hs = _Hs.DONE
+        self.state = ConnectionState.OPEN
+        peer = self.peer_name if self.role is Role.SERVER else ""
+        events.append(HandshakeComplete(peer, self.session_id, dict(self.peer_limits), authenticated))
+
+    # ----------------------------------------------------------------------------------------- stream frames
+
+    def _apply(self, stream: _Stream, event: StreamInput) -> None:
+        try:
+            stream.state = TRANSITIONS[stream.state, event]
+        except KeyError:
+            message = f"stream {stream.sid}: cannot {event.value} in state {stream.state.value}"
+            if event.name.startswith("SEND_"):
+                raise LocalProtocolError(message) from None
+            raise RemoteProtocolError(message, ErrorCode.PROTOCOL) from None
+
+    def _is_peer_sid(self, sid: int) -> bool:
+        return (sid % 2 == 1) == (self.role is Role.SERVER)
+
+    def _lookup(self, sid: int, what: str) -> _Stream | None:
+        """The stream for a received frame, None if it is closed (ignore), or an error if it was never opened."""
+        stream = self._streams.get(sid)
+        if stream is not None:
+            return stream
+        idle = sid > self._highest_peer_sid if self._is_peer_sid(sid) else sid >= self._next_sid
+        if idle:
+            raise RemoteProtocolError(f"{what} for stream {sid}, which was never opened")
+        return None
+
+    def _on_data(self, frame: F.Data, events: list[Event]) -> None:
+        sid = frame.stream_id
+        size = len(frame.payload)
+        self._data_received += size
+        if not size and not frame.fin:
+            raise RemoteProtocolError(f"empty DATA frame without FIN on stream {sid}")
+        stream = self._lookup(sid, "DATA")
+        if stream is None or stream.state is SS.CLOSED:
+            self._discarded += size
+            return
+        self._apply(stream, SI.RECV_DATA)
+        if stream.received + size > stream.recv_limit:
+            raise FlowControlError(
+                f"stream {sid}: peer sent {stream.received + size} bytes, over the window of {stream.recv_limit}")
+        stream.received += size
+        if size:
+            events.append(DataReceived(sid, frame.payload))
+        if frame.fin:
+            self._apply(stream, SI.RECV_FIN)
+            events.append(StreamEnded(sid))
+            self._window_dirty.pop(sid, None)
+            self._maybe_release(stream)
+
+    def _on_window(self, sid: int, limit: int, events: list[Event]) -> None:
+        stream = self._lookup(sid, "WINDOW")
+        if stream is None or stream.state is SS.CLOSED:
+            return  # a WINDOW racing our RST or FIN: legal, and meaningless now
+        if limit <= stream.send_limit:
+            self._count_empty("WINDOW")
+            return
+        stream.send_limit = limit
+        events.append(WindowUpdated(sid))
+        if stream.blocked:
+            stream.blocked = False
+            self._writable.add(sid)
+
+    def _on_open(self, frame: F.Open, events: list[Event]) -> None:
+        sid = frame.stream_id
+        if not self._is_peer_sid(sid):
+            raise RemoteProtocolError(f"OPEN with stream id {sid} of the wrong parity")
+        if sid <= self._highest_peer_sid:
+            raise RemoteProtocolError(f"OPEN for stream {sid}, not above the highest so far ({self._highest_peer_sid})")
+        if _stream_index(sid) > self._granted:
+            raise RemoteProtocolError(
+                f"OPEN for stream {sid} beyond the {self._granted} streams allowed so far", ErrorCode.STREAM_LIMIT)
+        if not self._open_bucket.take(self._now):
+            raise RemoteProtocolError("too many OPENs", ErrorCode.ENHANCE_YOUR_CALM)
+        self._highest_peer_sid = sid
+        if sid > self._last_peer_sid_allowed:
+            self._refuse_open(sid, ErrorCode.REFUSED, "the session is going away")
+            return
+        if self._pending >= self.limits.accept_backlog:
+            self._refuse_open(sid, ErrorCode.REFUSED, "too many streams waiting to be accepted")
+            return
+        window = self.limits.initial_window
+        stream = _Stream(sid, SS.PENDING, local=False, send_limit=self._peer_initial_window,
+                         window=window, recv_limit=window, epoch_time=self._time())
+        self._streams[sid] = stream
+        self._pending += 1
+        self._arm_deadline(sid)
+        events.append(StreamOpened(sid, frame.route, frame.meta))
+
+    def _refuse_open(self, sid: int, code: ErrorCode, reason: str) -> None:
+        self._queue_control(F.OpenErr(sid, code, reason))
+        self._grant_stream()
+
+    def _on_open_answer(self, sid: int, err: F.OpenErr | None, events: list[Event]) -> None:
+        stream = self._lookup(sid, "OPEN_ERR" if err else "OPEN_OK")
+        if err is not None and not self._reset_bucket.take(self._now):
+            raise RemoteProtocolError("too many OPEN_ERR/RST frames", ErrorCode.ENHANCE_YOUR_CALM)
+        if stream is None or stream.state is SS.CLOSED:
+            return
+        if not stream.local:
+            raise RemoteProtocolError(f"{'OPEN_ERR' if err else 'OPEN_OK'} for stream {sid}, which the peer opened")
+        self._deadlines.pop(sid, None)
+        if err is None:
+            self._apply(stream, SI.RECV_OPEN_OK)
+            events.append(StreamAccepted(sid))
+        else:
+            self._apply(stream, SI.RECV_OPEN_ERR)
+            self._drop_send(stream)
+            events.append(StreamRejected(sid, err.code, err.reason))
+            self._maybe_release(stream)
+
+    def _on_reset(self, sid: int, code: int, reason: str, events: list[Event]) -> None:
+        if not self._reset_bucket.take(self._now):
+            raise RemoteProtocolError("too many OPEN_ERR/RST frames", ErrorCode.ENHANCE_YOUR_CALM)
+        stream = self._lookup(sid, "RST")
+        if stream is None or stream.state is SS.CLOSED:
+            return
+        was_pending = stream.state in (SS.PENDING, SS.PENDING_REMOTE_CLOSED)
+        self._apply(stream, SI.RECV_RST)
+        if was_pending:
+            self._pending -= 1
+        self._deadlines.pop(sid, None)
+        self._drop_send(stream)
+        self._window_dirty.pop(sid, None)
+        if stream.blocked:
+            stream.blocked = False
+            self._writable.add(sid)
+        events.append(StreamReset(sid, code, reason))
+        self._maybe_release(stream)
+
+    def _on_pong(self, opaque: int, events: list[Event]) -> None:
+        rtt = None
+        if opaque == self._ping_outstanding:
+            if self._ping_sent_at is not None:
+                rtt = max(0.0, self._now - self._ping_sent_at)
+                self.srtt = rtt if self.srtt is None else self.srtt / 2 + rtt / 2
+            self._ping_outstanding = None
+            self._ping_sent_at = None
+        events.append(PongReceived(opaque, rtt))
+
+    def _on_goaway(self, last: int, code: int, reason: str, events: list[Event]) -> None:
+        if self._goaway_received:
+            return
+        self._goaway_received = True
+        events.append(GoAwayReceived(last, code, reason))
+        for stream in list(self._streams.values()):
+            if stream.local and stream.sid > last and stream.state in (SS.OPENING, SS.OPENING_LOCAL_CLOSED):
+                stream.state = SS.CLOSED
+                self._deadlines.pop(stream.sid, None)
+                self._drop_send(stream)
+                events.append(StreamRejected(stream.sid, ErrorCode.REFUSED, "the peer is going away: " + reason))
+                self._maybe_release(stream)
+
+    def _count_empty(self, what: str) -> None:
+        if not self._empty_bucket.take(self._now):
+            raise RemoteProtocolError(f"too many {what} frames that change nothing", ErrorCode.ENHANCE_YOUR_CALM)
+
+    # ---------------------------------------------------------------------------------------------- commands
+
+    def _require_open(self) -> None:
+        if self.state is not ConnectionState.OPEN:
+            raise LocalProtocolError(f"the connection is {self.state.value}")
+
+    def _get(self, stream_id: int) -> _Stream:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise LocalProtocolError(f"stream {stream_id} is not open (released or never opened)")
+        return stream
+
+    def open_stream(self, route: str, meta: Mapping[str, Any] | None = None, *, now: float | None = None) -> int:
+        """Open a stream towards ``route``; returns its id. Data may be sent at once (optimistically).
+
+        Raises:
+            LocalProtocolError: the connection is not open, a GOAWAY was sent or received, or no stream credit is
+                left (check :attr:`streams_available` first).
+        """
+        self._require_open()
+        if not self.can_open_streams:
+            raise LocalProtocolError("the session is going away: no new streams", ErrorCode.REFUSED)
+        if self.streams_available <= 0:
+            raise LocalProtocolError("no stream credit left (wait for MAX_STREAMS)", ErrorCode.STREAM_LIMIT)
+        frame = F.Open(self._next_sid, route, dict(meta or {}))
+        try:
+            F.check(frame)
+        except RemoteProtocolError as exc:
+            raise LocalProtocolError(f"cannot open stream: {exc.reason}") from None
+        self._set_now(now)
+        sid = self._next_sid
+        self._next_sid += 2
+        self._local_opened += 1
+        window = self.limits.initial_window
+        self._streams[sid] = _Stream(sid, SS.OPENING, local=True, send_limit=self._peer_initial_window,
+                                     window=window, recv_limit=window, epoch_time=self._time())
+        self._queue_control(frame)
+        self._arm_deadline(sid)
+        return sid
+
+    def accept_stream(self, stream_id: int) -> None:
+        """Answer a peer's OPEN with OPEN_OK; our data may follow."""
+        stream = self._get(stream_id)
+        self._apply(stream, SI.SEND_OPEN_OK)
+        self._pending -= 1
+        self._deadlines.pop(stream_id, None)
+        self._queue_control(F.OpenOk(stream_id))
+
+    def reject_stream(self, stream_id: int, code: ErrorCode | int, reason: str = "") -> None:
+        """Answer a peer's OPEN with OPEN_ERR (the stream is released at once)."""
+        stream = self._get(stream_id)
+        self._apply(stream, SI.SEND_OPEN_ERR)
+        self._pending -= 1
+        self._deadlines.pop(stream_id, None)
+        self._queue_control(F.OpenErr(stream_id, int(code), _clip(reason)))
+        stream.app_closed = True
+        self._maybe_release(stream)
+
+    def _can_send_data(self, stream: _Stream) -> bool:
+        return (stream.state, SI.SEND_DATA) in TRANSITIONS and not stream.fin_queued
+
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
+        """Queue stream bytes; returns how many were taken (0 when there is no credit or buffer room).
+
+        The bytes taken are copied. When fewer than ``len(data)`` are taken, the stream is marked blocked and
+        appears in :meth:`pop_writable` once room appears (or it is reset).
+        """
+        stream = self._get(stream_id)
+        if not self._can_send_data(stream):
+            if stream.state is SS.CLOSED:
+                raise LocalProtocolError(f"stream {stream_id} is closed")
+            raise LocalProtocolError(f"stream {stream_id}: cannot send DATA in state {stream.state.value}"
+                                     + (" after FIN" if stream.fin_queued else ""))
+        room = min(stream.send_limit - stream.sent, self.limits.max_send_buffer - stream.send_buffered)
+        take = min(len(data), max(room, 0))
+        if take < len(data):
+            stream.blocked = True
+        if take:
+            stream.send_buf.append(bytes(data[:take]))
+            stream.send_buffered += take
+            stream.sent += take
+            self._mark_ready(stream)
+        return take
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close our direction: FIN goes out on the last DATA frame, after every byte queued before it."""
+        stream = self._get(stream_id)
+        if stream.fin_queued:
+            return
+        self._apply(stream, SI.SEND_FIN)
+        stream.fin_queued = True
+        self._mark_ready(stream)
+        self._maybe_release(stream)
+
+    def acknowledge(self, stream_id: int, size: int, *, now: float | None = None) -> None:
+        """The application consumed ``size`` bytes of a stream: return that much credit to the peer.
+
+        A WINDOW goes out once half the window is consumed; the window may grow (auto-tuning) when the reader
+        keeps up. Acknowledging a released stream does nothing.
+        """
+        self._set_now(now)
+        stream = self._streams.get(stream_id)
+        if stream is None or size <= 0:
+            return
+        if stream.consumed + size > stream.received:
+            raise LocalProtocolError(f"stream {stream_id}: acknowledged more bytes than were received")
+        stream.consumed += size
+        self._maybe_window(stream, now)
+
+    def _maybe_window(self, stream: _Stream, now: float | None) -> None:
+        if stream.state not in (SS.OPEN, SS.HALF_CLOSED_LOCAL, SS.PENDING, SS.OPENING, SS.OPENING_LOCAL_CLOSED):
+            return
+        if stream.recv_limit - stream.consumed > stream.window // 2:
+            return
+        if now is not None:
+            if stream.epoch_time is not None:
+                new = next_window(
+                    window=stream.window,
+                    max_window=self.limits.max_window,
+                    budget_left=self.limits.autotune_budget - self._budget_used,
+                    consumed_in_epoch=stream.consumed - stream.epoch_consumed,
+                    epoch_seconds=now - stream.epoch_time,
+                    srtt=self.srtt,
+                )
+                self._budget_used += new - stream.window
+                stream.window = new
+            stream.epoch_time = now
+            stream.epoch_consumed = stream.consumed
+        stream.recv_limit = stream.consumed + stream.window
+        self._window_dirty[stream.sid] = None
+
+    def close_stream(self, stream_id: int) -> None:
+        """The application is done with the stream (``aclose``): FIN if our direction is open, and a single
+        RST(STREAM_CLOSED) after it if the peer's direction is still open (its later data is discarded). The entry
+        is released once everything queued for it has been written. Idempotent."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.app_closed:
+            return
+        stream.app_closed = True
+        state = stream.state
+        if state in (SS.PENDING, SS.PENDING_REMOTE_CLOSED):
+            self._apply(stream, SI.SEND_OPEN_ERR)
+            self._pending -= 1
+            self._deadlines.pop(stream_id, None)
+            self._queue_control(F.OpenErr(stream_id, ErrorCode.REFUSED, "closed before it was accepted"))
+        elif state in (SS.OPENING, SS.OPENING_LOCAL_CLOSED):
+            self._reset(stream, ErrorCode.CANCEL, "closed before it was accepted")
+        elif state is not SS.CLOSED:
+            if not stream.fin_queued and (state, SI.SEND_FIN) in TRANSITIONS:
+                self._apply(stream, SI.SEND_FIN)
+                stream.fin_queued = True
+                self._mark_ready(stream)
+            if stream.state is not SS.CLOSED:
+                # The peer's direction is still open: tell it to stop, after our FIN (like TCP close with unread
+                # data). Later data from it is discarded and counted.
+                self._apply(stream, SI.SEND_RST)
+                self._window_dirty.pop(stream_id, None)
+                if stream.fin_sent:
+                    self._queue_control(F.Reset(stream_id, ErrorCode.STREAM_CLOSED, "stream closed"))
+                else:
+                    stream.rst_after_fin = True
+        self._maybe_release(stream)
+
+    def reset_stream(self, stream_id: int, code: ErrorCode | int = ErrorCode.CANCEL, reason: str = "") -> None:
+        """Abort the stream in both directions (RST); unsent data is dropped and the stream released. Idempotent
+        on a closed stream."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        stream.app_closed = True
+        if stream.state in (SS.PENDING, SS.PENDING_REMOTE_CLOSED):
+            self._pending -= 1
+        if stream.state is not SS.CLOSED:
+            self._reset(stream, code, reason)
+        self._drop_send(stream)
+        self._maybe_release(stream)
+
+    def _reset(self, stream: _Stream, code: ErrorCode | int, reason: str) -> None:
+        self._apply(stream, SI.SEND_RST)
+        self._deadlines.pop(stream.sid, None)
+        self._drop_send(stream)
+        self._window_dirty.pop(stream.sid, None)
+        self._queue_control(F.Reset(stream.sid, int(code), _clip(reason)))
+
+    def _drop_send(self, stream: _Stream) -> None:
+        """Nothing more goes out on this stream (it was reset or refused): forget queued data and FIN."""
+        stream.send_buf.clear()
+        stream.send_buffered = 0
+        stream.head_offset = 0
+        stream.rst_after_fin = False
+        stream.fin_queued = stream.fin_sent = True
+        if stream.blocked:
+            stream.blocked = False
+            self._writable.add(stream.sid)
+
+    def _maybe_release(self, stream: _Stream) -> None:
+        if (stream.state is not SS.CLOSED or not stream.app_closed or stream.send_buffered
+                or stream.in_ready):
+            return
+        del self._streams[stream.sid]
+        self._deadlines.pop(stream.sid, None)
+        self._window_dirty.pop(stream.sid, None)
+        self._budget_used -= stream.window - self.limits.initial_window
+        if not stream.local:
+            self._grant_stream()
+
+    def _grant_stream(self) -> None:
+        self._granted += 1
+        self._max_streams_dirty = True
+
+    def _set_now(self, now: float | None) -> None:
+        if now is not None:
+            self._now = now
+            self._time_given = True
+
+    def _time(self) -> float | None:
+        return self._now if self._time_given else None
+
+    def _arm_deadline(self, sid: int) -> None:
+        if self._time_given:
+            self._deadlines[sid] = self._now + self.limits.open_timeout
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`expire` next has work: the earliest open timeout, or None."""
+        return min(self._deadlines.values()) if self._deadlines else None
+
+    def expire(self, now: float) -> list[Event]:
+        """Time out streams whose open was not answered in ``Limits.open_timeout``.
+
+        Ours get RST(CONNECT_TIMEOUT) and a :class:`StreamRejected`; the peer's that we never answered get
+        OPEN_ERR(CONNECT_TIMEOUT) and a local :class:`StreamReset`.
+        """
+        self._set_now(now)
+        events: list[Event] = []
+        for sid, deadline in list(self._deadlines.items()):
+            if deadline > now:
+                continue
+            del self._deadlines[sid]
+            stream = self._streams.get(sid)
+            if stream is None:
+                continue
+            reason = f"no answer within {self.limits.open_timeout:g} s"
+            if stream.state in (SS.OPENING, SS.OPENING_LOCAL_CLOSED):
+                self._reset(stream, ErrorCode.CONNECT_TIMEOUT, reason)
+                events.append(StreamRejected(sid, ErrorCode.CONNECT_TIMEOUT, reason))
+            elif stream.state in (SS.PENDING, SS.PENDING_REMOTE_CLOSED):
+                self._apply(stream, SI.SEND_OPEN_ERR)
+                self._pending -= 1
+                self._queue_control(F.OpenErr(sid, ErrorCode.CONNECT_TIMEOUT, reason))
+                events.append(StreamReset(sid, ErrorCode.CONNECT_TIMEOUT, reason, local=True))
+            self._maybe_release(stream)
+        return events
+
+    def ping(self, *, now: float | None = None) -> int:
+        """Queue a PING (it replaces an unanswered one for RTT purposes); returns its opaque value."""
+        self._require_open()
+        self._set_now(now)
+        self._ping_counter += 1
+        self._ping_outstanding = self._ping_counter
+        self._ping_sent_at = now
+        self._queue_control(F.Ping(self._ping_counter))
+        return self._ping_counter
+
+    def go_away(self, code: ErrorCode | int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """Tell the peer to open no more streams. Streams already open carry on (drain them, then close)."""
+        if self.state is not ConnectionState.OPEN or self._goaway_sent:
+            return
+        self._goaway_sent = True
+        self._last_peer_sid_allowed = self._highest_peer_sid
+        self._urgent.append(F.GoAway(self._highest_peer_sid, int(code), _clip(reason)))
+
+    def send_request(self, kind: str, body: Any = None, *, expect_reply: bool = True) -> int:
+        """Queue a CTRL request; returns its id (0 for a notification, which gets no reply)."""
+        self._require_open()
+        if len(kind.encode()) > F.CTRL_KIND_MAX:
+            raise LocalProtocolError(f"CTRL kind longer than {F.CTRL_KIND_MAX} bytes")
+        req = 0
+        if expect_reply:
+            if len(self._outstanding_requests) >= self.limits.max_pending_requests:
+                raise LocalProtocolError(f"more than {self.limits.max_pending_requests} requests outstanding")
+            req = self._next_request_id
+            self._next_request_id += 1
+            self._outstanding_requests.add(req)
+        frame = F.Ctrl(req, kind, body)
+        self._check_body(frame)
+        self._queue_control(frame)
+        return req
+
+    def send_reply(self, request_id: int, body: Any = None, code: ErrorCode | int = ErrorCode.NO_ERROR) -> None:
+        """Answer the peer's CTRL request."""
+        self._require_open()
+        if request_id not in self._peer_requests:
+            raise LocalProtocolError(f"no outstanding request {request_id} to reply to")
+        frame = F.CtrlReply(request_id, int(code), body)
+        self._check_body(frame)
+        self._peer_requests.discard(request_id)
+        self._queue_control(frame)
+
+    def _check_body(self, frame: F.Ctrl | F.CtrlReply) -> None:
+        size = len(F.encode(frame))
+        if size > min(self.limits.max_ctrl_body, self._peer_max_payload) + self.limits.max_header:
+            raise LocalProtocolError(f"CTRL body of {size} bytes is too large")
+
+    def close(self, code: ErrorCode | int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """End the connection now: queue GOAWAY (REFUSE during the handshake, on the server) and stop."""
+        if self.state is ConnectionState.CLOSED:
+            return
+        if self.state is ConnectionState.OPEN:
+            self._urgent.append(F.GoAway(self._highest_peer_sid, int(code), _clip(reason)))
+        elif self.role is Role.SERVER and self._hs is not _Hs.AWAIT_PREAMBLE:
+            self._urgent.append(F.Refuse(int(code), _clip(reason)))
+        self._close([], ConnectionTerminated(int(code), reason, by_peer=False))
+
+    # ----------------------------------------------------------------------------------------------- sending
+
+    def _queue_control(self, frame: F.Frame) -> None:
+        if len(self._control) >= self.limits.max_queued_control:
+            self._fail(RemoteProtocolError(
+                "the peer is not reading: too many control frames queued", ErrorCode.ENHANCE_YOUR_CALM), [])
+            return
+        self._control.append(frame)
+
+    def _mark_ready(self, stream: _Stream) -> None:
+        if not stream.in_ready:
+            stream.in_ready = True
+            self._ready.append(stream.sid)
+
+    def data_to_send(self, max_bytes: int = 256 * 1024) -> bytes:
+        """The bytes to write next (``b""`` when nothing is pending), at most about ``max_bytes``.
+
+        Control frames come first and are never split; stream data fills the rest by round robin.
+        """
+        out: list[bytes] = self._raw_out
+        self._raw_out = []
+        size = sum(map(len, out))
+        nframes = 0
+
+        def put(frame: F.Frame) -> None:
+            nonlocal size, nframes
+            raw = F.encode(frame)
+            out.append(raw)
+            size += len(raw)
+            nframes += 1
+
+        if self._pong is not None:
+            put(F.Pong(self._pong))
+            self._pong = None
+        while self._urgent:
+            put(self._urgent.popleft())
+        if self._window_dirty:
+            for sid in self._window_dirty:
+                stream = self._streams.get(sid)
+                if stream is not None:
+                    put(F.Window(sid, stream.recv_limit))
+            self._window_dirty.clear()
+        while self._control and size < max_bytes:
+            put(self._control.popleft())
+        if self._max_streams_dirty and self.state is ConnectionState.OPEN:
+            self._max_streams_dirty = False
+            if self._granted != self._granted_sent:
+                self._granted_sent = self._granted
+                put(F.MaxStreams(self._granted))
+        if not self._control and self.state is not ConnectionState.CLOSED:
+            size, nframes = self._send_stream_data(out, size, nframes, max_bytes)
+        self._frames_sent += nframes
+        self._bytes_sent += size
+        return b"".join(out)
+
+    def _send_stream_data(self, out: list[bytes], size: int, nframes: int, max_bytes: int) -> tuple[int, int]:
+        ready = self._ready
+        frame_cap = self._peer_max_payload
+        while ready and size < max_bytes:
+            sid = ready.popleft()
+            stream = self._streams.get(sid)
+            if stream is None:
+                continue
+            stream.in_ready = False
+            # Deficit round robin with a fixed quantum: a stream alone may use bigger frames (fewer, same order).
+            budget = min(self.limits.solo_quantum if not ready else self.limits.send_quantum, max_bytes - size)
+            while True:
+                take = min(budget, frame_cap, stream.send_buffered)
+                fin = stream.fin_queued and not stream.fin_sent and take == stream.send_buffered
+                if not take and not fin:
+                    break
+                header = F.encode_data_header(sid, take, fin)
+                out.append(header)
+                if take:
+                    out.append(self._take_send(stream, take))
+                size += len(header) + take
+                nframes += 1
+                budget -= take
+                self._data_sent += take
+                if fin:
+                    stream.fin_sent = True
+                    if stream.rst_after_fin:
+                        stream.rst_after_fin = False
+                        raw = F.encode(F.Reset(sid, ErrorCode.STREAM_CLOSED, "stream closed"))
+                        out.append(raw)
+                        size += len(raw)
+                        nframes += 1
+                    break
+                if budget <= 0:
+                    break
+            if stream.send_buffered or (stream.fin_queued and not stream.fin_sent):
+                stream.in_ready = True
+                ready.append(sid)
+            if stream.blocked and self.send_credit(sid) > 0:
+                stream.blocked = False
+                self._writable.add(sid)
+            self._maybe_release(stream)
+        return size, nframes
+
+    def _take_send(self, stream: _Stream, n: int) -> bytes:
+        if not n:
+            return b""
+        buf = stream.send_buf
+        parts: list[bytes] = []
+        need = n
+        while need:
+            head = buf[0]
+            off = stream.head_offset
+            avail = len(head) - off
+            if avail <= need:
+                parts.append(head[off:] if off else head)
+                buf.popleft()
+                stream.head_offset = 0
+                need -= avail
+            else:
+                parts.append(head[off : off + need])
+                stream.head_offset = off + need
+                need = 0
+        stream.send_buffered -= n
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    # ------------------------------------------------------------------------------------------ termination
+
+    def _fail(self, exc: ProtocolError, events: list[Event]) -> None:
+        if self.state is ConnectionState.CLOSED:
+            return
+        # On an error nothing else goes out: drop queued control and data, keep only the GOAWAY/REFUSE.
+        self._control.clear()
+        self._urgent.clear()
+        self._pong = None
+        self._window_dirty.clear()
+        self._max_streams_dirty = False
+        if self.state is ConnectionState.OPEN:
+            self._urgent.append(F.GoAway(self._highest_peer_sid, exc.code, _clip(exc.reason)))
+        elif self.role is Role.SERVER:
+            self._urgent.append(F.Refuse(exc.code, _clip(exc.reason)))
+        # A client failing in the handshake just closes: a client has no frame to refuse with.
+        self._close(events, ConnectionTerminated(exc.code, exc.reason, by_peer=False, error=exc))
+
+    def _terminate_by_peer(self, events: list[Event], code: int, reason: str) -> None:
+        self._close(events, ConnectionTerminated(code, reason, by_peer=True))
+
+    def _close(self, events: list[Event], terminated: ConnectionTerminated) -> None:
+        self.state = ConnectionState.CLOSED
+        self.terminated = terminated
+        self._streams.clear()
+        self._deadlines.clear()
+        self._ready.clear()
+        self._pending = 0
+        self._budget_used = 0
+        self._writable.clear()
+        self._outstanding_requests.clear()
+        self._peer_requests.clear()
+        events.append(terminated)
+
+
+def _clip(text: str, limit: int = F.REASON_MAX) -> str:
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return text
+    return raw[: limit - 3].decode("utf-8", "ignore") + "..."
+

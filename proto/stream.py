@@ -1,0 +1,95 @@
+"""The lifecycle of one stream as a transition table (h2 style): ``(state, input) -> state``.
+
+A pair missing from the table is a protocol violation: for a received input it is the peer's
+(:class:`~proto.errors.RemoteProtocolError`), for a sent one ours (:class:`~proto.errors.LocalProtocolError`).
+
+The shape is RFC 9113 section 5.1 without "reserved", plus the open handshake of yamux: a stream we opened is
+OPENING until OPEN_OK (we may send optimistic data meanwhile, the peer may not); a stream the peer opened is PENDING
+until we answer (its optimistic data is buffered). Each of those may already be half-closed by its sender.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+__all__ = ["StreamInput", "StreamState", "TRANSITIONS", "is_local_input"]
+
+
+class StreamState(enum.Enum):
+    OPENING = "opening"
+    OPENING_LOCAL_CLOSED = "opening, sent FIN"
+    PENDING = "pending"
+    PENDING_REMOTE_CLOSED = "pending, got FIN"
+    OPEN = "open"
+    HALF_CLOSED_LOCAL = "half-closed (local)"
+    HALF_CLOSED_REMOTE = "half-closed (remote)"
+    CLOSED = "closed"
+
+
+class StreamInput(enum.Enum):
+    SEND_DATA = "send DATA"
+    SEND_FIN = "send FIN"
+    SEND_OPEN_OK = "send OPEN_OK"
+    SEND_OPEN_ERR = "send OPEN_ERR"
+    SEND_RST = "send RST"
+    RECV_DATA = "receive DATA"
+    RECV_FIN = "receive FIN"
+    RECV_OPEN_OK = "receive OPEN_OK"
+    RECV_OPEN_ERR = "receive OPEN_ERR"
+    RECV_RST = "receive RST"
+
+
+S = StreamState
+I = StreamInput  # noqa: E741
+
+TRANSITIONS: Final[dict[tuple[StreamState, StreamInput], StreamState]] = {
+    # We opened it; waiting for OPEN_OK. Optimistic data (and FIN) may go out; the peer may not send yet.
+    (S.OPENING, I.SEND_DATA): S.OPENING,
+    (S.OPENING, I.SEND_FIN): S.OPENING_LOCAL_CLOSED,
+    (S.OPENING, I.RECV_OPEN_OK): S.OPEN,
+    (S.OPENING, I.RECV_OPEN_ERR): S.CLOSED,
+    (S.OPENING, I.SEND_RST): S.CLOSED,
+    (S.OPENING, I.RECV_RST): S.CLOSED,
+    (S.OPENING_LOCAL_CLOSED, I.RECV_OPEN_OK): S.HALF_CLOSED_LOCAL,
+    (S.OPENING_LOCAL_CLOSED, I.RECV_OPEN_ERR): S.CLOSED,
+    (S.OPENING_LOCAL_CLOSED, I.SEND_RST): S.CLOSED,
+    (S.OPENING_LOCAL_CLOSED, I.RECV_RST): S.CLOSED,
+    # The peer opened it; we have not answered. Its optimistic data (and FIN) are buffered.
+    (S.PENDING, I.RECV_DATA): S.PENDING,
+    (S.PENDING, I.RECV_FIN): S.PENDING_REMOTE_CLOSED,
+    (S.PENDING, I.SEND_OPEN_OK): S.OPEN,
+    (S.PENDING, I.SEND_OPEN_ERR): S.CLOSED,
+    (S.PENDING, I.SEND_RST): S.CLOSED,
+    (S.PENDING, I.RECV_RST): S.CLOSED,
+    (S.PENDING_REMOTE_CLOSED, I.SEND_OPEN_OK): S.HALF_CLOSED_REMOTE,
+    (S.PENDING_REMOTE_CLOSED, I.SEND_OPEN_ERR): S.CLOSED,
+    (S.PENDING_REMOTE_CLOSED, I.SEND_RST): S.CLOSED,
+    (S.PENDING_REMOTE_CLOSED, I.RECV_RST): S.CLOSED,
+    # Both directions flow.
+    (S.OPEN, I.SEND_DATA): S.OPEN,
+    (S.OPEN, I.RECV_DATA): S.OPEN,
+    (S.OPEN, I.SEND_FIN): S.HALF_CLOSED_LOCAL,
+    (S.OPEN, I.RECV_FIN): S.HALF_CLOSED_REMOTE,
+    (S.OPEN, I.SEND_RST): S.CLOSED,
+    (S.OPEN, I.RECV_RST): S.CLOSED,
+    # We sent FIN: only the peer's direction remains.
+    (S.HALF_CLOSED_LOCAL, I.RECV_DATA): S.HALF_CLOSED_LOCAL,
+    (S.HALF_CLOSED_LOCAL, I.RECV_FIN): S.CLOSED,
+    (S.HALF_CLOSED_LOCAL, I.SEND_RST): S.CLOSED,
+    (S.HALF_CLOSED_LOCAL, I.RECV_RST): S.CLOSED,
+    # The peer sent FIN: only our direction remains.
+    (S.HALF_CLOSED_REMOTE, I.SEND_DATA): S.HALF_CLOSED_REMOTE,
+    (S.HALF_CLOSED_REMOTE, I.SEND_FIN): S.CLOSED,
+    (S.HALF_CLOSED_REMOTE, I.SEND_RST): S.CLOSED,
+    (S.HALF_CLOSED_REMOTE, I.RECV_RST): S.CLOSED,
+}
+"""Every legal move. CLOSED has no entries: frames for a closed stream are handled before the table (DATA is
+discarded and counted; WINDOW, FIN, RST, OPEN_OK and OPEN_ERR are ignored)."""
+
+del S, I
+
+
+def is_local_input(event: StreamInput) -> bool:
+    """True for inputs we cause (SEND_*), False for those the peer causes (RECV_*)."""
+    return event.name.startswith("SEND_")
