@@ -99,17 +99,19 @@ def root_veths() -> set[str]:
     return {line.split(":")[1].strip().split("@")[0] for line in cp.stdout.splitlines() if ":" in line}
 
 
-def cleanup_stale(max_age: float = STALE_AGE) -> list[str]:
-    """Delete ``tt-*`` namespaces older than ``max_age`` seconds (left over by killed runs).
+def cleanup_stale(max_age: float = STALE_AGE, *, prefix: str = PREFIX, now: float | None = None) -> list[str]:
+    """Delete ``tt-*`` namespaces (``prefix``) older than ``max_age`` seconds (left over by killed runs).
 
     Age is the mtime of /run/netns/NAME (set when the namespace was added). Processes still inside a stale
     namespace are not ours to kill; the namespace then lives on anonymously until they exit.
     """
+    if not prefix.startswith(PREFIX):
+        raise ValueError(f"only {PREFIX}* namespaces are ours to clean")
     removed = []
-    now = time.time()
+    now = time.time() if now is None else now
     with suppress(OSError):
-        for entry in NETNS_DIR.iterdir():
-            if not entry.name.startswith(PREFIX):
+        for entry in sorted(NETNS_DIR.iterdir()):
+            if not entry.name.startswith(prefix):
                 continue
             try:
                 age = now - entry.stat().st_mtime
@@ -276,6 +278,7 @@ class _Host:
 
 
 _open_topologies: weakref.WeakSet[Topology] = weakref.WeakSet()
+created_ids: list[str] = []  # ids of every Topology made in this process (for leak checks)
 
 
 @atexit.register
@@ -293,6 +296,7 @@ class Topology:
 
     def __init__(self, *, firewall: str | None = None) -> None:
         self.id = f"{PREFIX}{secrets.token_hex(3)}"
+        created_ids.append(self.id)
         self.firewall = firewall
         self.hosts: dict[str, _Host] = {}
         self.links: list[Link] = []
