@@ -268,6 +268,14 @@ class Connection:
         return self.state is ConnectionState.CLOSED
 
     @property
+    def wants_write(self) -> bool:
+        """True when :meth:`data_to_send` has something (cheap; lets the caller skip waking its writer)."""
+        return bool(
+            self._raw_out or self._urgent or self._pong is not None or self._window_dirty or self._control
+            or self._max_streams_dirty or self._ready
+        )
+
+    @property
     def streams_available(self) -> int:
         """How many more streams we may open now (the peer's MAX_STREAMS credit minus streams opened)."""
         if self.state is not ConnectionState.OPEN or self._goaway_sent or self._goaway_received:
