@@ -10,7 +10,8 @@ Import from a test module (tests/ is not a package)::
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))   # the tests/ directory
     import netns
-    from netns import nat_topo, abc_topo   # noqa: F401  (pytest fixtures)
+    nat_topo = netns.nat_topo   # expose the ready-made fixtures to pytest in that module
+    abc_topo = netns.abc_topo   # (or: with netns.nat_topology() as topo: ... inside a test)
 
 Address plan of the ready-made topologies (a link ``link(x, y, subnet)`` gives x the .1 and y the .2):
 
@@ -51,7 +52,7 @@ import trio
 PREFIX = "tt-"
 NETNS_DIR = Path("/run/netns")
 STALE_AGE = 3600.0  # seconds: leftover tt-* namespaces older than this are deleted at session start
-ADDRESS_POOL = ipaddress.ip_network("198.18.0.0/15")
+ADDRESS_POOL = ipaddress.IPv4Network("198.18.0.0/15")
 _HOST_RE = re.compile(r"^[A-Za-z0-9]{1,11}$")  # "to-" + name must fit IFNAMSIZ (15)
 CMD_TIMEOUT = 15.0  # seconds, for each ip/iptables/sysctl command
 
@@ -171,7 +172,8 @@ def _probe(*, nat: bool, firewall: str | None) -> str | None:
     backend = firewall_backend(firewall)
     if nat and backend is None:
         want = firewall or "iptables (or nft)"
-        return f"NAT topology needs {want}; install it (apt-get install iptables)"
+        package = "nftables" if firewall == "nft" else "iptables"
+        return f"NAT topology needs {want}; install it (apt-get install {package})"
     name = f"{PREFIX}{secrets.token_hex(3)}-probe"
     cp = _run(["ip", "netns", "add", name], check=False)
     if cp.returncode != 0:
@@ -378,7 +380,7 @@ class Topology:
     def _sysctl(self, host: str, key: str, value: str) -> None:
         path = "/proc/sys/" + key.replace(".", "/")
         # /proc/sys/net is per network namespace: the write must happen from inside the namespace.
-        _run(["ip", "netns", "exec", self.ns(host), "sh", "-c", f'echo "$1" > "$2"', "sh", value, path])
+        _run(["ip", "netns", "exec", self.ns(host), "sh", "-c", 'echo "$1" > "$2"', "sh", value, path])
 
     def sysctl(self, host: str, key: str) -> str:
         path = "/proc/sys/" + key.replace(".", "/")
@@ -396,8 +398,8 @@ class Topology:
             net = list(ADDRESS_POOL.subnets(new_prefix=24))[self._next_subnet]
             self._next_subnet += 1
         else:
-            net = ipaddress.ip_network(subnet)
-            if not net.subnet_of(ADDRESS_POOL):  # type: ignore[arg-type]
+            net = ipaddress.IPv4Network(subnet)
+            if not net.subnet_of(ADDRESS_POOL):
                 raise ValueError(f"{subnet} is outside {ADDRESS_POOL} (the range reserved for these tests)")
         hosts_iter = net.hosts()
         a_addr, b_addr = str(next(hosts_iter)), str(next(hosts_iter))
@@ -483,7 +485,7 @@ class Topology:
 
     @asynccontextmanager
     async def serve(self, host: str, argv: Sequence[str], *, ready: str | re.Pattern[str] | None = None,
-                    timeout: float = 10.0, **kw: Any) -> AsyncIterator[Served]:
+                    timeout: float = 10.0, **kw: Any) -> AsyncIterator[Served]:  # noqa: ASYNC109
         """Run a long-lived process inside ``host`` with its stdout read line by line.
 
         Waits (at most ``timeout`` s) for a stdout line matching ``ready`` (``served.ready`` holds the match).
@@ -555,7 +557,8 @@ class Served:
             self.eof = True
             self._changed.set()
 
-    async def expect(self, pattern: str | re.Pattern[str], timeout: float = 10.0) -> re.Match[str]:
+    async def expect(self, pattern: str | re.Pattern[str],
+                     timeout: float = 10.0) -> re.Match[str]:  # noqa: ASYNC109 (a default bound)
         """Wait for the next stdout line (after those already matched) that matches ``pattern``."""
         rx = re.compile(pattern)
         with trio.move_on_after(timeout):
@@ -573,8 +576,8 @@ class Served:
         raise TimeoutError(f"{self.name}: no stdout line matching {rx.pattern!r} within {timeout}s; "
                            f"stdout: {self.lines!r}")
 
-    async def _wait_exit(self, timeout: float) -> None:
-        with trio.move_on_after(timeout):
+    async def _wait_exit(self, seconds: float) -> None:
+        with trio.move_on_after(seconds):
             await self.process.wait()
 
     async def stop(self, grace: float = 5.0) -> int | None:
@@ -688,7 +691,8 @@ def seen_as(topo: Topology, from_host: str, to_addr: str, port: int, timeout: fl
     return r.reply if r.ok else None
 
 
-async def probe_async(topo: Topology, from_host: str, to_addr: str, port: int, timeout: float = 2.0,
+async def probe_async(topo: Topology, from_host: str, to_addr: str, port: int,
+                      timeout: float = 2.0,  # noqa: ASYNC109 (the child's connect timeout)
                       read: bool = False) -> ProbeResult:
     """Trio version of probe()."""
     with trio.move_on_after(2 * timeout + 10):
@@ -699,7 +703,7 @@ async def probe_async(topo: Topology, from_host: str, to_addr: str, port: int, t
 
 
 async def can_connect_async(topo: Topology, from_host: str, to_addr: str, port: int,
-                            timeout: float = 2.0) -> bool:
+                            timeout: float = 2.0) -> bool:  # noqa: ASYNC109 (the child's connect timeout)
     return (await probe_async(topo, from_host, to_addr, port, timeout)).ok
 
 

@@ -12,8 +12,11 @@ import pytest
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (not a package)
-import netns  # noqa: E402
-from netns import Topology, abc_topo, can_connect, nat_topo, probe, seen_as  # noqa: E402, F401
+import netns
+from netns import Topology, can_connect, probe, seen_as
+
+nat_topo = netns.nat_topo  # the ready-made fixtures, made visible to pytest in this module
+abc_topo = netns.abc_topo
 
 pytestmark = pytest.mark.netns
 
@@ -119,6 +122,11 @@ async def test_trio_serve_and_client(nat_topo: Topology) -> None:
             assert await netns.can_connect_async(t, "outside", t.addr("public"), port)
             assert not await netns.can_connect_async(t, "public", t.addr("inside"), port)  # no route: fast
         assert server.process.returncode is not None  # stopped on exit
+        # What the body raises comes out as itself (not wrapped in an ExceptionGroup by serve's nursery).
+        with pytest.raises(KeyError, match="boom"):
+            async with t.serve("outside", netns.listener_argv(), ready="^ready") as other:
+                raise KeyError("boom")
+        assert other.process.returncode is not None
 
 
 async def test_trio_serve_reports_early_exit(abc_topo: Topology) -> None:
