@@ -43,7 +43,12 @@ class _Coded(TunnelError):
 
 
 class HandshakeError(_Coded):
-    """The peer refused the session (bad token, version, not allowed) or the handshake failed."""
+    """The peer refused the session (bad token, version, not allowed) or the handshake failed.
+
+    ``silent`` is True when the peer was not a trio-tunnel at all (wrong magic bytes; a scanner, say).
+    """
+
+    silent: bool = False
 
 
 class StreamOpenError(_Coded):

@@ -1,0 +1,843 @@
+"""The Trio multiplexer: many byte streams over one transport, driven by the sans-I/O :mod:`proto` connection.
+
+General theory of operation
+---------------------------
+A :class:`Session` wraps one :class:`proto.Connection` and one transport (any :class:`trio.abc.Stream`: a TCP
+``SocketStream``, an ``SSLStream``, a memory stream). :func:`open_session` owns three tasks in one nursery:
+
+* the **reader** awaits nothing but ``transport.receive_some``. It feeds the bytes to the connection and applies
+  the resulting events synchronously: data lands in the stream's buffer (bounded by the window we granted, so the
+  reader never waits on a consumer and a slow stream never stalls another), and waiters are woken.
+* the **writer** is the only task that calls ``transport.send_all`` (which is not cancel-safe). Everyone else
+  changes the connection's state synchronously and wakes the writer, which asks
+  :meth:`proto.Connection.data_to_send` for the next batch at the last moment, so priorities are real: control
+  frames first, then stream data by round robin. A write that makes no progress for ``write_timeout`` kills the
+  whole session (never one frame: the link is either whole or gone).
+* the **timer** pings when the link has been idle for ``keepalive_idle`` and declares the peer dead after
+  ``keepalive_timeout`` without a single inbound byte (any byte counts, so a busy peer with a late PONG lives);
+  it also expires unanswered stream opens.
+
+:class:`MuxStream` is a :class:`trio.abc.HalfCloseableStream`. ``send_all`` hands bytes to the connection as
+credit and buffer room allow and waits (on its own event) for more; ``receive_some`` takes from the stream's
+buffer and returns credit as it consumes (not when the bytes arrived), so a reader that stops stalls only its own
+stream's sender. Every waiter wakes with ``BrokenResourceError`` (peer reset, session lost) or
+``ClosedResourceError`` (closed locally) when its stream or session dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Final, final
+
+import attrs
+import trio
+
+import proto
+from proto import ErrorCode, Role
+from proto import events as ev
+
+from .errors import HandshakeError, RequestError, SessionClosedError, StreamOpenError, StreamResetError
+
+__all__ = ["MuxStream", "Request", "Role", "Session", "SessionConfig", "SessionStatistics", "open_session"]
+
+logger: Final = logging.getLogger(__name__)
+
+KiB: Final = 1024
+
+
+@attrs.frozen(kw_only=True)
+class SessionConfig:
+    """Timeouts (seconds) and sizes of one session; every timeout here becomes a cancel scope."""
+
+    limits: proto.Limits = attrs.field(factory=proto.Limits)
+    handshake_timeout: float = 10.0
+    """The whole handshake, from the first byte to WELCOME."""
+    keepalive_idle: float = 15.0
+    """Send a PING after this long without an inbound byte."""
+    keepalive_timeout: float = 45.0
+    """Declare the peer dead after this long without an inbound byte."""
+    write_timeout: float = 30.0
+    """A transport write that makes no progress for this long kills the session."""
+    close_timeout: float = 1.0
+    """How long closing may spend flushing the final GOAWAY before the transport is closed anyway."""
+    read_size: int = 256 * KiB
+    write_batch: int = 256 * KiB
+
+
+@attrs.frozen
+class SessionStatistics:
+    """A snapshot of a session (see :meth:`Session.statistics`)."""
+
+    session_id: str
+    peer_name: str
+    streams: int
+    """Streams the application holds open."""
+    pending_accept: int
+    rtt: float | None
+    """Smoothed round-trip time from PING/PONG, seconds."""
+    connection: proto.ConnectionStatistics
+
+
+@attrs.frozen
+class _Dead:
+    code: int
+    reason: str
+
+
+def _unwrap_group(eg: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The single real exception inside a nursery's group (internal tasks never raise), else the group."""
+    leaves = [e for e in eg.exceptions if not isinstance(e, trio.Cancelled)] or list(eg.exceptions)
+    if len(leaves) == 1:
+        leaf = leaves[0]
+        return _unwrap_group(leaf) if isinstance(leaf, BaseExceptionGroup) else leaf
+    return eg
+
+
+@final
+class Session:
+    """One multiplexed link. Create it with :func:`open_session`; never directly."""
+
+    def __init__(self, transport: trio.abc.Stream, conn: proto.Connection, config: SessionConfig) -> None:
+        self._transport = transport
+        self._conn = conn
+        self._config = config
+        self._streams: dict[int, MuxStream] = {}
+        self._accept_queue: deque[MuxStream] = deque()
+        self._accept_event = trio.Event()
+        self._credit_event = trio.Event()
+        self._writer_event = trio.Event()
+        self._writer_done = trio.Event()
+        self._timer_event = trio.Event()
+        self._closed_event = trio.Event()
+        self._handshake_done = trio.Event()
+        self._requests: deque[Request] = deque()
+        self._request_event = trio.Event()
+        self._replies: dict[int, _PendingReply] = {}
+        self._request_slots = trio.Semaphore(conn.limits.max_pending_requests)
+        self._dead: _Dead | None = None
+        self._terminating = False
+        self._last_rx = trio.current_time()
+        self._ping_sent = False
+        self._silent = False
+        self._timer_wake_at = 0.0
+        self.peer_name = ""
+        self.session_id = ""
+        self.authenticated = False
+
+    def __repr__(self) -> str:
+        return f"<Session {self.session_id or '(handshake)'} {self._conn.role.value} peer={self.peer_name!r}>"
+
+    # ------------------------------------------------------------------------------------------------ public
+
+    @property
+    def closed(self) -> bool:
+        """True once the session is over (closed locally, by the peer, or lost)."""
+        return self._dead is not None
+
+    @property
+    def close_reason(self) -> str:
+        return self._dead.reason if self._dead is not None else ""
+
+    async def wait_closed(self) -> None:
+        """Return when the session is over."""
+        await self._closed_event.wait()
+
+    async def open_stream(
+        self, route: str, meta: Mapping[str, str | int | bool | None] | None = None, *, wait_accepted: bool = True
+    ) -> MuxStream:
+        """Open a stream to ``route`` on the peer.
+
+        Waits for stream credit if the peer's MAX_STREAMS is used up. With ``wait_accepted`` (the default) it also
+        waits for the peer's OPEN_OK; otherwise the stream is returned at once and data may be sent optimistically
+        (a refusal then surfaces as ``BrokenResourceError`` from the stream, caused by :class:`StreamOpenError`).
+
+        Raises:
+            StreamOpenError: the peer refused (``retryable`` tells whether the peer never processed it, e.g. it is
+                going away) or did not answer within ``limits.open_timeout``.
+            SessionClosedError: the session is over.
+        """
+        while True:
+            self._check_alive()
+            if not self._conn.can_open_streams:
+                raise StreamOpenError(ErrorCode.REFUSED, "the session is going away")
+            if self._conn.streams_available > 0:
+                break
+            event = self._credit_event = trio.Event()
+            await event.wait()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        sid = self._conn.open_stream(route, meta, now=trio.current_time())
+        stream = MuxStream(self, sid, route, dict(meta or {}), opening=True)
+        self._streams[sid] = stream
+        self._deadline_armed()
+        self._wake_writer()
+        logger.debug("%s: opened stream %d to %r", self, sid, route)
+        if wait_accepted:
+            try:
+                await stream.wait_accepted()
+            except BaseException:
+                stream._abort_open()
+                raise
+        return stream
+
+    async def accept_stream(self) -> MuxStream:
+        """The next stream the peer opened. Answer it with :meth:`MuxStream.accept` (implicit on the first
+        ``send_all``) or :meth:`MuxStream.reject`.
+
+        Raises:
+            SessionClosedError: the session is over.
+        """
+        while not self._accept_queue:
+            self._check_alive()
+            event = self._accept_event = trio.Event()
+            await event.wait()
+        await trio.lowlevel.checkpoint()
+        return self._accept_queue.popleft()
+
+    async def request(self, kind: str, body: Any = None) -> Any:
+        """Send a CTRL request and return the peer's reply body.
+
+        Raises:
+            RequestError: the peer answered with an error code.
+            SessionClosedError: the session is over before the reply came.
+        """
+        async with self._request_slots:
+            self._check_alive()
+            req = self._conn.send_request(kind, body)
+            pending = _PendingReply()
+            self._replies[req] = pending
+            self._wake_writer()
+            try:
+                await pending.event.wait()
+            finally:
+                self._replies.pop(req, None)
+            if pending.code is None:  # woken without a reply: the session died
+                self._check_alive()
+                raise SessionClosedError(ErrorCode.INTERNAL, "no reply")
+            if pending.code != ErrorCode.NO_ERROR:
+                raise RequestError(pending.code, pending.body)
+            return pending.body
+
+    def notify(self, kind: str, body: Any = None) -> None:
+        """Send a CTRL notification (no reply)."""
+        self._check_alive()
+        self._conn.send_request(kind, body, expect_reply=False)
+        self._wake_writer()
+
+    async def receive_request(self) -> Request:
+        """The next CTRL request (or notification) from the peer.
+
+        Raises:
+            SessionClosedError: the session is over.
+        """
+        while not self._requests:
+            self._check_alive()
+            event = self._request_event = trio.Event()
+            await event.wait()
+        await trio.lowlevel.checkpoint()
+        return self._requests.popleft()
+
+    def go_away(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """Tell the peer to open no more streams; streams already open carry on."""
+        if self._dead is None:
+            self._conn.go_away(code, reason)
+            self._wake_writer()
+            self._credit_event.set()
+
+    def statistics(self) -> SessionStatistics:
+        return SessionStatistics(
+            session_id=self.session_id,
+            peer_name=self.peer_name,
+            streams=len(self._streams),
+            pending_accept=len(self._accept_queue),
+            rtt=self._conn.srtt,
+            connection=self._conn.statistics(),
+        )
+
+    # ------------------------------------------------------------------------------------------------ tasks
+
+    def _wake_writer(self) -> None:
+        self._writer_event.set()
+
+    def _deadline_armed(self) -> None:
+        """An open timeout was armed: wake the timer only if it would otherwise sleep past it."""
+        deadline = self._conn.next_deadline()
+        if deadline is not None and deadline < self._timer_wake_at:
+            self._timer_event.set()
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise SessionClosedError(self._dead.code, self._dead.reason)
+
+    async def _handshake(self) -> None:
+        self._wake_writer()
+        with trio.move_on_after(self._config.handshake_timeout) as scope:
+            while not self._handshake_done.is_set() and self._dead is None:
+                await self._read_once()
+        if self._dead is not None:
+            error = HandshakeError(self._dead.code, self._dead.reason)
+            error.silent = self._silent
+            raise error
+        if scope.cancelled_caught:
+            self._die(ErrorCode.IDLE_TIMEOUT, f"no handshake within {self._config.handshake_timeout:g} s",
+                      send=True)
+            raise HandshakeError(ErrorCode.IDLE_TIMEOUT, self.close_reason)
+
+    async def _read_once(self) -> None:
+        try:
+            data = await self._transport.receive_some(self._config.read_size)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            cause = exc.__cause__ or exc
+            self._die(ErrorCode.INTERNAL, f"connection lost ({cause})")
+            return
+        self._last_rx = now = trio.current_time()
+        self._ping_sent = False
+        self._dispatch(self._conn.receive_data(data, now=now))
+        if self._conn.wants_write:
+            self._wake_writer()
+
+    async def _reader(self) -> None:
+        while self._dead is None:
+            await self._read_once()
+
+    async def _writer(self) -> None:
+        conn = self._conn
+        try:
+            while True:
+                await self._writer_event.wait()
+                self._writer_event = trio.Event()
+                while True:
+                    data = conn.data_to_send(self._config.write_batch)
+                    for sid in conn.pop_writable():
+                        stream = self._streams.get(sid)
+                        if stream is not None:
+                            stream._wake_send()
+                    if not data:
+                        break
+                    with trio.move_on_after(self._config.write_timeout) as scope:
+                        try:
+                            await self._transport.send_all(data)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                            self._die(ErrorCode.INTERNAL, f"connection lost while writing ({exc.__cause__ or exc})")
+                            return
+                    if scope.cancelled_caught:
+                        self._die(ErrorCode.IDLE_TIMEOUT,
+                                  f"the peer has not read anything for {self._config.write_timeout:g} s")
+                        return
+                if self._terminating or (self._dead is not None and not conn.wants_write):
+                    return
+        finally:
+            self._writer_done.set()
+
+    async def _timers(self) -> None:
+        cfg = self._config
+        while self._dead is None:
+            now = trio.current_time()
+            deadline = self._conn.next_deadline()
+            if deadline is not None and deadline <= now:
+                self._dispatch(self._conn.expire(now))
+                self._wake_writer()
+                continue
+            if now >= self._last_rx + cfg.keepalive_timeout:
+                self._die(ErrorCode.IDLE_TIMEOUT,
+                          f"no data from the peer for {cfg.keepalive_timeout:g} s (keepalive timeout)", send=True)
+                return
+            if now >= self._last_rx + cfg.keepalive_idle and not self._ping_sent:
+                self._ping_sent = True
+                self._conn.ping(now=now)
+                self._wake_writer()
+            wake_at = self._last_rx + (cfg.keepalive_timeout if self._ping_sent else cfg.keepalive_idle)
+            if deadline is not None:
+                wake_at = min(wake_at, deadline)
+            event = self._timer_event = trio.Event()
+            self._timer_wake_at = wake_at
+            with trio.move_on_at(wake_at):
+                await event.wait()
+
+    # ------------------------------------------------------------------------------------------------ events
+
+    def _dispatch(self, events: list[proto.Event]) -> None:
+        streams = self._streams
+        for event in events:
+            match event:
+                case ev.DataReceived(sid, data):
+                    stream = streams.get(sid)
+                    if stream is not None:
+                        stream._on_data(data)
+                case ev.WindowUpdated(sid):
+                    stream = streams.get(sid)
+                    if stream is not None:
+                        stream._wake_send()
+                case ev.StreamEnded(sid):
+                    stream = streams.get(sid)
+                    if stream is not None:
+                        stream._on_eof()
+                case ev.StreamOpened(sid, route, meta):
+                    stream = MuxStream(self, sid, route, dict(meta), opening=False)
+                    streams[sid] = stream
+                    self._accept_queue.append(stream)
+                    self._accept_event.set()
+                    self._deadline_armed()
+                case ev.StreamAccepted(sid):
+                    stream = streams.get(sid)
+                    if stream is not None:
+                        stream._on_accepted()
+                case ev.StreamRejected(sid, code, reason):
+                    stream = streams.get(sid)
+                    if stream is not None:
+                        stream._on_rejected(StreamOpenError(code, reason))
+                case ev.StreamReset(sid, code, reason):
+                    stream = streams.get(sid)
+                    if stream is not None:
+                        stream._on_reset(StreamResetError(code, reason))
+                case ev.StreamCreditGranted():
+                    self._credit_event.set()
+                case ev.PongReceived(_, rtt):
+                    if rtt is not None:
+                        logger.debug("%s: rtt %.1f ms (smoothed %.1f ms)", self, rtt * 1e3,
+                                     (self._conn.srtt or 0) * 1e3)
+                case ev.RequestReceived(req, kind, body):
+                    self._requests.append(Request(self, req, kind, body))
+                    self._request_event.set()
+                case ev.ReplyReceived(req, code, body):
+                    pending = self._replies.get(req)
+                    if pending is not None:
+                        pending.code, pending.body = code, body
+                        pending.event.set()
+                case ev.GoAwayReceived(_, code, reason):
+                    logger.info("%s: peer is going away (%s%s)", self, proto.code_name(code),
+                                f": {reason}" if reason else "")
+                    self._credit_event.set()
+                case ev.HandshakeComplete(peer_name, session_id, _, authenticated):
+                    self.peer_name = peer_name or self.peer_name
+                    self.session_id = session_id
+                    self.authenticated = authenticated
+                    self._handshake_done.set()
+                    self._conn.ping(now=trio.current_time())  # a first RTT sample for window auto-tuning
+                    self._ping_sent = False
+                case ev.ConnectionTerminated(code, reason, by_peer, error, silent):
+                    self._silent = silent
+                    if by_peer:
+                        self._die(code, reason if reason else "the peer closed the connection")
+                    else:
+                        if not silent:
+                            logger.warning("%s: protocol error, closing: %s", self, error or reason)
+                        self._die(code, reason, send=True)
+
+    def _die(self, code: int, reason: str, *, send: bool = False) -> None:
+        """The session is over: wake every waiter. With ``send``, the final GOAWAY/REFUSE is flushed first."""
+        if self._dead is not None:
+            return
+        self._dead = _Dead(code, reason)
+        if send:
+            self._conn.close(code, reason)
+        self._terminating = True
+        self._wake_writer()
+        for stream in list(self._streams.values()):
+            stream._on_session_dead()
+        self._accept_event.set()
+        self._credit_event.set()
+        self._request_event.set()
+        self._timer_event.set()
+        for pending in self._replies.values():
+            pending.event.set()
+        self._closed_event.set()
+        level = logging.DEBUG if code in (ErrorCode.NO_ERROR, ErrorCode.SHUTTING_DOWN) else logging.INFO
+        logger.log(level, "%s: closed: %s (%s)", self, reason, proto.code_name(code))
+
+    async def _shutdown(self, code: ErrorCode, reason: str) -> None:
+        """Close the session: a final GOAWAY, flushed for at most ``close_timeout``, even when cancelled."""
+        if self._dead is None:
+            self._conn.close(code, reason)
+            self._die(code, reason)
+        with trio.move_on_after(self._config.close_timeout, shield=True):
+            await self._writer_done.wait()
+
+
+@final
+class MuxStream(trio.abc.HalfCloseableStream):
+    """One multiplexed byte stream; behaves like a TCP connection (see the module docstring)."""
+
+    def __init__(self, session: Session, stream_id: int, route: str, meta: dict[str, Any], *, opening: bool) -> None:
+        self._session = session
+        self._conn = session._conn
+        self.stream_id = stream_id
+        self.route = route
+        self.meta = meta
+        self._recv_buf: deque[bytes] = deque()
+        self._recv_offset = 0
+        self._recv_buffered = 0
+        self._eof = False
+        self._eof_sent = False
+        self._closed = False
+        self._error: BaseException | None = None  # why sending (and, without EOF, receiving) fails
+        self._opening = opening  # we opened it and no answer came yet
+        self._pending = not opening  # the peer opened it and we have not answered
+        self._accepted_event = trio.Event()
+        self._recv_event: trio.Event | None = None
+        self._send_event: trio.Event | None = None
+        self._receiving = False
+        self._sending = False
+
+    def __repr__(self) -> str:
+        return f"<MuxStream {self.stream_id} {self.route!r}>"
+
+    # ------------------------------------------------------------------------------------------ open handshake
+
+    async def wait_accepted(self) -> None:
+        """Wait until the peer answered our OPEN with OPEN_OK.
+
+        Raises:
+            StreamOpenError: refused or timed out.
+            SessionClosedError: the session is over first.
+        """
+        await self._accepted_event.wait()
+        if self._opening:
+            error = self._error
+            if isinstance(error, StreamResetError):
+                raise StreamOpenError(error.code, error.reason)
+            assert error is not None
+            raise error
+
+    def _abort_open(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._conn.reset_stream(self.stream_id, ErrorCode.CANCEL, "open cancelled")
+            self._forget()
+
+    def accept(self) -> None:
+        """Answer the peer's OPEN with OPEN_OK (done implicitly by the first ``send_all``)."""
+        if self._pending and self._error is None and not self._closed:
+            self._pending = False
+            self._conn.accept_stream(self.stream_id)
+            self._session._wake_writer()
+
+    def reject(self, code: ErrorCode | int, reason: str = "") -> None:
+        """Answer the peer's OPEN with OPEN_ERR; the stream is closed."""
+        if self._pending and self._error is None and not self._closed:
+            self._pending = False
+            self._closed = True
+            self._conn.reject_stream(self.stream_id, code, reason)
+            self._session._wake_writer()
+            self._forget()
+
+    # ------------------------------------------------------------------------------------------------ events
+
+    def _on_data(self, data: bytes) -> None:
+        self._recv_buf.append(data)
+        self._recv_buffered += len(data)
+        self._wake_recv()
+
+    def _on_eof(self) -> None:
+        self._eof = True
+        self._wake_recv()
+
+    def _on_accepted(self) -> None:
+        self._opening = False
+        self._accepted_event.set()
+
+    def _on_rejected(self, error: StreamOpenError) -> None:
+        self._error = error
+        self._drop_recv()
+        self._accepted_event.set()
+        self._wake_recv()
+        self._wake_send()
+
+    def _on_reset(self, error: StreamResetError) -> None:
+        self._error = error
+        if not self._eof:
+            self._drop_recv()
+        self._accepted_event.set()
+        self._wake_recv()
+        self._wake_send()
+
+    def _on_session_dead(self) -> None:
+        if self._error is None:
+            dead = self._session._dead
+            assert dead is not None
+            self._error = SessionClosedError(dead.code, dead.reason)
+        if not self._eof:
+            self._drop_recv()
+        self._accepted_event.set()
+        self._wake_recv()
+        self._wake_send()
+
+    def _drop_recv(self) -> None:
+        self._recv_buf.clear()
+        self._recv_buffered = 0
+        self._recv_offset = 0
+
+    def _wake_recv(self) -> None:
+        if self._recv_event is not None:
+            self._recv_event.set()
+
+    def _wake_send(self) -> None:
+        if self._send_event is not None:
+            self._send_event.set()
+
+    def _forget(self) -> None:
+        self._session._streams.pop(self.stream_id, None)
+
+    def _broken(self) -> trio.BrokenResourceError:
+        error = self._error
+        exc = trio.BrokenResourceError(f"stream {self.stream_id} {self._describe(error)}")
+        exc.__cause__ = error
+        return exc
+
+    @staticmethod
+    def _describe(error: BaseException | None) -> str:
+        if isinstance(error, StreamResetError):
+            return f"was reset by the peer: {error}"
+        if isinstance(error, StreamOpenError):
+            return f"was refused by the peer: {error}"
+        if isinstance(error, SessionClosedError):
+            return f"lost its session: {error}"
+        return "is broken"
+
+    # --------------------------------------------------------------------------------------------- receiving
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("this stream was closed")
+                if self._recv_buffered:
+                    data = self._take(max_bytes)
+                    self._conn.acknowledge(self.stream_id, len(data), now=trio.current_time())
+                    if self._conn.wants_write:
+                        self._session._wake_writer()
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return data
+                if self._eof:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return b""
+                if self._error is not None:
+                    raise self._broken()
+                event = self._recv_event = trio.Event()
+                try:
+                    await event.wait()
+                finally:
+                    self._recv_event = None
+        finally:
+            self._receiving = False
+
+    def _take(self, max_bytes: int | None) -> bytes:
+        buf = self._recv_buf
+        head = buf[0]
+        off = self._recv_offset
+        avail = len(head) - off
+        if max_bytes is None or max_bytes >= avail:
+            buf.popleft()
+            self._recv_offset = 0
+            data = head[off:] if off else head
+        else:
+            data = head[off : off + max_bytes]
+            self._recv_offset = off + max_bytes
+        self._recv_buffered -= len(data)
+        return data
+
+    # ----------------------------------------------------------------------------------------------- sending
+
+    def _check_send(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this stream was closed")
+        if self._eof_sent:
+            raise trio.ClosedResourceError("cannot send after send_eof")
+        if self._error is not None:
+            raise self._broken()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_send()
+            self.accept()
+            with memoryview(data) as view:
+                view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+                offset = 0
+                total = len(view)
+                conn = self._conn
+                while offset < total:
+                    taken = conn.send_data(self.stream_id, view[offset:])
+                    if taken:
+                        offset += taken
+                        self._session._wake_writer()
+                        continue
+                    event = self._send_event = trio.Event()
+                    try:
+                        await event.wait()
+                    finally:
+                        self._send_event = None
+                    self._check_send()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while True:
+                self._check_send()
+                if self._conn.send_credit(self.stream_id) > 0:
+                    break
+                event = self._send_event = trio.Event()
+                try:
+                    await event.wait()
+                finally:
+                    self._send_event = None
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
+
+    async def send_eof(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._closed:
+                raise trio.ClosedResourceError("this stream was closed")
+            if not self._eof_sent:
+                if self._error is not None:
+                    raise self._broken()
+                self.accept()
+                self._eof_sent = True
+                self._conn.end_stream(self.stream_id)
+                self._session._wake_writer()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
+
+    # ------------------------------------------------------------------------------------------------ closing
+
+    def _close_now(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._error is None and not self._session.closed:
+            if self._pending:
+                self._pending = False
+                self._conn.reject_stream(self.stream_id, ErrorCode.REFUSED, "closed before it was accepted")
+            else:
+                self._conn.close_stream(self.stream_id)
+            self._session._wake_writer()
+        elif not self._session.closed:
+            self._conn.close_stream(self.stream_id)  # release the table entry (no frame for a dead stream)
+        self._drop_recv()
+        self._forget()
+        self._wake_recv()
+        self._wake_send()
+
+    async def aclose(self) -> None:
+        """Close gracefully: FIN after all queued data; if the peer is still sending, one RST(STREAM_CLOSED)
+        after it tells it to stop (like closing a TCP socket with unread data)."""
+        self._close_now()
+        await trio.lowlevel.checkpoint()
+
+    def reset(self, code: ErrorCode | int = ErrorCode.CANCEL, reason: str = "") -> None:
+        """Abort the stream in both directions (RST): unsent data is dropped. ``CONN_RESET`` tells the peer to
+        reset its TCP side too. Closes this stream object."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._session.closed:
+            self._conn.reset_stream(self.stream_id, code, reason)
+            self._session._wake_writer()
+        self._drop_recv()
+        self._forget()
+        self._wake_recv()
+        self._wake_send()
+
+
+@attrs.define(eq=False)
+class _PendingReply:
+    event: trio.Event = attrs.field(factory=trio.Event)
+    code: int | None = None
+    body: Any = None
+
+
+@final
+class Request:
+    """A CTRL request received from the peer; answer it exactly once (not for notifications, id 0)."""
+
+    def __init__(self, session: Session, request_id: int, kind: str, body: Any) -> None:
+        self._session = session
+        self.request_id = request_id
+        self.kind = kind
+        self.body = body
+
+    def __repr__(self) -> str:
+        return f"<Request {self.request_id} {self.kind!r}>"
+
+    def reply(self, body: Any = None) -> None:
+        self._answer(ErrorCode.NO_ERROR, body)
+
+    def reply_error(self, code: ErrorCode | int, body: Any = None) -> None:
+        self._answer(code, body)
+
+    def _answer(self, code: ErrorCode | int, body: Any) -> None:
+        if self.request_id and not self._session.closed:
+            self._session._conn.send_reply(self.request_id, body, code)
+            self._session._wake_writer()
+
+
+@asynccontextmanager
+async def open_session(
+    transport: trio.abc.Stream,
+    *,
+    role: Role,
+    config: SessionConfig | None = None,
+    name: str = "",
+    token: bytes | None = None,
+    tokens: Sequence[bytes] = (),
+) -> AsyncIterator[Session]:
+    """Run a session over ``transport`` (which it then owns and closes) for the duration of the block.
+
+    The handshake happens before the block is entered, bounded by ``config.handshake_timeout``. Leaving the block
+    closes the session: a final GOAWAY is flushed (for at most ``config.close_timeout``), then the transport is
+    closed; streams still open break. When the peer or the link ends the session first, blocked calls raise and
+    :meth:`Session.wait_closed` returns; the block itself is not cancelled.
+
+    Raises:
+        HandshakeError: the handshake failed (refused, wrong token, timeout, not a trio-tunnel peer).
+    """
+    config = config if config is not None else SessionConfig()
+    conn = proto.Connection(role, limits=config.limits, name=name, token=token, tokens=tokens)
+    session = Session(transport, conn, config)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session._writer)
+            try:
+                await session._handshake()
+            except BaseException:
+                await session._shutdown(ErrorCode.PROTOCOL, "handshake failed")
+                nursery.cancel_scope.cancel()
+                raise
+            nursery.start_soon(session._reader)
+            nursery.start_soon(session._timers)
+            try:
+                yield session
+            finally:
+                await session._shutdown(ErrorCode.NO_ERROR, "session closed")
+                nursery.cancel_scope.cancel(reason="session closed")
+    except BaseExceptionGroup as group:
+        raise _unwrap_group(group) from None
+    finally:
+        await trio.aclose_forcefully(transport)
+
