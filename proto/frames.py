@@ -15,6 +15,7 @@ that names the frame and the field, never a msgpack exception or a traceback.
 from __future__ import annotations
 
 import enum
+import reprlib
 import struct
 from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeAlias
@@ -394,7 +395,8 @@ def _plain(value: Any, depth: int = 0) -> Any:
 def _describe(value: Any) -> str:
     if isinstance(value, bool):
         return "a boolean"
-    text = repr(value)
+    # reprlib, not repr: a 1 KiB header can nest ~1000 arrays, deeper than repr's recursion limit.
+    text = reprlib.repr(value)
     return f"{type(value).__name__} {text[:40]}"
 
 
