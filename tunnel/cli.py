@@ -251,8 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         dest="locals",
         metavar="SPEC",
-        help="forward a local port to a target the server dials: [NAME=][bind_address:]port:host:hostport "
-        "(repeatable)",
+        help="forward a local port to a target the server dials: [NAME=][bind_address:]port:host:hostport (repeatable)",
     )
     client.add_argument("--config", metavar="FILE", help="TOML file with a [client] table; flags override it")
     _add_logging_options(client, suffix="command")

@@ -833,9 +833,7 @@ def default_client_name() -> str:
 
 def _check_client_name(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
     if not isinstance(value, str) or not _CLIENT_NAME_RE.fullmatch(value):
-        raise ValueError(
-            f"client name {value!r} must be 1-{MAX_NAME_LENGTH} characters of A-Z a-z 0-9 . _ -"
-        )
+        raise ValueError(f"client name {value!r} must be 1-{MAX_NAME_LENGTH} characters of A-Z a-z 0-9 . _ -")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1009,9 +1007,7 @@ class ClientConfig:
         fields["remotes"] = _merge_services("-R", fields.get("remotes", ()), remotes)
         fields["locals"] = _merge_services("-L", fields.get("locals", ()), locals)
         if "server" not in fields:
-            raise ConfigError(
-                "no server address: pass --server HOST:PORT (or set server = \"HOST:PORT\" in [client])"
-            )
+            raise ConfigError('no server address: pass --server HOST:PORT (or set server = "HOST:PORT" in [client])')
         if not fields["remotes"] and not fields["locals"]:
             raise ConfigError(
                 "nothing to do: expose a local service with -R [NAME=][bind_address:]port:host:hostport "
@@ -1209,7 +1205,7 @@ class _Section:
         if isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
         if not isinstance(value, str):
-            raise self.error(key, f"expected \"HOST:PORT\", got {_describe(value)}")
+            raise self.error(key, f'expected "HOST:PORT", got {_describe(value)}')
         return self.parsed(key, parse_hostport, value, default_host=default_host, allow_zero=allow_zero)
 
     def parsed(self, key: str, parser: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
@@ -1304,7 +1300,7 @@ def _server_fields(sec: _Section) -> dict[str, Any]:
     ports = sec.data.get("allow_ports")
     if ports is not None:
         if isinstance(ports, bool) or not isinstance(ports, str | int | list):
-            raise sec.error("allow_ports", f"expected a string like \"8000-8999,2222\", got {_describe(ports)}")
+            raise sec.error("allow_ports", f'expected a string like "8000-8999,2222", got {_describe(ports)}')
         fields["allow_ports"] = sec.parsed("allow_ports", PortSet.parse, ports)
     targets = sec.strings("allow_targets")
     if targets is not None:
