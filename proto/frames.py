@@ -400,6 +400,11 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text[:40]}"
 
 
+def _why(exc: Exception) -> str:
+    """msgpack's message, or its exception's name when the message is empty (FormatError for 0xc1 has none)."""
+    return str(exc) or type(exc).__name__
+
+
 def _no_ext(code: int, data: bytes) -> Any:
     raise _Bad(f"msgpack extension type {code} is not allowed")
 
@@ -417,7 +422,7 @@ def _body_of(payload: bytes) -> Any:
     except _Bad:
         raise
     except (ValueError, TypeError, msgpack.ExtraData) as exc:
-        raise _Bad(f"body is not valid msgpack ({exc})") from None
+        raise _Bad(f"body is not valid msgpack ({_why(exc)})") from None
 
 
 _Parser: TypeAlias = Callable[[int, list[Any], bytes], Frame]
@@ -548,7 +553,7 @@ def decode_frame(header: bytes | memoryview, payload: bytes) -> Frame | None:
     except _Bad as exc:
         raise RemoteProtocolError(f"malformed frame header: {exc}") from None
     except (ValueError, TypeError, msgpack.ExtraData) as exc:
-        raise RemoteProtocolError(f"malformed frame header: not valid msgpack ({exc})") from None
+        raise RemoteProtocolError(f"malformed frame header: not valid msgpack ({_why(exc)})") from None
     if type(fields) is not list or len(fields) < 2:
         raise RemoteProtocolError("malformed frame header: expected an array [type, stream_id, ...]")
     ftype, sid, *rest = fields
