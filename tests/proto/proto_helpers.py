@@ -1,0 +1,291 @@
+"""Test helpers for the sans-I/O protocol (h11's ``helpers.py`` style).
+
+:class:`ConnectionPair` holds a client and a server :class:`proto.Connection` with a fake network link in
+between: :meth:`ConnectionPair.pump` moves bytes both ways until neither side has anything to write, collects the
+events each side reported, and *taps* the link, decoding every frame that crosses it so flow-control invariants can
+be checked on the wire (a sender never sends beyond the limit the receiver granted).
+
+Named ``proto_helpers`` (not ``helpers``) so it cannot collide with a helper module of another test directory under
+pytest's default ``prepend`` import mode.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import msgpack
+
+from proto import (
+    Connection,
+    ConnectionState,
+    ConnectionTerminated,
+    DataReceived,
+    ErrorCode,
+    Event,
+    Limits,
+    Role,
+)
+from proto import frames as F
+
+TOKEN = b"correct horse battery staple"
+OTHER_TOKEN = b"tr0ub4dor&3"
+NAME = "edge-1"
+
+
+def counter_random(seed: int) -> Callable[[int], bytes]:
+    """A deterministic ``random_bytes``: each call returns ``n`` copies of the next byte of a counter."""
+    counter = itertools.count(seed)
+    return lambda n: bytes([next(counter) % 256]) * n
+
+
+def scripted_random(*chunks: bytes, then: int = 0xA0) -> Callable[[int], bytes]:
+    """A ``random_bytes`` that returns ``chunks`` in order (each must have the requested length), then counts."""
+    queue = list(chunks)
+    fallback = counter_random(then)
+
+    def random_bytes(n: int) -> bytes:
+        if queue:
+            chunk = queue.pop(0)
+            assert len(chunk) == n, f"scripted chunk of {len(chunk)} bytes, {n} requested"
+            return chunk
+        return fallback(n)
+
+    return random_bytes
+
+
+def decode_all(data: bytes, *, preamble: bool = False) -> list[F.Frame]:
+    """Every frame in ``data`` (a connection's output); ``preamble`` skips the client's 8 leading bytes."""
+    decoder = F.FrameDecoder(max_header=1 << 16, max_payload=1 << 30)
+    decoder.feed(data)
+    if preamble:
+        assert decoder.take(F.PREAMBLE_SIZE) is not None
+    out = []
+    while (frame := decoder.next_frame()) is not None:
+        out.append(frame)
+    assert decoder.buffered == 0, "trailing partial frame"
+    return out
+
+
+def raw_frame(header: bytes, payload: bytes = b"") -> bytes:
+    """A frame from raw msgpack header bytes (for malformed headers the encoder would never produce)."""
+    return F.PREFIX.pack(len(header), len(payload)) + header + payload
+
+
+def packed(*fields: Any) -> bytes:
+    """A msgpack header array from ``fields`` (may hold anything msgpack can encode)."""
+    return msgpack.packb(list(fields), use_bin_type=True)
+
+
+def kinds(events: Iterable[object]) -> list[str]:
+    return [type(e).__name__ for e in events]
+
+
+def only(events: Sequence[Event], kind: type) -> list[Any]:
+    return [e for e in events if isinstance(e, kind)]
+
+
+class _Tap:
+    """Decodes one direction of the link and checks it against the other direction's WINDOW frames."""
+
+    def __init__(self, name: str, preamble: bool) -> None:
+        self.name = name
+        self.decoder = F.FrameDecoder(max_header=1 << 16, max_payload=1 << 30)
+        self.preamble = preamble
+        self.frames: list[F.Frame] = []
+        self.sent: dict[int, int] = defaultdict(int)  # stream -> DATA bytes this direction carried
+        self.fin: set[int] = set()
+
+    def feed(self, data: bytes) -> list[F.Frame]:
+        self.decoder.feed(data)
+        if self.preamble:
+            if self.decoder.take(F.PREAMBLE_SIZE) is None:
+                return []
+            self.preamble = False
+        out = []
+        while (frame := self.decoder.next_frame()) is not None:
+            out.append(frame)
+        self.frames += out
+        return out
+
+
+class ConnectionPair:
+    """A client and a server Connection joined by a fake link; see the module docstring.
+
+    Args:
+        handshake: run the handshake at once (and check it completed).
+        auto_ack: the "application" consumes every DataReceived at once (``acknowledge``), as a fast reader.
+        check_flow: check on the wire that no DATA exceeds the receiver's latest WINDOW (or initial window).
+    """
+
+    def __init__(
+        self,
+        *,
+        client_limits: Limits | None = None,
+        server_limits: Limits | None = None,
+        token: bytes | None = TOKEN,
+        tokens: Sequence[bytes] = (TOKEN,),
+        name: str = NAME,
+        handshake: bool = True,
+        auto_ack: bool = True,
+        check_flow: bool = True,
+        client_random: Callable[[int], bytes] | None = None,
+        server_random: Callable[[int], bytes] | None = None,
+        now: float | None = None,
+    ) -> None:
+        self.client = Connection(Role.CLIENT, limits=client_limits, name=name, token=token,
+                                 random_bytes=client_random or counter_random(0x10))
+        self.server = Connection(Role.SERVER, limits=server_limits, tokens=tokens,
+                                 random_bytes=server_random or counter_random(0x80))
+        self.auto_ack = auto_ack
+        self.check_flow = check_flow
+        self.now = now
+        self.events: dict[Connection, list[Event]] = {self.client: [], self.server: []}
+        self.taps = {self.client: _Tap("client->server", preamble=True), self.server: _Tap("server->client", False)}
+        # (sender, stream) -> receive limit the other side granted, as seen on the wire
+        self.limits_seen: dict[tuple[Connection, int], int] = {}
+        if handshake:
+            self.pump()
+            assert self.client.is_open and self.server.is_open, (self.client.terminated, self.server.terminated)
+
+    # ------------------------------------------------------------------------------------------------ helpers
+
+    def other(self, conn: Connection) -> Connection:
+        return self.server if conn is self.client else self.client
+
+    def _granted(self, sender: Connection, sid: int) -> int:
+        receiver = self.other(sender)
+        return self.limits_seen.get((sender, sid), receiver.limits.initial_window)
+
+    def _observe(self, sender: Connection, frames: list[F.Frame]) -> None:
+        tap = self.taps[sender]
+        for frame in frames:
+            if isinstance(frame, F.Window):
+                key = (self.other(sender), frame.stream_id)
+                self.limits_seen[key] = max(self.limits_seen.get(key, 0), frame.limit)
+            elif isinstance(frame, F.Data):
+                sid = frame.stream_id
+                assert sid not in tap.fin, f"{tap.name}: DATA on stream {sid} after its FIN"
+                tap.sent[sid] += len(frame.payload)
+                if self.check_flow:
+                    assert tap.sent[sid] <= self._granted(sender, sid), (
+                        f"{tap.name}: stream {sid} sent {tap.sent[sid]} bytes, granted {self._granted(sender, sid)}")
+                if frame.fin:
+                    tap.fin.add(sid)
+
+    def transfer(self, sender: Connection, *, max_bytes: int = 256 * 1024, chunk: int | None = None,
+                 now: float | None = None) -> list[Event]:
+        """One ``data_to_send`` from ``sender`` delivered to the other side (in ``chunk``-sized pieces)."""
+        data = sender.data_to_send(max_bytes)
+        if not data:
+            return []
+        self._observe(sender, self.taps[sender].feed(data))
+        receiver = self.other(sender)
+        when = self.now if now is None else now
+        events: list[Event] = []
+        step = chunk or len(data)
+        for i in range(0, len(data), step):
+            events += receiver.receive_data(data[i : i + step], now=when)
+        self.events[receiver] += events
+        if self.auto_ack:
+            for event in events:
+                if isinstance(event, DataReceived) and receiver.stream_state(event.stream_id) is not None:
+                    receiver.acknowledge(event.stream_id, len(event.data), now=when)
+        return events
+
+    def pump(self, *, max_bytes: int = 256 * 1024, chunk: int | None = None, now: float | None = None,
+             limit: int = 10_000) -> tuple[list[Event], list[Event]]:
+        """Move bytes both ways until neither side wants to write; returns (client events, server events)."""
+        client_events: list[Event] = []
+        server_events: list[Event] = []
+        for _ in range(limit):
+            if not (self.client.wants_write or self.server.wants_write):
+                break
+            server_events += self.transfer(self.client, max_bytes=max_bytes, chunk=chunk, now=now)
+            client_events += self.transfer(self.server, max_bytes=max_bytes, chunk=chunk, now=now)
+        else:  # pragma: no cover - a livelock is a bug
+            raise AssertionError("pump did not settle")
+        return client_events, server_events
+
+    # ------------------------------------------------------------------------------------------ scenarios
+
+    def open_stream(self, route: str = "web", meta: dict[str, Any] | None = None, *,
+                    opener: Connection | None = None) -> int:
+        """Open a stream from ``opener`` (the client by default), have the other side accept it; returns its id."""
+        opener = opener or self.client
+        acceptor = self.other(opener)
+        sid = opener.open_stream(route, meta)
+        self.pump()
+        acceptor.accept_stream(sid)
+        self.pump()
+        return sid
+
+    def close_everything(self) -> None:
+        """Both applications close every stream they still hold, then the link settles."""
+        for _ in range(3):
+            for conn in (self.client, self.server):
+                for sid in list(self.stream_ids(conn)):
+                    conn.close_stream(sid)
+            self.pump()
+
+    def stream_ids(self, conn: Connection) -> list[int]:
+        """Streams in ``conn``'s table, learned from the wire taps and API (ids are small in tests)."""
+        seen: set[int] = set()
+        for tap in self.taps.values():
+            for frame in tap.frames:
+                sid = getattr(frame, "stream_id", 0)
+                if sid:
+                    seen.add(sid)
+        return sorted(sid for sid in seen if conn.stream_state(sid) is not None)
+
+
+def assert_clean(conn: Connection) -> None:
+    """The stream table, budgets and credits are back where they started (the brief's after-every-scenario rule)."""
+    stats = conn.statistics()
+    assert stats.streams == 0, stats
+    assert stats.pending_streams == 0, stats
+    assert stats.autotune_budget_used == 0, stats
+    assert stats.receive_window_total == 0, stats
+    assert stats.buffered_send_bytes == 0, stats
+    if conn.state is ConnectionState.OPEN and conn.can_open_streams:
+        peer_max = conn.peer_limits.get("max_streams", 1)
+        assert stats.local_streams_available == peer_max, stats
+    assert not conn.wants_write
+
+
+def assert_pair_clean(pair: ConnectionPair) -> None:
+    assert_clean(pair.client)
+    assert_clean(pair.server)
+
+
+def goaway_sent(conn: Connection) -> F.GoAway:
+    """The single GOAWAY a connection queued after ending itself; asserts nothing else goes out."""
+    frames = decode_all(conn.data_to_send())
+    goaways = [f for f in frames if isinstance(f, F.GoAway)]
+    assert len(goaways) == 1, frames
+    assert frames == goaways, frames
+    return goaways[0]
+
+
+def terminated(events: Sequence[Event]) -> ConnectionTerminated:
+    found = only(events, ConnectionTerminated)
+    assert len(found) == 1, events
+    assert events[-1] is found[0], "ConnectionTerminated must be the last event"
+    return found[0]
+
+
+def assert_protocol_error(conn: Connection, events: Sequence[Event], code: ErrorCode = ErrorCode.PROTOCOL,
+                          *, fragment: str = "") -> F.GoAway:
+    """``conn`` ended itself with one GOAWAY(code) whose reason is readable and mentions ``fragment``."""
+    term = terminated(events)
+    assert not term.by_peer and term.code == code, term
+    assert term.error is not None and term.error.code == code
+    goaway = goaway_sent(conn)
+    assert goaway.code == code, goaway
+    assert goaway.reason and goaway.reason.isprintable(), goaway
+    assert fragment.lower() in goaway.reason.lower(), goaway.reason
+    assert conn.closed
+    assert conn.receive_data(b"\x00" * 16) == []  # nothing after the end
+    return goaway
