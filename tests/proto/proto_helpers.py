@@ -135,10 +135,16 @@ class ConnectionPair:
         server_random: Callable[[int], bytes] | None = None,
         now: float | None = None,
     ) -> None:
-        self.client = Connection(Role.CLIENT, limits=client_limits, name=name, token=token,
-                                 random_bytes=client_random or counter_random(0x10))
-        self.server = Connection(Role.SERVER, limits=server_limits, tokens=tokens,
-                                 random_bytes=server_random or counter_random(0x80))
+        self.client = Connection(
+            Role.CLIENT,
+            limits=client_limits,
+            name=name,
+            token=token,
+            random_bytes=client_random or counter_random(0x10),
+        )
+        self.server = Connection(
+            Role.SERVER, limits=server_limits, tokens=tokens, random_bytes=server_random or counter_random(0x80)
+        )
         self.auto_ack = auto_ack
         self.check_flow = check_flow
         self.now = now
@@ -171,12 +177,14 @@ class ConnectionPair:
                 tap.sent[sid] += len(frame.payload)
                 if self.check_flow:
                     assert tap.sent[sid] <= self._granted(sender, sid), (
-                        f"{tap.name}: stream {sid} sent {tap.sent[sid]} bytes, granted {self._granted(sender, sid)}")
+                        f"{tap.name}: stream {sid} sent {tap.sent[sid]} bytes, granted {self._granted(sender, sid)}"
+                    )
                 if frame.fin:
                     tap.fin.add(sid)
 
-    def transfer(self, sender: Connection, *, max_bytes: int = 256 * 1024, chunk: int | None = None,
-                 now: float | None = None) -> list[Event]:
+    def transfer(
+        self, sender: Connection, *, max_bytes: int = 256 * 1024, chunk: int | None = None, now: float | None = None
+    ) -> list[Event]:
         """One ``data_to_send`` from ``sender`` delivered to the other side (in ``chunk``-sized pieces)."""
         data = sender.data_to_send(max_bytes)
         if not data:
@@ -195,8 +203,9 @@ class ConnectionPair:
                     receiver.acknowledge(event.stream_id, len(event.data), now=when)
         return events
 
-    def pump(self, *, max_bytes: int = 256 * 1024, chunk: int | None = None, now: float | None = None,
-             limit: int = 10_000) -> tuple[list[Event], list[Event]]:
+    def pump(
+        self, *, max_bytes: int = 256 * 1024, chunk: int | None = None, now: float | None = None, limit: int = 10_000
+    ) -> tuple[list[Event], list[Event]]:
         """Move bytes both ways until neither side wants to write; returns (client events, server events)."""
         client_events: list[Event] = []
         server_events: list[Event] = []
@@ -211,8 +220,9 @@ class ConnectionPair:
 
     # ------------------------------------------------------------------------------------------ scenarios
 
-    def open_stream(self, route: str = "web", meta: dict[str, Any] | None = None, *,
-                    opener: Connection | None = None) -> int:
+    def open_stream(
+        self, route: str = "web", meta: dict[str, Any] | None = None, *, opener: Connection | None = None
+    ) -> int:
         """Open a stream from ``opener`` (the client by default), have the other side accept it; returns its id."""
         opener = opener or self.client
         acceptor = self.other(opener)
@@ -276,8 +286,9 @@ def terminated(events: Sequence[Event]) -> ConnectionTerminated:
     return found[0]
 
 
-def assert_protocol_error(conn: Connection, events: Sequence[Event], code: ErrorCode = ErrorCode.PROTOCOL,
-                          *, fragment: str = "") -> F.GoAway:
+def assert_protocol_error(
+    conn: Connection, events: Sequence[Event], code: ErrorCode = ErrorCode.PROTOCOL, *, fragment: str = ""
+) -> F.GoAway:
     """``conn`` ended itself with one GOAWAY(code) whose reason is readable and mentions ``fragment``."""
     term = terminated(events)
     assert not term.by_peer and term.code == code, term

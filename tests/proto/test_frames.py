@@ -31,10 +31,17 @@ def text(max_bytes: int) -> st.SearchStrategy[str]:
 META_VALUE = st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1) | text(F.META_VALUE_MAX)
 META = st.dictionaries(text(F.NAME_MAX), META_VALUE, max_size=F.META_MAX_ENTRIES)
 LIMITS = st.dictionaries(text(F.NAME_MAX), U64, max_size=F.META_MAX_ENTRIES)
-BODY_LEAF = (st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1)
-             | st.floats(allow_nan=False) | text(64) | st.binary(max_size=64))
-BODY = st.recursive(BODY_LEAF, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text(32), inner, max_size=4),
-                    max_leaves=20)
+BODY_LEAF = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(1 << 63), (1 << 64) - 1)
+    | st.floats(allow_nan=False)
+    | text(64)
+    | st.binary(max_size=64)
+)
+BODY = st.recursive(
+    BODY_LEAF, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text(32), inner, max_size=4), max_leaves=20
+)
 
 FRAMES: dict[type, st.SearchStrategy[F.Frame]] = {
     F.Data: st.builds(F.Data, SID, st.binary(max_size=2048), st.booleans()).filter(lambda f: f.payload or f.fin),
@@ -100,8 +107,14 @@ def test_prefix_announces_exact_lengths(frame: F.Frame) -> None:
 
 
 def _type_name(frame: F.Frame) -> str:
-    return {F.Reset: "RST", F.GoAway: "GOAWAY", F.MaxStreams: "MAX_STREAMS", F.OpenOk: "OPEN_OK",
-            F.OpenErr: "OPEN_ERR", F.CtrlReply: "CTRL_REPLY"}.get(type(frame), type(frame).__name__.upper())
+    return {
+        F.Reset: "RST",
+        F.GoAway: "GOAWAY",
+        F.MaxStreams: "MAX_STREAMS",
+        F.OpenOk: "OPEN_OK",
+        F.OpenErr: "OPEN_ERR",
+        F.CtrlReply: "CTRL_REPLY",
+    }.get(type(frame), type(frame).__name__.upper())
 
 
 @given(sid=SID, length=st.integers(0, (1 << 32) - 1), fin=st.booleans())
