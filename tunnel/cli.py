@@ -506,6 +506,9 @@ def _describe_failure(exc: BaseException, plan: _Plan) -> tuple[str, int]:
     if isinstance(exc, ConfigError):
         return str(exc), EXIT_USAGE
     if isinstance(exc, socket.gaierror):
+        address, _hint = _listen_address(plan)
+        if address is not None and isinstance(plan.config, ServerConfig | MapConfig):
+            return f"cannot listen on {address}: cannot resolve the host name ({exc.strerror or exc})", EXIT_FAILURE
         return f"cannot resolve a host name: {exc.strerror or exc}", EXIT_FAILURE
     if isinstance(exc, OSError):
         template = _LISTEN_ERRORS.get(exc.errno or 0)

@@ -371,6 +371,15 @@ def test_address_not_available(harness: Path) -> None:
     assert err.splitlines()[-1].startswith("trio-tunnel: error: cannot listen on 192.0.2.1:0: address not available")
 
 
+def test_unresolvable_listen_host(harness: Path) -> None:
+    proc = fake(harness, "bind", "server", "--insecure-no-auth", "--listen", "nosuch.invalid:0")
+    code, _out, err = finish(proc)
+    assert code == 1
+    assert err.splitlines()[-1].startswith(
+        "trio-tunnel: error: cannot listen on nosuch.invalid:0: cannot resolve the host name ("
+    )
+
+
 def test_runtime_failure_one_line_and_traceback_only_with_vv(harness: Path) -> None:
     # the run function raises inside a nursery: the CLI digs the error out of the ExceptionGroup
     code, _out, err = finish(fake(harness, "crash", "server", "--insecure-no-auth"))
