@@ -840,7 +840,7 @@ class Connection:
             self._pending -= 1
             self._deadlines.pop(stream_id, None)
             self._queue_control(F.OpenErr(stream_id, ErrorCode.REFUSED, "closed before it was accepted"))
-        elif state in (SS.OPENING, SS.OPENING_LOCAL_CLOSED):
+        elif state is SS.OPENING and not stream.sent and not stream.fin_queued:
             self._reset(stream, ErrorCode.CANCEL, "closed before it was accepted")
         elif state is not SS.CLOSED:
             if not stream.fin_queued and (state, SI.SEND_FIN) in TRANSITIONS:

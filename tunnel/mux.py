@@ -111,6 +111,8 @@ class Session:
         self._credit_event = trio.Event()
         self._writer_event = trio.Event()
         self._writer_done = trio.Event()
+        self._flushed_event = trio.Event()
+        self._writing = False
         self._timer_event = trio.Event()
         self._closed_event = trio.Event()
         self._handshake_done = trio.Event()
@@ -309,6 +311,7 @@ class Session:
             while True:
                 await self._writer_event.wait()
                 self._writer_event = trio.Event()
+                self._writing = True
                 while True:
                     data = conn.data_to_send(self._config.write_batch)
                     for sid in conn.pop_writable():
@@ -327,9 +330,12 @@ class Session:
                         self._die(ErrorCode.IDLE_TIMEOUT,
                                   f"the peer has not read anything for {self._config.write_timeout:g} s")
                         return
+                self._writing = False
+                self._flushed_event.set()
                 if self._terminating or (self._dead is not None and not conn.wants_write):
                     return
         finally:
+            self._writing = False
             self._writer_done.set()
 
     async def _timers(self) -> None:
@@ -438,6 +444,11 @@ class Session:
         self._wake_writer()
         for stream in list(self._streams.values()):
             stream._on_session_dead()
+        self._streams.clear()
+        for stream in self._accept_queue:
+            stream._closed = True
+        self._accept_queue.clear()
+        self._requests.clear()
         self._accept_event.set()
         self._credit_event.set()
         self._request_event.set()
@@ -449,12 +460,19 @@ class Session:
         logger.log(level, "%s: closed: %s (%s)", self, reason, proto.code_name(code))
 
     async def _shutdown(self, code: ErrorCode, reason: str) -> None:
-        """Close the session: a final GOAWAY, flushed for at most ``close_timeout``, even when cancelled."""
-        if self._dead is None:
-            self._conn.close(code, reason)
-            self._die(code, reason)
+        """Close the session: flush what is queued (stream data, FINs), then a final GOAWAY, all within
+        ``close_timeout`` (shielded: it runs even when the caller is being cancelled)."""
         with trio.move_on_after(self._config.close_timeout, shield=True):
+            while self._dead is None and (self._conn.wants_write or self._writing):
+                event = self._flushed_event = trio.Event()
+                self._wake_writer()
+                await event.wait()
+            if self._dead is None:
+                self._conn.close(code, reason)
+                self._die(code, reason)
             await self._writer_done.wait()
+        if self._dead is None:  # the flush timed out: the peer is not reading
+            self._die(code, reason)
 
 
 @final
@@ -553,6 +571,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._accepted_event.set()
         self._wake_recv()
         self._wake_send()
+        queue = self._session._accept_queue
+        if self._pending and not self._eof and self in queue:
+            # Reset before the application ever saw it (the opener gave up or it timed out): release it now.
+            queue.remove(self)
+            self._close_now()
 
     def _on_session_dead(self) -> None:
         if self._error is None:
