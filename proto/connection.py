@@ -76,6 +76,8 @@ _SERVER_LABEL: Final = b"trio-tunnel/1 server\x00"
 
 SI = StreamInput
 SS = StreamState
+_OPENING: Final = frozenset({SS.OPENING, SS.OPENING_LOCAL_CLOSED})
+_PENDING: Final = frozenset({SS.PENDING, SS.PENDING_REMOTE_CLOSED})
 
 
 class Role(enum.Enum):
@@ -223,7 +225,9 @@ class Connection:
         self._highest_peer_sid = 0
         self._granted = lim.max_streams  # cumulative MAX_STREAMS we allow the peer
         self._granted_sent = lim.max_streams
-        self._pending = 0  # peer streams not yet answered
+        self._pending = 0  # peer streams not yet answered (PENDING)
+        self._local_opening = 0  # our streams not yet answered (OPENING)
+        self._peer_backlog = 64  # unanswered opens the peer accepts at once (declared in its limits)
         self._deadlines: dict[int, float] = {}
         self._budget_used = 0
         self._goaway_sent = False
@@ -280,7 +284,8 @@ class Connection:
         """How many more streams we may open now (the peer's MAX_STREAMS credit minus streams opened)."""
         if self.state is not ConnectionState.OPEN or self._goaway_sent or self._goaway_received:
             return 0
-        return max(0, self._local_credit - self._local_opened)
+        # Both the peer's stream credit and its accept backlog: we never make it refuse an open for lack of room.
+        return max(0, min(self._local_credit - self._local_opened, self._peer_backlog - self._local_opening))
 
     @property
     def can_open_streams(self) -> bool:
@@ -456,6 +461,7 @@ class Connection:
         self._peer_max_payload = min(payload, 16 * 1024 * 1024)
         self._peer_initial_window = min(window, F.SID_LIMIT - 1)
         self._local_credit = streams
+        self._peer_backlog = max(1, out.get("accept_backlog", 64))
         return out
 
     def _on_hello(self, hello: F.Hello) -> None:
@@ -544,13 +550,22 @@ class Connection:
     # ----------------------------------------------------------------------------------------- stream frames
 
     def _apply(self, stream: _Stream, event: StreamInput) -> None:
+        old = stream.state
         try:
-            stream.state = TRANSITIONS[stream.state, event]
+            new = stream.state = TRANSITIONS[old, event]
         except KeyError:
             message = f"stream {stream.sid}: cannot {event.value} in state {stream.state.value}"
             if event.name.startswith("SEND_"):
                 raise LocalProtocolError(message) from None
             raise RemoteProtocolError(message, ErrorCode.PROTOCOL) from None
+        self._left_open_handshake(old, new)
+
+    def _left_open_handshake(self, old: StreamState, new: StreamState) -> None:
+        """Keep the counts of unanswered opens (ours: OPENING, the peer's: PENDING) in step with the states."""
+        if old in _OPENING and new not in _OPENING:
+            self._local_opening -= 1
+        elif old in _PENDING and new not in _PENDING:
+            self._pending -= 1
 
     def _is_peer_sid(self, sid: int) -> bool:
         return (sid % 2 == 1) == (self.role is Role.SERVER)
@@ -655,10 +670,7 @@ class Connection:
         stream = self._lookup(sid, "RST")
         if stream is None or stream.state is SS.CLOSED:
             return
-        was_pending = stream.state in (SS.PENDING, SS.PENDING_REMOTE_CLOSED)
         self._apply(stream, SI.RECV_RST)
-        if was_pending:
-            self._pending -= 1
         self._deadlines.pop(sid, None)
         self._drop_send(stream)
         self._window_dirty.pop(sid, None)
@@ -684,7 +696,8 @@ class Connection:
         self._goaway_received = True
         events.append(GoAwayReceived(last, code, reason))
         for stream in list(self._streams.values()):
-            if stream.local and stream.sid > last and stream.state in (SS.OPENING, SS.OPENING_LOCAL_CLOSED):
+            if stream.local and stream.sid > last and stream.state in _OPENING:
+                self._left_open_handshake(stream.state, SS.CLOSED)
                 stream.state = SS.CLOSED
                 self._deadlines.pop(stream.sid, None)
                 self._drop_send(stream)
@@ -728,6 +741,7 @@ class Connection:
         sid = self._next_sid
         self._next_sid += 2
         self._local_opened += 1
+        self._local_opening += 1
         window = self.limits.initial_window
         self._streams[sid] = _Stream(sid, SS.OPENING, local=True, send_limit=self._peer_initial_window,
                                      window=window, recv_limit=window, epoch_time=self._time())
@@ -739,7 +753,6 @@ class Connection:
         """Answer a peer's OPEN with OPEN_OK; our data may follow."""
         stream = self._get(stream_id)
         self._apply(stream, SI.SEND_OPEN_OK)
-        self._pending -= 1
         self._deadlines.pop(stream_id, None)
         self._queue_control(F.OpenOk(stream_id))
 
@@ -747,7 +760,6 @@ class Connection:
         """Answer a peer's OPEN with OPEN_ERR (the stream is released at once)."""
         stream = self._get(stream_id)
         self._apply(stream, SI.SEND_OPEN_ERR)
-        self._pending -= 1
         self._deadlines.pop(stream_id, None)
         self._queue_control(F.OpenErr(stream_id, int(code), _clip(reason)))
         stream.app_closed = True
@@ -837,7 +849,6 @@ class Connection:
         state = stream.state
         if state in (SS.PENDING, SS.PENDING_REMOTE_CLOSED):
             self._apply(stream, SI.SEND_OPEN_ERR)
-            self._pending -= 1
             self._deadlines.pop(stream_id, None)
             self._queue_control(F.OpenErr(stream_id, ErrorCode.REFUSED, "closed before it was accepted"))
         elif state is SS.OPENING and not stream.sent and not stream.fin_queued:
@@ -865,8 +876,6 @@ class Connection:
         if stream is None:
             return
         stream.app_closed = True
-        if stream.state in (SS.PENDING, SS.PENDING_REMOTE_CLOSED):
-            self._pending -= 1
         if stream.state is not SS.CLOSED:
             self._reset(stream, code, reason)
         self._drop_send(stream)
@@ -942,7 +951,6 @@ class Connection:
                 events.append(StreamRejected(sid, ErrorCode.CONNECT_TIMEOUT, reason))
             elif stream.state in (SS.PENDING, SS.PENDING_REMOTE_CLOSED):
                 self._apply(stream, SI.SEND_OPEN_ERR)
-                self._pending -= 1
                 self._queue_control(F.OpenErr(sid, ErrorCode.CONNECT_TIMEOUT, reason))
                 events.append(StreamReset(sid, ErrorCode.CONNECT_TIMEOUT, reason, local=True))
             self._maybe_release(stream)
@@ -1157,6 +1165,7 @@ class Connection:
         self._deadlines.clear()
         self._ready.clear()
         self._pending = 0
+        self._local_opening = 0
         self._budget_used = 0
         self._writable.clear()
         self._outstanding_requests.clear()

@@ -95,4 +95,5 @@ class Limits:
             "max_frame_payload": self.max_frame_payload,
             "initial_window": self.initial_window,
             "max_streams": self.max_streams,
+            "accept_backlog": self.accept_backlog,
         }

@@ -388,14 +388,17 @@ class Session:
                     self._accept_event.set()
                     self._deadline_armed()
                 case ev.StreamAccepted(sid):
+                    self._credit_event.set()  # one fewer unanswered open: room in the peer's backlog
                     stream = streams.get(sid)
                     if stream is not None:
                         stream._on_accepted()
                 case ev.StreamRejected(sid, code, reason):
+                    self._credit_event.set()
                     stream = streams.get(sid)
                     if stream is not None:
                         stream._on_rejected(StreamOpenError(code, reason))
                 case ev.StreamReset(sid, code, reason):
+                    self._credit_event.set()
                     stream = streams.get(sid)
                     if stream is not None:
                         stream._on_reset(StreamResetError(code, reason))
@@ -524,6 +527,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
         if not self._closed:
             self._closed = True
             self._conn.reset_stream(self.stream_id, ErrorCode.CANCEL, "open cancelled")
+            self._session._wake_writer()
+            self._session._credit_event.set()
             self._forget()
 
     def accept(self) -> None:
