@@ -36,11 +36,13 @@ byte count must match the sender's; a corrupted, short or long transfer raises a
   close).
 * Memory per idle connection with 1,000 connections held open end to end: the growth of the summed VmRSS (and
   PSS, from smaps_rollup) of the system's processes, divided by 1,000.
-* CPU seconds per GiB: utime+stime (plus reaped children) of the system's processes from /proc during the three
-  bulk workloads, divided by the GiB moved.
-* Delay line (scripts/delayline.py, default 25 ms each way, 200 Mbit/s, one-BDP queue) placed in the system's
-  link (trio-tunnel client<->server, ssh<->sshd; socat<->service and client<->service for the relay-less ones):
-  one upload's goodput as a fraction of the line rate.
+* CPU seconds per GiB: CPU time of the system's processes from /proc (thread run time from schedstat, plus
+  reaped children's cutime+cstime) during the three bulk workloads, divided by the GiB moved.
+* Delay line (scripts/delayline.py: 25 ms each way, paced to the line rate, one-BDP queue) placed in the system's
+  link (trio-tunnel client<->server, ssh<->sshd; socat->service and client->service for the relay-less ones):
+  one upload's goodput as a fraction of the line rate, at 200 and at 1000 Mbit/s (--rate-mbit). At 200 Mbit/s
+  the bandwidth-delay product (1.25 MB) fits in OpenSSH's fixed 2 MiB channel window; at 1000 Mbit/s (6.25 MB)
+  it does not, which is where a multiplexer's window auto-tuning shows.
 
 What is measured where: the load generator runs in this process (Trio), the sink/echo service in a separate helper
 process (``--serve-sink``), the loaded-RTT bulk upload in another helper (``--bulk-helper``). The machine may have
@@ -320,9 +322,10 @@ def _check_reply(reply: bytes, sent: int, crc: int, what: str) -> None:
                           f"sender {crc:#010x}): data corrupted in transit")
 
 
-async def bulk_upload(addr: Addr, nbytes: int, seed: int = 1) -> Transfer:
-    """One stream, client -> service, every byte checked by the service's CRC. Timed from the service's ack
-    (path established) to its verdict (all bytes delivered)."""
+async def bulk_upload(addr: Addr, nbytes: int, seed: int = 1, max_seconds: float | None = None) -> Transfer:
+    """One stream, client -> service, every byte checked by the service's count and CRC. Timed from the
+    service's ack (path established) to its verdict (all bytes delivered). With `max_seconds`, a slow system
+    stops early (EOF after what was sent, which is then what gets verified and counted)."""
     want = expected_crc(seed, nbytes)
     stream = await connect(addr)
     async with stream:
@@ -330,15 +333,24 @@ async def bulk_upload(addr: Addr, nbytes: int, seed: int = 1) -> Transfer:
         if await receive_exactly(stream, 1, "ack") != ACK:
             raise VerifyError("upload: bad ack")
         t0 = time.perf_counter()
-        await send_pattern(stream, seed, 0, nbytes)
+        deadline = math.inf if max_seconds is None else t0 + max_seconds
+        base = pattern_offset(seed)
+        sent = 0
+        while sent < nbytes and time.perf_counter() < deadline:
+            k = min(SEND_CHUNK, nbytes - sent)
+            await stream.send_all(pattern_slice(base + sent, k))
+            sent += k
+        if sent < nbytes:
+            await stream.send_eof()
         reply = await receive_exactly(stream, REPLY.size, "upload verdict")
         t1 = time.perf_counter()
-    _check_reply(reply, nbytes, want, "upload")
-    return Transfer(nbytes, t1 - t0)
+    _check_reply(reply, sent, want if sent == nbytes else expected_crc(seed, sent), "upload")
+    return Transfer(sent, t1 - t0)
 
 
-async def bulk_download(addr: Addr, nbytes: int, seed: int = 2) -> Transfer:
-    """One stream, service -> client; the client checks count, CRC and the EOF after the last byte."""
+async def bulk_download(addr: Addr, nbytes: int, seed: int = 2, max_seconds: float | None = None) -> Transfer:
+    """One stream, service -> client; the client checks count, CRC and the EOF after the last byte (or, when
+    `max_seconds` cut it short, the CRC of the prefix it received)."""
     want = expected_crc(seed, nbytes)
     stream = await connect(addr)
     async with stream:
@@ -346,6 +358,7 @@ async def bulk_download(addr: Addr, nbytes: int, seed: int = 2) -> Transfer:
         if await receive_exactly(stream, 1, "ack") != ACK:
             raise VerifyError("download: bad ack")
         t0 = time.perf_counter()
+        deadline = math.inf if max_seconds is None else t0 + max_seconds
         count = crc = 0
         while count < nbytes:
             data = await stream.receive_some(min(RECV_CHUNK, nbytes - count))
@@ -353,18 +366,25 @@ async def bulk_download(addr: Addr, nbytes: int, seed: int = 2) -> Transfer:
                 raise VerifyError(f"download: connection closed after {count} of {nbytes} bytes")
             crc = zlib.crc32(data, crc)
             count += len(data)
+            if time.perf_counter() > deadline:
+                break
         t1 = time.perf_counter()
-        with trio.fail_after(10):
-            extra = await stream.receive_some(RECV_CHUNK)
-        if extra:
-            raise VerifyError(f"download: {len(extra)}+ unexpected bytes after the {nbytes} sent")
+        if count == nbytes:
+            with trio.fail_after(10):
+                extra = await stream.receive_some(RECV_CHUNK)
+            if extra:
+                raise VerifyError(f"download: {len(extra)}+ unexpected bytes after the {nbytes} sent")
+        else:
+            want = expected_crc(seed, count)
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     if crc != want:
-        raise VerifyError(f"download: CRC mismatch after {nbytes} bytes (got {crc:#010x}, want {want:#010x}): "
+        raise VerifyError(f"download: CRC mismatch after {count} bytes (got {crc:#010x}, want {want:#010x}): "
                           "data corrupted in transit")
-    return Transfer(nbytes, t1 - t0)
+    return Transfer(count, t1 - t0)
 
 
-async def parallel_upload(addr: Addr, streams: int, nbytes_each: int, seed0: int = 100) -> Transfer:
+async def parallel_upload(addr: Addr, streams: int, nbytes_each: int, seed0: int = 100,
+                          max_seconds: float | None = None) -> Transfer:
     """`streams` uploads at once; aggregate bytes over the wall time of the whole batch."""
     for i in range(streams):
         expected_crc(seed0 + i, nbytes_each)
@@ -373,10 +393,10 @@ async def parallel_upload(addr: Addr, streams: int, nbytes_each: int, seed0: int
     async with trio.open_nursery() as nursery:
         for i in range(streams):
             async def one(i: int = i) -> None:
-                results.append(await bulk_upload(addr, nbytes_each, seed0 + i))
+                results.append(await bulk_upload(addr, nbytes_each, seed0 + i, max_seconds))
             nursery.start_soon(one)
     t1 = time.perf_counter()
-    return Transfer(streams * nbytes_each, t1 - t0)
+    return Transfer(sum(r.nbytes for r in results), t1 - t0)
 
 
 async def timed_upload(addr: Addr, seconds: float, max_bytes: int, seed: int = 7,
@@ -640,13 +660,24 @@ def process_tree(roots: Sequence[int]) -> list[int]:
 
 
 def cpu_seconds(pids: Sequence[int]) -> float:
-    """utime+stime of the processes plus the reaped children they account for."""
-    ticks = 0
+    """CPU time of the processes: run time of their live threads from /proc/PID/task/*/schedstat (nanoseconds;
+    utime+stime from /proc/PID/stat when schedstat is missing) plus the reaped children they account for
+    (cutime+cstime, clock ticks)."""
+    total = 0.0
     for p in pids:
         f = _stat_fields(p)
-        if f is not None:
-            ticks += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
-    return ticks / CLK_TCK
+        if f is None:
+            continue
+        ns = 0
+        try:
+            for task in os.scandir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task.name}/schedstat") as fh:
+                    ns += int(fh.read().split()[0])
+            total += ns / 1e9
+        except (OSError, ValueError, IndexError):
+            total += (int(f[11]) + int(f[12])) / CLK_TCK
+        total += (int(f[13]) + int(f[14])) / CLK_TCK
+    return total
 
 
 def memory_of(pids: Sequence[int]) -> tuple[int, int]:
@@ -1168,6 +1199,7 @@ class Config:
     conc_seconds: float = 8.0
     idle_conns: int = 1000
     delay_seconds: float = 5.0
+    bulk_max_seconds: float = 30.0  # a slow system moves less than bulk_bytes rather than failing
     transfer_timeout: float = 120.0
     workload_timeout: float = 60.0
 
@@ -1176,7 +1208,7 @@ class Config:
         return cls(repeats=1, bulk_bytes=32 * MiB, par_bytes_each=2 * MiB, rtt_n=300, rtt_seconds=2.0,
                    loaded_rtt_n=300, loaded_rtt_seconds=2.0, loaded_warmup_s=0.3, seq_conns=200,
                    seq_seconds=2.0, conc_conns=1000, conc_seconds=3.0, idle_conns=1000, delay_seconds=2.0,
-                   transfer_timeout=45.0, workload_timeout=30.0)
+                   bulk_max_seconds=8.0, transfer_timeout=45.0, workload_timeout=30.0)
 
 
 @dataclass(frozen=True)
@@ -1205,8 +1237,28 @@ METRICS = [
     Metric("cpu_per_gib", "CPU per GiB moved (system's processes)", "s/GiB", False, "{:.2f}"),
     Metric("delay_mib_s", "1 stream over the delay line", "MiB/s", True, "{:.1f}"),
     Metric("delay_pct", "1 stream over the delay line, of line rate", "%", True, "{:.0f}"),
-]
-METRIC_BY_KEY = {m.key: m for m in METRICS}
+]  # the two delay metrics are templates: one pair per configured line rate (see metrics_for)
+
+
+def _rate_tag(params: Any) -> str:
+    return f"{params.rate_bps / 1e6:g}"
+
+
+def delay_keys(params: Any) -> tuple[str, str]:
+    """The metric keys (MiB/s, % of line rate) of the delay-line measurement at this line rate."""
+    tag = _rate_tag(params)
+    return f"delay{tag}_mib_s", f"delay{tag}_pct"
+
+
+def metrics_for(delays: Sequence[Any]) -> list[Metric]:
+    out = [m for m in METRICS if not m.key.startswith("delay")]
+    for p in delays:
+        k_mib, k_pct = delay_keys(p)
+        rtt = f"{2 * p.delay_s * 1e3:g} ms RTT"
+        out.append(Metric(k_mib, f"1 stream over a {rtt}, {_rate_tag(p)} Mbit/s line", "MiB/s", True, "{:.1f}"))
+        out.append(Metric(k_pct, f"1 stream over a {rtt}, {_rate_tag(p)} Mbit/s line, of line rate", "%", True,
+                          "{:.0f}"))
+    return out
 
 
 @dataclass
@@ -1273,21 +1325,26 @@ async def run_suite(target: Target, cfg: Config, log: Log = lambda s: None, rep:
         return out
 
     t = await _guard(res, ["bulk_up"], cfg.transfer_timeout, log, "1-stream upload",
-                     lambda: cpu_bracket(lambda: bulk_upload(target.addr, cfg.bulk_bytes, seed)), target)
+                     lambda: cpu_bracket(lambda: bulk_upload(target.addr, cfg.bulk_bytes, seed,
+                                                             cfg.bulk_max_seconds)), target)
     if t:
         res["bulk_up"] = t.mib_s
-        log(f"  1-stream upload: {t.mib_s:.0f} MiB/s")
+        res["_bulk_up_mib"] = t.nbytes / MiB
+        log(f"  1-stream upload: {t.mib_s:.0f} MiB/s ({t.nbytes / MiB:.0f} MiB)")
     t = await _guard(res, ["bulk_down"], cfg.transfer_timeout, log, "1-stream download",
-                     lambda: cpu_bracket(lambda: bulk_download(target.addr, cfg.bulk_bytes, seed + 1)), target)
+                     lambda: cpu_bracket(lambda: bulk_download(target.addr, cfg.bulk_bytes, seed + 1,
+                                                               cfg.bulk_max_seconds)), target)
     if t:
         res["bulk_down"] = t.mib_s
-        log(f"  1-stream download: {t.mib_s:.0f} MiB/s")
+        res["_bulk_down_mib"] = t.nbytes / MiB
+        log(f"  1-stream download: {t.mib_s:.0f} MiB/s ({t.nbytes / MiB:.0f} MiB)")
     t = await _guard(res, ["par16"], cfg.transfer_timeout, log, f"{cfg.par_streams}-stream upload",
                      lambda: cpu_bracket(lambda: parallel_upload(target.addr, cfg.par_streams, cfg.par_bytes_each,
-                                                                 seed + 100)), target)
+                                                                 seed + 100, cfg.bulk_max_seconds)), target)
     if t:
         res["par16"] = t.mib_s
-        log(f"  {cfg.par_streams}-stream upload: {t.mib_s:.0f} MiB/s")
+        res["_par_mib"] = t.nbytes / MiB
+        log(f"  {cfg.par_streams}-stream upload: {t.mib_s:.0f} MiB/s ({t.nbytes / MiB:.0f} MiB)")
     if all(k in res and not isinstance(res[k], Failed) for k in ("bulk_up", "bulk_down", "par16")):
         res["cpu_per_gib"] = cpu_work[0] / (cpu_work[1] / GiB)
         res["_generator_cpu_per_gib"] = cpu_work[2] / (cpu_work[1] / GiB)
@@ -1349,13 +1406,14 @@ async def run_suite(target: Target, cfg: Config, log: Log = lambda s: None, rep:
 async def run_delay(target: Target, cfg: Config, params: Any, log: Log, rep: int = 0) -> Result:
     res: Result = {}
     line = params.rate_Bps
-    t = await _guard(res, ["delay_mib_s", "delay_pct"], cfg.delay_seconds + 60, log, "delay line upload",
+    k_mib, k_pct = delay_keys(params)
+    t = await _guard(res, [k_mib, k_pct], cfg.delay_seconds + 60, log, "delay line upload",
                      lambda: timed_upload(target.addr, cfg.delay_seconds, int(line * cfg.delay_seconds * 4),
                                           seed=9 + rep * 10_000), target)
     if t:
-        res["delay_mib_s"] = t.mib_s
-        res["delay_pct"] = 100 * t.nbytes / t.seconds / line
-        log(f"  over the delay line: {t.mib_s:.1f} MiB/s = {res['delay_pct']:.0f}% of the line rate "
+        res[k_mib] = t.mib_s
+        res[k_pct] = 100 * t.nbytes / t.seconds / line
+        log(f"  over the delay line: {t.mib_s:.1f} MiB/s = {res[k_pct]:.0f}% of the line rate "
             f"({t.nbytes / MiB:.0f} MiB in {t.seconds:.1f} s)")
     return res
 
@@ -1373,6 +1431,7 @@ class SystemReport:
     version: str = ""
     repeats: list[Result] = field(default_factory=list)
     delay_status: str = ""  # "" = measured; else why not
+    notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -1392,57 +1451,76 @@ def _start_failure(exc: BaseException, log: Log) -> str:
     return f"failed to start: {_err(exc)}"
 
 
-async def bench_system(system: System, opts: argparse.Namespace, cfg: Config, params: Any, log: Log,
-                       tmp: Path) -> SystemReport:
-    rep = SystemReport(system.name)
+async def bench_system(rep: SystemReport, system: System, opts: argparse.Namespace, cfg: Config,
+                       delays: Sequence[Any], log: Log, tmp: Path, deadline: float) -> None:
+    """Measure one system into `rep` (filled as it goes, so a run cut by the time budget keeps what it has).
+    A repeat is only started when the previous one suggests it fits before `deadline` (time.monotonic())."""
     t0 = time.monotonic()
     reason = system.unavailable(opts)
     if reason:
         rep.status, rep.reason = "skipped", reason
         log(f"[{system.name}] skipped: {reason}")
-        return rep
+        return
     rep.version = system.version(opts)
     log(f"[{system.name}] starting{(' (' + rep.version + ')') if rep.version else ''}")
-    rep.repeats = [{} for _ in range(cfg.repeats)]
+
+    def fits(last_duration: float) -> bool:
+        if time.monotonic() + last_duration * 1.2 < deadline:
+            return True
+        rep.notes.append(f"time budget: {len(rep.repeats)} of {cfg.repeats} repeats")
+        log(f"[{system.name}] stopping after {len(rep.repeats)} repeat(s): time budget")
+        return False
+
     try:
         async with process_group(tmp) as group:
             sink, sink_addr = await start_sink(group)
             with trio.fail_after(opts.start_timeout * 3 + 10):
                 target = await system.start(group, sink, sink_addr, opts, None)
             log(f"[{system.name}] up: clients connect to {target.addr[0]}:{target.addr[1]}")
+            last = 0.0
             for r in range(cfg.repeats):
+                if r and not fits(last):
+                    break
                 log(f"[{system.name}] repeat {r + 1}/{cfg.repeats}")
+                t_rep = time.monotonic()
+                rep.repeats.append({})
                 rep.repeats[r].update(await run_suite(target, cfg, log, r))
+                last = time.monotonic() - t_rep
     except Exception as exc:
-        rep.status, rep.reason = "skipped", _start_failure(exc, log)
-        log(f"[{system.name}] skipped: {rep.reason}")
-        return rep
+        if not rep.repeats:
+            rep.status, rep.reason = "skipped", _start_failure(exc, log)
+            log(f"[{system.name}] skipped: {rep.reason}")
+            return
+        rep.notes.append(f"stopped: {_start_failure(exc, log)}")
     if opts.no_delay:
         rep.delay_status = "not run (--no-delay)"
-    else:
+    for params in [] if opts.no_delay else delays:
+        if time.monotonic() > deadline:
+            rep.notes.append(f"delay line at {_rate_tag(params)} Mbit/s not run: time budget")
+            continue
         try:
             async with process_group(tmp) as group:
                 sink, sink_addr = await start_sink(group)
                 with trio.fail_after(opts.start_timeout * 3 + 10):
                     target = await system.start(group, sink, sink_addr, opts, params)
                 log(f"[{system.name}] with the delay line in its link ({params.describe()})")
-                for r in range(cfg.repeats):
+                for r in range(len(rep.repeats)):
                     rep.repeats[r].update(await run_delay(target, cfg, params, log, r))
         except Exception as exc:
-            rep.delay_status = f"did not start with the delay line: {_start_failure(exc, log)}"
-            log(f"[{system.name}] delay line: {rep.delay_status}")
+            why = f"did not start with the delay line: {_start_failure(exc, log)}"
+            rep.delay_status = why
+            log(f"[{system.name}] delay line: {why}")
     rep.seconds = time.monotonic() - t0
-    return rep
 
 
-def aggregate(reports: Sequence[SystemReport]) -> dict[str, dict[str, Any]]:
+def aggregate(reports: Sequence[SystemReport], metrics: Sequence[Metric]) -> dict[str, dict[str, Any]]:
     """Per system, per metric: median over repeats, or FAILED with the first error, plus ratios."""
     table: dict[str, dict[str, Any]] = {}
     for rep in reports:
-        if rep.status != "ok":
+        if rep.status != "ok" or not rep.repeats:
             continue
         row: dict[str, Any] = {}
-        for m in METRICS:
+        for m in metrics:
             vals = [r.get(m.key) for r in rep.repeats]
             fails = [v for v in vals if isinstance(v, Failed)]
             if fails:
@@ -1464,7 +1542,7 @@ def aggregate(reports: Sequence[SystemReport]) -> dict[str, dict[str, Any]]:
         if ref not in table:
             continue
         for row in table.values():
-            for m in METRICS:
+            for m in metrics:
                 cell, refcell = row[m.key], table[ref][m.key]
                 if cell.get("status") == "ok" and refcell.get("status") == "ok" and refcell["median"]:
                     cell[f"ratio_{ref}"] = cell["median"] / refcell["median"]
@@ -1508,6 +1586,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
     names = [r["name"] for r in doc["systems"]]
     ok = [r["name"] for r in doc["systems"] if r["status"] == "ok"]
     table = doc["results"]
+    metrics = [Metric(**m) for m in doc["metrics"]]
     out = ["# trio-tunnel benchmark", ""]
     out.append(f"- Command: `{doc['command']}`")
     out.append(f"- Date: {doc['started']} ({doc['duration_s']:.0f} s); mode: "
@@ -1520,12 +1599,12 @@ def render_markdown(doc: dict[str, Any]) -> str:
     c = doc["config"]
     out.append(f"- Sizes: bulk {c['bulk_bytes'] // MiB} MiB each way, {c['par_streams']} x "
                f"{c['par_bytes_each'] // MiB} MiB parallel, {c['rtt_n']} round trips, {c['idle_conns']} idle "
-               f"connections; delay line {doc['delay_line']}")
+               f"connections; delay line {' and '.join(doc['delay_line'])}")
     out.append("")
     if ok:
         out.append("| workload | unit | better | " + " | ".join(ok) + " |")
         out.append("|---|---|---|" + "---:|" * len(ok))
-        for m in METRICS:
+        for m in metrics:
             cells = [_fmt(m, table[n][m.key]) for n in ok]
             out.append(f"| {m.label} | {m.unit} | {'higher' if m.higher_is_better else 'lower'} | "
                        + " | ".join(cells) + " |")
@@ -1536,7 +1615,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
             out.append("")
             out.append("| workload | " + " | ".join(ok) + " |")
             out.append("|---|" + "---:|" * len(ok))
-            for m in METRICS:
+            for m in metrics:
                 cells = []
                 for n in ok:
                     cell = table[n][m.key]
@@ -1550,13 +1629,14 @@ def render_markdown(doc: dict[str, Any]) -> str:
             notes.append(f"- **{r['name']}**: {r['status']}: {r['reason']}")
         elif r.get("delay_status"):
             notes.append(f"- **{r['name']}**: delay line {r['delay_status']}")
+        notes += [f"- **{r['name']}**: {note}" for note in r.get("notes", [])]
     for n in ok:
-        for m in METRICS:
+        for m in metrics:
             cell = table[n][m.key]
             if cell.get("status") == "FAILED":
                 notes.append(f"- **{n}** {m.label}: FAILED: {cell['error']}")
     if notes:
-        out += ["Skipped / failed:", "", *notes, ""]
+        out += ["Skipped / failed / notes:", "", *notes, ""]
     out += ["What was measured:", "", *[f"- {line}" for line in doc["measured"]], ""]
     missing = [n for n in names if n not in ok]
     if missing:
@@ -1578,8 +1658,9 @@ MEASURED = [
     "Memory per idle connection: growth of the summed VmRSS (and PSS, which shares forked pages fairly) of the "
     "system's processes with 1,000 connections held open end to end, divided by 1,000. For direct that is the "
     "sink itself (a Trio task and socket per connection).",
-    "CPU per GiB: utime+stime (plus reaped children) of the system's processes during the 1-stream and 16-stream "
-    "bulk workloads, over the GiB moved. For direct it is the sink's cost, i.e. the receiving endpoint.",
+    "CPU per GiB: CPU time of the system's processes (run time of their threads from /proc/PID/task/*/schedstat, "
+    "plus reaped children's cutime+cstime from /proc/PID/stat) during the 1-stream and 16-stream bulk workloads, "
+    "over the GiB moved. For direct it is the sink's cost, i.e. the receiving endpoint.",
     "System's processes: direct = the sink; socat = the listener and its forked children; ssh = sshd and its "
     "children plus the ssh client; trio-tunnel = server plus client.",
     "The load generator runs in the benchmark process (Trio), the sink/echo service in a separate process; on a "
@@ -1602,8 +1683,14 @@ def build_config(args: argparse.Namespace) -> Config:
 
 async def amain(args: argparse.Namespace) -> int:
     cfg = build_config(args)
-    params = DelayParams(args.delay_ms / 1e3, args.rate_mbit * 1e6,
-                         None if args.buffer_kib is None else args.buffer_kib * KiB)
+    try:
+        rates = [float(r) for r in args.rate_mbit.split(",") if r.strip()]
+    except ValueError:
+        print(f"bench: --rate-mbit wants numbers, got {args.rate_mbit!r}", file=sys.stderr)
+        return 2
+    delays = [DelayParams(args.delay_ms / 1e3, rate * 1e6,
+                          None if args.buffer_kib is None else args.buffer_kib * KiB) for rate in rates]
+    metrics = metrics_for(delays)
     names = [s.strip() for s in args.systems.split(",") if s.strip()]
     for n in names:
         if n not in SYSTEMS:
@@ -1619,14 +1706,17 @@ async def amain(args: argparse.Namespace) -> int:
     machine = machine_info()
     reports: list[SystemReport] = []
     with tempfile.TemporaryDirectory(prefix="trio-tunnel-bench-") as tmpd:
-        with trio.move_on_after(args.budget) as budget:
+        deadline = time.monotonic() + args.budget
+        with trio.move_on_at(trio.current_time() + args.budget + 30) as budget:  # last resort
             for n in names:
-                reports.append(await bench_system(SYSTEMS[n], args, cfg, params, log, Path(tmpd)))
+                reports.append(SystemReport(n))
+                await bench_system(reports[-1], SYSTEMS[n], args, cfg, delays, log, Path(tmpd), deadline)
         if budget.cancelled_caught:
             log(f"bench: time budget of {args.budget:g} s exhausted")
+            reports[-1].notes.append("cut short by the time budget")
             for n in names[len(reports):]:
                 reports.append(SystemReport(n, "skipped", f"time budget of {args.budget:g} s exhausted"))
-    table = aggregate(reports)
+    table = aggregate(reports, metrics)
     doc = {
         "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
         "cwd": os.getcwd(),
@@ -1635,10 +1725,12 @@ async def amain(args: argparse.Namespace) -> int:
         "quick": bool(args.quick),
         "machine": machine,
         "config": asdict(cfg),
-        "delay_line": params.describe(),
-        "systems": [{"name": r.name, "status": r.status, "reason": r.reason, "version": r.version,
-                     "delay_status": r.delay_status, "seconds": round(r.seconds, 1)} for r in reports],
-        "metrics": [asdict(m) for m in METRICS],
+        "delay_line": [p.describe() for p in delays],
+        "systems": [{"name": r.name, "status": r.status if r.status != "ok" or r.repeats else "skipped",
+                     "reason": r.reason or ("" if r.repeats or r.status != "ok" else "not run"),
+                     "version": r.version, "delay_status": r.delay_status, "repeats": len(r.repeats),
+                     "notes": r.notes, "seconds": round(r.seconds, 1)} for r in reports],
+        "metrics": [asdict(m) for m in metrics],
         "results": table,
         "measured": MEASURED,
     }
@@ -1672,7 +1764,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, help="override the number of repeats (default 3, --quick 1)")
     ap.add_argument("--bulk-mib", type=int, help="override the 1-stream bulk size (default 256, --quick 32)")
     ap.add_argument("--delay-ms", type=float, default=25.0, help="delay line: one-way delay (default 25)")
-    ap.add_argument("--rate-mbit", type=float, default=200.0, help="delay line: line rate (default 200)")
+    ap.add_argument("--rate-mbit", default="200,1000",
+                    help="delay line: line rate(s) in Mbit/s, comma-separated, one measurement each "
+                         "(default 200,1000: at 50 ms RTT a fixed 2 MiB window caps near 40 MiB/s = 335 Mbit/s)")
     ap.add_argument("--buffer-kib", type=int, help="delay line: queue per direction (default one BDP)")
     ap.add_argument("--no-delay", action="store_true", help="skip the delay-line measurement")
     ap.add_argument("--ssh-cipher", help="cipher for ssh (default: OpenSSH's default)")
