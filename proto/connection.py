@@ -821,7 +821,10 @@ class Connection:
             return
         if stream.recv_limit - stream.consumed > stream.window // 2:
             return
-        if now is not None:
+        # An epoch ends only once more than half the window was consumed in it (as quic-go does): a WINDOW goes
+        # out every half window, so ending the epoch at every WINDOW would never see more than half consumed.
+        epoch_over = stream.epoch_time is None or stream.consumed - stream.epoch_consumed > stream.window // 2
+        if now is not None and epoch_over:
             if stream.epoch_time is not None:
                 new = next_window(
                     window=stream.window,
