@@ -1,0 +1,302 @@
+"""``trio-tunnel client``: keep one link to the server, expose local services through it (``-R``) and forward local
+listeners through it (``-L``); reconnect forever with capped, jittered exponential backoff.
+
+Structure (every task has an owner):
+
+    run_client                 nursery: the -L listeners (they outlive any one link), the link loop
+      _Client.link_loop        dial -> open_session -> register services -> serve, until the link ends; back off
+        nursery per link:      accept loop -> _serve_stream (one per external connection): dial local, splice
+      _Client.serve_forward    serve_listeners -> _forward (one per local connection): a stream to the server, splice
+
+Readable, final failures (a refused token, an incompatible server) end the process: retrying cannot fix them.
+Everything else (server down, link lost, keepalive timeout) is retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Final
+
+import attrs
+import trio
+
+from proto import ErrorCode
+
+from .config import ClientConfig, LocalSpec, RemoteSpec
+from .console import announce, format_hostport
+from .dial import DialError, dial
+from .errors import HandshakeError, RequestError, SessionClosedError, StreamOpenError
+from .lifecycle import Shutdown
+from .mux import MuxStream, Role, Session, open_session
+from .relay import splice
+from .server import FORWARD_ROUTE, session_config
+
+__all__ = ["Backoff", "run_client"]
+
+logger: Final = logging.getLogger(__name__)
+
+FATAL_CODES: Final = frozenset({ErrorCode.AUTH, ErrorCode.VERSION})
+
+
+@attrs.define
+class Backoff:
+    """Capped exponential backoff with jitter: ``initial * 2**n`` up to ``maximum``, each delay scaled by a random
+    factor in ``[1 - jitter, 1 + jitter]`` so that many clients do not reconnect in lockstep."""
+
+    initial: float
+    maximum: float
+    jitter: float
+    rng: random.Random = attrs.field(factory=random.Random)
+    attempt: int = 0
+
+    def next_delay(self) -> float:
+        base = min(self.maximum, self.initial * (2 ** min(self.attempt, 32)))
+        self.attempt += 1
+        return float(base * self.rng.uniform(1 - self.jitter, 1 + self.jitter))
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@attrs.define(eq=False)
+class _Client:
+    config: ClientConfig
+    shutdown: Shutdown
+    rng: random.Random
+    session: Session | None = None
+    session_changed: trio.Event = attrs.field(factory=trio.Event)
+    services: dict[str, RemoteSpec] = attrs.field(init=False)
+    server: str = attrs.field(init=False)
+    active: int = 0
+    idle: trio.Event = attrs.field(factory=trio.Event)
+    status: trio.TaskStatus[None] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.services = {spec.name: spec for spec in self.config.remotes}
+        self.server = format_hostport(self.config.server.host, self.config.server.port)
+
+    def _set_session(self, session: Session | None) -> None:
+        self.session = session
+        self.session_changed.set()
+        self.session_changed = trio.Event()
+
+    def _begin(self) -> None:
+        self.active += 1
+
+    def _end(self) -> None:
+        self.active -= 1
+        if not self.active:
+            self.idle.set()
+
+    # ------------------------------------------------------------------------------------------ the link
+
+    async def link_loop(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a link up until shutdown; ``task_status.started()`` once the first link serves (or at shutdown)."""
+        cfg = self.config
+        backoff = Backoff(cfg.timeouts.reconnect_initial, cfg.timeouts.reconnect_max, cfg.timeouts.reconnect_jitter,
+                          self.rng)
+        self.status = task_status
+        while not self.shutdown.requested.is_set():
+            await self._one_link(backoff)
+            if self.shutdown.requested.is_set():
+                break
+            delay = backoff.next_delay()
+            logger.info("reconnecting to %s in %.1f s", self.server, delay)
+            with trio.move_on_after(delay):
+                await self.shutdown.requested.wait()
+        self._started()
+
+    def _started(self) -> None:
+        if self.status is not None:
+            self.status.started()
+            self.status = None
+
+    async def _one_link(self, backoff: Backoff) -> str:
+        cfg = self.config
+        try:
+            transport = await dial(cfg.server.host, cfg.server.port, timeout=cfg.timeouts.connect)
+        except DialError as exc:
+            logger.warning("cannot reach the server: %s", exc.reason)
+            return exc.reason
+        try:
+            async with open_session(transport, role=Role.CLIENT, config=session_config(cfg.timeouts),
+                                    name=cfg.name, token=cfg.token) as session:
+                announce(f"connected {self.server}")
+                logger.info("connected to %s as %r (session %s)", self.server, cfg.name, session.session_id)
+                backoff.reset()
+                reason = await self._serve_link(session)
+        except HandshakeError as exc:
+            if exc.code in FATAL_CODES:
+                raise
+            logger.warning("the server refused the session: %s", exc)
+            return str(exc)
+        announce(f"disconnected {reason}")
+        logger.info("disconnected from %s: %s", self.server, reason)
+        return reason
+
+    async def _serve_link(self, session: Session) -> str:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._accept_loop, session, nursery)
+            await self._register(session)
+            self._set_session(session)
+            self._started()
+            with trio.CancelScope() as watch:
+
+                async def on_shutdown() -> None:
+                    await self.shutdown.requested.wait()
+                    watch.cancel(reason="shutdown")
+
+                nursery.start_soon(on_shutdown)
+                await session.wait_closed()
+            self._set_session(None)
+            if self.shutdown.requested.is_set():
+                await self._drain(session)
+                reason = "shutting down"
+            else:
+                reason = session.close_reason or "link closed"
+            nursery.cancel_scope.cancel(reason=f"link ended: {reason}")
+        return reason
+
+    async def _drain(self, session: Session) -> None:
+        session.go_away(ErrorCode.SHUTTING_DOWN, "the client is shutting down")
+        with trio.move_on_after(self.shutdown.drain_timeout):
+            while self.active:
+                event = self.idle = trio.Event()
+                await event.wait()
+
+    async def _register(self, session: Session) -> None:
+        for spec in self.services.values():
+            try:
+                reply = await session.request("expose", {"name": spec.name, "bind": spec.bind_host,
+                                                         "port": spec.bind_port})
+            except RequestError as exc:
+                logger.error("the server refused to expose %s: %s", spec.name, exc)
+                continue
+            except SessionClosedError:
+                return
+            address = format_hostport(str(reply["host"]), int(reply["port"]))
+            announce(f"exposed {spec.name} {address}")
+            logger.info("exposed %s (local %s) on the server at %s", spec.name,
+                        format_hostport(spec.target_host, spec.target_port), address)
+
+    # ---------------------------------------------------------------------------------------- reverse (-R)
+
+    async def _accept_loop(self, session: Session, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await session.accept_stream()
+            except SessionClosedError:
+                return
+            self._begin()
+            nursery.start_soon(self._serve_stream, stream)
+
+    async def _serve_stream(self, stream: MuxStream) -> None:
+        try:
+            spec = self.services.get(stream.route)
+            peer = stream.meta.get("peer", "?")
+            if spec is None:
+                stream.reject(ErrorCode.UNKNOWN_ROUTE, f"this client exposes no service {stream.route!r}")
+                return
+            try:
+                local = await dial(spec.target_host, spec.target_port, timeout=self.config.timeouts.connect)
+            except DialError as exc:
+                logger.warning("%s: cannot serve %s: local service: %s", spec.name, peer, exc.reason)
+                stream.reject(exc.code, f"{spec.name}: local service: {exc.reason}")
+                return
+            stream.accept()
+            started = trio.current_time()
+            result = await splice(stream, local)
+            logger.info("%s: %s closed after %.3f s: in %d bytes (%s), out %d bytes (%s)", spec.name, peer,
+                        trio.current_time() - started, result.bytes_a_to_b, result.a_to_b, result.bytes_b_to_a,
+                        result.b_to_a)
+        finally:
+            self._end()
+
+    # ---------------------------------------------------------------------------------------- forward (-L)
+
+    async def serve_forward(self, spec: LocalSpec, listeners: list[trio.SocketListener],
+                            handlers: trio.Nursery) -> None:
+        try:
+            await trio.serve_listeners(partial(self._forward, spec), listeners, handler_nursery=handlers)
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+
+    async def _forward(self, spec: LocalSpec, local: trio.SocketStream) -> None:
+        self._begin()
+        try:
+            peer = _peer(local)
+            session = self.session
+            if session is None:
+                with trio.move_on_after(self.config.timeouts.connect):
+                    while self.session is None:
+                        await self.session_changed.wait()
+                session = self.session
+            if session is None:
+                logger.warning("%s: closing %s: no link to the server", spec.name, peer)
+                await local.aclose()
+                return
+            meta: dict[str, str | int | bool | None] = {
+                "host": spec.target_host, "port": spec.target_port, "peer": peer, "name": spec.name}
+            try:
+                stream = await session.open_stream(FORWARD_ROUTE, meta)
+            except (StreamOpenError, SessionClosedError) as exc:
+                logger.warning("%s: closing %s: the server could not forward it: %s", spec.name, peer, exc)
+                await local.aclose()
+                return
+            started = trio.current_time()
+            result = await splice(local, stream)
+            logger.info("%s: %s closed after %.3f s: out %d bytes (%s), back %d bytes (%s)", spec.name, peer,
+                        trio.current_time() - started, result.bytes_a_to_b, result.a_to_b, result.bytes_b_to_a,
+                        result.b_to_a)
+        finally:
+            self._end()
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    return format_hostport(str(host), int(port))
+
+
+async def run_client(config: ClientConfig, shutdown: Shutdown, *, rng: random.Random | None = None,
+                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the client until ``shutdown`` is requested (then drain for at most ``shutdown.drain_timeout``).
+
+    ``task_status.started()`` fires once the first link is up and its services are registered.
+
+    Raises:
+        HandshakeError: the server refused the token or speaks an incompatible version (retrying cannot help).
+        OSError: a ``-L`` listener cannot be bound.
+    """
+    client = _Client(config, shutdown, rng or random.Random())
+    async with trio.open_nursery() as handlers:  # -L connections: they outlive the accept loops, for the drain
+        async with trio.open_nursery() as nursery:
+            accepting = trio.CancelScope()
+            for spec in config.locals:
+                listeners = await trio.open_tcp_listeners(spec.bind_port, host=spec.bind_host)
+                host, port = listeners[0].socket.getsockname()[:2]
+                announce(f"forwarding {spec.name} {format_hostport(str(host), int(port))}")
+                logger.info("forwarding %s to %s through the server", format_hostport(str(host), int(port)),
+                            format_hostport(spec.target_host, spec.target_port))
+                nursery.start_soon(_scoped, accepting, client.serve_forward, spec, listeners, handlers)
+
+            async def stop_accepting() -> None:
+                await shutdown.requested.wait()
+                accepting.cancel(reason="shutting down")
+
+            nursery.start_soon(stop_accepting)
+            await nursery.start(client.link_loop)
+            task_status.started()
+        handlers.cancel_scope.cancel(reason="client shut down")
+    logger.info("client stopped")
+
+
+async def _scoped(scope: trio.CancelScope, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+    with scope:
+        await fn(*args)

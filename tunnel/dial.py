@@ -1,0 +1,37 @@
+"""Dialing a TCP target with a deadline, and turning a failure into a protocol code and a readable reason."""
+
+from __future__ import annotations
+
+import trio
+
+from proto import ErrorCode
+
+from .console import format_hostport
+from .relay import describe_connect_error
+
+__all__ = ["DialError", "dial"]
+
+
+class DialError(Exception):
+    """Connecting to a target failed; ``code`` goes into OPEN_ERR, ``reason`` into logs and the peer's message."""
+
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+async def dial(host: str, port: int, *, timeout: float) -> trio.SocketStream:
+    """Open a TCP connection to ``host:port`` within ``timeout`` seconds.
+
+    Raises:
+        DialError: refused, unreachable, name not found, or timed out; the reason names the target.
+    """
+    target = format_hostport(host, port)
+    with trio.move_on_after(timeout):
+        try:
+            return await trio.open_tcp_stream(host, port)
+        except OSError as exc:
+            code, reason = describe_connect_error(exc)
+            raise DialError(code, f"cannot connect to {target}: {reason}") from exc
+    raise DialError(ErrorCode.CONNECT_TIMEOUT, f"cannot connect to {target}: no answer within {timeout:g} s")

@@ -1,0 +1,344 @@
+"""``trio-tunnel server``: accept client links, bind public ports for them, carry each external connection as a
+stream to the client (``-R``), and dial allowed targets for the client's forwards (``-L``).
+
+Structure (every task has an owner):
+
+    run_server                      nursery: link listener, shutdown watcher
+      _Server.handle_link(tcp)      one per client link: handshake, then
+        open_session                  the session's reader/writer/timer tasks
+        nursery:                      control requests, forward streams, one listener task per exposed service
+          _serve_service            serve_listeners -> _handle_external (one per external connection): splice
+
+A client that reconnects with the same name takes over its predecessor at once: the old link's scope is cancelled,
+and its listeners are released before the new link binds them again (no "port already in use").
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Mapping
+from functools import partial
+from typing import Any, Final
+
+import attrs
+import trio
+
+from proto import ErrorCode
+
+from .config import HostPort, ServerConfig, Timeouts
+from .console import announce, format_hostport
+from .dial import DialError, dial
+from .errors import HandshakeError, SessionClosedError, StreamOpenError
+from .lifecycle import Shutdown
+from .mux import MuxStream, Request, Role, Session, SessionConfig, open_session
+from .relay import splice
+
+__all__ = ["FORWARD_ROUTE", "run_server", "session_config"]
+
+logger: Final = logging.getLogger(__name__)
+
+FORWARD_ROUTE: Final = "forward"
+"""Route of client-opened streams: "dial ``meta["host"]:meta["port"]`` for me" (``-L``)."""
+
+
+def session_config(timeouts: Timeouts, **limits: Any) -> SessionConfig:
+    """The mux settings for a link, from the user's timeouts."""
+    import proto
+
+    return SessionConfig(
+        limits=proto.Limits(open_timeout=timeouts.open, **limits),
+        handshake_timeout=timeouts.handshake,
+        keepalive_idle=timeouts.keepalive_idle,
+        keepalive_timeout=timeouts.keepalive_dead,
+    )
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    return format_hostport(str(host), int(port))
+
+
+@attrs.define(eq=False)
+class _Link:
+    """One authenticated client link, as the registry sees it."""
+
+    name: str
+    peer: str
+    session: Session
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    done: trio.Event = attrs.field(factory=trio.Event)
+    services: dict[str, str] = attrs.field(factory=dict)
+    """Service name -> public address bound for it."""
+    active: int = 0
+    """External connections and forwards in flight (graceful shutdown waits for them)."""
+    idle: trio.Event = attrs.field(factory=trio.Event)
+
+    def begin(self) -> None:
+        self.active += 1
+
+    def end(self) -> None:
+        self.active -= 1
+        if not self.active:
+            self.idle.set()
+
+    async def drain(self) -> None:
+        """GOAWAY, wait for the work in flight, then end the link."""
+        self.session.go_away(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+        while self.active:
+            event = self.idle = trio.Event()
+            await event.wait()
+        self.scope.cancel(reason="drained")
+        await self.done.wait()
+
+
+@attrs.define(eq=False)
+class _Server:
+    config: ServerConfig
+    shutdown: Shutdown
+    links: dict[str, _Link] = attrs.field(factory=dict)
+
+    # ---------------------------------------------------------------------------------------------- links
+
+    async def handle_link(self, transport: trio.SocketStream) -> None:
+        peer = _peer(transport)
+        cfg = self.config
+        try:
+            async with open_session(transport, role=Role.SERVER, config=session_config(
+                    cfg.timeouts, max_streams=cfg.max_streams_per_client), tokens=cfg.tokens) as session:
+                await self._run_link(session, peer)
+        except HandshakeError as exc:
+            if exc.silent:
+                logger.debug("dropped a connection from %s that does not speak trio-tunnel", peer)
+            else:
+                logger.warning("refused a client from %s: %s", peer, exc)
+
+    async def _run_link(self, session: Session, peer: str) -> None:
+        name = session.peer_name
+        if self.shutdown.requested.is_set():
+            session.go_away(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+            return
+        old = self.links.get(name)
+        if old is None and len(self.links) >= self.config.max_clients:
+            logger.warning("refused client %r from %s: %d clients already connected (max_clients)",
+                           name, peer, len(self.links))
+            session.go_away(ErrorCode.ENHANCE_YOUR_CALM, "the server has too many clients")
+            return
+        link = _Link(name, peer, session)
+        self.links[name] = link
+        try:
+            if old is not None:
+                logger.info("client %r reconnected from %s: replacing its previous link from %s", name, peer,
+                            old.peer)
+                old.scope.cancel(reason="replaced by a new link of the same client")
+                await old.done.wait()
+            logger.info("client %r connected from %s (session %s%s)", name, peer, session.session_id,
+                        "" if session.authenticated else ", NOT authenticated")
+            with link.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._control_loop, session, link, nursery)
+                    nursery.start_soon(self._forward_loop, session, link)
+                    await session.wait_closed()
+                    nursery.cancel_scope.cancel(reason="session closed")
+        finally:
+            if self.links.get(name) is link:
+                del self.links[name]
+            link.done.set()
+            logger.info("client %r from %s disconnected: %s", name, peer,
+                        session.close_reason or "replaced by a new link")
+
+    # --------------------------------------------------------------------------------------- control plane
+
+    async def _control_loop(self, session: Session, link: _Link, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                request = await session.receive_request()
+            except SessionClosedError:
+                return
+            if request.kind == "expose":
+                await self._expose(session, link, request, nursery)
+            else:
+                request.reply_error(ErrorCode.PROHIBITED, {"message": f"unknown request {request.kind!r}"})
+
+    async def _expose(self, session: Session, link: _Link, request: Request, nursery: trio.Nursery) -> None:
+        body = request.body if isinstance(request.body, Mapping) else {}
+        name, bind, port = body.get("name"), body.get("bind", "0.0.0.0"), body.get("port")
+        if not isinstance(name, str) or not isinstance(bind, str) or type(port) is not int or not 0 <= port < 65536:
+            request.reply_error(ErrorCode.PROTOCOL, {"message": "expose needs name, bind and port"})
+            return
+        if name in link.services:
+            request.reply_error(ErrorCode.PROHIBITED, {"message": f"service {name!r} is already exposed"})
+            return
+        if port not in self.config.allow_ports:
+            request.reply_error(ErrorCode.PROHIBITED, {
+                "message": f"port {port} is not allowed by the server (--allow-ports {self.config.allow_ports})"})
+            return
+        try:
+            listeners = await self._bind(bind, port)
+        except OSError as exc:
+            request.reply_error(ErrorCode.CONNECT_FAILED, {"message": _bind_error(bind, port, exc)})
+            return
+        host, bound = listeners[0].socket.getsockname()[:2]
+        address = format_hostport(str(host), int(bound))
+        link.services[name] = address
+        logger.info("client %r: exposing %s on %s", link.name, name, address)
+        nursery.start_soon(self._serve_service, session, link, name, listeners)
+        request.reply({"host": str(host), "port": int(bound)})
+
+    async def _bind(self, host: str, port: int) -> list[trio.SocketListener]:
+        ports = self.config.allow_ports
+        if port or ports.allows_any_unprivileged:
+            return await trio.open_tcp_listeners(port, host=host)
+        last: OSError | None = None
+        for candidate in ports:  # port 0 inside a restricted set: the first free port of the set
+            if candidate == 0:
+                continue
+            try:
+                return await trio.open_tcp_listeners(candidate, host=host)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                last = exc
+        raise last or OSError(errno.EADDRINUSE, "no free port in the allowed set")
+
+    # ---------------------------------------------------------------------------------------- reverse (-R)
+
+    async def _serve_service(self, session: Session, link: _Link, name: str,
+                             listeners: list[trio.SocketListener]) -> None:
+        limiter = trio.CapacityLimiter(self.config.max_connections_per_service)
+
+        async def handler(external: trio.SocketStream) -> None:
+            await self._handle_external(session, link, name, external, limiter)
+
+        try:
+            await trio.serve_listeners(handler, listeners)
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+            link.services.pop(name, None)
+
+    async def _handle_external(self, session: Session, link: _Link, name: str, external: trio.SocketStream,
+                               limiter: trio.CapacityLimiter) -> None:
+        peer = _peer(external)
+        try:
+            limiter.acquire_nowait()
+        except trio.WouldBlock:
+            logger.warning("%s/%s: refused %s: %d connections already open (max_connections_per_service)",
+                           link.name, name, peer, limiter.total_tokens)
+            await external.aclose()
+            return
+        link.begin()
+        try:
+            try:
+                stream = await session.open_stream(name, {"peer": peer})
+            except (StreamOpenError, SessionClosedError) as exc:
+                logger.warning("%s/%s: closing %s: the client could not serve it: %s", link.name, name, peer, exc)
+                await external.aclose()
+                return
+            started = trio.current_time()
+            result = await splice(external, stream)
+            logger.info("%s/%s: %s closed after %.3f s: in %d bytes (%s), out %d bytes (%s)", link.name, name,
+                        peer, trio.current_time() - started, result.bytes_a_to_b, result.a_to_b,
+                        result.bytes_b_to_a, result.b_to_a)
+        finally:
+            limiter.release()
+            link.end()
+
+    # ---------------------------------------------------------------------------------------- forward (-L)
+
+    async def _forward_loop(self, session: Session, link: _Link) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    stream = await session.accept_stream()
+                except SessionClosedError:
+                    return
+                link.begin()
+                nursery.start_soon(self._handle_forward, link, stream)
+
+    async def _handle_forward(self, link: _Link, stream: MuxStream) -> None:
+        try:
+            await self._forward(link, stream)
+        finally:
+            link.end()
+
+    async def _forward(self, link: _Link, stream: MuxStream) -> None:
+        meta = stream.meta
+        host, port, peer = meta.get("host"), meta.get("port"), meta.get("peer", "?")
+        if stream.route != FORWARD_ROUTE or not isinstance(host, str) or type(port) is not int:
+            stream.reject(ErrorCode.UNKNOWN_ROUTE, f"unknown route {stream.route!r}")
+            return
+        target = format_hostport(host, port)
+        if not self.config.allow_targets.allows(host, port):
+            logger.warning("%s: refused forward to %s for %s: not in --allow-target", link.name, target, peer)
+            stream.reject(ErrorCode.PROHIBITED,
+                          f"target {target} is not allowed by the server (ask its operator to add --allow-target)")
+            return
+        try:
+            upstream = await dial(host, port, timeout=self.config.timeouts.connect)
+        except DialError as exc:
+            logger.warning("%s: forward for %s failed: %s", link.name, peer, exc.reason)
+            stream.reject(exc.code, exc.reason)
+            return
+        stream.accept()
+        started = trio.current_time()
+        result = await splice(stream, upstream)
+        logger.info("%s: forward %s -> %s closed after %.3f s: out %d bytes, back %d bytes", link.name, peer,
+                    target, trio.current_time() - started, result.bytes_a_to_b, result.bytes_b_to_a)
+
+    # -------------------------------------------------------------------------------------------- shutdown
+
+    async def drain(self) -> None:
+        """Graceful shutdown: every link drains in parallel (bounded by the caller's deadline)."""
+        async with trio.open_nursery() as nursery:
+            for link in list(self.links.values()):
+                nursery.start_soon(link.drain)
+
+
+def _bind_error(host: str, port: int, exc: OSError) -> str:
+    where = format_hostport(host, port)
+    if exc.errno == errno.EADDRINUSE:
+        return f"cannot listen on {where}: address already in use on the server"
+    if exc.errno == errno.EACCES:
+        return f"cannot listen on {where}: permission denied (ports below 1024 need privileges)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: the server has no such address"
+    return f"cannot listen on {where}: {exc.strerror or exc}"
+
+
+async def run_server(config: ServerConfig, shutdown: Shutdown, *,
+                     task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve client links until ``shutdown`` is requested, then drain for at most ``shutdown.drain_timeout``.
+
+    Prints ``listening HOST:PORT`` once per listening address; ``task_status.started`` gets the first one.
+
+    Raises:
+        OSError: the link port cannot be bound (address in use, permission denied, no such address).
+    """
+    listeners = await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
+    server = _Server(config, shutdown)
+    addresses = []
+    for listener in listeners:
+        host, port = listener.socket.getsockname()[:2]
+        addresses.append(HostPort(host=str(host), port=int(port)))
+        announce(f"listening {format_hostport(str(host), int(port))}")
+    if not config.tokens:
+        logger.warning("running WITHOUT authentication (--insecure-no-auth): anyone who reaches %s can bind "
+                       "public ports through this server", addresses[0])
+    logger.info("server listening on %s", ", ".join(map(str, addresses)))
+    async with trio.open_nursery() as handlers:  # the links live here, so they outlive the accept loop
+        async with trio.open_nursery() as acceptor:
+            acceptor.start_soon(partial(trio.serve_listeners, server.handle_link, listeners, handler_nursery=handlers))
+            task_status.started(addresses[0])
+            await shutdown.requested.wait()
+            acceptor.cancel_scope.cancel(reason="shutting down: no new links")
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
+        logger.info("shutting down: draining %d client(s) for up to %g s", len(server.links), shutdown.drain_timeout)
+        with trio.move_on_after(shutdown.drain_timeout):
+            await server.drain()
+        handlers.cancel_scope.cancel(reason="server shut down")
+    logger.info("server stopped")
