@@ -195,6 +195,9 @@ class Connection:
         self.peer_name = ""
         self.peer_limits: dict[str, int] = {}
         self.terminated: ConnectionTerminated | None = None
+        # A ConnectionTerminated raised where no event list is at hand (a command overflowed the control queue):
+        # reported by the next receive_data or expire.
+        self._deferred: list[Event] = []
         lim = self.limits
         self._decoder = F.FrameDecoder(lim.max_header, max(lim.max_frame_payload, lim.max_ctrl_body))
         self._now = 0.0
@@ -342,7 +345,7 @@ class Connection:
         the connection with a queued GOAWAY/REFUSE and a final :class:`ConnectionTerminated` event.
         """
         self._set_now(now)
-        events: list[Event] = []
+        events: list[Event] = self._take_deferred()
         if self.state is ConnectionState.CLOSED:
             return events
         self._bytes_received += len(data)
@@ -362,7 +365,12 @@ class Connection:
                 self._dispatch(frame, events)
         except ProtocolError as exc:
             self._fail(exc, events)
+        events += self._take_deferred()
         return events
+
+    def _take_deferred(self) -> list[Event]:
+        out, self._deferred = self._deferred, []
+        return out
 
     def _receive_preamble(self, events: list[Event]) -> bool:
         raw = self._decoder.take(F.PREAMBLE_SIZE)
@@ -904,8 +912,8 @@ class Connection:
 
     def _maybe_release(self, stream: _Stream) -> None:
         if (stream.state is not SS.CLOSED or not stream.app_closed or stream.send_buffered
-                or stream.in_ready):
-            return
+                or stream.in_ready or self._streams.get(stream.sid) is not stream):
+            return  # (not in the table any more: the connection ended while a command was running)
         del self._streams[stream.sid]
         self._deadlines.pop(stream.sid, None)
         self._window_dirty.pop(stream.sid, None)
@@ -940,8 +948,10 @@ class Connection:
         OPEN_ERR(CONNECT_TIMEOUT) and a local :class:`StreamReset`.
         """
         self._set_now(now)
-        events: list[Event] = []
+        events: list[Event] = self._take_deferred()
         for sid, deadline in list(self._deadlines.items()):
+            if self.closed:
+                break
             if deadline > now:
                 continue
             del self._deadlines[sid]
@@ -957,6 +967,7 @@ class Connection:
                 self._queue_control(F.OpenErr(sid, ErrorCode.CONNECT_TIMEOUT, reason))
                 events.append(StreamReset(sid, ErrorCode.CONNECT_TIMEOUT, reason, local=True))
             self._maybe_release(stream)
+        events += self._take_deferred()
         return events
 
     def ping(self, *, now: float | None = None) -> int:
@@ -1024,7 +1035,7 @@ class Connection:
     def _queue_control(self, frame: F.Frame) -> None:
         if len(self._control) >= self.limits.max_queued_control:
             self._fail(RemoteProtocolError(
-                "the peer is not reading: too many control frames queued", ErrorCode.ENHANCE_YOUR_CALM), [])
+                "the peer is not reading: too many control frames queued", ErrorCode.ENHANCE_YOUR_CALM), self._deferred)
             return
         self._control.append(frame)
 
