@@ -25,7 +25,7 @@ import trio
 
 from proto import ErrorCode
 
-from .config import ClientConfig, LocalSpec, RemoteSpec
+from .config import ClientConfig, HostPort, LocalSpec, RemoteSpec
 from .console import announce, format_hostport
 from .dial import DialError, dial
 from .errors import HandshakeError, RequestError, SessionClosedError, StreamOpenError
@@ -72,7 +72,9 @@ class _Client:
     server: str = attrs.field(init=False)
     active: int = 0
     idle: trio.Event = attrs.field(factory=trio.Event)
-    status: trio.TaskStatus[None] | None = None
+    status: trio.TaskStatus[dict[str, HostPort]] | None = None
+    exposed: dict[str, HostPort] = attrs.field(factory=dict)
+    """Service name -> the public address the server bound for it on the current link."""
 
     def __attrs_post_init__(self) -> None:
         self.services = {spec.name: spec for spec in self.config.remotes}
@@ -93,7 +95,8 @@ class _Client:
 
     # ------------------------------------------------------------------------------------------ the link
 
-    async def link_loop(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def link_loop(self, *, task_status: trio.TaskStatus[dict[str, HostPort]] = trio.TASK_STATUS_IGNORED
+                        ) -> None:
         """Keep a link up until shutdown; ``task_status.started()`` once the first link serves (or at shutdown)."""
         cfg = self.config
         backoff = Backoff(cfg.timeouts.reconnect_initial, cfg.timeouts.reconnect_max, cfg.timeouts.reconnect_jitter,
@@ -111,7 +114,7 @@ class _Client:
 
     def _started(self) -> None:
         if self.status is not None:
-            self.status.started()
+            self.status.started(dict(self.exposed))
             self.status = None
 
     async def _one_link(self, backoff: Backoff) -> str:
@@ -168,6 +171,7 @@ class _Client:
                 await event.wait()
 
     async def _register(self, session: Session) -> None:
+        self.exposed.clear()
         for spec in self.services.values():
             try:
                 reply = await session.request("expose", {"name": spec.name, "bind": spec.bind_host,
@@ -177,7 +181,9 @@ class _Client:
                 continue
             except SessionClosedError:
                 return
-            address = format_hostport(str(reply["host"]), int(reply["port"]))
+            bound = HostPort(host=str(reply["host"]), port=int(reply["port"]))
+            self.exposed[spec.name] = bound
+            address = format_hostport(bound.host, bound.port)
             announce(f"exposed {spec.name} {address}")
             logger.info("exposed %s (local %s) on the server at %s", spec.name,
                         format_hostport(spec.target_host, spec.target_port), address)
@@ -265,10 +271,11 @@ def _peer(stream: trio.SocketStream) -> str:
 
 
 async def run_client(config: ClientConfig, shutdown: Shutdown, *, rng: random.Random | None = None,
-                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                     task_status: trio.TaskStatus[dict[str, HostPort]] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the client until ``shutdown`` is requested (then drain for at most ``shutdown.drain_timeout``).
 
-    ``task_status.started()`` fires once the first link is up and its services are registered.
+    ``task_status.started(exposed)`` fires once the first link is up and its services are registered, with the
+    public address the server bound for each service that it accepted (empty if shut down before connecting).
 
     Raises:
         HandshakeError: the server refused the token or speaks an incompatible version (retrying cannot help).
@@ -291,8 +298,8 @@ async def run_client(config: ClientConfig, shutdown: Shutdown, *, rng: random.Ra
                 accepting.cancel(reason="shutting down")
 
             nursery.start_soon(stop_accepting)
-            await nursery.start(client.link_loop)
-            task_status.started()
+            exposed = await nursery.start(client.link_loop)
+            task_status.started(exposed)
         handlers.cancel_scope.cancel(reason="client shut down")
     logger.info("client stopped")
 

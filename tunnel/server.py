@@ -73,6 +73,7 @@ class _Link:
     done: trio.Event = attrs.field(factory=trio.Event)
     services: dict[str, str] = attrs.field(factory=dict)
     """Service name -> public address bound for it."""
+    replaced: bool = False
     active: int = 0
     """External connections and forwards in flight (graceful shutdown waits for them)."""
     idle: trio.Event = attrs.field(factory=trio.Event)
@@ -133,6 +134,7 @@ class _Server:
             if old is not None:
                 logger.info("client %r reconnected from %s: replacing its previous link from %s", name, peer,
                             old.peer)
+                old.replaced = True
                 old.scope.cancel(reason="replaced by a new link of the same client")
                 await old.done.wait()
             logger.info("client %r connected from %s (session %s%s)", name, peer, session.session_id,
@@ -147,8 +149,8 @@ class _Server:
             if self.links.get(name) is link:
                 del self.links[name]
             link.done.set()
-            logger.info("client %r from %s disconnected: %s", name, peer,
-                        session.close_reason or "replaced by a new link")
+            reason = "replaced by a new link" if link.replaced else session.close_reason or "server shutting down"
+            logger.info("client %r from %s disconnected: %s", name, peer, reason)
 
     # --------------------------------------------------------------------------------------- control plane
 
