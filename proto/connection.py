@@ -44,7 +44,14 @@ from typing import Any, Final
 import attrs
 
 from . import frames as F
-from .errors import ErrorCode, FlowControlError, LocalProtocolError, ProtocolError, RemoteProtocolError
+from .errors import (
+    ErrorCode,
+    FlowControlError,
+    FrameSizeError,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
 from .events import (
     ConnectionTerminated,
     DataReceived,
@@ -594,6 +601,8 @@ class Connection:
         self._data_received += size
         if not size and not frame.fin:
             raise RemoteProtocolError(f"empty DATA frame without FIN on stream {sid}")
+        if size > self.limits.max_frame_payload:  # the decoder admits up to max_ctrl_body, which may be larger
+            raise FrameSizeError(f"DATA payload of {size} bytes (limit {self.limits.max_frame_payload})")
         stream = self._lookup(sid, "DATA")
         if stream is None or stream.state is SS.CLOSED:
             self._discarded += size
