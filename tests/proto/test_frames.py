@@ -10,7 +10,7 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from proto_helpers import packed, raw_frame
+from proto_helpers import MALFORMED, packed, raw_frame
 
 from proto import ErrorCode, FrameSizeError, RemoteProtocolError
 from proto import frames as F
@@ -241,57 +241,6 @@ def test_stream_frame_on_stream_zero_and_session_frame_on_a_stream_are_rejected(
 
 
 # ---------------------------------------------------------------------------------------------- malformed headers
-
-# (id, header bytes, payload, fragment of the reason). Every variant of section 6 item 16, plus field-level ones.
-MALFORMED: list[tuple[str, bytes, bytes, str]] = [
-    ("0xc1", b"\xc1", b"", "not valid msgpack"),
-    ("trailing-bytes", packed(6, 0, 1) + b"\x00", b"", "not valid msgpack"),
-    ("truncated", packed(6, 0, 1)[:-1] + b"\x92", b"", "not valid msgpack"),
-    ("huge-array-count", b"\xdd\xff\xff\xff\xff", b"", "not valid msgpack"),
-    ("huge-map-count", b"\xdf\xff\xff\xff\xff", b"", "not valid msgpack"),
-    ("huge-str-length", b"\x93\x06\x00\xdb\xff\xff\xff\xff", b"", "not valid msgpack"),
-    ("deep-nesting", b"\x93\x06\x00" + b"\x91" * 1000 + b"\x00", b"", "malformed"),
-    ("ext-type", b"\x93\x06\x00\xd6\x05\x00\x00\x00\x00", b"", "extension type 5"),
-    ("timestamp", b"\x93\x06\x00\xd6\xff\x00\x00\x00\x00", b"", "timestamp"),
-    ("true-for-int", b"\x93\x06\x00\xc3", b"", "boolean"),
-    ("true-for-type", b"\x93\xc3\x00\x00", b"", "bad frame type"),
-    ("true-for-sid", b"\x93\x01\xc3\x05", b"", "boolean"),
-    ("float-for-int", packed(1, 1, 5.0), b"", "float"),
-    ("str-for-int", packed(1, 1, "5"), b"", "str"),
-    ("sid-negative", packed(1, -1, 5), b"", "int -1"),
-    ("sid-2**62", packed(1, 1 << 62, 5), b"", "4611686018427387904"),
-    ("window-2**62", packed(1, 1, 1 << 62), b"", "4611686018427387904"),
-    ("code-2**16", packed(5, 1, 1 << 16, ""), b"", "65536"),
-    ("too-few-fields", packed(1, 1), b"", "wrong number of fields (0)"),
-    ("too-many-fields", packed(6, 0, 1, 2), b"", "wrong number of fields (2)"),
-    ("not-an-array", b"\x06", b"", "expected an array"),
-    ("map-header", msgpack.packb({"type": 6}), b"", "expected an array"),
-    ("one-element", packed(6), b"", "expected an array"),
-    ("type-256", packed(256, 0), b"", "bad frame type"),
-    ("type-negative", packed(-1, 0), b"", "bad frame type"),
-    ("unknown-type-31", packed(31, 0), b"", "unknown frame type 31"),
-    ("unknown-type-12", packed(12, 0), b"", "unknown frame type 12"),
-    ("invalid-utf8", b"\x94\x05\x01\x00\xa2\xff\xfe", b"", "not valid msgpack"),
-    ("bin-for-str", packed(5, 1, 0, b"reason"), b"", "expected a string"),
-    ("str-for-bin", packed(18, 0, "mac"), b"", "expected binary"),
-    ("long-reason", packed(5, 1, 0, "x" * 257), b"", "longer than 256"),
-    ("long-route", packed(2, 1, "r" * 256, {}), b"", "longer than 255"),
-    ("long-nonce", packed(16, 0, "n", b"\x00" * 33, {}), b"", "longer than 32"),
-    ("meta-not-map", packed(2, 1, "r", []), b"", "expected a map"),
-    ("meta-too-many", packed(2, 1, "r", {str(i): i for i in range(17)}), b"", "more than 16"),
-    ("meta-bad-value", packed(2, 1, "r", {"ip": [1]}), b"", "must be a string, integer"),
-    ("meta-long-value", packed(2, 1, "r", {"ip": "x" * 257}), b"", "longer than 256"),
-    ("meta-int-key", b"\x94\x02\x01\xa1r\x81\x01\x01", b"", "not valid msgpack"),
-    ("limits-negative", packed(16, 0, "n", b"", {"max_streams": -1}), b"", "int -1"),
-    ("data-flags", packed(0, 1, 2), b"x", "unknown DATA flags 0x2"),
-    ("data-flags-256", packed(0, 1, 256), b"x", "256"),
-    ("ctrl-body-invalid", packed(10, 0, 1, "k"), b"\xc1", "body is not valid msgpack"),
-    ("ctrl-body-trailing", packed(10, 0, 1, "k"), b"\x01\x02", "body is not valid msgpack"),
-    ("ctrl-body-ext", packed(10, 0, 1, "k"), b"\xd6\x05\x00\x00\x00\x00", "extension type 5"),
-    ("ctrl-body-timestamp", packed(10, 0, 1, "k"), b"\xd6\xff\x00\x00\x00\x00", "unsupported value"),
-    ("ctrl-body-deep", packed(10, 0, 1, "k"), b"\x91" * 20 + b"\x00", "nested too deeply"),
-    ("ctrl-body-long-key", packed(10, 0, 1, "k"), msgpack.packb({"k" * 1025: 1}), "longer than 1024"),
-]
 
 
 @pytest.mark.parametrize(("header", "payload", "fragment"), [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
