@@ -21,7 +21,8 @@ class DialError(Exception):
         self.reason = reason
 
 
-async def dial(host: str, port: int, *, timeout: float) -> trio.SocketStream:
+# The timeout is a parameter (not the caller's cancel scope) because a timeout is one of the reasons reported.
+async def dial(host: str, port: int, *, timeout: float) -> trio.SocketStream:  # noqa: ASYNC109
     """Open a TCP connection to ``host:port`` within ``timeout`` seconds.
 
     Raises:
