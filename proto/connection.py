@@ -1007,10 +1007,11 @@ class Connection:
             if len(self._outstanding_requests) >= self.limits.max_pending_requests:
                 raise LocalProtocolError(f"more than {self.limits.max_pending_requests} requests outstanding")
             req = self._next_request_id
+        frame = F.Ctrl(req, kind, body)
+        self._check_body(frame)  # before the id is taken: a refused body must not use up a request slot
+        if req:
             self._next_request_id += 1
             self._outstanding_requests.add(req)
-        frame = F.Ctrl(req, kind, body)
-        self._check_body(frame)
         self._queue_control(frame)
         return req
 
@@ -1028,6 +1029,10 @@ class Connection:
         size = len(F.encode(frame))
         if size > min(self.limits.max_ctrl_body, self._peer_max_payload) + self.limits.max_header:
             raise LocalProtocolError(f"CTRL body of {size} bytes is too large")
+        try:
+            F.check(frame)  # e.g. a map with integer keys: the peer's decoder would end the connection
+        except RemoteProtocolError as exc:
+            raise LocalProtocolError(f"cannot send CTRL: {exc.reason}") from None
 
     def close(self, code: ErrorCode | int = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """End the connection now: queue GOAWAY (REFUSE during the handshake, on the server) and stop."""
