@@ -242,6 +242,7 @@ class Connection:
         self._budget_used = 0
         self._goaway_sent = False
         self._goaway_received = False
+        self._peer_goaway: tuple[int, str] = (ErrorCode.NO_ERROR, "")  # code and reason of its latest GOAWAY
         self._last_peer_sid_allowed = F.SID_LIMIT  # after our GOAWAY, peer OPENs above this are refused
         # keepalive / rtt
         self._ping_counter = 0
@@ -357,8 +358,9 @@ class Connection:
             return events
         self._bytes_received += len(data)
         if not data:
-            self._terminate_by_peer(events, ErrorCode.NO_ERROR if self._goaway_received else ErrorCode.INTERNAL,
-                                    "the peer closed the connection")
+            # After a GOAWAY the peer's end is expected, and its code and reason say why.
+            code, reason = self._peer_goaway if self._goaway_received else (ErrorCode.INTERNAL, "")
+            self._terminate_by_peer(events, code, reason or "the peer closed the connection")
             return events
         self._decoder.feed(data)
         try:
@@ -708,9 +710,9 @@ class Connection:
         events.append(PongReceived(opaque, rtt))
 
     def _on_goaway(self, last: int, code: int, reason: str, events: list[Event]) -> None:
-        if self._goaway_received:
-            return
+        # A later GOAWAY (e.g. an error after a graceful one) is reported too: its code and reason are the news.
         self._goaway_received = True
+        self._peer_goaway = (code, reason)
         events.append(GoAwayReceived(last, code, reason))
         for stream in list(self._streams.values()):
             if stream.local and stream.sid > last and stream.state in _OPENING:
