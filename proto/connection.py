@@ -723,6 +723,10 @@ class Connection:
                 events.append(StreamRejected(stream.sid, ErrorCode.REFUSED, "the peer is going away: " + reason))
                 self._maybe_release(stream)
 
+    def _goaway_last(self) -> int:
+        """The last stream id for a GOAWAY: never above one we already sent (it may only decrease)."""
+        return min(self._highest_peer_sid, self._last_peer_sid_allowed)
+
     def _count_empty(self, what: str) -> None:
         if not self._empty_bucket.take(self._now):
             raise RemoteProtocolError(f"too many {what} frames that change nothing", ErrorCode.ENHANCE_YOUR_CALM)
@@ -997,7 +1001,7 @@ class Connection:
             return
         self._goaway_sent = True
         self._last_peer_sid_allowed = self._highest_peer_sid
-        self._urgent.append(F.GoAway(self._highest_peer_sid, int(code), _clip(reason)))
+        self._urgent.append(F.GoAway(self._goaway_last(), int(code), _clip(reason)))
 
     def send_request(self, kind: str, body: Any = None, *, expect_reply: bool = True) -> int:
         """Queue a CTRL request; returns its id (0 for a notification, which gets no reply)."""
@@ -1041,7 +1045,7 @@ class Connection:
         if self.state is ConnectionState.CLOSED:
             return
         if self.state is ConnectionState.OPEN:
-            self._urgent.append(F.GoAway(self._highest_peer_sid, int(code), _clip(reason)))
+            self._urgent.append(F.GoAway(self._goaway_last(), int(code), _clip(reason)))
         elif self.role is Role.SERVER and self._hs is not _Hs.AWAIT_PREAMBLE:
             self._urgent.append(F.Refuse(int(code), _clip(reason)))
         self._close([], ConnectionTerminated(int(code), reason, by_peer=False))
@@ -1179,7 +1183,7 @@ class Connection:
         self._window_dirty.clear()
         self._max_streams_dirty = False
         if self.state is ConnectionState.OPEN:
-            self._urgent.append(F.GoAway(self._highest_peer_sid, exc.code, _clip(exc.reason)))
+            self._urgent.append(F.GoAway(self._goaway_last(), exc.code, _clip(exc.reason)))
         elif self.role is Role.SERVER:
             self._urgent.append(F.Refuse(exc.code, _clip(exc.reason)))
         # A client failing in the handshake just closes: a client has no frame to refuse with.
