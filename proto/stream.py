@@ -17,6 +17,10 @@ __all__ = ["StreamInput", "StreamState", "TRANSITIONS", "is_local_input"]
 
 
 class StreamState(enum.Enum):
+    # Members are singletons compared by identity: hash them by identity too (Enum's own __hash__ is a Python
+    # function, and the transition table is looked up for every frame).
+    __hash__ = object.__hash__
+
     OPENING = "opening"
     OPENING_LOCAL_CLOSED = "opening, sent FIN"
     PENDING = "pending"
@@ -28,6 +32,8 @@ class StreamState(enum.Enum):
 
 
 class StreamInput(enum.Enum):
+    __hash__ = object.__hash__
+
     SEND_DATA = "send DATA"
     SEND_FIN = "send FIN"
     SEND_OPEN_OK = "send OPEN_OK"
