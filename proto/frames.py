@@ -614,6 +614,36 @@ class FrameDecoder:
         self._pos += n
         return out
 
+    @staticmethod
+    def _fast_data(buf: bytearray, start: int, hlen: int, end: int) -> Data | None:
+        """The hot path: a DATA header ``[0, sid, flags]`` with a canonical msgpack uint sid and flags 0 or FIN,
+        decoded by hand. Anything else (including every malformed variant) returns None and takes the general
+        path, so the result is always what :func:`decode_frame` would give."""
+        if buf[start] != 0x93 or buf[start + 1] != 0x00:
+            return None
+        marker = buf[start + 2]
+        if marker < 0x80:
+            size, sid = 1, marker
+        elif marker == 0xCD:
+            size, sid = 3, (buf[start + 3] << 8) | buf[start + 4]
+        elif marker == 0xCE:
+            size, sid = 5, int.from_bytes(buf[start + 3 : start + 7], "big")
+        elif marker == 0xCC:
+            size, sid = 2, buf[start + 3]
+        else:
+            return None
+        if hlen != 3 + size or sid == 0:
+            return None
+        flags = buf[start + 2 + size]
+        if flags > FLAG_FIN:
+            return None
+        if end > start + hlen:
+            with memoryview(buf) as view:
+                payload = bytes(view[start + hlen : end])  # one copy
+        else:
+            payload = b""
+        return Data(sid, payload, flags == FLAG_FIN)
+
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None when more bytes are needed.
 
@@ -635,6 +665,10 @@ class FrameDecoder:
             end = pos + 6 + hlen + plen
             if len(buf) < end:
                 return None
+            data = self._fast_data(buf, pos + 6, hlen, end)
+            if data is not None:
+                self._pos = end
+                return data
             with memoryview(buf) as view:
                 header = view[pos + 6 : pos + 6 + hlen]
                 payload = bytes(view[pos + 6 + hlen : end]) if plen else b""
