@@ -619,22 +619,23 @@ class FrameDecoder:
         """The hot path: a DATA header ``[0, sid, flags]`` with a canonical msgpack uint sid and flags 0 or FIN,
         decoded by hand. Anything else (including every malformed variant) returns None and takes the general
         path, so the result is always what :func:`decode_frame` would give."""
-        if buf[start] != 0x93 or buf[start + 1] != 0x00:
+        # Check hlen before reading: a short header may be the last bytes in the buffer (IndexError otherwise).
+        if hlen < 4 or buf[start] != 0x93 or buf[start + 1] != 0x00:
             return None
         marker = buf[start + 2]
-        if marker < 0x80:
-            size, sid = 1, marker
-        elif marker == 0xCD:
-            size, sid = 3, (buf[start + 3] << 8) | buf[start + 4]
-        elif marker == 0xCE:
-            size, sid = 5, int.from_bytes(buf[start + 3 : start + 7], "big")
-        elif marker == 0xCC:
-            size, sid = 2, buf[start + 3]
+        if marker < 0x80 and hlen == 4:
+            sid = marker
+        elif marker == 0xCD and hlen == 6:
+            sid = (buf[start + 3] << 8) | buf[start + 4]
+        elif marker == 0xCE and hlen == 8:
+            sid = int.from_bytes(buf[start + 3 : start + 7], "big")
+        elif marker == 0xCC and hlen == 5:
+            sid = buf[start + 3]
         else:
             return None
-        if hlen != 3 + size or sid == 0:
+        if sid == 0:
             return None
-        flags = buf[start + 2 + size]
+        flags = buf[start + hlen - 1]
         if flags > FLAG_FIN:
             return None
         if end > start + hlen:
