@@ -259,6 +259,37 @@ def test_malformed_header_is_one_readable_remote_protocol_error(header: bytes, p
     assert error.__context__ is None or error.__suppress_context__, "no msgpack traceback chained to it"
 
 
+@settings(max_examples=300)
+@given(
+    header=st.one_of(
+        st.binary(max_size=10),
+        st.builds(lambda tail: b"\x93\x00" + tail, st.binary(max_size=8)),
+        st.builds(
+            lambda m, tail: b"\x93\x00" + bytes([m]) + tail,
+            st.sampled_from([0xCC, 0xCD, 0xCE, 0x05]),
+            st.binary(max_size=6),
+        ),
+    ),
+    payload=st.binary(max_size=4),
+)
+def test_decoder_agrees_with_decode_frame_on_any_short_header(header: bytes, payload: bytes) -> None:
+    """The decoder's hand-written DATA fast path must give exactly what decode_frame gives (or the same error),
+    even for a header that is the last thing in the buffer."""
+    if not header:
+        return
+    try:
+        expected: object = F.decode_frame(header, payload)
+    except RemoteProtocolError as exc:
+        expected = ("error", exc.reason)
+    d = F.FrameDecoder(max_header=1024, max_payload=65536)
+    d.feed(raw_frame(header, payload))
+    try:
+        got: object = d.next_frame()
+    except RemoteProtocolError as exc:
+        got = ("error", exc.reason)
+    assert got == expected
+
+
 @pytest.mark.parametrize("ftype", [32, 47, 63])
 def test_extension_types_are_skipped(ftype: int) -> None:
     d = decoder()
