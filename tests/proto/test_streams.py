@@ -731,3 +731,48 @@ def test_open_with_invalid_route_or_meta_is_a_local_error() -> None:
         pair.client.open_stream("web", {"nested": {"not": "allowed"}})
     assert pair.client.streams_available == initial_streams_available(pair.client)
     assert not pair.client.wants_write
+
+
+# ---------------------------------------------------------------------------------------------- blocked writers
+
+
+def _blocked_writer(pair: ConnectionPair) -> int:
+    sid = pair.open_stream()
+    assert pair.client.send_data(sid, b"x" * (300 * 1024)) == 256 * 1024  # the whole window, then blocked
+    pair.client.data_to_send()  # on the wire, never delivered: the server does not read
+    assert pair.client.pop_writable() == set()
+    return sid
+
+
+def test_peer_reset_wakes_a_blocked_writer() -> None:
+    pair = ConnectionPair()
+    sid = _blocked_writer(pair)
+    assert kinds(inject(pair.client, F.Reset(sid, ErrorCode.CANCEL, ""))) == ["StreamReset"]
+    assert pair.client.pop_writable() == {sid}, "the writer must wake up to see the reset"
+    assert pair.client.send_credit(sid) == 0
+
+
+def test_local_reset_wakes_a_blocked_writer() -> None:
+    pair = ConnectionPair()
+    sid = _blocked_writer(pair)
+    pair.client.reset_stream(sid)
+    assert pair.client.pop_writable() == {sid}
+
+
+def test_expire_ignores_a_stream_that_was_closed_while_its_data_is_still_queued() -> None:
+    pair = ConnectionPair(now=0.0)
+    sid = pair.client.open_stream("web", now=0.0)
+    pair.client.send_data(sid, b"optimistic")
+    pair.client.close_stream(sid)  # FIN then RST after the queued data; the entry waits for the writer
+    assert pair.client.stream_state(sid) is S.CLOSED
+    assert pair.client.expire(60.0) == []
+    pair.pump(now=60.0)
+    assert pair.client.stream_state(sid) is None
+    pair.close_everything()
+    assert_pair_clean(pair)
+
+
+def test_is_local_input_matches_the_input_names() -> None:
+    from proto.stream import is_local_input
+
+    assert {i for i in StreamInput if is_local_input(i)} == set(SENT)
