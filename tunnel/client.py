@@ -284,18 +284,20 @@ async def run_client(config: ClientConfig, shutdown: Shutdown, *, rng: random.Ra
     client = _Client(config, shutdown, rng or random.Random())
     async with trio.open_nursery() as handlers:  # -L connections: they outlive the accept loops, for the drain
         async with trio.open_nursery() as nursery:
-            accepting = trio.CancelScope()
+            accepting: list[trio.CancelScope] = []  # one per -L: a CancelScope can enter only one with block
             for spec in config.locals:
                 listeners = await trio.open_tcp_listeners(spec.bind_port, host=spec.bind_host)
                 host, port = listeners[0].socket.getsockname()[:2]
                 announce(f"forwarding {spec.name} {format_hostport(str(host), int(port))}")
                 logger.info("forwarding %s to %s through the server", format_hostport(str(host), int(port)),
                             format_hostport(spec.target_host, spec.target_port))
-                nursery.start_soon(_scoped, accepting, client.serve_forward, spec, listeners, handlers)
+                accepting.append(scope := trio.CancelScope())
+                nursery.start_soon(_scoped, scope, client.serve_forward, spec, listeners, handlers)
 
             async def stop_accepting() -> None:
                 await shutdown.requested.wait()
-                accepting.cancel(reason="shutting down")
+                for scope in accepting:
+                    scope.cancel(reason="shutting down")
 
             nursery.start_soon(stop_accepting)
             exposed = await nursery.start(client.link_loop)
