@@ -533,6 +533,7 @@ async def test_describe_refused_connection() -> None:
         (lambda: TimeoutError(errno.ETIMEDOUT, "Connection timed out"), (ErrorCode.CONNECT_TIMEOUT, "timed out")),
         (lambda: OSError(errno.EACCES, "Permission denied"), (ErrorCode.CONNECT_FAILED, "permission denied")),
     ],
+    ids=["name-not-found", "no-route", "timed-out", "other-errno"],
 )
 def test_describe_connect_errors(make: Callable[[], OSError], expected: tuple[ErrorCode, str]) -> None:
     assert describe_connect_error(make()) == expected
