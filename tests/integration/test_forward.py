@@ -375,6 +375,40 @@ async def test_target_reset_reaches_the_local_peer_as_a_reset(capsys: pytest.Cap
     assert bytes(got) in (b"", b"partial")
 
 
+async def test_local_reset_reaches_the_target_as_a_reset(capsys: pytest.CaptureFixture[str]) -> None:
+    """A local peer that aborts (RST) mid-stream: the target sees a reset, not a clean EOF."""
+    seen: list[BaseException | None] = []
+    done = trio.Event()
+    got_first = trio.Event()
+
+    async def reader(stream: trio.SocketStream) -> None:
+        try:
+            await read_exactly(stream, 5)
+            got_first.set()
+            while await stream.receive_some(1 << 16):
+                pass
+            seen.append(None)  # a clean EOF: wrong
+        except trio.BrokenResourceError as exc:
+            seen.append(exc.__cause__)
+        finally:
+            await stream.aclose()
+            done.set()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            target = await nursery.start(serve_target, reader)
+            t = await start_tunnel(nursery, capsys, f"rst=0:127.0.0.1:{target}")
+            local = await trio.open_tcp_stream(LOCALHOST, t.forwards["rst"])
+            await local.send_all(b"hello")
+            await got_first.wait()
+            local.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await local.aclose()
+            await done.wait()
+            nursery.cancel_scope.cancel()
+    (cause,) = seen
+    assert isinstance(cause, ConnectionResetError), cause
+
+
 # ------------------------------------------------------------------------------------------- refused and failing
 
 
