@@ -498,9 +498,7 @@ async def rtt_loaded(addr: Addr, n: int, seconds: float, *, warmup_s: float, bul
                 await proc.wait()
         finally:
             with trio.CancelScope(shield=True):
-                await kill_tree([proc.pid], grace=1.0)
-                with trio.move_on_after(2):
-                    await proc.wait()
+                await kill_process(proc, grace=1.0)
     if "error" in result or "nbytes" not in result:
         raise VerifyError(f"bulk upload beside the ping-pong failed: {result.get('error', result)}")
     return LoadedRtt(rtts, Transfer(result["nbytes"], result["seconds"]))
@@ -597,19 +595,27 @@ class IdleMemory:
 
 
 async def idle_connections_memory(addr: Addr, n: int, pids: Callable[[], list[int]],
-                                  batch: int = 50, settle: float = 0.5) -> IdleMemory:
+                                  batch: int = 50, settle: float = 0.5, ack_timeout: float = 10.0) -> IdleMemory:
     """Hold n connections open end to end (each acknowledged by the service) and report the growth of the
     system's processes' memory per connection."""
     await trio.sleep(settle)
     before = memory_of(pids())
     streams: list[trio.SocketStream] = []
+    established = 0
     try:
         async def open_one() -> None:
+            nonlocal established
             s = await connect(addr)
             streams.append(s)
             await s.send_all(HDR.pack(MAGIC, OP_HOLD, 0, 0))
-            if await receive_exactly(s, 1, "hold ack") != ACK:
+            with trio.move_on_after(ack_timeout) as cs:
+                ack = await receive_exactly(s, 1, "hold ack")
+            if cs.cancelled_caught:
+                raise VerifyError(f"{established} of {n} connections reached the service; the next got no "
+                                  f"answer within {ack_timeout:g} s (a connection or stream limit?)")
+            if ack != ACK:
                 raise VerifyError("hold: bad ack")
+            established += 1
 
         for start in range(0, n, batch):
             async with trio.open_nursery() as nursery:
@@ -729,9 +735,31 @@ class LineReader:
             self.buf += data
 
 
-async def kill_tree(roots: Sequence[int], grace: float = 2.0) -> None:
-    """SIGTERM the processes we started and their descendants (by pid), then SIGKILL what is left."""
+def _session_members(sids: Sequence[int]) -> list[int]:
+    """Processes in the sessions we created (sid = the pid of a child we started with start_new_session),
+    excluding a process that merely reuses such a number as its own pid."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            f = _stat_fields(int(entry.name))
+            if f is not None and int(f[4]) in sids and int(entry.name) not in sids:
+                out.append(int(entry.name))
+    return out
+
+
+async def kill_process(proc: trio.Process, grace: float = 2.0) -> None:
+    """Stop a child we started (in its own session) and everything it started: by pid while it is not reaped
+    (so the pid cannot belong to anyone else), and by session membership for what it left behind."""
+    roots = [proc.pid] if proc.returncode is None else []
+    await kill_tree(roots, grace, extra=_session_members([proc.pid]))
+    with trio.move_on_after(grace):
+        await proc.wait()
+
+
+async def kill_tree(roots: Sequence[int], grace: float = 2.0, extra: Sequence[int] = ()) -> None:
+    """SIGTERM the given live processes we started and their descendants (by pid), then SIGKILL what is left."""
     pids = process_tree(roots)
+    pids += [p for p in process_tree(extra) if p not in pids]
     for p in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(p, signal.SIGTERM)
@@ -789,12 +817,15 @@ class Child:
             self.stdout_closed = True
             self._changed.set()
 
-    def log_tail(self, n: int = 6) -> str:
+    def log_tail(self, n: int = 3, limit: int = 400) -> str:
+        """The last few log lines that look like errors (else the last few lines), shortened."""
         try:
-            lines = self.log.read_text(errors="replace").strip().splitlines()
+            lines = [ln.strip() for ln in self.log.read_text(errors="replace").splitlines() if ln.strip()]
         except OSError:
             return ""
-        return " | ".join(lines[-n:])
+        rx = re.compile(r"error|warn|exception|traceback|fatal|refus|denied|fail", re.IGNORECASE)
+        text = " | ".join(([ln for ln in lines if rx.search(ln)] or lines)[-n:])
+        return text if len(text) <= limit else "..." + text[-limit:]
 
     def describe_exit(self) -> str:
         rc = self.proc.returncode
@@ -849,9 +880,7 @@ class ProcessGroup:
     async def stop_all(self) -> None:
         with trio.CancelScope(shield=True):
             for child in reversed(self.children):
-                await kill_tree([child.pid])
-                with trio.move_on_after(2):
-                    await child.proc.wait()
+                await kill_process(child.proc)
             self.children.clear()
 
 
@@ -1155,14 +1184,15 @@ class TrioTunnel(System):
         if not exe:
             raise SystemUnavailable(self.unavailable(opts) or "trio-tunnel not found")
         server = await group.start("trio-tunnel-server", [
-            exe, "server", "--listen", "127.0.0.1:0", "--token", self.token, "--allow-ports", "1024-65535"])
+            exe, "server", "--listen", "127.0.0.1:0", "--token", self.token, "--allow-ports", "1024-65535",
+            *opts.tt_server_arg])
         m = await server.wait_line(r"listening (\S+):(\d+)", opts.start_timeout)
         link: Addr = (m.group(1).strip("[]"), int(m.group(2)))
         if delay is not None:
             link = await start_delayline(group, link, delay)
         client = await group.start("trio-tunnel-client", [
             exe, "client", "--server", f"{link[0]}:{link[1]}", "--token", self.token,
-            "-R", f"127.0.0.1:0:{sink_addr[0]}:{sink_addr[1]}"])
+            "-R", f"127.0.0.1:0:{sink_addr[0]}:{sink_addr[1]}", *opts.tt_client_arg])
         m = await client.wait_line(r"exposed (\S+) (\S+):(\d+)", opts.start_timeout)
         public = (m.group(2).strip("[]"), int(m.group(3)))
 
@@ -1264,6 +1294,7 @@ def metrics_for(delays: Sequence[Any]) -> list[Metric]:
 @dataclass
 class Failed:
     error: str
+    collateral: bool = False  # not run because the system had already died
 
 
 Result = dict[str, float | Failed]
@@ -1293,6 +1324,11 @@ def _err(exc: BaseException, timeout: float | None = None) -> str:
 async def _guard(res: Result, keys: Sequence[str], timeout: float, log: Log, label: str,
                  fn: Callable[[], Any], target: Target) -> Any:
     """Run one workload bounded by `timeout`; on any failure mark its metrics FAILED (loudly)."""
+    dead = target.check()
+    if dead:
+        for k in keys:
+            res[k] = Failed(f"{label}: not run, the system had died", collateral=True)
+        return None
     try:
         with trio.fail_after(timeout):
             return await fn()
@@ -1307,13 +1343,28 @@ async def _guard(res: Result, keys: Sequence[str], timeout: float, log: Log, lab
         return None
 
 
+async def settle(target: Target, quiet: float = 0.005, interval: float = 0.1, limit: float = 5.0) -> None:
+    """Wait (bounded) until the system's processes use less than `quiet` CPU seconds per `interval`, so work left
+    over from the previous workload (e.g. 1,000 connections closing) is not billed to the next one."""
+    deadline = trio.current_time() + limit
+    prev = cpu_seconds(target.pids())
+    while trio.current_time() < deadline:
+        await trio.sleep(interval)
+        cur = cpu_seconds(target.pids())
+        if cur - prev < quiet:
+            return
+        prev = cur
+
+
 async def run_suite(target: Target, cfg: Config, log: Log = lambda s: None, rep: int = 0) -> Result:
-    """All workloads except the delay line against one running system; returns metric -> value | Failed."""
+    """All workloads except the delay line against one freshly started system; returns metric -> value | Failed.
+    A workload that fails marks its cells FAILED; once the system has died, later workloads are not run."""
     res: Result = {}
     seed = 1 + rep * 10_000
     cpu_work = [0.0, 0, 0.0, 0.0]  # system cpu, bytes, generator cpu, "sink" cpu placeholder
 
     async def cpu_bracket(fn: Callable[[], Any]) -> Any:
+        await settle(target)
         pids0 = target.pids()
         c0, g0 = cpu_seconds(pids0), self_cpu()
         out = await fn()
@@ -1323,6 +1374,19 @@ async def run_suite(target: Target, cfg: Config, log: Log = lambda s: None, rep:
         cpu_work[1] += out.nbytes
         cpu_work[2] += g1 - g0
         return out
+
+    # First, on the freshly started system: memory the allocator already holds from earlier work would hide the
+    # cost of new connections.
+    mem = await _guard(res, ["rss_per_conn", "pss_per_conn"], cfg.workload_timeout, log, "idle connections",
+                       lambda: idle_connections_memory(target.addr, cfg.idle_conns, target.pids), target)
+    if mem:
+        res["rss_per_conn"] = mem.rss_kib_per_conn
+        res["pss_per_conn"] = mem.pss_kib_per_conn
+        res["_rss_before_kib"] = mem.rss_before_kib
+        res["_rss_after_kib"] = mem.rss_after_kib
+        res["_processes_with_idle_conns"] = mem.processes
+        log(f"  {cfg.idle_conns} idle connections: {mem.rss_kib_per_conn:.1f} KiB RSS, "
+            f"{mem.pss_kib_per_conn:.1f} KiB PSS per connection ({mem.processes} processes)")
 
     t = await _guard(res, ["bulk_up"], cfg.transfer_timeout, log, "1-stream upload",
                      lambda: cpu_bracket(lambda: bulk_upload(target.addr, cfg.bulk_bytes, seed,
@@ -1350,7 +1414,8 @@ async def run_suite(target: Target, cfg: Config, log: Log = lambda s: None, rep:
         res["_generator_cpu_per_gib"] = cpu_work[2] / (cpu_work[1] / GiB)
         log(f"  CPU: {res['cpu_per_gib']:.2f} s/GiB (system), load generator {res['_generator_cpu_per_gib']:.2f}")
     else:
-        res["cpu_per_gib"] = Failed("a bulk workload failed")
+        res["cpu_per_gib"] = Failed("a bulk workload failed", collateral=all(
+            isinstance(res.get(k), Failed) and res[k].collateral for k in ("bulk_up", "bulk_down", "par16")))
 
     rtts = await _guard(res, ["rtt_p50", "rtt_p99"], cfg.workload_timeout, log, "idle RTT",
                         lambda: rtt_idle(target.addr, cfg.rtt_n, cfg.rtt_seconds, seed + 3), target)
@@ -1376,7 +1441,8 @@ async def run_suite(target: Target, cfg: Config, log: Log = lambda s: None, rep:
     if isinstance(res.get("loaded_rtt_p99"), float) and isinstance(res.get("rtt_p99"), float):
         res["loaded_p99_ratio"] = res["loaded_rtt_p99"] / res["rtt_p99"]  # type: ignore[operator]
     else:
-        res["loaded_p99_ratio"] = Failed("an RTT workload failed")
+        res["loaded_p99_ratio"] = Failed("an RTT workload failed", collateral=any(
+            isinstance(res.get(k), Failed) and res[k].collateral for k in ("rtt_p99", "loaded_rtt_p99")))
 
     v = await _guard(res, ["seq_cps"], cfg.seq_seconds + 30, log, "sequential connections",
                      lambda: connections_sequential(target.addr, cfg.seq_conns, cfg.seq_seconds), target)
@@ -1390,16 +1456,6 @@ async def run_suite(target: Target, cfg: Config, log: Log = lambda s: None, rep:
         res["conc_cps"] = v
         log(f"  {cfg.conc_workers}-concurrent connections: {v:.0f}/s")
 
-    mem = await _guard(res, ["rss_per_conn", "pss_per_conn"], cfg.workload_timeout, log, "idle connections",
-                       lambda: idle_connections_memory(target.addr, cfg.idle_conns, target.pids), target)
-    if mem:
-        res["rss_per_conn"] = mem.rss_kib_per_conn
-        res["pss_per_conn"] = mem.pss_kib_per_conn
-        res["_rss_before_kib"] = mem.rss_before_kib
-        res["_rss_after_kib"] = mem.rss_after_kib
-        res["_processes_with_idle_conns"] = mem.processes
-        log(f"  {cfg.idle_conns} idle connections: {mem.rss_kib_per_conn:.1f} KiB RSS, "
-            f"{mem.pss_kib_per_conn:.1f} KiB PSS per connection ({mem.processes} processes)")
     return res
 
 
@@ -1471,27 +1527,33 @@ async def bench_system(rep: SystemReport, system: System, opts: argparse.Namespa
         log(f"[{system.name}] stopping after {len(rep.repeats)} repeat(s): time budget")
         return False
 
-    try:
-        async with process_group(tmp) as group:
-            sink, sink_addr = await start_sink(group)
-            with trio.fail_after(opts.start_timeout * 3 + 10):
-                target = await system.start(group, sink, sink_addr, opts, None)
-            log(f"[{system.name}] up: clients connect to {target.addr[0]}:{target.addr[1]}")
-            last = 0.0
-            for r in range(cfg.repeats):
-                if r and not fits(last):
-                    break
-                log(f"[{system.name}] repeat {r + 1}/{cfg.repeats}")
-                t_rep = time.monotonic()
-                rep.repeats.append({})
-                rep.repeats[r].update(await run_suite(target, cfg, log, r))
-                last = time.monotonic() - t_rep
-    except Exception as exc:
-        if not rep.repeats:
-            rep.status, rep.reason = "skipped", _start_failure(exc, log)
-            log(f"[{system.name}] skipped: {rep.reason}")
-            return
-        rep.notes.append(f"stopped: {_start_failure(exc, log)}")
+    last = 0.0
+    for r in range(cfg.repeats):
+        if r and not fits(last):
+            break
+        t_rep = time.monotonic()
+        try:
+            # a fresh system (and sink) per repeat: repeats are independent, and the memory workload sees new
+            # processes, not an allocator that still holds the previous repeat's memory
+            async with process_group(tmp) as group:
+                sink, sink_addr = await start_sink(group)
+                with trio.fail_after(opts.start_timeout * 3 + 10):
+                    target = await system.start(group, sink, sink_addr, opts, None)
+                log(f"[{system.name}] repeat {r + 1}/{cfg.repeats}: clients connect to "
+                    f"{target.addr[0]}:{target.addr[1]}")
+                rep.repeats.append(await run_suite(target, cfg, log, r))
+                dead = target.check()
+                if dead:
+                    rep.notes.append(f"repeat {r + 1}: the system died: {dead}")
+        except Exception as exc:
+            if not rep.repeats:
+                rep.status, rep.reason = "skipped", _start_failure(exc, log)
+                log(f"[{system.name}] skipped: {rep.reason}")
+                return
+            rep.notes.append(f"repeat {r + 1}: {_start_failure(exc, log)}")
+            log(f"[{system.name}] repeat {r + 1}: {rep.notes[-1]}")
+            break
+        last = time.monotonic() - t_rep
     if opts.no_delay:
         rep.delay_status = "not run (--no-delay)"
     for params in [] if opts.no_delay else delays:
@@ -1522,15 +1584,19 @@ def aggregate(reports: Sequence[SystemReport], metrics: Sequence[Metric]) -> dic
         row: dict[str, Any] = {}
         for m in metrics:
             vals = [r.get(m.key) for r in rep.repeats]
-            fails = [v for v in vals if isinstance(v, Failed)]
+            fails = [v for v in vals if isinstance(v, Failed) and not v.collateral]
+            nums = [v for v in vals if isinstance(v, float | int)]
+            shown = [v if isinstance(v, float | int) else None for v in vals]
             if fails:
-                row[m.key] = {"status": "FAILED", "error": fails[0].error,
-                              "values": [v if isinstance(v, float | int) else None for v in vals]}
-            elif any(v is None for v in vals):
-                why = rep.delay_status if m.key.startswith("delay") and rep.delay_status else "not measured"
+                row[m.key] = {"status": "FAILED", "error": fails[0].error, "values": shown}
+            elif not nums:
+                collateral = [v for v in vals if isinstance(v, Failed)]
+                why = (collateral[0].error if collateral
+                       else rep.delay_status if m.key.startswith("delay") and rep.delay_status else "not measured")
                 row[m.key] = {"status": "n/a", "error": why}
             else:
-                row[m.key] = {"status": "ok", "median": statistics.median(vals), "values": vals}  # type: ignore[type-var]
+                # median of the repeats that measured it (a repeat may have lost it to an earlier crash)
+                row[m.key] = {"status": "ok", "median": statistics.median(nums), "values": shown}
         extras: dict[str, Any] = {}
         for r in rep.repeats:
             for k, v in r.items():
@@ -1773,6 +1839,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--socat-backlog", type=int, default=1024,
                     help="listen backlog for socat (its own default is 5; default here 1024)")
     ap.add_argument("--trio-tunnel", metavar="EXE", help="trio-tunnel executable (default: next to python)")
+    ap.add_argument("--tt-server-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for 'trio-tunnel server' (repeatable), e.g. --tt-server-arg=--config=x.toml")
+    ap.add_argument("--tt-client-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for 'trio-tunnel client' (repeatable)")
     ap.add_argument("--start-timeout", type=float, default=15.0,
                     help="seconds a system may take to print its ready lines (default 15)")
     ap.add_argument("--budget", type=float, help="overall time budget in seconds (default 840, --quick 150)")
