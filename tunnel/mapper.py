@@ -25,10 +25,11 @@ from collections.abc import Sequence
 import attrs
 import trio
 
+from proto.errors import ErrorCode
 from tunnel.config import MapConfig
 from tunnel.console import announce, format_hostport
 from tunnel.lifecycle import Shutdown
-from tunnel.relay import Ending, Splice, describe_connect_error
+from tunnel.relay import Ending, Splice, abort, describe_connect_error
 
 __all__ = ["run_map", "serve_map"]
 
@@ -143,6 +144,9 @@ class _Mapper:
             finished = True
         finally:
             self._log_closed(conn, peer, trio.current_time() - started, splicer, finished)
+            if splicer is None and not finished:
+                # Cut while dialling (drain deadline): a reset, not a FIN that would look like the target's answer.
+                await abort(client, ErrorCode.CANCEL, "shutting down")
 
     async def _dial(self, conn: int, peer: str) -> trio.SocketStream | None:
         """The target connection, or None after logging why it failed."""

@@ -10,7 +10,8 @@ import random
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -232,31 +233,53 @@ async def test_target_down_closes_promptly_with_a_reason(logwatch: LogWatch, cap
     assert closed_lines(logwatch) == []  # the warning is that connection's one line
 
 
-async def test_target_timeout_is_bounded_by_connect_timeout(logwatch: LogWatch) -> None:
-    # A listener whose accept queue is full drops further SYNs (Linux), so dialling it hangs until our timeout.
-    blackhole = trio.socket.socket()
-    await blackhole.bind((LOCALHOST, 0))
-    blackhole.listen(0)
+@asynccontextmanager
+async def blackhole() -> AsyncIterator[int]:
+    """A loopback port that never answers a SYN: a listener whose (one-entry) accept queue is full drops further
+    SYNs on Linux, so dialling it hangs until the dialler gives up."""
+    listener = trio.socket.socket()
     filler = trio.socket.socket()
     try:
-        await filler.connect(blackhole.getsockname())  # fills the one-entry queue
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                shutdown = Shutdown(drain_timeout=1)
-                config = map_config(blackhole.getsockname()[1], connect_timeout=0.3)
-                _, port = await nursery.start(run_map, config, shutdown)
-                client = await trio.open_tcp_stream(LOCALHOST, port)
-                start = trio.current_time()
-                assert await client.receive_some(100) == b""
-                waited = trio.current_time() - start
-                await client.aclose()
-                shutdown.request()
+        await listener.bind((LOCALHOST, 0))
+        listener.listen(0)
+        await filler.connect(listener.getsockname())  # fills the queue; never accepted
+        yield listener.getsockname()[1]
     finally:
         filler.close()
-        blackhole.close()
+        listener.close()
+
+
+async def test_target_timeout_is_bounded_by_connect_timeout(logwatch: LogWatch) -> None:
+    with trio.fail_after(10):
+        async with blackhole() as target_port, trio.open_nursery() as nursery:
+            shutdown = Shutdown(drain_timeout=1)
+            _, port = await nursery.start(run_map, map_config(target_port, connect_timeout=0.3), shutdown)
+            client = await trio.open_tcp_stream(LOCALHOST, port)
+            start = trio.current_time()
+            assert await client.receive_some(100) == b""
+            waited = trio.current_time() - start
+            await client.aclose()
+            shutdown.request()
     assert 0.25 <= waited < 3
     (warning,) = logwatch.matching("cannot connect", logging.WARNING)
     assert "timed out after 0.3s" in warning.getMessage()
+
+
+async def test_drain_timeout_cuts_a_connection_still_dialling(logwatch: LogWatch) -> None:
+    with trio.fail_after(10):
+        async with blackhole() as target_port, trio.open_nursery() as nursery:
+            shutdown = Shutdown(drain_timeout=0.2)
+            async with trio.open_nursery() as map_nursery:
+                _, port = await map_nursery.start(run_map, map_config(target_port, connect_timeout=30), shutdown)
+                client = await trio.open_tcp_stream(LOCALHOST, port)
+                await logwatch.wait_for(": accepted")  # the mapper is now dialling the silent target
+                shutdown.request()
+            with pytest.raises(ConnectionResetError):  # cut: a reset, not an EOF that looks like an answer
+                await client.socket.recv(1)
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+    assert logwatch.matching("cancelled while connecting", logging.INFO)
+    assert not logwatch.matching("cannot connect", logging.WARNING)
 
 
 # ---------------------------------------------------------------------------------------------- connection cap
