@@ -1057,7 +1057,7 @@ class MapConfig:
     connect_timeout: float = _seconds(10.0)
     """Dialling the target; on timeout the accepted connection is closed."""
     max_connections: int = attrs.field(default=1024, validator=_positive_int)
-    """Concurrent relayed connections; further ones wait in the accept backlog."""
+    """Concurrent relayed connections; a connection beyond the cap is closed at once, with a warning."""
     drain_timeout: float = _seconds(10.0)
     """Graceful shutdown: how long relayed connections may continue after Ctrl+C."""
 
