@@ -45,7 +45,8 @@ byte count must match the sender's; a corrupted, short or long transfer raises a
   it does not, which is where a multiplexer's window auto-tuning shows.
 
 What is measured where: the load generator runs in this process (Trio), the sink/echo service in a separate helper
-process (``--serve-sink``), the loaded-RTT bulk upload in another helper (``--bulk-helper``). The machine may have
+process (``--serve-sink``), the loaded-RTT bulk upload in another helper (``--bulk-helper``, at nice 10). Each
+repeat starts a fresh system and sink and runs the memory workload first. The machine may have
 only 2 cores: the load generator and the sink compete with the system under test for them, which is why ``direct``
 is reported as the harness's own ceiling and every other system also as a ratio to it. "The system's processes"
 are: direct -> the sink; socat -> the socat listener and its forked children; ssh -> sshd and its children plus the
@@ -1731,7 +1732,10 @@ MEASURED = [
     "children plus the ssh client; trio-tunnel = server plus client.",
     "The load generator runs in the benchmark process (Trio), the sink/echo service in a separate process; on a "
     "2-core machine they compete with the system under test, so direct is this harness's ceiling, not the "
-    "kernel's.",
+    "kernel's. The bulk upload beside the ping-pong runs in a third process at nice 10.",
+    "Each repeat starts a fresh system (and sink) and runs the memory workload first; cells are medians over "
+    "the repeats. A workload that fails verification or times out makes its cell FAILED; if the system died, "
+    "the workloads after it in that repeat are not run.",
     "Delay line: a Trio proxy (scripts/delayline.py) that delays each direction and paces it to the line rate "
     "with a bounded queue, placed in the link (trio-tunnel client<->server, ssh<->sshd, socat->service, "
     "client->service for direct); one upload's goodput over it as a fraction of the line rate.",
