@@ -122,6 +122,8 @@ class Session:
         self._request_slots = trio.Semaphore(conn.limits.max_pending_requests)
         self._dead: _Dead | None = None
         self._terminating = False
+        self._going_away: tuple[ErrorCode, str] | None = None
+        """Code and reason of our first GOAWAY: the final one repeats them, so the peer learns why it ended."""
         self._last_rx = trio.current_time()
         self._ping_sent = False
         self._silent = False
@@ -246,6 +248,8 @@ class Session:
         """Tell the peer to open no more streams; streams already open carry on."""
         if self._dead is None:
             self._conn.go_away(code, reason)
+            if self._going_away is None:
+                self._going_away = (code, reason)
             self._wake_writer()
             self._credit_event.set()
 
@@ -862,7 +866,7 @@ async def open_session(
             try:
                 yield session
             finally:
-                await session._shutdown(ErrorCode.NO_ERROR, "session closed")
+                await session._shutdown(*session._going_away or (ErrorCode.NO_ERROR, "session closed"))
                 nursery.cancel_scope.cancel(reason="session closed")
     except BaseExceptionGroup as group:
         raise _unwrap_group(group) from None
