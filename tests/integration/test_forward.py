@@ -599,3 +599,102 @@ async def test_forwarding_lines_name_the_bound_ports(capsys: pytest.CaptureFixtu
                 assert port != 0
                 assert await exchange(port, line.encode()) == line.encode()
             nursery.cancel_scope.cancel()
+
+
+async def test_ipv6_listener_and_target(capsys: pytest.CaptureFixture[str]) -> None:
+    """``-L [::1]:0:[::1]:PORT`` with ``--allow-target [::1]:PORT``: bracketed addresses all the way."""
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(0, host="::1")
+            target = listeners[0].socket.getsockname()[1]
+            nursery.start_soon(trio.serve_listeners, echo_handler, listeners)
+            capsys.readouterr()
+            link = await nursery.start(
+                run_server,
+                ServerConfig(
+                    listen=HostPort(host=LOCALHOST, port=0),
+                    tokens=(TOKEN,),
+                    allow_targets=TargetAllowlist.parse(f"[::1]:{target}"),
+                ),
+                Shutdown(drain_timeout=1),
+            )
+            spec = LocalSpec.parse(f"v6=[::1]:0:[::1]:{target}")
+            await nursery.start(
+                run_client, ClientConfig(server=link, token=TOKEN, name="v6", locals=(spec,)), Shutdown()
+            )
+            (port,) = re.findall(r"^forwarding v6 \[::1\]:(\d+)$", capsys.readouterr().out, re.MULTILINE)
+            stream = await trio.open_tcp_stream("::1", int(port))
+            async with stream:
+                await stream.send_all(b"over IPv6")
+                await stream.send_eof()
+                assert await read_exactly(stream, 9) == b"over IPv6"
+                assert await stream.receive_some(10) == b""
+            nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------------------------------------ link not up yet
+
+
+async def test_local_connection_waits_for_the_link(capsys: pytest.CaptureFixture[str], logwatch: LogWatch) -> None:
+    """The -L listener is up before the link: a connection accepted while the server is still down is forwarded
+    once the link comes up (within the client's connect timeout)."""
+    server_port = await closed_port()
+    timeouts = Timeouts(connect=10, reconnect_initial=0.05, reconnect_max=0.2)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            echo = await nursery.start(serve_target, echo_handler)
+            capsys.readouterr()
+            spec = LocalSpec.parse(f"early=0:127.0.0.1:{echo}")
+            config = ClientConfig(
+                server=HostPort(host=LOCALHOST, port=server_port),
+                token=TOKEN,
+                name="early",
+                locals=(spec,),
+                timeouts=timeouts,
+            )
+            nursery.start_soon(run_client, config, Shutdown(drain_timeout=1))
+            await logwatch.wait_for("cannot reach the server", logger="tunnel.client")  # no server yet
+            (port,) = FORWARDING_RE.findall(capsys.readouterr().out)
+            local = await trio.open_tcp_stream(LOCALHOST, int(port[2]))
+            await local.send_all(b"sent before the link was up")
+            await logwatch.wait_for("cannot reach the server", logger="tunnel.client", count=2)  # still none
+            await nursery.start(
+                run_server,
+                ServerConfig(
+                    listen=HostPort(host=LOCALHOST, port=server_port),
+                    tokens=(TOKEN,),
+                    allow_targets=TargetAllowlist.parse(f"127.0.0.1:{echo}"),
+                ),
+                Shutdown(drain_timeout=1),
+            )
+            await local.send_eof()
+            assert await read_exactly(local, 27) == b"sent before the link was up"
+            assert await local.receive_some(10) == b""
+            await local.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_no_link_closes_the_local_connection_after_the_connect_timeout(
+    capsys: pytest.CaptureFixture[str], logwatch: LogWatch
+) -> None:
+    dead = await closed_port()
+    timeouts = Timeouts(connect=0.3, reconnect_initial=0.05, reconnect_max=0.2)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            capsys.readouterr()
+            spec = LocalSpec.parse("lonely=0:127.0.0.1:9")
+            config = ClientConfig(
+                server=HostPort(host=LOCALHOST, port=dead),
+                token=TOKEN,
+                name="lonely",
+                locals=(spec,),
+                timeouts=timeouts,
+            )
+            nursery.start_soon(run_client, config, Shutdown(drain_timeout=1))
+            await logwatch.wait_for("cannot reach the server", logger="tunnel.client")
+            (port,) = FORWARDING_RE.findall(capsys.readouterr().out)
+            waited = await assert_closed_promptly(int(port[2]), seconds=3)
+            (warning,) = await logwatch.wait_for("no link to the server", logger="tunnel.client")
+            nursery.cancel_scope.cancel()
+    assert 0.25 <= waited < 3
+    assert warning.levelno == logging.WARNING and warning.getMessage().startswith("lonely: closing 127.0.0.1:")
