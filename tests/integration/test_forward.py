@@ -88,6 +88,7 @@ async def start_tunnel(
     *specs: str,
     allow: str | None = f"{LOCALHOST}:*",
     server_timeouts: Timeouts | None = None,
+    client_timeouts: Timeouts | None = None,
 ) -> Tunnel:
     """A server (``allow`` = its --allow-target; None = the default, deny all) and a client with ``-L specs``."""
     capsys.readouterr()
@@ -99,7 +100,11 @@ async def start_tunnel(
     )
     link = await nursery.start(run_server, server_config, Shutdown(drain_timeout=1))
     client_config = ClientConfig(
-        server=link, token=TOKEN, name="fwd", locals=tuple(LocalSpec.parse(spec) for spec in specs)
+        server=link,
+        token=TOKEN,
+        name="fwd",
+        locals=tuple(LocalSpec.parse(spec) for spec in specs),
+        timeouts=client_timeouts or Timeouts(),
     )
     await nursery.start(run_client, client_config, Shutdown(drain_timeout=1))
     out = capsys.readouterr().out
@@ -485,8 +490,31 @@ async def test_target_down_gives_connection_refused_and_a_prompt_close(
     assert "connection refused" in server_warning.getMessage()
 
 
+@pytest.mark.parametrize(
+    ("server_timeouts", "client_timeouts", "expected"),
+    [
+        # the server gives up dialling first: its reason names the target
+        pytest.param(
+            Timeouts(connect=0.3),
+            Timeouts(),
+            "cannot connect to 127.0.0.1:{port}: no answer within 0.3 s",
+            id="server-dial-timeout",
+        ),
+        # the defaults have connect == open: the client's own open timeout may fire first; still a timeout
+        pytest.param(
+            Timeouts(connect=0.3, open=0.3),
+            Timeouts(connect=0.3, open=0.3),
+            "no answer within 0.3 s",
+            id="equal-timeouts",
+        ),
+    ],
+)
 async def test_target_timeout_is_reported_and_bounded(
-    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    server_timeouts: Timeouts,
+    client_timeouts: Timeouts,
+    expected: str,
 ) -> None:
     caplog.set_level(logging.INFO, logger="tunnel")
     # A listener whose accept queue is full drops further SYNs (Linux), so dialling it hangs until the timeout.
@@ -500,7 +528,11 @@ async def test_target_timeout_is_reported_and_bounded(
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
                 t = await start_tunnel(
-                    nursery, capsys, f"slow=0:127.0.0.1:{port}", server_timeouts=Timeouts(connect=0.3)
+                    nursery,
+                    capsys,
+                    f"slow=0:127.0.0.1:{port}",
+                    server_timeouts=server_timeouts,
+                    client_timeouts=client_timeouts,
                 )
                 waited = await assert_closed_promptly(t.forwards["slow"], seconds=3)
                 nursery.cancel_scope.cancel()
@@ -510,7 +542,7 @@ async def test_target_timeout_is_reported_and_bounded(
     assert 0.25 <= waited < 3
     (client_warning,) = [r for r in caplog.records if r.name == "tunnel.client" and r.levelno >= logging.WARNING]
     message = client_warning.getMessage()
-    assert f"cannot connect to 127.0.0.1:{port}: no answer within 0.3 s" in message, message
+    assert expected.format(port=port) in message, message
     assert "CONNECT_TIMEOUT" in message
 
 
