@@ -760,6 +760,12 @@ class Connection:
             F.check(frame)
         except RemoteProtocolError as exc:
             raise LocalProtocolError(f"cannot open stream: {exc.reason}") from None
+        # Route and meta may legally add up to ~5 KiB; the peer cuts the connection (FRAME_SIZE) for a header above
+        # its max_header, which is not declared: assume it is ours (1 KiB by default).
+        header = F.PREFIX.unpack_from(F.encode(frame))[0]
+        if header > self.limits.max_header:
+            raise LocalProtocolError(
+                f"cannot open stream: OPEN header of {header} bytes (limit {self.limits.max_header}); shorten the meta")
         self._set_now(now)
         sid = self._next_sid
         self._next_sid += 2
