@@ -776,3 +776,16 @@ def test_is_local_input_matches_the_input_names() -> None:
     from proto.stream import is_local_input
 
     assert {i for i in StreamInput if is_local_input(i)} == set(SENT)
+
+
+def test_open_whose_header_exceeds_max_header_is_a_local_error() -> None:
+    """Route and meta are each within their limits, but together above the 1 KiB header the peer accepts: the
+    opener must refuse locally instead of making the peer end the whole connection with FRAME_SIZE."""
+    pair = ConnectionPair()
+    meta = {f"key-{i:02d}": "v" * 250 for i in range(16)}
+    with pytest.raises(LocalProtocolError, match="OPEN header of .* bytes"):
+        pair.client.open_stream("web", meta)
+    assert not pair.client.wants_write
+    sid = pair.client.open_stream("web", {"peer": "203.0.113.7:51234"})
+    pair.pump()
+    assert pair.server.is_open and pair.server.stream_state(sid) is S.PENDING
