@@ -12,6 +12,8 @@ import os
 import random
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -274,6 +276,59 @@ async def test_cli_map_target_down(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
     log = mapper.stderr()
     assert re.search(rf"-> 127\.0\.0\.1:{dead}: cannot connect to target: connection refused", log), log
+
+
+async def test_cli_map_carries_resets_both_ways(tmp_path: Path) -> None:
+    """A reset on either side reaches the other as a reset, not as a clean EOF (a cut stream must not look
+    complete)."""
+    target_saw: list[BaseException | None] = []
+    target_got_data = trio.Event()
+    target_done = trio.Event()
+
+    async def target(stream: trio.SocketStream) -> None:
+        first = await stream.receive_some(100)
+        if first == b"abort please":  # the target resets
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await stream.aclose()
+            return
+        target_got_data.set()
+        try:  # the client resets: record how the stream ends here
+            while await stream.receive_some(1 << 16):
+                pass
+            target_saw.append(None)
+        except trio.BrokenResourceError as exc:
+            target_saw.append(exc.__cause__)
+        finally:
+            await stream.aclose()
+            target_done.set()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            target_port = await nursery.start(serve_target, target)
+            argv = ["map", f"{LOCALHOST}:0", f"{LOCALHOST}:{target_port}"]
+            async with trio_tunnel(nursery, tmp_path, *argv) as mapper:
+                port = int((await mapper.expect(r"^listening 127\.0\.0\.1:(\d+)$"))[1])
+
+                one = await trio.open_tcp_stream(LOCALHOST, port)
+                await one.send_all(b"abort please")
+                with pytest.raises(trio.BrokenResourceError) as info:
+                    await one.receive_some(100)
+                assert isinstance(info.value.__cause__, ConnectionResetError)
+                await one.aclose()
+
+                two = await trio.open_tcp_stream(LOCALHOST, port)
+                await two.send_all(b"then I reset")
+                await target_got_data.wait()
+                two.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                await two.aclose()
+                await target_done.wait()
+
+                assert await mapper.interrupt() == 0
+            nursery.cancel_scope.cancel()
+    (cause,) = target_saw
+    assert isinstance(cause, ConnectionResetError), cause
+    log = mapper.stderr()
+    assert len(re.findall(r"map #\d+ .*: closed after .*reset", log)) == 2, log
 
 
 @pytest.mark.parametrize("argv", [["map", "127.0.0.1:0"], ["map", "127.0.0.1:0", "127.0.0.1:0"]])
