@@ -341,6 +341,7 @@ class Session:
         finally:
             self._writing = False
             self._writer_done.set()
+            self._flushed_event.set()  # nothing more will be flushed: do not keep _shutdown waiting
 
     async def _timers(self) -> None:
         cfg = self._config
@@ -470,7 +471,7 @@ class Session:
         """Close the session: flush what is queued (stream data, FINs), then a final GOAWAY, all within
         ``close_timeout`` (shielded: it runs even when the caller is being cancelled)."""
         with trio.move_on_after(self._config.close_timeout, shield=True):
-            while self._dead is None and (self._conn.wants_write or self._writing):
+            while self._dead is None and (self._conn.wants_write or self._writing) and not self._writer_done.is_set():
                 event = self._flushed_event = trio.Event()
                 self._wake_writer()
                 await event.wait()
