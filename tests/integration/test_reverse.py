@@ -382,11 +382,23 @@ async def test_server_restart_client_reconnects(stdout: Stdout, logs: LogWatch, 
 
             if how == "graceful":
                 await tunnel.server.stop()
-            else:
-                await tunnel.server.kill()
-            reason = (await stdout.expect(r"disconnected (.+)"))[1]
-            if how == "graceful":
+                reason = (await stdout.expect(r"disconnected (.+)"))[1]
                 assert reason == "the server is shutting down", reason
+            else:  # the server dies with a download in flight: both the user and the client must learn it at once
+                held = await trio.open_tcp_stream(LOCALHOST, public)
+                await held.send_all(b"GET /hang HTTP/1.0\r\n\r\n")
+                head = bytearray()
+                while b"partial" not in head:
+                    head += await held.receive_some(1000)
+                assert head.startswith(b"HTTP/1.0 200 OK\r\n")
+                killed = trio.current_time()
+                await tunnel.server.kill()
+                reason = (await stdout.expect(r"disconnected (.+)"))[1]
+                assert trio.current_time() - killed < 0.5, f"the client learnt of the dead link late: {reason}"
+                # The server is gone: the download must neither go on nor end normally (a reset, not a FIN).
+                with trio.fail_after(0.5), pytest.raises(trio.BrokenResourceError):
+                    await read_all(held)
+                await held.aclose()
             assert not await is_listening(public), "the old server's public listener must be gone"
             assert not await is_listening(server_port)
             await logs.wait_for(r"^reconnecting to 127\.0\.0\.1:\d+ in ", logger="tunnel.client")

@@ -277,7 +277,8 @@ def http_response(body: bytes, status: str = "200 OK") -> bytes:
 
 
 async def http_handler(stream: trio.SocketStream) -> None:
-    """A tiny HTTP/1.0 server: answers ``GET /PATH`` with ``hello from PATH`` (and the request's headers count)."""
+    """A tiny HTTP/1.0 server: answers ``GET /PATH`` with ``hello from PATH``; ``GET /hang`` sends the head and the
+    first bytes of the body, then nothing more."""
     async with stream:
         request = bytearray()
         while b"\r\n\r\n" not in request:
@@ -289,6 +290,9 @@ async def http_handler(stream: trio.SocketStream) -> None:
         if method != "GET":
             await stream.send_all(http_response(b"method not allowed\n", "405 Method Not Allowed"))
             return
+        if path == "/hang":  # a download that never ends: the connection stays in flight
+            await stream.send_all(http_response(b"partial" + b"." * 1000)[:-1000])
+            await trio.sleep_forever()
         await stream.send_all(http_response(f"hello from {path}\n".encode()))
 
 
