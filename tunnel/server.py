@@ -43,11 +43,16 @@ FORWARD_ROUTE: Final = "forward"
 
 
 def session_config(timeouts: Timeouts, **limits: Any) -> SessionConfig:
-    """The mux settings for a link, from the user's timeouts."""
+    """The mux settings for a link, from the user's timeouts.
+
+    A stream open waits at least a second longer than the far side may spend dialing its target, so that when a
+    dial times out the far side's readable reason ("cannot connect to HOST:PORT: no answer within 10 s") arrives
+    before the opener's own, less specific, open timeout fires.
+    """
     import proto
 
     return SessionConfig(
-        limits=proto.Limits(open_timeout=timeouts.open, **limits),
+        limits=proto.Limits(open_timeout=max(timeouts.open, timeouts.connect + 1.0), **limits),
         handshake_timeout=timeouts.handshake,
         keepalive_idle=timeouts.keepalive_idle,
         keepalive_timeout=timeouts.keepalive_dead,
