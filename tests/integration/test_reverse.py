@@ -430,7 +430,7 @@ async def test_stale_session_takeover_gets_the_same_port_at_once(stdout: Stdout,
             async with proxy_to(server.value.port) as proxy:
                 via_proxy = attrs.evolve(server.value, port=proxy.port)
                 # "same client": it notices the silence itself (short keepalive) and reconnects through the proxy.
-                timeouts = attrs.evolve(FAST, keepalive_idle=0.2, keepalive_dead=0.8) if who == "same client" else FAST
+                timeouts = attrs.evolve(FAST, keepalive_idle=0.3, keepalive_dead=1.5) if who == "same client" else FAST
                 first = await start_client(nursery, client_config(via_proxy, spec, timeouts=timeouts))
                 await stdout.expect(r"connected (\S+)")
                 assert hostport(await stdout.expect(r"exposed web (\S+)")) == (LOCALHOST, public)
