@@ -313,6 +313,13 @@ def assert_protocol_error(
     assert fragment.lower() in goaway.reason.lower(), goaway.reason
     assert conn.closed
     assert conn.receive_data(b"\x00" * 16) == []  # nothing after the end
+    stats = conn.statistics()
+    assert (stats.streams, stats.pending_streams, stats.autotune_budget_used, stats.receive_window_total) == (
+        0,
+        0,
+        0,
+        0,
+    )
     return goaway
 
 

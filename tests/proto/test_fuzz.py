@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 
 from hypothesis import given, settings
@@ -286,3 +287,61 @@ def test_random_frames_against_a_server(batches: list[list[F.Frame]], answer: bo
         server.data_to_send()
         assert server.statistics().streams == 0
         assert server.statistics().pending_streams == 0
+
+
+# ---------------------------------------------------------------------------------------------- split invariance
+
+
+def _recorded_client_stream() -> bytes:
+    """Everything a client sends in a busy scenario (handshake included): opens with optimistic data, FINs, resets,
+    CTRL requests and pings; the server never answers the opens, so its events depend on its input alone."""
+    pair = ConnectionPair(server_limits=LIMITS, client_limits=LIMITS)
+    for i in range(3):
+        sid = pair.client.open_stream("web", {"n": i})
+        pair.client.send_data(sid, bytes(range(256)) * (i + 1))
+        if i == 1:
+            pair.client.end_stream(sid)
+        if i == 2:
+            pair.client.reset_stream(sid, ErrorCode.CANCEL, "changed my mind")
+        pair.client.send_request("status", {"i": i})
+        pair.client.ping()
+        pair.pump()
+    return b"".join(F.encode(f) for f in pair.taps[pair.client].frames)
+
+
+RECORDED = F.encode_preamble(1, 1) + _recorded_client_stream()
+
+
+def _server_events(chunks: list[bytes]) -> list[Event]:
+    server = ConnectionPair(server_limits=LIMITS, handshake=False).server
+    events: list[Event] = []
+    for chunk in chunks:
+        events += server.receive_data(chunk)
+    return events
+
+
+EXPECTED_EVENTS = _server_events([RECORDED])
+
+
+def test_the_recorded_scenario_is_busy() -> None:
+    kinds = {type(e).__name__ for e in EXPECTED_EVENTS}
+    assert {
+        "HandshakeComplete",
+        "StreamOpened",
+        "DataReceived",
+        "StreamEnded",
+        "StreamReset",
+        "RequestReceived",
+    } <= kinds
+
+
+@settings(max_examples=100, deadline=None)
+@given(cuts=st.lists(st.integers(0, len(RECORDED)), max_size=40))
+def test_same_events_however_the_bytes_are_split(cuts: list[int]) -> None:
+    points = [0, *sorted(set(cuts)), len(RECORDED)]
+    chunks = [RECORDED[a:b] for a, b in itertools.pairwise(points) if b > a]  # b"" would mean EOF
+    assert _server_events(chunks) == EXPECTED_EVENTS
+
+
+def test_same_events_one_byte_at_a_time() -> None:
+    assert _server_events([RECORDED[i : i + 1] for i in range(len(RECORDED))]) == EXPECTED_EVENTS
