@@ -414,6 +414,48 @@ async def test_server_restart_client_reconnects(stdout: Stdout, logs: LogWatch, 
             await service.stop()
 
 
+@pytest.mark.parametrize("who", ["server", "client"])
+async def test_graceful_stop_lets_a_connection_in_flight_finish(stdout: Stdout, logs: LogWatch, who: str) -> None:
+    """Stopping gracefully (what SIGINT does) sends GOAWAY and drains: an external connection in flight carries on
+    to its natural end, new ones are not served, and then everything stops by itself."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            service = await start_service(nursery, counter_handler)
+            tunnel = await open_tunnel(nursery, stdout, service.port, name="shell")
+            tunnel.server.shutdown.drain_timeout = tunnel.client.shutdown.drain_timeout = 8
+            stream = await trio.open_tcp_stream(LOCALHOST, tunnel.public)
+            buffer = bytearray()
+            await stream.send_all(b"before\n")
+            assert await read_line(stream, buffer) == b"1 erofeb"
+
+            stopping = tunnel.server if who == "server" else tunnel.client
+            stopping.shutdown.request()
+            if who == "server":
+                await logs.wait_for(r"^shutting down: draining 1 client", logger="tunnel.server")
+            await logs.wait_for(r"peer is going away \(SHUTTING_DOWN", logger="tunnel.mux")
+            late = await trio.open_tcp_stream(LOCALHOST, tunnel.public)  # accepted or not, it must not be served
+            with trio.fail_after(3):
+                try:
+                    await late.send_all(b"late\n")
+                    assert await read_all(late) == b""
+                except trio.BrokenResourceError:
+                    pass
+            await late.aclose()
+            for n in range(2, 12):  # the connection in flight is still served, round trip after round trip
+                await stream.send_all(b"during\n")
+                assert await read_line(stream, buffer) == b"%d gnirud" % n
+            assert not stopping.done.is_set()
+            await stream.send_eof()
+            assert await read_all(stream) == b""
+            await stream.aclose()
+            await stopping.done.wait()  # drained: it stops without waiting for the drain timeout
+            assert service.accepted == 1
+            reason = "the server is shutting down" if who == "server" else "shutting down"
+            assert (await stdout.expect(r"disconnected (.+)"))[1] == reason
+            await (tunnel.client if who == "server" else tunnel.server).stop()
+            await service.stop()
+
+
 @pytest.mark.parametrize("who", ["same client", "new client"])
 async def test_stale_session_takeover_gets_the_same_port_at_once(stdout: Stdout, logs: LogWatch,
                                                                   who: str) -> None:
