@@ -644,9 +644,11 @@ class Connection:
         if _stream_index(sid) > self._granted:
             raise RemoteProtocolError(
                 f"OPEN for stream {sid} beyond the {self._granted} streams allowed so far", ErrorCode.STREAM_LIMIT)
-        if not self._open_bucket.take(self._now):
-            raise RemoteProtocolError("too many OPENs", ErrorCode.ENHANCE_YOUR_CALM)
         self._highest_peer_sid = sid
+        if not self._open_bucket.take(self._now):
+            # Refuse the open, keep the session: a burst of legitimate connections must not cut every other one.
+            self._refuse_open(sid, ErrorCode.ENHANCE_YOUR_CALM, "too many OPENs: slow down")
+            return
         if sid > self._last_peer_sid_allowed:
             self._refuse_open(sid, ErrorCode.REFUSED, "the session is going away")
             return

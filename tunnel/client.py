@@ -125,7 +125,7 @@ class _Client:
             logger.warning("cannot reach the server: %s", exc.reason)
             return exc.reason
         try:
-            async with open_session(transport, role=Role.CLIENT, config=session_config(cfg.timeouts),
+            async with open_session(transport, role=Role.CLIENT, config=session_config(cfg.timeouts, role=Role.CLIENT),
                                     name=cfg.name, token=cfg.token) as session:
                 announce(f"connected {self.server}")
                 logger.info("connected to %s as %r (session %s)", self.server, cfg.name, session.session_id)

@@ -194,12 +194,16 @@ class Session:
         Raises:
             SessionClosedError: the session is over.
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
         while not self._accept_queue:
             self._check_alive()
             event = self._accept_event = trio.Event()
             await event.wait()
-        await trio.lowlevel.checkpoint()
-        return self._accept_queue.popleft()
+        # Take it before the scheduling point: a stream reset while we yield may leave the queue (and it must not
+        # be lost to a cancellation either, hence the shielded checkpoint).
+        stream = self._accept_queue.popleft()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return stream
 
     async def request(self, kind: str, body: Any = None) -> Any:
         """Send a CTRL request and return the peer's reply body.
@@ -237,12 +241,14 @@ class Session:
         Raises:
             SessionClosedError: the session is over.
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
         while not self._requests:
             self._check_alive()
             event = self._request_event = trio.Event()
             await event.wait()
-        await trio.lowlevel.checkpoint()
-        return self._requests.popleft()
+        request = self._requests.popleft()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return request
 
     def go_away(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """Tell the peer to open no more streams; streams already open carry on."""

@@ -42,17 +42,26 @@ FORWARD_ROUTE: Final = "forward"
 """Route of client-opened streams: "dial ``meta["host"]:meta["port"]`` for me" (``-L``)."""
 
 
-def session_config(timeouts: Timeouts, **limits: Any) -> SessionConfig:
+def session_config(timeouts: Timeouts, *, role: Role, max_streams: int = 1024) -> SessionConfig:
     """The mux settings for a link, from the user's timeouts.
 
     A stream open waits at least a second longer than the far side may spend dialing its target, so that when a
     dial times out the far side's readable reason ("cannot connect to HOST:PORT: no answer within 10 s") arrives
     before the opener's own, less specific, open timeout fires.
+
+    The protocol's defaults are for a peer we do not trust; here the peer is an authenticated trio-tunnel. The server
+    allows ``max_streams`` concurrent streams from a client (its -L connections) and keeps the protocol's rate limits
+    on OPEN and RST. The client accepts what its own server opens (one stream per external connection): it allows
+    as many concurrent streams and does not rate-limit them, so a burst of visitors is never cut short.
     """
     import proto
 
+    limits = proto.Limits(open_timeout=max(timeouts.open, timeouts.connect + 1.0), max_streams=max_streams)
+    if role is Role.CLIENT:
+        limits = attrs.evolve(limits, open_rate=proto.RateLimit(burst=1 << 30, rate=float(1 << 30)),
+                              reset_rate=proto.RateLimit(burst=1 << 30, rate=float(1 << 30)))
     return SessionConfig(
-        limits=proto.Limits(open_timeout=max(timeouts.open, timeouts.connect + 1.0), **limits),
+        limits=limits,
         handshake_timeout=timeouts.handshake,
         keepalive_idle=timeouts.keepalive_idle,
         keepalive_timeout=timeouts.keepalive_dead,
@@ -114,7 +123,8 @@ class _Server:
         cfg = self.config
         try:
             async with open_session(transport, role=Role.SERVER, config=session_config(
-                    cfg.timeouts, max_streams=cfg.max_streams_per_client), tokens=cfg.tokens) as session:
+                    cfg.timeouts, role=Role.SERVER, max_streams=cfg.max_streams_per_client),
+                    tokens=cfg.tokens) as session:
                 await self._run_link(session, peer)
         except HandshakeError as exc:
             if exc.silent:

@@ -238,8 +238,13 @@ def test_open_rate_limit() -> None:
     pair = ConnectionPair(server_limits=limits)
     events = inject(pair.server, *[F.Open(1 + 2 * i, "r") for i in range(5)], now=0.0)
     assert len(events) == 5
+    pair.server.data_to_send()
     events = inject(pair.server, F.Open(11, "r"), now=0.5)
-    assert_protocol_error(pair.server, events, ErrorCode.ENHANCE_YOUR_CALM, fragment="too many OPENs")
+    # The sixth open is refused, not the session: other streams carry on.
+    assert events == [] and pair.server.is_open
+    refusals = [f for f in decode_all(pair.server.data_to_send()) if isinstance(f, F.OpenErr)]
+    assert [(f.stream_id, f.code) for f in refusals] == [(11, ErrorCode.ENHANCE_YOUR_CALM)]
+    assert "too many OPENs" in refusals[0].reason
 
 
 def test_open_rate_refills_with_time() -> None:
