@@ -408,3 +408,11 @@ def test_reused_request_id_is_protocol() -> None:
 def test_reply_to_an_unknown_request_is_protocol() -> None:
     pair = ConnectionPair()
     assert_protocol_error(pair.client, inject(pair.client, F.CtrlReply(9, 0, None)), fragment="unknown request id 9")
+
+
+def test_open_flood_above_the_rate_from_a_peer_that_never_reads_is_bounded() -> None:
+    """Each refused OPEN costs us an OPEN_ERR; a peer that never reads them hits the control-queue bound."""
+    limits = Limits(open_rate=RateLimit(burst=1, rate=0.001), max_queued_control=8)
+    pair = ConnectionPair(server_limits=limits)
+    events = inject(pair.server, *[F.Open(1 + 2 * i, "r") for i in range(20)], now=0.0)
+    assert_protocol_error(pair.server, events, ErrorCode.ENHANCE_YOUR_CALM, fragment="not reading")
