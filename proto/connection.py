@@ -669,8 +669,6 @@ class Connection:
 
     def _on_open_answer(self, sid: int, err: F.OpenErr | None, events: list[Event]) -> None:
         stream = self._lookup(sid, "OPEN_ERR" if err else "OPEN_OK")
-        if err is not None and not self._reset_bucket.take(self._now):
-            raise RemoteProtocolError("too many OPEN_ERR/RST frames", ErrorCode.ENHANCE_YOUR_CALM)
         if stream is None or stream.state is SS.CLOSED:
             return
         if not stream.local:
@@ -686,11 +684,15 @@ class Connection:
             self._maybe_release(stream)
 
     def _on_reset(self, sid: int, code: int, reason: str, events: list[Event]) -> None:
-        if not self._reset_bucket.take(self._now):
-            raise RemoteProtocolError("too many OPEN_ERR/RST frames", ErrorCode.ENHANCE_YOUR_CALM)
         stream = self._lookup(sid, "RST")
         if stream is None or stream.state is SS.CLOSED:
             return
+        if stream.state in _PENDING and not self._reset_bucket.take(self._now):
+            # Rapid reset (CVE-2023-44487): the peer keeps cancelling opens we are still working on (dialing).
+            # Other resets are ordinary closes (a TCP peer that reset, a stream closed with data unread) and
+            # cost us nothing to process.
+            raise RemoteProtocolError("too many streams reset before they were answered (rapid reset)",
+                                      ErrorCode.ENHANCE_YOUR_CALM)
         self._apply(stream, SI.RECV_RST)
         self._deadlines.pop(sid, None)
         self._drop_send(stream)

@@ -269,7 +269,7 @@ def test_rapid_reset_trips_the_reset_rate_limit() -> None:
     events = inject(pair.server, *frames, now=0.0)
     assert kinds(events) == ["StreamOpened", "StreamReset"] * 10
     events = inject(pair.server, F.Open(21, "r"), F.Reset(21, ErrorCode.CANCEL, ""), now=0.0)
-    assert_protocol_error(pair.server, events, ErrorCode.ENHANCE_YOUR_CALM, fragment="too many OPEN_ERR/RST")
+    assert_protocol_error(pair.server, events, ErrorCode.ENHANCE_YOUR_CALM, fragment="rapid reset")
 
 
 def test_reset_streams_hold_their_credit_until_the_application_lets_go() -> None:
@@ -285,13 +285,19 @@ def test_reset_streams_hold_their_credit_until_the_application_lets_go() -> None
     assert_protocol_error(pair.server, events, ErrorCode.STREAM_LIMIT)
 
 
-def test_open_err_counts_against_the_reset_rate() -> None:
+def test_open_err_and_ordinary_resets_do_not_count_against_the_reset_rate() -> None:
+    """Only resets of opens still being worked on are rapid reset; answers and ordinary closes are not."""
     limits = Limits(reset_rate=RateLimit(burst=2, rate=1.0))
     pair = ConnectionPair(client_limits=limits)
     sids = [pair.client.open_stream("r") for _ in range(3)]
     pair.client.data_to_send()
     events = inject(pair.client, *[F.OpenErr(sid, ErrorCode.REFUSED, "") for sid in sids])
-    assert_protocol_error(pair.client, events, ErrorCode.ENHANCE_YOUR_CALM)
+    assert kinds(events) == ["StreamRejected"] * 3 and pair.client.is_open
+    accepted = [pair.client.open_stream("r") for _ in range(3)]
+    pair.client.data_to_send()
+    events = inject(pair.client, *[F.OpenOk(sid) for sid in accepted], *[F.Reset(sid, ErrorCode.CONN_RESET, "")
+                                                                          for sid in accepted])
+    assert kinds(events) == ["StreamAccepted"] * 3 + ["StreamReset"] * 3 and pair.client.is_open
 
 
 # ---------------------------------------------------------------------------------------------- item 21: floods
