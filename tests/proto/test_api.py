@@ -67,3 +67,14 @@ def test_limits_defaults_are_the_documented_ones() -> None:
 def test_limits_reject_unusable_values(kwargs: dict[str, int], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Limits(**kwargs)
+
+
+def test_proto_does_not_import_trio_sockets_or_a_clock() -> None:
+    """Sans-I/O: importing proto pulls in no trio and no socket module (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import proto, sys; bad = {'trio', 'socket', 'asyncio'} & set(sys.modules); assert not bad, bad"
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
