@@ -295,8 +295,9 @@ def test_open_err_and_ordinary_resets_do_not_count_against_the_reset_rate() -> N
     assert kinds(events) == ["StreamRejected"] * 3 and pair.client.is_open
     accepted = [pair.client.open_stream("r") for _ in range(3)]
     pair.client.data_to_send()
-    events = inject(pair.client, *[F.OpenOk(sid) for sid in accepted], *[F.Reset(sid, ErrorCode.CONN_RESET, "")
-                                                                          for sid in accepted])
+    events = inject(
+        pair.client, *[F.OpenOk(sid) for sid in accepted], *[F.Reset(sid, ErrorCode.CONN_RESET, "") for sid in accepted]
+    )
     assert kinds(events) == ["StreamAccepted"] * 3 + ["StreamReset"] * 3 and pair.client.is_open
 
 
