@@ -170,8 +170,9 @@ class Session:
                 raise StreamOpenError(ErrorCode.REFUSED, "the session is going away")
             if self._conn.streams_available > 0:
                 break
-            event = self._credit_event = trio.Event()
-            await event.wait()
+            if self._credit_event.is_set():
+                self._credit_event = trio.Event()
+            await self._credit_event.wait()  # shared by every waiting opener
         await trio.lowlevel.checkpoint_if_cancelled()
         sid = self._conn.open_stream(route, meta, now=trio.current_time())
         stream = MuxStream(self, sid, route, dict(meta or {}), opening=True)
@@ -197,8 +198,9 @@ class Session:
         await trio.lowlevel.checkpoint_if_cancelled()
         while not self._accept_queue:
             self._check_alive()
-            event = self._accept_event = trio.Event()
-            await event.wait()
+            if self._accept_event.is_set():
+                self._accept_event = trio.Event()
+            await self._accept_event.wait()
         # Take it before the scheduling point: a stream reset while we yield may leave the queue (and it must not
         # be lost to a cancellation either, hence the shielded checkpoint).
         stream = self._accept_queue.popleft()
@@ -244,8 +246,9 @@ class Session:
         await trio.lowlevel.checkpoint_if_cancelled()
         while not self._requests:
             self._check_alive()
-            event = self._request_event = trio.Event()
-            await event.wait()
+            if self._request_event.is_set():
+                self._request_event = trio.Event()
+            await self._request_event.wait()
         request = self._requests.popleft()
         await trio.lowlevel.cancel_shielded_checkpoint()
         return request

@@ -467,3 +467,35 @@ async def test_many_streams_over_real_tcp() -> None:
                         streams.start_soon(one, i)
                 assert client.statistics().streams == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_many_openers_waiting_for_stream_credit_all_proceed() -> None:
+    """Regression (bench.py, 200 concurrent short connections): openers blocked on MAX_STREAMS credit shared one
+    wakeup event, each replacing it, so all but the last waited forever once credit came back."""
+    config = SessionConfig(limits=Limits(max_streams=2, accept_backlog=2))
+    with trio.fail_after(20):
+        async with session_pair(config=config) as (server, client):
+            done: list[int] = []
+
+            async def acceptor() -> None:
+                while True:
+                    s = await client.accept_stream()
+                    s.accept()
+                    await s.send_eof()
+                    assert await read_all(s) == b""
+                    await s.aclose()
+
+            async def opener(i: int) -> None:
+                s = await server.open_stream("r")
+                await s.send_eof()
+                assert await read_all(s) == b""
+                await s.aclose()
+                done.append(i)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(acceptor)
+                async with trio.open_nursery() as openers:
+                    for i in range(20):
+                        openers.start_soon(opener, i)
+                nursery.cancel_scope.cancel()
+            assert sorted(done) == list(range(20))
