@@ -44,7 +44,7 @@ from tunnel.config import (
     parse_token_list,
     read_token_file,
 )
-from tunnel.errors import ConfigError, HandshakeError, TunnelError
+from tunnel.errors import ConfigError, HandshakeError, NameTakenError, TunnelError
 from tunnel.lifecycle import Shutdown
 from tunnel.logsetup import LogFormat, configure_logging
 
@@ -517,6 +517,8 @@ def _describe_failure(exc: BaseException, plan: _Plan) -> tuple[str, int]:
             where = f"cannot listen on {address}" if address else "cannot listen"
             return f"{where}: {template.format(hint=hint)}", EXIT_FAILURE
         return f"{exc.strerror or exc}", EXIT_FAILURE
+    if isinstance(exc, NameTakenError):
+        return f"stopped: {exc.reason}", EXIT_FAILURE
     if isinstance(exc, HandshakeError):
         return f"the server refused the session: {exc}", EXIT_FAILURE
     if isinstance(exc, TunnelError):

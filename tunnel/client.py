@@ -28,11 +28,11 @@ from proto import ErrorCode
 from .config import ClientConfig, HostPort, LocalSpec, RemoteSpec
 from .console import announce, format_hostport
 from .dial import DialError, dial
-from .errors import HandshakeError, RequestError, SessionClosedError, StreamOpenError
+from .errors import HandshakeError, NameTakenError, RequestError, SessionClosedError, StreamOpenError
 from .lifecycle import Shutdown
-from .mux import MuxStream, Role, Session, open_session
+from .mux import MuxStream, Role, Session, open_session, unwrap_group
 from .relay import splice
-from .server import FORWARD_ROUTE, session_config
+from .server import FORWARD_ROUTE, REPLACED, session_config
 
 __all__ = ["Backoff", "run_client"]
 
@@ -73,6 +73,7 @@ class _Client:
     active: int = 0
     idle: trio.Event = attrs.field(factory=trio.Event)
     status: trio.TaskStatus[dict[str, HostPort]] | None = None
+    replaced_by_peer: bool = False
     exposed: dict[str, HostPort] = attrs.field(factory=dict)
     """Service name -> the public address the server bound for it on the current link."""
 
@@ -138,6 +139,9 @@ class _Client:
             return str(exc)
         announce(f"disconnected {reason}")
         logger.info("disconnected from %s: %s", self.server, reason)
+        if self.replaced_by_peer:
+            # Another live client took our name: reconnecting would take it back, and so on forever.
+            raise NameTakenError(ErrorCode.PROHIBITED, reason)
         return reason
 
     async def _serve_link(self, session: Session) -> str:
@@ -155,6 +159,8 @@ class _Client:
                 nursery.start_soon(on_shutdown)
                 await session.wait_closed()
             self._set_session(None)
+            self.replaced_by_peer = (session.close_code == ErrorCode.PROHIBITED
+                                     and session.close_reason.startswith(REPLACED))
             if self.shutdown.requested.is_set():
                 await self._drain(session)
                 reason = "shutting down"
@@ -281,7 +287,15 @@ async def run_client(config: ClientConfig, shutdown: Shutdown, *, rng: random.Ra
         HandshakeError: the server refused the token or speaks an incompatible version (retrying cannot help).
         OSError: a ``-L`` listener cannot be bound.
     """
-    client = _Client(config, shutdown, rng or random.Random())
+    try:
+        await _run_client(config, shutdown, rng or random.Random(), task_status)
+    except BaseExceptionGroup as group:  # internal nurseries: surface the one real error
+        raise unwrap_group(group) from None
+
+
+async def _run_client(config: ClientConfig, shutdown: Shutdown, rng: random.Random,
+                      task_status: trio.TaskStatus[dict[str, HostPort]]) -> None:
+    client = _Client(config, shutdown, rng)
     async with trio.open_nursery() as handlers:  # -L connections: they outlive the accept loops, for the drain
         async with trio.open_nursery() as nursery:
             accepting: list[trio.CancelScope] = []  # one per -L: a CancelScope can enter only one with block

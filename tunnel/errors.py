@@ -10,6 +10,7 @@ from proto.errors import ErrorCode, code_name
 __all__ = [
     "ConfigError",
     "HandshakeError",
+    "NameTakenError",
     "RequestError",
     "SessionClosedError",
     "StreamOpenError",
@@ -49,6 +50,11 @@ class HandshakeError(_Coded):
     """
 
     silent: bool = False
+
+
+class NameTakenError(HandshakeError):
+    """Another live client connected with our name and the server gave it our services: stop rather than take
+    them back (which would go on forever)."""
 
 
 class StreamOpenError(_Coded):

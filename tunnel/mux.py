@@ -88,12 +88,12 @@ class _Dead:
     reason: str
 
 
-def _unwrap_group(eg: BaseExceptionGroup[BaseException]) -> BaseException:
+def unwrap_group(eg: BaseExceptionGroup[BaseException]) -> BaseException:
     """The single real exception inside a nursery's group (internal tasks never raise), else the group."""
     leaves = [e for e in eg.exceptions if not isinstance(e, trio.Cancelled)] or list(eg.exceptions)
     if len(leaves) == 1:
         leaf = leaves[0]
-        return _unwrap_group(leaf) if isinstance(leaf, BaseExceptionGroup) else leaf
+        return unwrap_group(leaf) if isinstance(leaf, BaseExceptionGroup) else leaf
     return eg
 
 
@@ -145,6 +145,11 @@ class Session:
     @property
     def close_reason(self) -> str:
         return self._dead.reason if self._dead is not None else ""
+
+    @property
+    def close_code(self) -> int | None:
+        """The :class:`~proto.ErrorCode` the session ended with (the peer's GOAWAY code, if it sent one)."""
+        return self._dead.code if self._dead is not None else None
 
     async def wait_closed(self) -> None:
         """Return when the session is over."""
@@ -879,7 +884,7 @@ async def open_session(
                 await session._shutdown(*session._going_away or (ErrorCode.NO_ERROR, "session closed"))
                 nursery.cancel_scope.cancel(reason="session closed")
     except BaseExceptionGroup as group:
-        raise _unwrap_group(group) from None
+        raise unwrap_group(group) from None
     finally:
         await trio.aclose_forcefully(transport)
 

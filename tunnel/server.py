@@ -19,7 +19,7 @@ import errno
 import logging
 from collections.abc import Mapping
 from functools import partial
-from typing import Any, Final
+from typing import Final
 
 import attrs
 import trio
@@ -34,9 +34,13 @@ from .lifecycle import Shutdown
 from .mux import MuxStream, Request, Role, Session, SessionConfig, open_session
 from .relay import splice
 
-__all__ = ["FORWARD_ROUTE", "run_server", "session_config"]
+__all__ = ["FORWARD_ROUTE", "REPLACED", "run_server", "session_config"]
 
 logger: Final = logging.getLogger(__name__)
+
+MAX_REMEMBERED_PORTS: Final = 4096
+REPLACED: Final = "replaced"
+"""Start of the GOAWAY reason sent to a link that another client with the same name took over."""
 
 FORWARD_ROUTE: Final = "forward"
 """Route of client-opened streams: "dial ``meta["host"]:meta["port"]`` for me" (``-L``)."""
@@ -88,6 +92,8 @@ class _Link:
     services: dict[str, str] = attrs.field(factory=dict)
     """Service name -> public address bound for it."""
     replaced: bool = False
+    accepting: list[trio.CancelScope] = attrs.field(factory=list)
+    """One per exposed service: its accept loop (its connections live in the link's nursery)."""
     active: int = 0
     """External connections and forwards in flight (graceful shutdown waits for them)."""
     idle: trio.Event = attrs.field(factory=trio.Event)
@@ -101,7 +107,9 @@ class _Link:
             self.idle.set()
 
     async def drain(self) -> None:
-        """GOAWAY, wait for the work in flight, then end the link."""
+        """Stop accepting on the public ports, GOAWAY, wait for the work in flight, then end the link."""
+        for scope in self.accepting:
+            scope.cancel(reason="draining")
         self.session.go_away(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
         while self.active:
             event = self.idle = trio.Event()
@@ -115,6 +123,8 @@ class _Server:
     config: ServerConfig
     shutdown: Shutdown
     links: dict[str, _Link] = attrs.field(factory=dict)
+    last_ports: dict[tuple[str, str], int] = attrs.field(factory=dict)
+    """(client, service) -> the port it had last, so a service exposed on port 0 keeps its port across reconnects."""
 
     # ---------------------------------------------------------------------------------------------- links
 
@@ -150,6 +160,9 @@ class _Server:
                 logger.info("client %r reconnected from %s: replacing its previous link from %s", name, peer,
                             old.peer)
                 old.replaced = True
+                # If the old link is still alive (two clients share a name), tell it why; a stale one hears nothing.
+                old.session.go_away(ErrorCode.PROHIBITED, f"{REPLACED}: another client named {name!r} connected "
+                                    f"from {peer}; client names must be unique (--name)")
                 old.scope.cancel(reason="replaced by a new link of the same client")
                 await old.done.wait()
             logger.info("client %r connected from %s (session %s%s)", name, peer, session.session_id,
@@ -194,19 +207,32 @@ class _Server:
                 "message": f"port {port} is not allowed by the server (--allow-ports {self.config.allow_ports})"})
             return
         try:
-            listeners = await self._bind(bind, port)
+            listeners = await self._bind(bind, port, self.last_ports.get((link.name, name)))
         except OSError as exc:
             request.reply_error(ErrorCode.CONNECT_FAILED, {"message": _bind_error(bind, port, exc)})
             return
         host, bound = listeners[0].socket.getsockname()[:2]
+        self._remember(link.name, name, int(bound))
         address = format_hostport(str(host), int(bound))
         link.services[name] = address
         logger.info("client %r: exposing %s on %s", link.name, name, address)
-        nursery.start_soon(self._serve_service, session, link, name, listeners)
+        nursery.start_soon(self._serve_service, session, link, name, listeners, nursery)
         request.reply({"host": str(host), "port": int(bound)})
 
-    async def _bind(self, host: str, port: int) -> list[trio.SocketListener]:
+    def _remember(self, client: str, service: str, port: int) -> None:
+        key = (client, service)
+        self.last_ports.pop(key, None)
+        self.last_ports[key] = port
+        while len(self.last_ports) > MAX_REMEMBERED_PORTS:  # bounded: forget the oldest
+            del self.last_ports[next(iter(self.last_ports))]
+
+    async def _bind(self, host: str, port: int, previous: int | None) -> list[trio.SocketListener]:
         ports = self.config.allow_ports
+        if not port and previous is not None and previous in ports:
+            try:  # the port this service had before (a reconnect): keep its public address if still free
+                return await trio.open_tcp_listeners(previous, host=host)
+            except OSError:
+                pass
         if port or ports.allows_any_unprivileged:
             return await trio.open_tcp_listeners(port, host=host)
         last: OSError | None = None
@@ -224,14 +250,17 @@ class _Server:
     # ---------------------------------------------------------------------------------------- reverse (-R)
 
     async def _serve_service(self, session: Session, link: _Link, name: str,
-                             listeners: list[trio.SocketListener]) -> None:
+                             listeners: list[trio.SocketListener], handlers: trio.Nursery) -> None:
         limiter = trio.CapacityLimiter(self.config.max_connections_per_service)
 
         async def handler(external: trio.SocketStream) -> None:
             await self._handle_external(session, link, name, external, limiter)
 
+        accepting = trio.CancelScope()
+        link.accepting.append(accepting)
         try:
-            await trio.serve_listeners(handler, listeners)
+            with accepting:
+                await trio.serve_listeners(handler, listeners, handler_nursery=handlers)
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
