@@ -360,6 +360,9 @@ class Connection:
         if not data:
             # After a GOAWAY the peer's end is expected, and its code and reason say why.
             code, reason = self._peer_goaway if self._goaway_received else (ErrorCode.INTERNAL, "")
+            if self._hs is _Hs.AWAIT_AUTH:
+                reason = ("the client closed the connection instead of authenticating (has it a token? "
+                          "--token, --token-file or TRIO_TUNNEL_TOKEN)")
             self._terminate_by_peer(events, code, reason or "the peer closed the connection")
             return events
         self._decoder.feed(data)

@@ -452,7 +452,10 @@ class Session:
                         self._die(code, reason if reason else "the peer closed the connection")
                     else:
                         if not silent:
-                            logger.warning("%s: protocol error, closing: %s", self, error or reason)
+                            # During the handshake the caller reports the failure (HandshakeError); after it,
+                            # the peer misbehaved and this is the only word of it.
+                            level = logging.WARNING if self._handshake_done.is_set() else logging.DEBUG
+                            logger.log(level, "%s: protocol error, closing: %s", self, error or reason)
                         self._die(code, reason, send=True)
 
     def _die(self, code: int, reason: str, *, send: bool = False) -> None:
