@@ -439,3 +439,15 @@ def test_commands_before_the_handshake_are_local_errors(command: str) -> None:
     with pytest.raises(LocalProtocolError, match="the connection is handshake"):
         call()
     assert cli.streams_available == 0 and not cli.can_open_streams
+
+
+def test_a_client_that_hangs_up_instead_of_authenticating_is_named_as_such() -> None:
+    """A client without a token closes on CHALLENGE; the server's reason says what probably happened."""
+    server = Connection(Role.SERVER, tokens=[TOKEN])
+    client = Connection(Role.CLIENT, name=NAME)  # no token
+    assert server.receive_data(client.data_to_send()) == []
+    events = client.receive_data(server.data_to_send())
+    assert terminated(events).code == ErrorCode.AUTH and client.data_to_send() == b""
+    events = server.receive_data(b"")
+    ended = terminated(events)
+    assert ended.by_peer and "instead of authenticating" in ended.reason and "--token" in ended.reason
