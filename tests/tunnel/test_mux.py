@@ -16,7 +16,9 @@ from tunnel.errors import HandshakeError, RequestError, SessionClosedError, Stre
 from tunnel.mux import MuxStream, Role, Session, SessionConfig, open_session
 
 
-async def open_pair(opener: Session, acceptor: Session, route: str = "r", **meta: object) -> tuple[MuxStream, MuxStream]:
+async def open_pair(
+    opener: Session, acceptor: Session, route: str = "r", **meta: object
+) -> tuple[MuxStream, MuxStream]:
     async with trio.open_nursery() as nursery:
         got: list[MuxStream] = []
 
@@ -438,11 +440,11 @@ async def test_many_streams_over_real_tcp() -> None:
         async with trio.open_nursery() as nursery:
 
             async def server_side(transport: trio.SocketStream) -> None:
-                async with open_session(transport, role=Role.SERVER, tokens=[TOKEN]) as srv:
-                    async with trio.open_nursery() as handlers:
-                        for _ in range(64):
-                            s = await srv.accept_stream()
-                            handlers.start_soon(echo_hash, s)
+                async with open_session(transport, role=Role.SERVER, tokens=[TOKEN]) as srv, \
+                        trio.open_nursery() as handlers:
+                    for _ in range(64):
+                        s = await srv.accept_stream()
+                        handlers.start_soon(echo_hash, s)
 
             async def echo_hash(s: MuxStream) -> None:
                 s.accept()
