@@ -27,7 +27,7 @@ from proto import ErrorCode
 
 from .config import ClientConfig, HostPort, LocalSpec, RemoteSpec
 from .console import announce, format_hostport
-from .dial import DialError, dial
+from .dial import DialError, dial, peer_address
 from .errors import HandshakeError, NameTakenError, RequestError, SessionClosedError, StreamOpenError
 from .lifecycle import Shutdown
 from .mux import MuxStream, Role, Session, open_session, unwrap_group
@@ -240,7 +240,7 @@ class _Client:
     async def _forward(self, spec: LocalSpec, local: trio.SocketStream) -> None:
         self._begin()
         try:
-            peer = _peer(local)
+            peer = peer_address(local)
             session = self.session
             if session is None:
                 with trio.move_on_after(self.config.timeouts.connect):
@@ -267,13 +267,6 @@ class _Client:
         finally:
             self._end()
 
-
-def _peer(stream: trio.SocketStream) -> str:
-    try:
-        host, port, *_ = stream.socket.getpeername()
-    except OSError:
-        return "?"
-    return format_hostport(str(host), int(port))
 
 
 async def run_client(config: ClientConfig, shutdown: Shutdown, *, rng: random.Random | None = None,

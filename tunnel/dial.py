@@ -9,7 +9,7 @@ from proto import ErrorCode
 from .console import format_hostport
 from .relay import describe_connect_error
 
-__all__ = ["DialError", "dial"]
+__all__ = ["DialError", "dial", "peer_address"]
 
 
 class DialError(Exception):
@@ -36,3 +36,12 @@ async def dial(host: str, port: int, *, timeout: float) -> trio.SocketStream:  #
             code, reason = describe_connect_error(exc)
             raise DialError(code, f"cannot connect to {target}: {reason}") from exc
     raise DialError(ErrorCode.CONNECT_TIMEOUT, f"cannot connect to {target}: no answer within {timeout:g} s")
+
+
+def peer_address(stream: trio.SocketStream) -> str:
+    """``HOST:PORT`` of the far end of a TCP stream, for logs (``?`` once the peer has already reset it)."""
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return format_hostport(str(host), int(port))

@@ -28,6 +28,7 @@ import trio
 from proto.errors import ErrorCode
 from tunnel.config import MapConfig
 from tunnel.console import announce, format_hostport
+from tunnel.dial import peer_address
 from tunnel.lifecycle import Shutdown
 from tunnel.relay import Ending, Splice, abort, describe_connect_error
 
@@ -110,7 +111,7 @@ class _Mapper:
     async def handle(self, client: trio.SocketStream) -> None:
         """One accepted connection: admit it under the cap, dial the target, splice, log."""
         conn = next(self.ids)
-        peer = _peername(client)
+        peer = peer_address(client)
         try:
             self.limiter.acquire_nowait()
         except trio.WouldBlock:
@@ -190,10 +191,3 @@ def _sockname(listener: trio.SocketListener) -> tuple[str, int]:
     host, port = listener.socket.getsockname()[:2]
     return str(host), int(port)
 
-
-def _peername(stream: trio.SocketStream) -> str:
-    try:
-        host, port = stream.socket.getpeername()[:2]
-    except OSError:  # the peer already reset the connection
-        return "?"
-    return format_hostport(str(host), int(port))

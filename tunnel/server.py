@@ -28,7 +28,7 @@ from proto import ErrorCode
 
 from .config import HostPort, ServerConfig, Timeouts
 from .console import announce, format_hostport
-from .dial import DialError, dial
+from .dial import DialError, dial, peer_address
 from .errors import HandshakeError, SessionClosedError, StreamOpenError
 from .lifecycle import Shutdown
 from .mux import MuxStream, Request, Role, Session, SessionConfig, open_session
@@ -71,13 +71,6 @@ def session_config(timeouts: Timeouts, *, role: Role, max_streams: int = 1024) -
         keepalive_timeout=timeouts.keepalive_dead,
     )
 
-
-def _peer(stream: trio.SocketStream) -> str:
-    try:
-        host, port, *_ = stream.socket.getpeername()
-    except OSError:
-        return "?"
-    return format_hostport(str(host), int(port))
 
 
 @attrs.define(eq=False)
@@ -129,7 +122,7 @@ class _Server:
     # ---------------------------------------------------------------------------------------------- links
 
     async def handle_link(self, transport: trio.SocketStream) -> None:
-        peer = _peer(transport)
+        peer = peer_address(transport)
         cfg = self.config
         try:
             async with open_session(transport, role=Role.SERVER, config=session_config(
@@ -268,7 +261,7 @@ class _Server:
 
     async def _handle_external(self, session: Session, link: _Link, name: str, external: trio.SocketStream,
                                limiter: trio.CapacityLimiter) -> None:
-        peer = _peer(external)
+        peer = peer_address(external)
         try:
             limiter.acquire_nowait()
         except trio.WouldBlock:
