@@ -821,7 +821,8 @@ class Connection:
         if take < len(data):
             stream.blocked = True
         if take:
-            stream.send_buf.append(bytes(data[:take]))
+            # bytes are immutable: keep the caller's object when it is taken whole (no copy); copy otherwise.
+            stream.send_buf.append(data if type(data) is bytes and take == len(data) else bytes(data[:take]))
             stream.send_buffered += take
             stream.sent += take
             self._mark_ready(stream)
@@ -1082,7 +1083,7 @@ class Connection:
 
         Control frames come first and are never split; stream data fills the rest by round robin.
         """
-        out: list[bytes] = self._raw_out
+        out: list[bytes | memoryview] = list(self._raw_out)
         self._raw_out = []
         size = sum(map(len, out))
         nframes = 0
@@ -1118,7 +1119,8 @@ class Connection:
         self._bytes_sent += size
         return b"".join(out)
 
-    def _send_stream_data(self, out: list[bytes], size: int, nframes: int, max_bytes: int) -> tuple[int, int]:
+    def _send_stream_data(self, out: list[bytes | memoryview], size: int, nframes: int, max_bytes: int
+                          ) -> tuple[int, int]:
         ready = self._ready
         frame_cap = self._peer_max_payload
         while ready and size < max_bytes:
@@ -1137,7 +1139,7 @@ class Connection:
                 header = F.encode_data_header(sid, take, fin)
                 out.append(header)
                 if take:
-                    out.append(self._take_send(stream, take))
+                    self._take_send(stream, take, out)
                 size += len(header) + take
                 nframes += 1
                 budget -= take
@@ -1162,27 +1164,24 @@ class Connection:
             self._maybe_release(stream)
         return size, nframes
 
-    def _take_send(self, stream: _Stream, n: int) -> bytes:
-        if not n:
-            return b""
+    def _take_send(self, stream: _Stream, n: int, out: list[bytes | memoryview]) -> None:
+        """Move ``n`` queued bytes of ``stream`` to ``out`` as zero-copy views; the final join copies them once."""
         buf = stream.send_buf
-        parts: list[bytes] = []
         need = n
         while need:
             head = buf[0]
             off = stream.head_offset
             avail = len(head) - off
             if avail <= need:
-                parts.append(head[off:] if off else head)
+                out.append(memoryview(head)[off:] if off else head)
                 buf.popleft()
                 stream.head_offset = 0
                 need -= avail
             else:
-                parts.append(head[off : off + need])
+                out.append(memoryview(head)[off : off + need])
                 stream.head_offset = off + need
                 need = 0
         stream.send_buffered -= n
-        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     # ------------------------------------------------------------------------------------------ termination
 
