@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+from typing import Final
+
 import trio
 
 from proto import ErrorCode
@@ -9,7 +12,7 @@ from proto import ErrorCode
 from .console import format_hostport
 from .relay import describe_connect_error
 
-__all__ = ["DialError", "dial", "peer_address"]
+__all__ = ["DialError", "dial", "enable_keepalive", "peer_address"]
 
 
 class DialError(Exception):
@@ -31,7 +34,9 @@ async def dial(host: str, port: int, *, timeout: float) -> trio.SocketStream:  #
     target = format_hostport(host, port)
     with trio.move_on_after(timeout):
         try:
-            return await trio.open_tcp_stream(host, port)
+            stream = await trio.open_tcp_stream(host, port)
+            enable_keepalive(stream)
+            return stream
         except OSError as exc:
             code, reason = describe_connect_error(exc)
             raise DialError(code, f"cannot connect to {target}: {reason}") from exc
@@ -45,3 +50,23 @@ def peer_address(stream: trio.SocketStream) -> str:
     except OSError:
         return "?"
     return format_hostport(str(host), int(port))
+
+
+KEEPALIVE_IDLE: Final = 60
+KEEPALIVE_INTERVAL: Final = 10
+KEEPALIVE_COUNT: Final = 6
+
+
+def enable_keepalive(stream: trio.SocketStream) -> None:
+    """TCP keepalive on an end-user connection (a backstop, not the link's liveness check, which is PING): a peer
+    that vanished without a FIN or RST is noticed after about two minutes of silence (60 s, then 6 probes 10 s
+    apart), so its connection, task pair and slot under the connection cap are released instead of held forever."""
+    sock = stream.socket
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    except OSError:  # the peer already reset it: nothing to keep alive
+        pass

@@ -28,7 +28,7 @@ import trio
 from proto.errors import ErrorCode
 from tunnel.config import MapConfig
 from tunnel.console import announce, format_hostport
-from tunnel.dial import peer_address
+from tunnel.dial import enable_keepalive, peer_address
 from tunnel.lifecycle import Shutdown
 from tunnel.relay import Ending, Splice, abort, describe_connect_error
 
@@ -112,6 +112,7 @@ class _Mapper:
         """One accepted connection: admit it under the cap, dial the target, splice, log."""
         conn = next(self.ids)
         peer = peer_address(client)
+        enable_keepalive(client)
         try:
             self.limiter.acquire_nowait()
         except trio.WouldBlock:
@@ -155,7 +156,9 @@ class _Mapper:
         reason = ""
         with trio.move_on_after(self.config.connect_timeout) as scope:
             try:
-                return await trio.open_tcp_stream(host, port)
+                upstream = await trio.open_tcp_stream(host, port)
+                enable_keepalive(upstream)
+                return upstream
             except OSError as exc:
                 _, reason = describe_connect_error(exc)
         if scope.cancelled_caught:

@@ -28,7 +28,7 @@ from proto import ErrorCode
 
 from .config import HostPort, ServerConfig, Timeouts
 from .console import announce, format_hostport
-from .dial import DialError, dial, peer_address
+from .dial import DialError, dial, enable_keepalive, peer_address
 from .errors import HandshakeError, SessionClosedError, StreamOpenError
 from .lifecycle import Shutdown
 from .mux import MuxStream, Request, Role, Session, SessionConfig, open_session
@@ -266,6 +266,7 @@ class _Server:
     async def _handle_external(self, session: Session, link: _Link, name: str, external: trio.SocketStream,
                                limiter: trio.CapacityLimiter) -> None:
         peer = peer_address(external)
+        enable_keepalive(external)
         try:
             limiter.acquire_nowait()
         except trio.WouldBlock:
