@@ -144,7 +144,7 @@ class _Stream:
     # send direction
     send_limit: int
     sent: int = 0
-    send_buf: deque[bytes] = attrs.field(factory=deque)
+    send_buf: list[bytes] = attrs.field(factory=list)  # a list, not a deque: 56 bytes empty instead of 760
     send_buffered: int = 0
     head_offset: int = 0
     fin_queued: bool = False
@@ -1174,7 +1174,7 @@ class Connection:
             avail = len(head) - off
             if avail <= need:
                 out.append(memoryview(head)[off:] if off else head)
-                buf.popleft()
+                del buf[0]
                 stream.head_offset = 0
                 need -= avail
             else:

@@ -512,7 +512,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self.stream_id = stream_id
         self.route = route
         self.meta = meta
-        self._recv_buf: deque[bytes] = deque()
+        self._recv_buf: list[bytes] = []  # few entries; a list is 56 bytes empty, a deque 760
         self._recv_offset = 0
         self._recv_buffered = 0
         self._eof = False
@@ -696,7 +696,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             data = head[off : off + limit]
             self._recv_offset = off + limit
         else:
-            buf.popleft()
+            del buf[0]
             self._recv_offset = 0
             data = head[off:] if off else head
             if buf and avail < limit:
@@ -707,7 +707,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     room = limit - total
                     if len(nxt) <= room:
                         parts.append(nxt)
-                        buf.popleft()
+                        del buf[0]
                         total += len(nxt)
                     else:
                         parts.append(nxt[:room])
