@@ -63,8 +63,10 @@ def session_config(timeouts: Timeouts, *, role: Role, max_streams: int = 1024) -
     # Windows may grow to 16 MiB (protocol default 8): one stream then fills a 1 Gbit/s link at 50 ms RTT (a
     # bandwidth-delay product of 6 MB, and WINDOW goes out at half a window). Growth still comes out of the
     # per-session autotune budget, so memory stays bounded.
+    # A 32 KiB round-robin quantum (protocol default 16): many bulk streams move about 10% more with half the
+    # frames, and an interactive frame waits behind at most one 32 KiB turn per busy stream.
     limits = proto.Limits(open_timeout=max(timeouts.open, timeouts.connect + 1.0), max_streams=max_streams,
-                          max_window=16 * 1024 * 1024)
+                          max_window=16 * 1024 * 1024, send_quantum=32 * 1024)
     if role is Role.CLIENT:
         limits = attrs.evolve(limits, open_rate=proto.RateLimit(burst=1 << 30, rate=float(1 << 30)),
                               reset_rate=proto.RateLimit(burst=1 << 30, rate=float(1 << 30)))
