@@ -118,13 +118,13 @@ class _Client:
             self.status.started(dict(self.exposed))
             self.status = None
 
-    async def _one_link(self, backoff: Backoff) -> str:
+    async def _one_link(self, backoff: Backoff) -> None:
         cfg = self.config
         try:
             transport = await dial(cfg.server.host, cfg.server.port, timeout=cfg.timeouts.connect)
         except DialError as exc:
             logger.warning("cannot reach the server: %s", exc.reason)
-            return exc.reason
+            return
         try:
             async with open_session(transport, role=Role.CLIENT, config=session_config(cfg.timeouts, role=Role.CLIENT),
                                     name=cfg.name, token=cfg.token) as session:
@@ -136,13 +136,12 @@ class _Client:
             if exc.code in FATAL_CODES:
                 raise
             logger.warning("the server refused the session: %s", exc)
-            return str(exc)
+            return
         announce(f"disconnected {reason}")
         logger.info("disconnected from %s: %s", self.server, reason)
         if self.replaced_by_peer:
             # Another live client took our name: reconnecting would take it back, and so on forever.
             raise NameTakenError(ErrorCode.PROHIBITED, reason)
-        return reason
 
     async def _serve_link(self, session: Session) -> str:
         async with trio.open_nursery() as nursery:
