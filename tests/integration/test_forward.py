@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from tunnel_helpers import RecordWatch, exchange
 
 from tunnel.client import run_client
 from tunnel.config import ClientConfig, HostPort, LocalSpec, ServerConfig, TargetAllowlist, Timeouts
@@ -35,35 +36,9 @@ FORWARDING_RE = re.compile(r"^forwarding (\S+) (\S+):(\d+)$", re.MULTILINE)
 # ---------------------------------------------------------------------------------------------------------- helpers
 
 
-class LogWatch(logging.Handler):
-    """Collects the ``tunnel`` loggers' records; a test can wait (without sleeping) for a matching one."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self._changed = trio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def matching(self, text: str, *, logger: str = "tunnel", level: int = logging.DEBUG) -> list[logging.LogRecord]:
-        return [
-            r
-            for r in self.records
-            if r.levelno >= level and (r.name == logger or r.name.startswith(logger + ".")) and text in r.getMessage()
-        ]
-
-    async def wait_for(self, text: str, *, logger: str = "tunnel", count: int = 1) -> list[logging.LogRecord]:
-        while len(found := self.matching(text, logger=logger)) < count:
-            await self._changed.wait()
-        return found
-
-
 @pytest.fixture
-def logwatch() -> Iterator[LogWatch]:
-    watch = LogWatch()
+def logwatch() -> Iterator[RecordWatch]:
+    watch = RecordWatch()
     log = logging.getLogger("tunnel")
     level = log.level
     log.addHandler(watch)
@@ -150,22 +125,6 @@ async def closed_port() -> int:
     return port
 
 
-async def exchange(port: int, payload: bytes) -> bytes:
-    """Connect, send ``payload`` then EOF while reading everything back until EOF."""
-    stream = await trio.open_tcp_stream(LOCALHOST, port)
-    received = bytearray()
-    async with stream, trio.open_nursery() as nursery:
-
-        async def send() -> None:
-            await stream.send_all(payload)
-            await stream.send_eof()
-
-        nursery.start_soon(send)
-        while data := await stream.receive_some(1 << 18):
-            received += data
-    return bytes(received)
-
-
 async def read_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
     got = bytearray()
     while len(got) < n:
@@ -244,7 +203,7 @@ def _http_session(port: int, upload: bytes) -> list[tuple[int, bytes]]:
     return results
 
 
-async def test_http_through_forward(capsys: pytest.CaptureFixture[str], logwatch: LogWatch, http_port: int) -> None:
+async def test_http_through_forward(capsys: pytest.CaptureFixture[str], logwatch: RecordWatch, http_port: int) -> None:
     upload = random.Random(81).randbytes(1_500_000)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
@@ -270,7 +229,7 @@ async def test_http_through_forward(capsys: pytest.CaptureFixture[str], logwatch
 
 
 async def test_bulk_transfer_both_ways_verified_by_sha256(
-    capsys: pytest.CaptureFixture[str], logwatch: LogWatch
+    capsys: pytest.CaptureFixture[str], logwatch: RecordWatch
 ) -> None:
     """32 MiB out and the same 32 MiB echoed back at once, through one -L connection."""
     payload = random.Random(16).randbytes(32 * 1024 * 1024)
@@ -667,7 +626,7 @@ async def test_ipv6_listener_and_target(capsys: pytest.CaptureFixture[str]) -> N
 # ------------------------------------------------------------------------------------------------ link not up yet
 
 
-async def test_local_connection_waits_for_the_link(capsys: pytest.CaptureFixture[str], logwatch: LogWatch) -> None:
+async def test_local_connection_waits_for_the_link(capsys: pytest.CaptureFixture[str], logwatch: RecordWatch) -> None:
     """The -L listener is up before the link: a connection accepted while the server is still down is forwarded
     once the link comes up (within the client's connect timeout)."""
     server_port = await closed_port()
@@ -707,7 +666,7 @@ async def test_local_connection_waits_for_the_link(capsys: pytest.CaptureFixture
 
 
 async def test_no_link_closes_the_local_connection_after_the_connect_timeout(
-    capsys: pytest.CaptureFixture[str], logwatch: LogWatch
+    capsys: pytest.CaptureFixture[str], logwatch: RecordWatch
 ) -> None:
     dead = await closed_port()
     timeouts = Timeouts(connect=0.3, reconnect_initial=0.05, reconnect_max=0.2)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+from tunnel_helpers import RecordWatch, exchange
 
 from tunnel.config import HostPort, MapConfig
 from tunnel.lifecycle import Shutdown
@@ -29,31 +30,9 @@ LOCALHOST = "127.0.0.1"
 # ---------------------------------------------------------------------------------------------------------- helpers
 
 
-class LogWatch(logging.Handler):
-    """Collects log records and lets a test wait (without sleeping) until a matching one was emitted."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self._changed = trio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def matching(self, text: str, level: int = logging.DEBUG) -> list[logging.LogRecord]:
-        return [r for r in self.records if r.levelno >= level and text in r.getMessage()]
-
-    async def wait_for(self, text: str, count: int = 1) -> list[logging.LogRecord]:
-        while len(found := self.matching(text)) < count:
-            await self._changed.wait()
-        return found
-
-
 @pytest.fixture
-def logwatch() -> Iterator[LogWatch]:
-    watch = LogWatch()
+def logwatch() -> Iterator[RecordWatch]:
+    watch = RecordWatch()
     loggers = [logging.getLogger("tunnel"), logging.getLogger("trio.serve_listeners")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -118,22 +97,6 @@ def map_config(target_port: int, **kwargs: Any) -> MapConfig:
     )
 
 
-async def exchange(port: int, payload: bytes) -> bytes:
-    """Connect, send ``payload`` then EOF while reading everything back until EOF."""
-    stream = await trio.open_tcp_stream(LOCALHOST, port)
-    received = bytearray()
-    async with stream, trio.open_nursery() as nursery:
-
-        async def send() -> None:
-            await stream.send_all(payload)
-            await stream.send_eof()
-
-        nursery.start_soon(send)
-        while data := await stream.receive_some(1 << 16):
-            received += data
-    return bytes(received)
-
-
 async def echo_once(stream: trio.SocketStream, data: bytes) -> None:
     await stream.send_all(data)
     got = bytearray()
@@ -144,14 +107,14 @@ async def echo_once(stream: trio.SocketStream, data: bytes) -> None:
     assert got == data
 
 
-def closed_lines(watch: LogWatch) -> list[logging.LogRecord]:
+def closed_lines(watch: RecordWatch) -> list[logging.LogRecord]:
     return watch.matching(": closed after ", logging.INFO)
 
 
 # -------------------------------------------------------------------------------------------------------- relaying
 
 
-async def test_hundred_concurrent_connections_verified_by_sha256(logwatch: LogWatch) -> None:
+async def test_hundred_concurrent_connections_verified_by_sha256(logwatch: RecordWatch) -> None:
     rng = random.Random(100)
     payloads = [rng.randbytes(rng.randint(1, 1 << 20)) for _ in range(100)]
     mismatches: list[int] = []
@@ -180,7 +143,7 @@ async def test_hundred_concurrent_connections_verified_by_sha256(logwatch: LogWa
     assert not logwatch.matching("", logging.WARNING)
 
 
-async def test_half_close_to_a_hash_target(logwatch: LogWatch) -> None:
+async def test_half_close_to_a_hash_target(logwatch: RecordWatch) -> None:
     """The client sends, half-closes, then reads the target's reply (a digest of everything it got)."""
     payload = random.Random(8).randbytes(3_000_000)
     with trio.fail_after(20):
@@ -213,7 +176,9 @@ async def test_announces_listening_line(capsys: pytest.CaptureFixture[str]) -> N
 # --------------------------------------------------------------------------------------------------- target down
 
 
-async def test_target_down_closes_promptly_with_a_reason(logwatch: LogWatch, caplog: pytest.LogCaptureFixture) -> None:
+async def test_target_down_closes_promptly_with_a_reason(
+    logwatch: RecordWatch, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="tunnel")
     dead = await closed_port()
     with trio.fail_after(10):
@@ -249,7 +214,7 @@ async def blackhole() -> AsyncIterator[int]:
         listener.close()
 
 
-async def test_target_timeout_is_bounded_by_connect_timeout(logwatch: LogWatch) -> None:
+async def test_target_timeout_is_bounded_by_connect_timeout(logwatch: RecordWatch) -> None:
     with trio.fail_after(10):
         async with blackhole() as target_port, trio.open_nursery() as nursery:
             shutdown = Shutdown(drain_timeout=1)
@@ -265,7 +230,7 @@ async def test_target_timeout_is_bounded_by_connect_timeout(logwatch: LogWatch) 
     assert "timed out after 0.3s" in warning.getMessage()
 
 
-async def test_drain_timeout_cuts_a_connection_still_dialling(logwatch: LogWatch) -> None:
+async def test_drain_timeout_cuts_a_connection_still_dialling(logwatch: RecordWatch) -> None:
     with trio.fail_after(10):
         async with blackhole() as target_port, trio.open_nursery() as nursery:
             shutdown = Shutdown(drain_timeout=0.2)
@@ -285,7 +250,7 @@ async def test_drain_timeout_cuts_a_connection_still_dialling(logwatch: LogWatch
 # ---------------------------------------------------------------------------------------------- connection cap
 
 
-async def test_connection_cap_refuses_extra_connections_at_once(logwatch: LogWatch) -> None:
+async def test_connection_cap_refuses_extra_connections_at_once(logwatch: RecordWatch) -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             echo_port = await nursery.start(serve_echo)
@@ -318,7 +283,7 @@ async def test_connection_cap_refuses_extra_connections_at_once(logwatch: LogWat
 # ----------------------------------------------------------------------------------------------------- shutdown
 
 
-async def test_graceful_shutdown_lets_a_connection_in_flight_finish(logwatch: LogWatch) -> None:
+async def test_graceful_shutdown_lets_a_connection_in_flight_finish(logwatch: RecordWatch) -> None:
     payload = random.Random(7).randbytes(600_000)
     # fail_after(10) with drain_timeout 30: this passes only if run_map returns as soon as the connection is done,
     # not at the drain deadline.
@@ -355,7 +320,7 @@ async def test_graceful_shutdown_lets_a_connection_in_flight_finish(logwatch: Lo
     assert not logwatch.matching("drain timeout", logging.WARNING)
 
 
-async def test_drain_timeout_resets_what_is_left_and_returns(logwatch: LogWatch) -> None:
+async def test_drain_timeout_resets_what_is_left_and_returns(logwatch: RecordWatch) -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             echo_port = await nursery.start(serve_echo)
@@ -396,7 +361,7 @@ class FlakyListener(trio.abc.Listener[trio.SocketStream]):
         await self.inner.aclose()
 
 
-async def test_listener_survives_emfile(logwatch: LogWatch) -> None:
+async def test_listener_survives_emfile(logwatch: RecordWatch) -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             echo_port = await nursery.start(serve_echo)

@@ -504,3 +504,48 @@ def logs() -> Iterator[LogWatch]:
     finally:
         log.removeHandler(watch)
         log.setLevel(level)
+
+
+class RecordWatch(logging.Handler):
+    """Collects log records; a test can wait (without sleeping) until ``count`` records contain ``text``.
+
+    ``logger`` limits a query to one logger and its children ("" = every logger the handler is attached to).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._changed = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def matching(self, text: str, level: int = logging.DEBUG, *, logger: str = "") -> list[logging.LogRecord]:
+        return [
+            r for r in self.records
+            if r.levelno >= level and (not logger or r.name == logger or r.name.startswith(logger + "."))
+            and text in r.getMessage()
+        ]
+
+    async def wait_for(self, text: str, *, logger: str = "", count: int = 1) -> list[logging.LogRecord]:
+        while len(found := self.matching(text, logger=logger)) < count:
+            await self._changed.wait()
+        return found
+
+
+async def exchange(port: int, payload: bytes, host: str = LOCALHOST) -> bytes:
+    """Connect, send ``payload`` then EOF while reading everything back until EOF."""
+    stream = await trio.open_tcp_stream(host, port)
+    received = bytearray()
+    async with stream, trio.open_nursery() as nursery:
+
+        async def send() -> None:
+            await stream.send_all(payload)
+            await stream.send_eof()
+
+        nursery.start_soon(send)
+        while data := await stream.receive_some(1 << 18):
+            received += data
+    return bytes(received)
