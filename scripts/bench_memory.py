@@ -1,0 +1,114 @@
+"""Python heap per idle tunnelled connection, both ends together, measured with tracemalloc.
+
+bench.py measures what users see (the growth of the tunnel processes' RSS with 1,000 idle connections); this
+script measures where that memory goes, deterministically, so a change can be judged in one run on a noisy
+machine. Server, client, the load side and a sink service all run in this one process:
+
+1. ``N`` connections straight to the sink (no tunnel) give the cost of the load side and the sink;
+2. ``N`` connections through the tunnel (server ``-R`` to the same sink) give that plus the tunnel's;
+3. the difference, divided by ``N``, is the tunnel's Python heap per idle connection, both ends.
+
+The top allocation sites of step 2 (by line, or by traceback with ``--traceback``) show what to cut.
+
+Usage: ``.venv/bin/python scripts/bench_memory.py [--conns 1000] [--top 25] [--traceback]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import pathlib
+import sys
+import tracemalloc
+
+import trio
+import trio.testing
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from tunnel.client import run_client  # noqa: E402
+from tunnel.config import ClientConfig, HostPort, RemoteSpec, ServerConfig  # noqa: E402
+from tunnel.lifecycle import Shutdown  # noqa: E402
+from tunnel.server import run_server  # noqa: E402
+
+TOKEN = b"bench-memory-token-0123456789"
+
+
+async def _hold(stream: trio.SocketStream) -> None:
+    """The sink: keep the connection open until the peer closes it."""
+    while await stream.receive_some():
+        pass
+
+
+async def _measure(host: str, port: int, n: int, conns: list[trio.SocketStream],
+                   frames: int) -> list[tracemalloc.StatisticDiff]:
+    """Open ``n`` connections to host:port and keep them; what the heap grew by, per allocation site."""
+    gc.collect()
+    before = tracemalloc.take_snapshot()
+    for _ in range(n):
+        conns.append(await trio.open_tcp_stream(host, port))
+    # Every connection is idle at both ends once all tasks are blocked: the tunnel has dialled the sink and
+    # each splice waits for bytes.
+    await trio.testing.wait_all_tasks_blocked(0.2)
+    gc.collect()
+    after = tracemalloc.take_snapshot()
+    return after.compare_to(before, "traceback" if frames > 1 else "lineno")
+
+
+async def main(n: int, top: int, frames: int) -> None:
+    logging.basicConfig(level=logging.ERROR)
+    shutdown = Shutdown()
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        sink_port = listeners[0].socket.getsockname()[1]
+        nursery.start_soon(trio.serve_listeners, _hold, listeners)
+        server_cfg = ServerConfig(listen=HostPort(host="127.0.0.1", port=0), tokens=(TOKEN,))
+        link = await nursery.start(run_server, server_cfg, shutdown)
+        remote = RemoteSpec.parse(f"sink=127.0.0.1:0:127.0.0.1:{sink_port}")
+        client_cfg = ClientConfig(server=link, token=TOKEN, name="bench", remotes=(remote,))
+        exposed = await nursery.start(run_client, client_cfg, shutdown)
+        public = exposed["sink"]
+
+        conns: list[trio.SocketStream] = []
+        # Warm up both paths (first-use allocations, free lists) before measuring.
+        for host, port in (("127.0.0.1", sink_port), (public.host, public.port)):
+            for _ in range(50):
+                conns.append(await trio.open_tcp_stream(host, port))
+        await trio.testing.wait_all_tasks_blocked(0.2)
+
+        tracemalloc.start(frames)
+        direct = sum(s.size_diff for s in await _measure("127.0.0.1", sink_port, n, conns, frames))
+        stats = await _measure(public.host, public.port, n, conns, frames)
+        tracemalloc.stop()
+        tunnelled = sum(s.size_diff for s in stats)
+
+        print(f"connections: {n} direct, then {n} tunnelled (server and client in this process)")
+        print(f"direct (load side + sink):      {direct / n / 1024:6.2f} KiB per connection")
+        print(f"tunnelled (same + both ends):   {tunnelled / n / 1024:6.2f} KiB per connection")
+        print(f"tunnel, both ends:              {(tunnelled - direct) / n / 1024:6.2f} KiB per connection")
+        print(f"\ntop {top} allocation sites of the tunnelled connections (bytes per connection):")
+        for s in stats[:top]:
+            frames_text = " <- ".join(f"{_short(f.filename)}:{f.lineno}" for f in s.traceback[:frames])
+            print(f"{s.size_diff / n:8.0f}  {s.count_diff / n:5.1f} blocks  {frames_text}")
+
+        for c in conns:
+            await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+def _short(filename: str) -> str:
+    for marker in ("site-packages/", "/work/main/", "python3.11/"):
+        if marker in filename:
+            return filename.split(marker, 1)[1]
+    return filename
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--conns", type=int, default=1000, help="connections per step (default 1000)")
+    ap.add_argument("--top", type=int, default=25, help="allocation sites to list (default 25)")
+    ap.add_argument("--traceback", type=int, default=1, metavar="FRAMES",
+                    help="group by this many frames of traceback instead of by line (default 1)")
+    args = ap.parse_args()
+    trio.run(main, args.conns, args.top, args.traceback)
