@@ -27,10 +27,10 @@ import trio.testing
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from tunnel.client import run_client  # noqa: E402
-from tunnel.config import ClientConfig, HostPort, RemoteSpec, ServerConfig  # noqa: E402
-from tunnel.lifecycle import Shutdown  # noqa: E402
-from tunnel.server import run_server  # noqa: E402
+from tunnel.client import run_client
+from tunnel.config import ClientConfig, HostPort, RemoteSpec, ServerConfig
+from tunnel.lifecycle import Shutdown
+from tunnel.server import run_server
 
 TOKEN = b"bench-memory-token-0123456789"
 
