@@ -503,8 +503,61 @@ class Session:
 
 
 @final
+class _Wakeup:
+    """Where one task sleeps until a stream's state changes: a :class:`trio.Event` without the set of waiters and
+    without the latch. The waiter checks its condition, then sleeps; whoever changes the state calls :meth:`wake`
+    (which does nothing when nobody sleeps). Nothing runs between the check and the sleep, so no wakeup is lost.
+    Every idle stream has a task asleep on one of these, so it is kept small: one slot, no per-wait objects
+    beyond Trio's own."""
+
+    __slots__ = ("_task",)
+
+    def __init__(self) -> None:
+        self._task: trio.lowlevel.Task | None = None
+
+    async def wait(self) -> None:
+        """Sleep until :meth:`wake` (a checkpoint: raises Cancelled if cancelled meanwhile)."""
+        assert self._task is None, "one waiter at a time"
+        self._task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, _raise_cancel: object) -> trio.lowlevel.Abort:
+        self._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def wake(self) -> None:
+        task = self._task
+        if task is not None:
+            self._task = None
+            trio.lowlevel.reschedule(task)
+
+
+@final
 class MuxStream(trio.abc.HalfCloseableStream):
     """One multiplexed byte stream; behaves like a TCP connection (see the module docstring)."""
+
+    # Slots, not a __dict__: one of these per connection, and idle connections are many.
+    __slots__ = (
+        "_accepted_wakeup",
+        "_closed",
+        "_conn",
+        "_eof",
+        "_eof_sent",
+        "_error",
+        "_opening",
+        "_pending",
+        "_receiving",
+        "_recv_buf",
+        "_recv_buffered",
+        "_recv_offset",
+        "_recv_wakeup",
+        "_send_wakeup",
+        "_sending",
+        "_session",
+        "meta",
+        "route",
+        "stream_id",
+    )
 
     def __init__(self, session: Session, stream_id: int, route: str, meta: dict[str, Any], *, opening: bool) -> None:
         self._session = session
@@ -521,9 +574,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._error: BaseException | None = None  # why sending (and, without EOF, receiving) fails
         self._opening = opening  # we opened it and no answer came yet
         self._pending = not opening  # the peer opened it and we have not answered
-        self._accepted_event = trio.Event()
-        self._recv_event: trio.Event | None = None
-        self._send_event: trio.Event | None = None
+        self._accepted_wakeup = _Wakeup()  # wait_accepted: until _opening is False or _error is set
+        self._recv_wakeup = _Wakeup()  # receive_some: until data, EOF or an error
+        self._send_wakeup = _Wakeup()  # send_all and wait_send_all_might_not_block: until credit or an error
         self._receiving = False
         self._sending = False
 
@@ -539,7 +592,12 @@ class MuxStream(trio.abc.HalfCloseableStream):
             StreamOpenError: refused or timed out.
             SessionClosedError: the session is over first.
         """
-        await self._accepted_event.wait()
+        if self._opening and self._error is None:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while self._opening and self._error is None:
+                await self._accepted_wakeup.wait()
+        else:
+            await trio.lowlevel.checkpoint()
         if self._opening:
             error = self._error
             if isinstance(error, StreamResetError):
@@ -584,12 +642,12 @@ class MuxStream(trio.abc.HalfCloseableStream):
 
     def _on_accepted(self) -> None:
         self._opening = False
-        self._accepted_event.set()
+        self._accepted_wakeup.wake()
 
     def _on_rejected(self, error: StreamOpenError) -> None:
         self._error = error
         self._drop_recv()
-        self._accepted_event.set()
+        self._accepted_wakeup.wake()
         self._wake_recv()
         self._wake_send()
 
@@ -597,7 +655,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._error = error
         if not self._eof:
             self._drop_recv()
-        self._accepted_event.set()
+        self._accepted_wakeup.wake()
         self._wake_recv()
         self._wake_send()
         queue = self._session._accept_queue
@@ -613,7 +671,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             self._error = SessionClosedError(dead.code, dead.reason)
         if not self._eof:
             self._drop_recv()
-        self._accepted_event.set()
+        self._accepted_wakeup.wake()
         self._wake_recv()
         self._wake_send()
 
@@ -623,12 +681,10 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._recv_offset = 0
 
     def _wake_recv(self) -> None:
-        if self._recv_event is not None:
-            self._recv_event.set()
+        self._recv_wakeup.wake()
 
     def _wake_send(self) -> None:
-        if self._send_event is not None:
-            self._send_event.set()
+        self._send_wakeup.wake()
 
     def _forget(self) -> None:
         self._session._streams.pop(self.stream_id, None)
@@ -676,11 +732,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     return b""
                 if self._error is not None:
                     raise self._broken()
-                event = self._recv_event = trio.Event()
-                try:
-                    await event.wait()
-                finally:
-                    self._recv_event = None
+                await self._recv_wakeup.wait()
         finally:
             self._receiving = False
 
@@ -748,11 +800,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                         offset += taken
                         self._session._wake_writer()
                         continue
-                    event = self._send_event = trio.Event()
-                    try:
-                        await event.wait()
-                    finally:
-                        self._send_event = None
+                    await self._send_wakeup.wait()
                     self._check_send()
             await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
@@ -768,11 +816,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 self._check_send()
                 if self._conn.send_credit(self.stream_id) > 0:
                     break
-                event = self._send_event = trio.Event()
-                try:
-                    await event.wait()
-                finally:
-                    self._send_event = None
+                await self._send_wakeup.wait()
             await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
