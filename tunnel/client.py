@@ -6,7 +6,7 @@ Structure (every task has an owner):
     run_client                 nursery: the -L listeners (they outlive any one link), the link loop
       _Client.link_loop        dial -> open_session -> register services -> serve, until the link ends; back off
         nursery per link:      accept loop -> _serve_stream (one per external connection): dial local, splice
-      _Client.serve_forward    serve_listeners -> _forward (one per local connection): a stream to the server, splice
+      _Client.serve_forward    serve_tcp -> _forward (one per local connection): a stream to the server, splice
 
 Readable, final failures (a refused token, an incompatible server) end the process: retrying cannot fix them.
 Everything else (server down, link lost, keepalive timeout) is retried.
@@ -33,6 +33,7 @@ from .lifecycle import Shutdown
 from .mux import MuxStream, Role, Session, open_session, unwrap_group
 from .relay import splice
 from .server import FORWARD_ROUTE, REPLACED, session_config
+from .tcp import TcpStream, serve_tcp
 
 __all__ = ["Backoff", "run_client"]
 
@@ -231,42 +232,41 @@ class _Client:
     async def serve_forward(self, spec: LocalSpec, listeners: list[trio.SocketListener],
                             handlers: trio.Nursery) -> None:
         try:
-            await trio.serve_listeners(partial(self._forward, spec), listeners, handler_nursery=handlers)
+            await serve_tcp(partial(self._forward, spec), listeners, handler_nursery=handlers)
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
 
-    async def _forward(self, spec: LocalSpec, local: trio.SocketStream) -> None:
-        self._begin()
-        try:
-            peer = peer_address(local)
-            enable_keepalive(local)
-            session = self.session
-            if session is None:
-                with trio.move_on_after(self.config.timeouts.connect):
-                    while self.session is None:
-                        await self.session_changed.wait()
-                session = self.session
-            if session is None:
-                logger.warning("%s: closing %s: no link to the server", spec.name, peer)
-                await local.aclose()
-                return
-            meta: dict[str, str | int | bool | None] = {
-                "host": spec.target_host, "port": spec.target_port, "peer": peer, "name": spec.name}
+    async def _forward(self, spec: LocalSpec, local: TcpStream) -> None:
+        # ``local`` is ours to close on every path (the splice closes it too; closing twice is fine).
+        async with local:
+            self._begin()
             try:
-                stream = await session.open_stream(FORWARD_ROUTE, meta)
-            except (StreamOpenError, SessionClosedError) as exc:
-                logger.warning("%s: closing %s: the server could not forward it: %s", spec.name, peer, exc)
-                await local.aclose()
-                return
-            started = trio.current_time()
-            result = await splice(local, stream)
-            logger.info("%s: %s closed after %.3f s: out %d bytes (%s), back %d bytes (%s)", spec.name, peer,
-                        trio.current_time() - started, result.bytes_a_to_b, result.a_to_b, result.bytes_b_to_a,
-                        result.b_to_a)
-        finally:
-            self._end()
-
+                peer = peer_address(local)
+                enable_keepalive(local)
+                session = self.session
+                if session is None:
+                    with trio.move_on_after(self.config.timeouts.connect):
+                        while self.session is None:
+                            await self.session_changed.wait()
+                    session = self.session
+                if session is None:
+                    logger.warning("%s: closing %s: no link to the server", spec.name, peer)
+                    return
+                meta: dict[str, str | int | bool | None] = {
+                    "host": spec.target_host, "port": spec.target_port, "peer": peer, "name": spec.name}
+                try:
+                    stream = await session.open_stream(FORWARD_ROUTE, meta)
+                except (StreamOpenError, SessionClosedError) as exc:
+                    logger.warning("%s: closing %s: the server could not forward it: %s", spec.name, peer, exc)
+                    return
+                started = trio.current_time()
+                result = await splice(local, stream)
+                logger.info("%s: %s closed after %.3f s: out %d bytes (%s), back %d bytes (%s)", spec.name, peer,
+                            trio.current_time() - started, result.bytes_a_to_b, result.a_to_b, result.bytes_b_to_a,
+                            result.b_to_a)
+            finally:
+                self._end()
 
 
 async def run_client(config: ClientConfig, shutdown: Shutdown, *, rng: random.Random | None = None,

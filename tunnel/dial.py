@@ -11,6 +11,7 @@ from proto import ErrorCode
 
 from .console import format_hostport
 from .relay import describe_connect_error
+from .tcp import TcpStream
 
 __all__ = ["DialError", "dial", "enable_keepalive", "peer_address"]
 
@@ -25,7 +26,7 @@ class DialError(Exception):
 
 
 # The timeout is a parameter (not the caller's cancel scope) because a timeout is one of the reasons reported.
-async def dial(host: str, port: int, *, timeout: float) -> trio.SocketStream:  # noqa: ASYNC109
+async def dial(host: str, port: int, *, timeout: float) -> TcpStream:  # noqa: ASYNC109
     """Open a TCP connection to ``host:port`` within ``timeout`` seconds.
 
     Raises:
@@ -34,7 +35,7 @@ async def dial(host: str, port: int, *, timeout: float) -> trio.SocketStream:  #
     target = format_hostport(host, port)
     with trio.move_on_after(timeout):
         try:
-            stream = await trio.open_tcp_stream(host, port)
+            stream = TcpStream.adopt(await trio.open_tcp_stream(host, port))
             enable_keepalive(stream)
             return stream
         except OSError as exc:
@@ -43,7 +44,7 @@ async def dial(host: str, port: int, *, timeout: float) -> trio.SocketStream:  #
     raise DialError(ErrorCode.CONNECT_TIMEOUT, f"cannot connect to {target}: no answer within {timeout:g} s")
 
 
-def peer_address(stream: trio.SocketStream) -> str:
+def peer_address(stream: TcpStream | trio.SocketStream) -> str:
     """``HOST:PORT`` of the far end of a TCP stream, for logs (``?`` once the peer has already reset it)."""
     try:
         host, port = stream.socket.getpeername()[:2]
@@ -57,7 +58,7 @@ KEEPALIVE_INTERVAL: Final = 10
 KEEPALIVE_COUNT: Final = 6
 
 
-def enable_keepalive(stream: trio.SocketStream) -> None:
+def enable_keepalive(stream: TcpStream | trio.SocketStream) -> None:
     """TCP keepalive on an end-user connection (a backstop, not the link's liveness check, which is PING): a peer
     that vanished without a FIN or RST is noticed after about two minutes of silence (60 s, then 6 probes 10 s
     apart), so its connection, task pair and slot under the connection cap are released instead of held forever."""

@@ -9,7 +9,7 @@ every accepted connection to ``TARGET`` with :func:`tunnel.relay.splice` (half-c
   WARNING, so an overload never builds an unbounded queue of tasks.
 * Each relayed connection ends with one INFO line: peer, target, duration, bytes and how each direction ended.
 * Accept errors that mean "out of file descriptors / memory" (EMFILE, ENFILE, ENOBUFS, ENOMEM) do not stop the
-  listener: :func:`trio.serve_listeners` logs them and retries 100 ms later.
+  listener: :func:`tunnel.tcp.serve_tcp` logs them and retries 100 ms later.
 * Graceful shutdown (``shutdown.requested``): the listeners close at once, connections in flight continue for at
   most ``shutdown.drain_timeout`` seconds (a deadline on the handler nursery), then the rest are reset and
   :func:`run_map` returns normally.
@@ -31,6 +31,7 @@ from tunnel.console import announce, format_hostport
 from tunnel.dial import enable_keepalive, peer_address
 from tunnel.lifecycle import Shutdown
 from tunnel.relay import Ending, Splice, abort, describe_connect_error
+from tunnel.tcp import TcpStream, serve_tcp
 
 __all__ = ["run_map", "serve_map"]
 
@@ -74,13 +75,13 @@ async def serve_map(
         try:
             async with trio.open_nursery() as acceptors:
                 await acceptors.start(
-                    functools.partial(trio.serve_listeners, mapper.handle, list(listeners), handler_nursery=connections)
+                    functools.partial(serve_tcp, mapper.handle, list(listeners), handler_nursery=connections)
                 )
                 task_status.started()
                 await shutdown.requested.wait()
                 acceptors.cancel_scope.cancel(reason="shutdown requested")
         finally:
-            # serve_listeners closed the listeners it ran; this covers a failure before it started.
+            # serve_tcp closed the listeners it ran; this covers a failure before it started.
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
         logger.info(
@@ -108,8 +109,9 @@ class _Mapper:
         self.limiter = trio.CapacityLimiter(self.config.max_connections)
         self.target = format_hostport(self.config.target.host, self.config.target.port)
 
-    async def handle(self, client: trio.SocketStream) -> None:
-        """One accepted connection: admit it under the cap, dial the target, splice, log."""
+    async def handle(self, client: TcpStream) -> None:
+        """One accepted connection: admit it under the cap, dial the target, splice, log. Closes ``client`` on
+        every path (serve_tcp leaves that to the handler)."""
         conn = next(self.ids)
         peer = peer_address(client)
         enable_keepalive(client)
@@ -130,7 +132,7 @@ class _Mapper:
         finally:
             self.limiter.release()
 
-    async def _relay(self, conn: int, peer: str, client: trio.SocketStream) -> None:
+    async def _relay(self, conn: int, peer: str, client: TcpStream) -> None:
         logger.debug("map #%d %s -> %s: accepted", conn, peer, self.target)
         started = trio.current_time()
         splicer: Splice | None = None
@@ -150,13 +152,13 @@ class _Mapper:
                 # Cut while dialling (drain deadline): a reset, not a FIN that would look like the target's answer.
                 await abort(client, ErrorCode.CANCEL, "shutting down")
 
-    async def _dial(self, conn: int, peer: str) -> trio.SocketStream | None:
+    async def _dial(self, conn: int, peer: str) -> TcpStream | None:
         """The target connection, or None after logging why it failed."""
         host, port = self.config.target.host, self.config.target.port
         reason = ""
         with trio.move_on_after(self.config.connect_timeout) as scope:
             try:
-                upstream = await trio.open_tcp_stream(host, port)
+                upstream = TcpStream.adopt(await trio.open_tcp_stream(host, port))
                 enable_keepalive(upstream)
                 return upstream
             except OSError as exc:

@@ -44,6 +44,7 @@ import trio
 
 from proto.errors import ErrorCode
 from tunnel.errors import StreamResetError
+from tunnel.tcp import TcpStream
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -98,18 +99,19 @@ async def abort(
 ) -> None:
     """Close ``stream`` abortively, so its peer learns the byte stream was cut short.
 
-    A :class:`trio.SocketStream` gets ``SO_LINGER`` (on, 0) before its close, so the kernel
-    sends an RST instead of a FIN; a :class:`SupportsReset` stream is ``reset(code, reason)``
-    and then closed; anything else is closed with :func:`trio.aclose_forcefully`. The close
-    happens before the first checkpoint, so it is done even when the caller is cancelled: like
-    ``aclose()``, it is safe in a ``finally``. Aborting a closed socket does nothing more.
+    A :class:`~tunnel.tcp.TcpStream` or :class:`trio.SocketStream` gets ``SO_LINGER`` (on, 0)
+    before its close, so the kernel sends an RST instead of a FIN; a :class:`SupportsReset`
+    stream is ``reset(code, reason)`` and then closed; anything else is closed with
+    :func:`trio.aclose_forcefully`. The close happens before the first checkpoint, so it is done
+    even when the caller is cancelled: like ``aclose()``, it is safe in a ``finally``. Aborting a
+    closed socket does nothing more.
 
     Args:
         stream: the stream to close.
         code: the code a mux stream's RST carries; the default means "a TCP reset".
         reason: a readable reason for the RST.
     """
-    if isinstance(stream, trio.SocketStream):
+    if isinstance(stream, (TcpStream, trio.SocketStream)):
         # EBADF once the socket is already closed: nothing left to abort.
         with contextlib.suppress(OSError):
             stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)

@@ -7,7 +7,7 @@ Structure (every task has an owner):
       _Server.handle_link(tcp)      one per client link: handshake, then
         open_session                  the session's reader/writer/timer tasks
         nursery:                      control requests, forward streams, one listener task per exposed service
-          _serve_service            serve_listeners -> _handle_external (one per external connection): splice
+          _serve_service            serve_tcp -> _handle_external (one per external connection): splice
 
 A client that reconnects with the same name takes over its predecessor at once: the old link's scope is cancelled,
 and its listeners are released before the new link binds them again (no "port already in use").
@@ -33,6 +33,7 @@ from .errors import HandshakeError, SessionClosedError, StreamOpenError
 from .lifecycle import Shutdown
 from .mux import MuxStream, Request, Role, Session, SessionConfig, open_session
 from .relay import splice
+from .tcp import TcpStream, serve_tcp
 
 __all__ = ["FORWARD_ROUTE", "REPLACED", "run_server", "session_config"]
 
@@ -127,11 +128,12 @@ class _Server:
 
     # ---------------------------------------------------------------------------------------------- links
 
-    async def handle_link(self, transport: trio.SocketStream) -> None:
+    async def handle_link(self, transport: TcpStream) -> None:
         peer = peer_address(transport)
         cfg = self.config
         try:
-            async with open_session(transport, role=Role.SERVER, config=session_config(
+            # open_session owns the transport once it runs; "async with" covers a cancellation before that.
+            async with transport, open_session(transport, role=Role.SERVER, config=session_config(
                     cfg.timeouts, role=Role.SERVER, max_streams=cfg.max_streams_per_client),
                     tokens=cfg.tokens) as session:
                 await self._run_link(session, peer)
@@ -251,47 +253,45 @@ class _Server:
     async def _serve_service(self, session: Session, link: _Link, name: str,
                              listeners: list[trio.SocketListener], handlers: trio.Nursery) -> None:
         limiter = trio.CapacityLimiter(self.config.max_connections_per_service)
-
-        async def handler(external: trio.SocketStream) -> None:
-            await self._handle_external(session, link, name, external, limiter)
-
+        handler = partial(self._handle_external, session, link, name, limiter)  # a partial: no frame per connection
         accepting = trio.CancelScope()
         link.accepting.append(accepting)
         try:
             with accepting:
-                await trio.serve_listeners(handler, listeners, handler_nursery=handlers)
+                await serve_tcp(handler, listeners, handler_nursery=handlers)
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
             link.services.pop(name, None)
 
-    async def _handle_external(self, session: Session, link: _Link, name: str, external: trio.SocketStream,
-                               limiter: trio.CapacityLimiter) -> None:
-        peer = peer_address(external)
-        enable_keepalive(external)
-        try:
-            limiter.acquire_nowait()
-        except trio.WouldBlock:
-            logger.warning("%s/%s: refused %s: %d connections already open (max_connections_per_service)",
-                           link.name, name, peer, limiter.total_tokens)
-            await external.aclose()
-            return
-        link.begin()
-        try:
+    async def _handle_external(self, session: Session, link: _Link, name: str, limiter: trio.CapacityLimiter,
+                               external: TcpStream) -> None:
+        # ``external`` is ours to close on every path (the splice closes it too; closing twice is fine).
+        async with external:
+            peer = peer_address(external)
+            enable_keepalive(external)
             try:
-                stream = await session.open_stream(name, {"peer": peer})
-            except (StreamOpenError, SessionClosedError) as exc:
-                logger.warning("%s/%s: closing %s: the client could not serve it: %s", link.name, name, peer, exc)
-                await external.aclose()
+                limiter.acquire_nowait()
+            except trio.WouldBlock:
+                logger.warning("%s/%s: refused %s: %d connections already open (max_connections_per_service)",
+                               link.name, name, peer, limiter.total_tokens)
                 return
-            started = trio.current_time()
-            result = await splice(external, stream)
-            logger.info("%s/%s: %s closed after %.3f s: in %d bytes (%s), out %d bytes (%s)", link.name, name,
-                        peer, trio.current_time() - started, result.bytes_a_to_b, result.a_to_b,
-                        result.bytes_b_to_a, result.b_to_a)
-        finally:
-            limiter.release()
-            link.end()
+            link.begin()
+            try:
+                try:
+                    stream = await session.open_stream(name, {"peer": peer})
+                except (StreamOpenError, SessionClosedError) as exc:
+                    logger.warning("%s/%s: closing %s: the client could not serve it: %s", link.name, name, peer,
+                                   exc)
+                    return
+                started = trio.current_time()
+                result = await splice(external, stream)
+                logger.info("%s/%s: %s closed after %.3f s: in %d bytes (%s), out %d bytes (%s)", link.name, name,
+                            peer, trio.current_time() - started, result.bytes_a_to_b, result.a_to_b,
+                            result.bytes_b_to_a, result.b_to_a)
+            finally:
+                limiter.release()
+                link.end()
 
     # ---------------------------------------------------------------------------------------- forward (-L)
 
@@ -377,7 +377,7 @@ async def run_server(config: ServerConfig, shutdown: Shutdown, *,
     logger.info("server listening on %s", ", ".join(map(str, addresses)))
     async with trio.open_nursery() as handlers:  # the links live here, so they outlive the accept loop
         async with trio.open_nursery() as acceptor:
-            acceptor.start_soon(partial(trio.serve_listeners, server.handle_link, listeners, handler_nursery=handlers))
+            acceptor.start_soon(partial(serve_tcp, server.handle_link, listeners, handler_nursery=handlers))
             task_status.started(addresses[0])
             await shutdown.requested.wait()
             acceptor.cancel_scope.cancel(reason="shutting down: no new links")

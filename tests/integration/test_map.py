@@ -373,7 +373,7 @@ async def test_listener_survives_emfile(logwatch: RecordWatch) -> None:
             shutdown.request()
             await logwatch.wait_for("map: stopped")
             nursery.cancel_scope.cancel()
-    errors = [r for r in logwatch.records if r.name == "trio.serve_listeners"]
+    errors = [r for r in logwatch.records if r.name == "tunnel.tcp"]
     assert len(errors) == 2 and all("EMFILE" in r.getMessage() for r in errors)
 
 

@@ -1,0 +1,247 @@
+"""TcpStream: a lean :class:`trio.abc.HalfCloseableStream` over a TCP socket, and :func:`serve_tcp`, its accept loop.
+
+Why not :class:`trio.SocketStream`
+----------------------------------
+Every connection through the tunnel has, at each end, a task asleep in ``receive_some`` on a TCP socket, and
+idle connections are what a tunnel holds most of. Asleep in ``trio.SocketStream.receive_some`` a task holds seven
+coroutine frames and a generator context manager (the stream, its error-translating context manager, the Trio
+socket's ``recv`` and its non-blocking helper, then Trio's wait on the fd), and the stream itself is three objects
+with dicts plus two conflict detectors. :class:`TcpStream` does the same work in one frame of its own above Trio's
+``wait_readable``, over the standard library socket, with slots and two flags; it saves about 2 KiB per socket,
+measured with ``scripts/bench_memory.py``.
+
+The semantics are trio.SocketStream's, and ``tests/tunnel/test_tcp.py`` checks them with
+:func:`trio.testing.check_half_closeable_stream`: every call is a checkpoint; ``send_all`` and ``receive_some``
+each allow one task at a time (:class:`trio.BusyResourceError`); an OS error becomes
+:class:`trio.BrokenResourceError` chained to it (so a reset is recognisable as ``ConnectionResetError`` in
+``__cause__``); use after :meth:`aclose` is :class:`trio.ClosedResourceError`, and closing wakes any task waiting on
+the socket with the same.
+
+Sockets come from Trio (:func:`trio.open_tcp_stream`'s happy eyeballs, :class:`trio.SocketListener`'s accept and
+its handling of transient accept errors) and are taken over with :meth:`TcpStream.adopt`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, NoReturn, final
+
+import trio
+
+__all__ = ["DEFAULT_RECEIVE_SIZE", "TcpStream", "serve_tcp"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RECEIVE_SIZE: Final = 65536
+"""``receive_some()`` without ``max_bytes`` reads up to this much (as trio.SocketStream does)."""
+
+ACCEPT_RETRY: Final = 0.1
+"""Seconds :func:`serve_tcp` waits after running out of file descriptors or memory before accepting again (as
+:func:`trio.serve_listeners` does): no event announces that a descriptor was freed."""
+
+_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+def _raise_stream_error(exc: OSError) -> NoReturn:
+    """Raise the stream error for a socket's OS error: EBADF means we closed it, anything else that it broke."""
+    if exc.errno == errno.EBADF:
+        raise trio.ClosedResourceError("this socket was already closed") from None
+    raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+
+@final
+class TcpStream(trio.abc.HalfCloseableStream):
+    """A connected TCP socket as a Trio stream. Make one with :meth:`adopt`.
+
+    Attributes:
+        socket: the standard library socket (non-blocking); use it for ``getpeername``, ``getsockopt`` and the
+            like, never for I/O.
+    """
+
+    __slots__ = ("_eof_sent", "_receiving", "_sending", "socket")
+
+    def __init__(self, sock: socket.socket) -> None:
+        """Wrap a connected stream socket (it is made non-blocking). Prefer :meth:`adopt`."""
+        if sock.type != socket.SOCK_STREAM:
+            raise ValueError("TcpStream needs a SOCK_STREAM socket")
+        sock.setblocking(False)
+        self.socket = sock
+        self._receiving = False
+        self._sending = False
+        self._eof_sent = False
+
+    @classmethod
+    def adopt(cls, stream: trio.SocketStream) -> TcpStream:
+        """Take over the socket of ``stream`` (which is left detached: closing it does nothing). The socket keeps
+        the options Trio set: ``TCP_NODELAY``, and ``TCP_NOTSENT_LOWAT`` where the system has it."""
+        tsock = stream.socket
+        family, type_, proto = tsock.family, tsock.type, tsock.proto
+        return cls(socket.socket(family, type_, proto, fileno=tsock.detach()))
+
+    def __repr__(self) -> str:
+        return f"<TcpStream fd={self.socket.fileno()}>"
+
+    # ------------------------------------------------------------------------------------------------ receiving
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is None:
+            max_bytes = DEFAULT_RECEIVE_SIZE
+        elif max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            sock = self.socket
+            while True:
+                # Wait outside the except clause: inside it the BlockingIOError and its traceback would stay alive
+                # for as long as the connection is idle (about 1 KiB each).
+                try:
+                    data = sock.recv(max_bytes)
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    _raise_stream_error(exc)
+                else:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return data
+                await trio.lowlevel.wait_readable(sock)
+        finally:
+            self._receiving = False
+
+    # -------------------------------------------------------------------------------------------------- sending
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._eof_sent:
+                raise trio.ClosedResourceError("cannot send after send_eof")
+            sock = self.socket
+            if sock.fileno() == -1:
+                raise trio.ClosedResourceError("this socket was already closed")
+            with memoryview(data) as view:
+                total = len(view)
+                sent = 0
+                while sent < total:
+                    try:
+                        sent += sock.send(view[sent:] if sent else view)
+                        continue
+                    except BlockingIOError:
+                        pass
+                    except OSError as exc:
+                        _raise_stream_error(exc)
+                    await trio.lowlevel.wait_writable(sock)  # outside the except clause (see receive_some)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            if self.socket.fileno() == -1:
+                raise trio.ClosedResourceError("this socket was already closed")
+            await trio.lowlevel.wait_writable(self.socket)
+        finally:
+            self._sending = False
+
+    async def send_eof(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint()
+            if self._eof_sent:
+                return
+            try:
+                self.socket.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                _raise_stream_error(exc)
+            self._eof_sent = True
+        finally:
+            self._sending = False
+
+    # -------------------------------------------------------------------------------------------------- closing
+
+    async def aclose(self) -> None:
+        """Close the socket (before the checkpoint: done even when cancelled); waiting tasks get
+        :class:`trio.ClosedResourceError`. Closing twice is fine."""
+        sock = self.socket
+        if sock.fileno() != -1:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+        await trio.lowlevel.checkpoint()
+
+    # ------------------------------------------------------------------------------------------------- options
+
+    def setsockopt(self, level: int, option: int, value: int | bytes) -> None:
+        """:meth:`socket.socket.setsockopt` on the socket."""
+        self.socket.setsockopt(level, option, value)
+
+    def getsockopt(self, level: int, option: int) -> int:
+        """:meth:`socket.socket.getsockopt` on the socket."""
+        return self.socket.getsockopt(level, option)
+
+
+async def serve_tcp(
+    handler: Callable[[TcpStream], Awaitable[object]],
+    listeners: Sequence[trio.abc.Listener[trio.SocketStream]],
+    *,
+    handler_nursery: trio.Nursery | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept connections on ``listeners`` forever, starting ``handler(stream)`` for each in ``handler_nursery``
+    (default: a nursery of this call). Like :func:`trio.serve_listeners`, with two differences:
+
+    * the handler gets a :class:`TcpStream`, and it **owns** it: it must close it (``async with stream:``); there
+      is no wrapper task frame to do it, one frame fewer per open connection;
+    * the listeners are closed when this returns or is cancelled.
+
+    Running out of descriptors or memory (``EMFILE``, ``ENFILE``, ``ENOMEM``, ``ENOBUFS``) is logged and accepting
+    resumes :data:`ACCEPT_RETRY` seconds later; other accept errors propagate.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            handlers = nursery if handler_nursery is None else handler_nursery
+            for listener in listeners:
+                nursery.start_soon(_accept_loop, handler, listener, handlers)
+            task_status.started()
+    finally:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
+
+
+async def _accept_loop(handler: Callable[[TcpStream], Awaitable[object]],
+                       listener: trio.abc.Listener[trio.SocketStream], handlers: trio.Nursery) -> None:
+    while True:
+        try:
+            accepted = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in _CAPACITY_ERRNOS:
+                raise
+            logger.error("accept on %s failed: %s (%s); retrying in %g s", _name(listener), exc.strerror,
+                         errno.errorcode.get(exc.errno, exc.errno), ACCEPT_RETRY)
+            await trio.sleep(ACCEPT_RETRY)
+            continue
+        stream = TcpStream.adopt(accepted)
+        try:
+            handlers.start_soon(handler, stream)
+        except BaseException:
+            stream.socket.close()
+            raise
+
+
+def _name(listener: trio.abc.Listener[trio.SocketStream]) -> str:
+    try:
+        host, port = listener.socket.getsockname()[:2]  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return repr(listener)
+    return f"{host}:{port}"
