@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import operator
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, final
 
@@ -403,7 +403,8 @@ class Session:
                     if stream is not None:
                         stream._on_eof()
                 case ev.StreamOpened(sid, route, meta):
-                    stream = MuxStream(self, sid, route, dict(meta), opening=False)
+                    # The decoder built this dict for us alone: no copy.
+                    stream = MuxStream(self, sid, route, meta if type(meta) is dict else dict(meta), opening=False)
                     streams[sid] = stream
                     self._accept_queue.append(stream)
                     self._accept_event.set()
@@ -515,11 +516,14 @@ class _Wakeup:
     def __init__(self) -> None:
         self._task: trio.lowlevel.Task | None = None
 
-    async def wait(self) -> None:
-        """Sleep until :meth:`wake` (a checkpoint: raises Cancelled if cancelled meanwhile)."""
+    def wait(self) -> Awaitable[object]:
+        """``await wait()`` sleeps until :meth:`wake` (a checkpoint: raises Cancelled if cancelled meanwhile).
+
+        A plain function returning Trio's awaitable, not a coroutine of its own: one frame fewer held by every
+        idle stream."""
         assert self._task is None, "one waiter at a time"
         self._task = trio.lowlevel.current_task()
-        await trio.lowlevel.wait_task_rescheduled(self._abort)
+        return trio.lowlevel.wait_task_rescheduled(self._abort)  # noqa: ASYNC105 (awaited by the caller)
 
     def _abort(self, _raise_cancel: object) -> trio.lowlevel.Abort:
         self._task = None
