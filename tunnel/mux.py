@@ -578,9 +578,10 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._error: BaseException | None = None  # why sending (and, without EOF, receiving) fails
         self._opening = opening  # we opened it and no answer came yet
         self._pending = not opening  # the peer opened it and we have not answered
-        self._accepted_wakeup = _Wakeup()  # wait_accepted: until _opening is False or _error is set
         self._recv_wakeup = _Wakeup()  # receive_some: until data, EOF or an error
-        self._send_wakeup = _Wakeup()  # send_all and wait_send_all_might_not_block: until credit or an error
+        # Made on first use (most streams never wait for these; every idle one waits to receive):
+        self._accepted_wakeup: _Wakeup | None = None  # wait_accepted: until _opening is False or _error is set
+        self._send_wakeup: _Wakeup | None = None  # send_all, wait_send_all_might_not_block: until credit or error
         self._receiving = False
         self._sending = False
 
@@ -598,8 +599,12 @@ class MuxStream(trio.abc.HalfCloseableStream):
         """
         if self._opening and self._error is None:
             await trio.lowlevel.checkpoint_if_cancelled()
-            while self._opening and self._error is None:
-                await self._accepted_wakeup.wait()
+            wakeup = self._accepted_wakeup = _Wakeup()
+            try:
+                while self._opening and self._error is None:
+                    await wakeup.wait()
+            finally:
+                self._accepted_wakeup = None  # answered once: never needed again
         else:
             await trio.lowlevel.checkpoint()
         if self._opening:
@@ -646,12 +651,12 @@ class MuxStream(trio.abc.HalfCloseableStream):
 
     def _on_accepted(self) -> None:
         self._opening = False
-        self._accepted_wakeup.wake()
+        self._wake_accepted()
 
     def _on_rejected(self, error: StreamOpenError) -> None:
         self._error = error
         self._drop_recv()
-        self._accepted_wakeup.wake()
+        self._wake_accepted()
         self._wake_recv()
         self._wake_send()
 
@@ -659,7 +664,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._error = error
         if not self._eof:
             self._drop_recv()
-        self._accepted_wakeup.wake()
+        self._wake_accepted()
         self._wake_recv()
         self._wake_send()
         queue = self._session._accept_queue
@@ -675,7 +680,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             self._error = SessionClosedError(dead.code, dead.reason)
         if not self._eof:
             self._drop_recv()
-        self._accepted_wakeup.wake()
+        self._wake_accepted()
         self._wake_recv()
         self._wake_send()
 
@@ -687,8 +692,13 @@ class MuxStream(trio.abc.HalfCloseableStream):
     def _wake_recv(self) -> None:
         self._recv_wakeup.wake()
 
+    def _wake_accepted(self) -> None:
+        if self._accepted_wakeup is not None:
+            self._accepted_wakeup.wake()
+
     def _wake_send(self) -> None:
-        self._send_wakeup.wake()
+        if self._send_wakeup is not None:
+            self._send_wakeup.wake()
 
     def _forget(self) -> None:
         self._session._streams.pop(self.stream_id, None)
@@ -804,6 +814,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
                         offset += taken
                         self._session._wake_writer()
                         continue
+                    if self._send_wakeup is None:
+                        self._send_wakeup = _Wakeup()
                     await self._send_wakeup.wait()
                     self._check_send()
             await trio.lowlevel.cancel_shielded_checkpoint()
@@ -820,6 +832,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 self._check_send()
                 if self._conn.send_credit(self.stream_id) > 0:
                     break
+                if self._send_wakeup is None:
+                    self._send_wakeup = _Wakeup()
                 await self._send_wakeup.wait()
             await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
