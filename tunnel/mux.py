@@ -731,6 +731,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._receiving = True
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
+            waited = False  # a call is a schedule point; a wait already was one (no extra scheduler pass)
             while True:
                 if self._closed:
                     raise trio.ClosedResourceError("this stream was closed")
@@ -739,14 +740,17 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     self._conn.acknowledge(self.stream_id, len(data), now=trio.current_time())
                     if self._conn.wants_write:
                         self._session._wake_writer()
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    if not waited:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
                 if self._eof:
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    if not waited:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                     return b""
                 if self._error is not None:
                     raise self._broken()
                 await self._recv_wakeup.wait()
+                waited = True
         finally:
             self._receiving = False
 
@@ -807,6 +811,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 total = len(view)
                 conn = self._conn
                 whole = type(data) is bytes
+                waited = False
                 while offset < total:
                     # Whole bytes go in as they are (the protocol keeps the immutable object: no copy).
                     taken = conn.send_data(self.stream_id, data if whole and not offset else view[offset:])
@@ -817,8 +822,10 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     if self._send_wakeup is None:
                         self._send_wakeup = _Wakeup()
                     await self._send_wakeup.wait()
+                    waited = True
                     self._check_send()
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if not waited:  # a call is a schedule point; a wait already was one
+                await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
 

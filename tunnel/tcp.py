@@ -97,6 +97,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             sock = self.socket
+            waited = False
             while True:
                 # Wait outside the except clause: inside it the BlockingIOError and its traceback would stay alive
                 # for as long as the connection is idle (about 1 KiB each).
@@ -107,9 +108,11 @@ class TcpStream(trio.abc.HalfCloseableStream):
                 except OSError as exc:
                     _raise_stream_error(exc)
                 else:
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    if not waited:  # a call is a schedule point; a wait already was one (no extra scheduler pass)
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
                 await trio.lowlevel.wait_readable(sock)
+                waited = True
         finally:
             self._receiving = False
 
@@ -126,6 +129,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
             sock = self.socket
             if sock.fileno() == -1:
                 raise trio.ClosedResourceError("this socket was already closed")
+            waited = False
             with memoryview(data) as view:
                 total = len(view)
                 sent = 0
@@ -138,7 +142,9 @@ class TcpStream(trio.abc.HalfCloseableStream):
                     except OSError as exc:
                         _raise_stream_error(exc)
                     await trio.lowlevel.wait_writable(sock)  # outside the except clause (see receive_some)
-            await trio.lowlevel.cancel_shielded_checkpoint()
+                    waited = True
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
 
