@@ -1,0 +1,136 @@
+"""System calls per 64-byte round trip through trio-tunnel, counted with strace: a deterministic latency proxy.
+
+Timings on a shared 2-core machine move by 30% from run to run; the work a round trip costs does not. Every
+``epoll_wait`` is one pass of a Trio scheduler, so "epoll_wait per round trip" counts the scheduler passes a message
+needs on its way through the server and the client (two hops each way), and the other calls show the I/O done.
+
+The script starts an echo service, then for each executable given (default: this checkout's ``trio-tunnel``) a
+server and a client with ``-R`` to the echo service, warms up, attaches ``strace -c -f`` to both processes, runs
+``--round-trips`` ping-pongs of 64 bytes and reports the counts per round trip.
+
+Usage::
+
+    .venv/bin/python scripts/bench_syscalls.py [--round-trips 1000] [EXE ...]
+
+An ``EXE`` runs like ``trio-tunnel`` (e.g. a wrapper ``PYTHONPATH=/tmp/old exec python -P -m tunnel.cli "$@"`` to
+compare with another checkout). Needs strace (``apt-get install strace``) and ptrace permission (root, or
+``kernel.yama.ptrace_scope=0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import trio
+
+REPO = Path(__file__).resolve().parent.parent
+TOKEN = "bench-syscalls-token-0123456789"
+MESSAGE = b"x" * 64
+
+
+async def _echo(stream: trio.SocketStream) -> None:
+    try:
+        while data := await stream.receive_some(65536):
+            await stream.send_all(data)
+    except trio.BrokenResourceError:
+        pass
+
+
+async def _line(stream: trio.abc.ReceiveStream, pattern: str) -> re.Match[str]:
+    buf = b""
+    while True:
+        while b"\n" not in buf:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                raise RuntimeError(f"process ended before printing {pattern!r}")
+            buf += chunk
+        line, buf = buf.split(b"\n", 1)
+        if m := re.match(pattern, line.decode()):
+            return m
+
+
+async def _round_trips(port: int, n: int) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        for _ in range(n):
+            await stream.send_all(MESSAGE)
+            got = 0
+            while got < len(MESSAGE):
+                chunk = await stream.receive_some(len(MESSAGE))
+                if not chunk:
+                    raise RuntimeError("the echo connection closed")
+                got += len(chunk)
+
+
+def _parse_strace_summary(path: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in Path(path).read_text().splitlines():
+        fields = line.split()
+        # "% time  seconds  usecs/call  calls  [errors]  syscall"
+        if len(fields) >= 5 and fields[3].isdigit() and fields[-1].isidentifier() and fields[-1] != "total":
+            counts[fields[-1]] = int(fields[3])
+    return counts
+
+
+async def measure(exe: str, echo_port: int, n: int) -> dict[str, int]:
+    server = await trio.lowlevel.open_process(
+        [exe, "server", "--listen", "127.0.0.1:0", "--token", TOKEN, "--allow-ports", "1024-65535"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    client = None
+    try:
+        assert server.stdout is not None
+        link = await _line(server.stdout, r"listening (\S+):(\d+)")
+        client = await trio.lowlevel.open_process(
+            [exe, "client", "--server", f"127.0.0.1:{link.group(2)}", "--token", TOKEN,
+             "-R", f"127.0.0.1:0:127.0.0.1:{echo_port}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert client.stdout is not None
+        public = int((await _line(client.stdout, r"exposed \S+ \S+:(\d+)")).group(1))
+        await _round_trips(public, 200)  # warm-up
+        with tempfile.NamedTemporaryFile(suffix=".strace") as out:
+            tracer = await trio.lowlevel.open_process(
+                ["strace", "-c", "-f", "-o", out.name, "-p", str(server.pid), "-p", str(client.pid)],
+                stderr=subprocess.DEVNULL)
+            await trio.sleep(1.0)  # strace attaches asynchronously; an idle link makes no calls meanwhile
+            await _round_trips(public, n)
+            tracer.send_signal(signal.SIGINT)
+            await tracer.wait()
+            return _parse_strace_summary(out.name)
+    finally:
+        for proc in (server, client):
+            if proc is not None:
+                proc.kill()
+                await proc.wait()
+
+
+async def main(exes: list[str], n: int) -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    echo_port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, _echo, listeners)
+        print(f"system calls per 64-byte round trip, server and client together ({n} round trips):")
+        for exe in exes:
+            counts = await measure(exe, echo_port, n)
+            top = sorted(counts.items(), key=lambda kv: -kv[1])[:6]
+            print(f"  {exe}: total {sum(counts.values()) / n:.1f}; "
+                  + ", ".join(f"{name} {calls / n:.1f}" for name, calls in top))
+        nursery.cancel_scope.cancel()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("exes", nargs="*", metavar="EXE", help="trio-tunnel executables (default: this checkout's)")
+    ap.add_argument("--round-trips", type=int, default=1000, help="measured round trips (default 1000)")
+    args = ap.parse_args()
+    if not shutil.which("strace"):
+        sys.exit("bench_syscalls.py needs strace: apt-get install strace")
+    default = REPO / ".venv" / "bin" / "trio-tunnel"
+    exes = args.exes or [str(default) if os.access(default, os.X_OK) else "trio-tunnel"]
+    trio.run(main, exes, args.round_trips)
