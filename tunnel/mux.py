@@ -110,7 +110,7 @@ class Session:
         self._streams: dict[int, MuxStream] = {}
         self._accept_queue: deque[MuxStream] = deque()
         self._accept_event = trio.Event()
-        self._credit_event = trio.Event()
+        self._openers = trio.lowlevel.ParkingLot()  # open_stream calls waiting for stream credit, FIFO
         self._writer_event = trio.Event()
         self._writer_done = trio.Event()
         self._flushed_event = trio.Event()
@@ -177,9 +177,13 @@ class Session:
                 raise StreamOpenError(ErrorCode.REFUSED, "the session is going away")
             if self._conn.streams_available > 0:
                 break
-            if self._credit_event.is_set():
-                self._credit_event = trio.Event()
-            await self._credit_event.wait()  # shared by every waiting opener
+            # Parked in order; _credit_changed wakes as many as there is room for, not all of them (with hundreds
+            # of openers waiting on a shared event, every returned credit woke them all to find one slot).
+            try:
+                await self._openers.park()
+            except BaseException:
+                self._credit_changed()  # we may have been woken for a slot we now will not take: pass it on
+                raise
         await trio.lowlevel.checkpoint_if_cancelled()
         sid = self._conn.open_stream(route, meta, now=trio.current_time())
         stream = MuxStream(self, sid, route, dict(meta or {}), opening=True)
@@ -267,7 +271,7 @@ class Session:
             if self._going_away is None:
                 self._going_away = (code, reason)
             self._wake_writer()
-            self._credit_event.set()
+            self._credit_changed()
 
     def statistics(self) -> SessionStatistics:
         return SessionStatistics(
@@ -280,6 +284,17 @@ class Session:
         )
 
     # ------------------------------------------------------------------------------------------------ tasks
+
+    def _credit_changed(self) -> None:
+        """Stream credit or the peer's backlog may have room now (or the session can no longer open streams):
+        wake the waiting openers that can proceed."""
+        openers = self._openers
+        if not openers:
+            return
+        if self._dead is not None or not self._conn.can_open_streams:
+            openers.unpark_all()  # each raises its reason
+        elif (room := self._conn.streams_available) > 0:
+            openers.unpark(count=room)
 
     def _wake_writer(self) -> None:
         self._writer_event.set()
@@ -410,22 +425,22 @@ class Session:
                     self._accept_event.set()
                     self._deadline_armed()
                 case ev.StreamAccepted(sid):
-                    self._credit_event.set()  # one fewer unanswered open: room in the peer's backlog
+                    self._credit_changed()  # one fewer unanswered open: room in the peer's backlog
                     stream = streams.get(sid)
                     if stream is not None:
                         stream._on_accepted()
                 case ev.StreamRejected(sid, code, reason):
-                    self._credit_event.set()
+                    self._credit_changed()
                     stream = streams.get(sid)
                     if stream is not None:
                         stream._on_rejected(StreamOpenError(code, reason))
                 case ev.StreamReset(sid, code, reason):
-                    self._credit_event.set()
+                    self._credit_changed()
                     stream = streams.get(sid)
                     if stream is not None:
                         stream._on_reset(StreamResetError(code, reason))
                 case ev.StreamCreditGranted():
-                    self._credit_event.set()
+                    self._credit_changed()
                 case ev.PongReceived(_, rtt):
                     if rtt is not None:
                         logger.debug("%s: rtt %.1f ms (smoothed %.1f ms)", self, rtt * 1e3,
@@ -441,7 +456,7 @@ class Session:
                 case ev.GoAwayReceived(_, code, reason):
                     logger.info("%s: peer is going away (%s%s)", self, proto.code_name(code),
                                 f": {reason}" if reason else "")
-                    self._credit_event.set()
+                    self._credit_changed()
                 case ev.HandshakeComplete(peer_name, session_id, _, authenticated):
                     self.peer_name = peer_name or self.peer_name
                     self.session_id = session_id
@@ -478,7 +493,7 @@ class Session:
         self._accept_queue.clear()
         self._requests.clear()
         self._accept_event.set()
-        self._credit_event.set()
+        self._credit_changed()
         self._request_event.set()
         self._timer_event.set()
         for pending in self._replies.values():
@@ -619,7 +634,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             self._closed = True
             self._conn.reset_stream(self.stream_id, ErrorCode.CANCEL, "open cancelled")
             self._session._wake_writer()
-            self._session._credit_event.set()
+            self._session._credit_changed()
             self._forget()
 
     def accept(self) -> None:

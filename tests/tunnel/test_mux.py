@@ -501,3 +501,54 @@ async def test_many_openers_waiting_for_stream_credit_all_proceed() -> None:
                         openers.start_soon(opener, i)
                 nursery.cancel_scope.cancel()
             assert sorted(done) == list(range(20))
+
+
+async def test_openers_waiting_for_credit_proceed_in_order_and_a_cancelled_one_strands_nobody() -> None:
+    """Openers waiting for stream credit are woken first come, first served, only as many as there is room for (a
+    shared event woke every one of hundreds per returned credit), and one cancelled while waiting leaves the rest
+    to proceed."""
+    config = SessionConfig(limits=Limits(max_streams=1, accept_backlog=1))
+    with trio.fail_after(20):
+        async with session_pair(config=config) as (server, client):
+            finish: dict[str, trio.Event] = {name: trio.Event() for name in "abcde"}
+            opened_send, opened = trio.open_memory_channel[str](8)
+
+            async def acceptor() -> None:
+                while True:
+                    s = await client.accept_stream()
+                    s.accept()
+                    await s.send_eof()
+                    assert await read_all(s) == b""
+                    await s.aclose()
+
+            async def opener(name: str) -> None:
+                s = await server.open_stream("r")
+                await opened_send.send(name)
+                await finish[name].wait()
+                await s.send_eof()
+                assert await read_all(s) == b""
+                await s.aclose()
+
+            cancel_c = trio.CancelScope()
+
+            async def cancellable(name: str) -> None:
+                with cancel_c:
+                    await opener(name)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(acceptor)
+                nursery.start_soon(opener, "a")
+                assert await opened.receive() == "a"  # it holds the only credit
+                for name in "bcde":
+                    nursery.start_soon(cancellable if name == "c" else opener, name)
+                    await trio.testing.wait_all_tasks_blocked()  # parked in this order
+                assert len(server._openers) == 4
+                cancel_c.cancel()
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(server._openers) == 3
+                for done, following in ("ab", "bd", "de"):
+                    finish[done].set()  # its stream closes: one credit comes back
+                    assert await opened.receive() == following
+                finish["e"].set()
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
