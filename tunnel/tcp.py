@@ -45,6 +45,28 @@ ACCEPT_RETRY: Final = 0.1
 _CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
+# "Would block" is caught in these small functions, not in the coroutines that call them: an exception that passes
+# through a coroutine frame makes Python create a frame object for it (for the traceback), and that object lives as
+# long as the coroutine, i.e. as long as the connection (about 200 bytes per socket). Waiting inside an except
+# clause would be worse: the exception and its traceback would stay alive for the whole wait.
+
+
+def _recv_nowait(sock: socket.socket, max_bytes: int) -> bytes | None:
+    """``sock.recv``, or None when nothing can be read yet."""
+    try:
+        return sock.recv(max_bytes)
+    except BlockingIOError:
+        return None
+
+
+def _send_nowait(sock: socket.socket, data: memoryview) -> int:
+    """``sock.send``; 0 when nothing can be sent yet."""
+    try:
+        return sock.send(data)
+    except BlockingIOError:
+        return 0
+
+
 def _raise_stream_error(exc: OSError) -> NoReturn:
     """Raise the stream error for a socket's OS error: EBADF means we closed it, anything else that it broke."""
     if exc.errno == errno.EBADF:
@@ -99,15 +121,11 @@ class TcpStream(trio.abc.HalfCloseableStream):
             sock = self.socket
             waited = False
             while True:
-                # Wait outside the except clause: inside it the BlockingIOError and its traceback would stay alive
-                # for as long as the connection is idle (about 1 KiB each).
                 try:
-                    data = sock.recv(max_bytes)
-                except BlockingIOError:
-                    pass
+                    data = _recv_nowait(sock, max_bytes)
                 except OSError as exc:
                     _raise_stream_error(exc)
-                else:
+                if data is not None:
                     if not waited:  # a call is a schedule point; a wait already was one (no extra scheduler pass)
                         await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
@@ -135,13 +153,13 @@ class TcpStream(trio.abc.HalfCloseableStream):
                 sent = 0
                 while sent < total:
                     try:
-                        sent += sock.send(view[sent:] if sent else view)
-                        continue
-                    except BlockingIOError:
-                        pass
+                        n = _send_nowait(sock, view[sent:] if sent else view)
                     except OSError as exc:
                         _raise_stream_error(exc)
-                    await trio.lowlevel.wait_writable(sock)  # outside the except clause (see receive_some)
+                    if n:
+                        sent += n
+                        continue
+                    await trio.lowlevel.wait_writable(sock)
                     waited = True
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
