@@ -239,7 +239,7 @@ class _Client:
 
     async def _forward(self, spec: LocalSpec, local: TcpStream) -> None:
         # ``local`` is ours to close on every path (the splice closes it too; closing twice is fine).
-        async with local:
+        try:  # (not "async with": its bound __aexit__ would be held for the whole connection)
             self._begin()
             try:
                 peer = peer_address(local)
@@ -267,6 +267,8 @@ class _Client:
                             result.b_to_a)
             finally:
                 self._end()
+        finally:
+            await local.aclose()
 
 
 async def run_client(config: ClientConfig, shutdown: Shutdown, *, rng: random.Random | None = None,

@@ -267,7 +267,7 @@ class _Server:
     async def _handle_external(self, session: Session, link: _Link, name: str, limiter: trio.CapacityLimiter,
                                external: TcpStream) -> None:
         # ``external`` is ours to close on every path (the splice closes it too; closing twice is fine).
-        async with external:
+        try:  # (not "async with": its bound __aexit__ would be held for the whole connection)
             peer = peer_address(external)
             enable_keepalive(external)
             try:
@@ -292,6 +292,8 @@ class _Server:
             finally:
                 limiter.release()
                 link.end()
+        finally:
+            await external.aclose()
 
     # ---------------------------------------------------------------------------------------- forward (-L)
 
