@@ -10,7 +10,7 @@ machine. Server, client, the load side and a sink service all run in this one pr
 
 The top allocation sites of step 2 (by line, or by traceback with ``--traceback``) show what to cut.
 
-Usage: ``.venv/bin/python scripts/bench_memory.py [--conns 1000] [--top 25] [--traceback]``
+Usage: ``.venv/bin/python scripts/bench_memory.py [--conns 1000] [--top 25] [--traceback FRAMES] [--exchange]``
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import gc
 import logging
 import pathlib
+import resource
 import sys
 import tracemalloc
 
@@ -33,21 +34,30 @@ from tunnel.lifecycle import Shutdown
 from tunnel.server import run_server
 
 TOKEN = b"bench-memory-token-0123456789"
+WARMUP = 20
+MAX_CONNS = 1024 - WARMUP
+"""A link carries at most 1024 connections at once by default (max_connections_per_service, and the client's stream
+limit): the 1025th would be closed, and counting it as idle would understate the cost."""
 
 
 async def _hold(stream: trio.SocketStream) -> None:
-    """The sink: keep the connection open until the peer closes it."""
+    """The sink: acknowledge each message with one byte; keep the connection open until the peer closes it."""
     while await stream.receive_some():
-        pass
+        await stream.send_all(b"!")
 
 
 async def _measure(host: str, port: int, n: int, conns: list[trio.SocketStream],
-                   frames: int) -> list[tracemalloc.StatisticDiff]:
+                   frames: int, exchange: bool) -> list[tracemalloc.StatisticDiff]:
     """Open ``n`` connections to host:port and keep them; what the heap grew by, per allocation site."""
     gc.collect()
     before = tracemalloc.take_snapshot()
     for _ in range(n):
-        conns.append(await trio.open_tcp_stream(host, port))
+        conn = await trio.open_tcp_stream(host, port)
+        conns.append(conn)
+        if exchange:  # as bench.py does: a request through, an acknowledgement back
+            await conn.send_all(b"hold this open..")
+            got = await conn.receive_some(1)
+            assert got == b"!", (len(conns), got)
     # Every connection is idle at both ends once all tasks are blocked: the tunnel has dialled the sink and
     # each splice waits for bytes.
     await trio.testing.wait_all_tasks_blocked(0.2)
@@ -56,7 +66,14 @@ async def _measure(host: str, port: int, n: int, conns: list[trio.SocketStream],
     return after.compare_to(before, "traceback" if frames > 1 else "lineno")
 
 
-async def main(n: int, top: int, frames: int) -> None:
+async def main(n: int, top: int, frames: int, exchange: bool = False) -> None:
+    # Four descriptors per tunnelled connection live in this process (load side, public, local, sink).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 6 * n + 1000
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
+        if hard < need:
+            sys.exit(f"need {need} file descriptors, the hard limit is {hard}: use fewer --conns")
     logging.basicConfig(level=logging.ERROR)
     shutdown = Shutdown()
     async with trio.open_nursery() as nursery:
@@ -73,13 +90,13 @@ async def main(n: int, top: int, frames: int) -> None:
         conns: list[trio.SocketStream] = []
         # Warm up both paths (first-use allocations, free lists) before measuring.
         for host, port in (("127.0.0.1", sink_port), (public.host, public.port)):
-            for _ in range(50):
+            for _ in range(WARMUP):
                 conns.append(await trio.open_tcp_stream(host, port))
         await trio.testing.wait_all_tasks_blocked(0.2)
 
         tracemalloc.start(frames)
-        direct = sum(s.size_diff for s in await _measure("127.0.0.1", sink_port, n, conns, frames))
-        stats = await _measure(public.host, public.port, n, conns, frames)
+        direct = sum(s.size_diff for s in await _measure("127.0.0.1", sink_port, n, conns, frames, exchange))
+        stats = await _measure(public.host, public.port, n, conns, frames, exchange)
         tracemalloc.stop()
         tunnelled = sum(s.size_diff for s in stats)
 
@@ -110,5 +127,10 @@ if __name__ == "__main__":
     ap.add_argument("--top", type=int, default=25, help="allocation sites to list (default 25)")
     ap.add_argument("--traceback", type=int, default=1, metavar="FRAMES",
                     help="group by this many frames of traceback instead of by line (default 1)")
+    ap.add_argument("--exchange", action="store_true",
+                    help="send 16 bytes through each connection and wait for the sink's 1-byte answer first "
+                         "(as bench.py's memory workload does)")
     args = ap.parse_args()
-    trio.run(main, args.conns, args.top, args.traceback)
+    if not 1 <= args.conns <= MAX_CONNS:
+        ap.error(f"--conns must be between 1 and {MAX_CONNS}")
+    trio.run(main, args.conns, args.top, args.traceback, args.exchange)

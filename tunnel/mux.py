@@ -569,7 +569,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         "_recv_buf",
         "_recv_buffered",
         "_recv_offset",
-        "_recv_wakeup",
+        "_recv_task",
         "_send_wakeup",
         "_sending",
         "_session",
@@ -593,7 +593,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._error: BaseException | None = None  # why sending (and, without EOF, receiving) fails
         self._opening = opening  # we opened it and no answer came yet
         self._pending = not opening  # the peer opened it and we have not answered
-        self._recv_wakeup = _Wakeup()  # receive_some: until data, EOF or an error
+        self._recv_task: trio.lowlevel.Task | None = None  # asleep in receive_some until data, EOF or an error
         # Made on first use (most streams never wait for these; every idle one waits to receive):
         self._accepted_wakeup: _Wakeup | None = None  # wait_accepted: until _opening is False or _error is set
         self._send_wakeup: _Wakeup | None = None  # send_all, wait_send_all_might_not_block: until credit or error
@@ -705,7 +705,15 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._recv_offset = 0
 
     def _wake_recv(self) -> None:
-        self._recv_wakeup.wake()
+        # Every idle connection has a task asleep here, so no _Wakeup object: the task in a slot.
+        task = self._recv_task
+        if task is not None:
+            self._recv_task = None
+            trio.lowlevel.reschedule(task)
+
+    def _abort_recv(self, _raise_cancel: object) -> trio.lowlevel.Abort:
+        self._recv_task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def _wake_accepted(self) -> None:
         if self._accepted_wakeup is not None:
@@ -764,7 +772,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     return b""
                 if self._error is not None:
                     raise self._broken()
-                await self._recv_wakeup.wait()
+                self._recv_task = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._abort_recv)
                 waited = True
         finally:
             self._receiving = False

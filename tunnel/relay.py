@@ -144,20 +144,6 @@ class SpliceResult:
         return self.a_to_b == "eof" and self.b_to_a == "eof"
 
 
-@attrs.define(eq=False)
-class _Direction:
-    src: trio.abc.Stream
-    dst: trio.abc.Stream
-    name: str
-    nbytes: int = 0
-    end: Ending | None = None
-    detail: str = ""
-
-    def finish(self, end: Ending, detail: str = "") -> None:
-        self.end = end
-        self.detail = detail
-
-
 @typing.final
 @attrs.define(eq=False, init=False)
 class Splice:
@@ -170,10 +156,15 @@ class Splice:
     a: trio.abc.Stream
     b: trio.abc.Stream
     chunk: int
-    _ab: _Direction
-    _ba: _Direction
     _ran: bool
     _scope: trio.CancelScope | None
+    # Each direction's count, ending and detail, as plain slots (one object per connection end, not three).
+    _n_ab: int
+    _n_ba: int
+    _end_ab: Ending | None
+    _end_ba: Ending | None
+    _detail_ab: str
+    _detail_ba: str
 
     def __init__(self, a: trio.abc.Stream, b: trio.abc.Stream, *, chunk: int = DEFAULT_CHUNK) -> None:
         if chunk < 1:
@@ -181,20 +172,21 @@ class Splice:
         self.a = a
         self.b = b
         self.chunk = chunk
-        self._ab = _Direction(a, b, "a->b")
-        self._ba = _Direction(b, a, "b->a")
         self._ran = False
         self._scope = None
+        self._n_ab = self._n_ba = 0
+        self._end_ab = self._end_ba = None
+        self._detail_ab = self._detail_ba = ""
 
     def snapshot(self) -> SpliceResult:
         """The counts and endings so far (``"open"`` for a direction still copying)."""
         return SpliceResult(
-            bytes_a_to_b=self._ab.nbytes,
-            bytes_b_to_a=self._ba.nbytes,
-            a_to_b=self._ab.end or "open",
-            b_to_a=self._ba.end or "open",
-            a_to_b_detail=self._ab.detail,
-            b_to_a_detail=self._ba.detail,
+            bytes_a_to_b=self._n_ab,
+            bytes_b_to_a=self._n_ba,
+            a_to_b=self._end_ab or "open",
+            b_to_a=self._end_ba or "open",
+            a_to_b_detail=self._detail_ab,
+            b_to_a_detail=self._detail_ba,
         )
 
     async def run(self) -> SpliceResult:
@@ -225,13 +217,12 @@ class Splice:
                 # other by cancelling the nursery; no cancel scope of their own (an idle connection is mostly
                 # tasks and scopes, and there are many).
                 self._scope = nursery.cancel_scope
-                nursery.start_soon(self._copy, self._ba)
-                await self._copy(self._ab)
+                nursery.start_soon(self._copy, False)
+                await self._copy(True)
             finished = True
         finally:
-            for d in (self._ab, self._ba):
-                if d.end is None:
-                    d.end = "cancelled"
+            self._end_ab = self._end_ab or "cancelled"
+            self._end_ba = self._end_ba or "cancelled"
             try:
                 await self._close(self.a, finished)
             finally:
@@ -260,48 +251,63 @@ class Splice:
         assert self._scope is not None
         self._scope.cancel(reason=reason)
 
-    async def _copy(self, d: _Direction) -> None:
+    def _finish(self, forward: bool, end: Ending, detail: str = "") -> None:
+        if forward:
+            self._end_ab, self._detail_ab = end, detail
+        else:
+            self._end_ba, self._detail_ba = end, detail
+
+    async def _copy(self, forward: bool) -> None:
+        """Copy a -> b (``forward``) or b -> a until that direction ends."""
+        src, dst = (self.a, self.b) if forward else (self.b, self.a)
         while True:
             try:
-                data = await d.src.receive_some(self.chunk)
+                data = await src.receive_some(self.chunk)
             except trio.BrokenResourceError as exc:
                 detail = _describe(exc)
                 code = _reset_code(exc)
-                d.finish("error" if code is None else "reset", detail)
-                self._stop(f"{d.name} source {d.end}: {detail}")
-                await abort(d.dst, ErrorCode.CONN_RESET if code is None else code, detail)
+                end: Ending = "error" if code is None else "reset"
+                self._finish(forward, end, detail)
+                self._stop(f"{_name(forward)} source {end}: {detail}")
+                await abort(dst, ErrorCode.CONN_RESET if code is None else code, detail)
                 return
             except trio.ClosedResourceError:
-                d.finish("closed", "source closed locally")
+                self._finish(forward, "closed", "source closed locally")
                 return
             if not data:
                 try:
-                    await _send_eof(d.dst)
+                    await _send_eof(dst)
                 except trio.BrokenResourceError as exc:
-                    await self._send_failed(d, exc)
+                    await self._send_failed(forward, src, exc)
                 except trio.ClosedResourceError:
-                    d.finish("closed", "destination closed locally")
+                    self._finish(forward, "closed", "destination closed locally")
                 else:
-                    d.finish("eof")
+                    self._finish(forward, "eof")
                 return
             try:
-                await d.dst.send_all(data)
+                await dst.send_all(data)
             except trio.BrokenResourceError as exc:
-                await self._send_failed(d, exc)
+                await self._send_failed(forward, src, exc)
                 return
             except trio.ClosedResourceError:
-                d.finish("closed", "destination closed locally")
+                self._finish(forward, "closed", "destination closed locally")
                 return
-            d.nbytes += len(data)
+            if forward:
+                self._n_ab += len(data)
+            else:
+                self._n_ba += len(data)
 
-    async def _send_failed(self, d: _Direction, exc: trio.BrokenResourceError) -> None:
+    async def _send_failed(self, forward: bool, src: trio.abc.Stream, exc: trio.BrokenResourceError) -> None:
         detail = _describe(exc)
-        d.finish("send_failed", detail)
+        self._finish(forward, "send_failed", detail)
         # Nothing can reach the source's peer any more (its destination is broken), and the
         # other direction would deliver to the source we are aborting: stop both.
-        self._stop(f"{d.name} destination broken: {detail}")
-        await abort(d.src, ErrorCode.CONN_RESET, detail)
+        self._stop(f"{_name(forward)} destination broken: {detail}")
+        await abort(src, ErrorCode.CONN_RESET, detail)
 
+
+def _name(forward: bool) -> str:
+    return "a->b" if forward else "b->a"
 
 def splice(
     a: trio.abc.Stream, b: trio.abc.Stream, *, chunk: int = DEFAULT_CHUNK
