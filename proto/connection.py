@@ -1207,6 +1207,10 @@ class Connection:
     def _close(self, events: list[Event], terminated: ConnectionTerminated) -> None:
         self.state = ConnectionState.CLOSED
         self.terminated = terminated
+        # The GOAWAY (or REFUSE) in _urgent is the last frame we write: nothing queued behind it goes out.
+        self._control.clear()
+        self._window_dirty.clear()
+        self._max_streams_dirty = False
         self._streams.clear()
         self._deadlines.clear()
         self._ready.clear()

@@ -8,6 +8,7 @@ from proto_helpers import (
     ConnectionPair,
     assert_pair_clean,
     decode_all,
+    goaway_sent,
     kinds,
     only,
     stream_events,
@@ -293,3 +294,21 @@ def test_commands_after_close_are_local_errors() -> None:
         pair.client.ping()
     pair.client.go_away()  # does nothing
     assert decode_all(pair.client.data_to_send()) == [F.GoAway(0, 0, "")]
+
+
+def test_nothing_is_written_after_the_final_goaway() -> None:
+    """Control frames queued before close() (a request, a reply, a WINDOW, MAX_STREAMS) are dropped: the GOAWAY
+    that ends the connection is the last frame on the wire."""
+    pair = ConnectionPair(auto_ack=False)
+    sid = pair.client.open_stream("r", {})
+    pair.pump()
+    pair.server.accept_stream(sid)
+    sent = pair.client.send_data(sid, b"x" * 200_000)
+    pair.pump()
+    pair.server.acknowledge(sid, sent)  # more than half the window consumed: a WINDOW is due
+    assert pair.server.wants_write
+    pair.server.send_request("status", {"n": 1})
+    pair.server.send_request("note", None, expect_reply=False)
+    pair.server.close(ErrorCode.SHUTTING_DOWN, "bye")
+    assert goaway_sent(pair.server).code == ErrorCode.SHUTTING_DOWN
+    assert pair.server.data_to_send() == b""
