@@ -1083,6 +1083,12 @@ class Connection:
 
         Control frames come first and are never split; stream data fills the rest by round robin.
         """
+        return b"".join(self.data_to_send_parts(max_bytes))
+
+    def data_to_send_parts(self, max_bytes: int = 256 * 1024) -> list[bytes | memoryview]:
+        """:meth:`data_to_send` as the list of buffers it would join (empty when nothing is pending), for a writer
+        with scatter/gather I/O (``sendmsg``): stream data is not copied once more. The buffers are immutable
+        (``bytes`` or views of ``bytes``): they stay valid however long the caller holds them."""
         out: list[bytes | memoryview] = list(self._raw_out)
         self._raw_out = []
         size = sum(map(len, out))
@@ -1117,7 +1123,7 @@ class Connection:
             size, nframes = self._send_stream_data(out, size, nframes, max_bytes)
         self._frames_sent += nframes
         self._bytes_sent += size
-        return b"".join(out)
+        return out
 
     def _send_stream_data(self, out: list[bytes | memoryview], size: int, nframes: int, max_bytes: int
                           ) -> tuple[int, int]:
@@ -1165,7 +1171,7 @@ class Connection:
         return size, nframes
 
     def _take_send(self, stream: _Stream, n: int, out: list[bytes | memoryview]) -> None:
-        """Move ``n`` queued bytes of ``stream`` to ``out`` as zero-copy views; the final join copies them once."""
+        """Move ``n`` queued bytes of ``stream`` to ``out`` as zero-copy views (joined once, or not at all)."""
         buf = stream.send_buf
         need = n
         while need:

@@ -41,6 +41,7 @@ from proto import ErrorCode, Role
 from proto import events as ev
 
 from .errors import HandshakeError, RequestError, SessionClosedError, StreamOpenError, StreamResetError
+from .tcp import TcpStream
 
 __all__ = ["MuxStream", "Request", "Role", "Session", "SessionConfig", "SessionStatistics", "open_session"]
 
@@ -342,22 +343,28 @@ class Session:
 
     async def _writer(self) -> None:
         conn = self._conn
+        # A TcpStream takes the frames as they are (sendmsg); any other stream gets them joined.
+        transport = self._transport
+        send_parts = transport.send_all_parts if isinstance(transport, TcpStream) else None
         try:
             while True:
                 await self._writer_event.wait()
                 self._writer_event = trio.Event()
                 self._writing = True
                 while True:
-                    data = conn.data_to_send(self._config.write_batch)
+                    parts = conn.data_to_send_parts(self._config.write_batch)
                     for sid in conn.pop_writable():
                         stream = self._streams.get(sid)
                         if stream is not None:
                             stream._wake_send()
-                    if not data:
+                    if not parts:
                         break
                     with trio.move_on_after(self._config.write_timeout) as scope:
                         try:
-                            await self._transport.send_all(data)
+                            if send_parts is not None:
+                                await send_parts(parts)
+                            else:
+                                await transport.send_all(b"".join(parts))
                         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                             self._die(ErrorCode.INTERNAL, f"connection lost while writing ({exc.__cause__ or exc})")
                             return

@@ -67,6 +67,18 @@ def _send_nowait(sock: socket.socket, data: memoryview) -> int:
         return 0
 
 
+def _sendmsg_nowait(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> int:
+    """``sock.sendmsg(parts)``; 0 when nothing can be sent yet."""
+    try:
+        return sock.sendmsg(parts)
+    except BlockingIOError:
+        return 0
+
+
+_IOV_MAX: Final = 1024
+"""Buffers per sendmsg call at most (Linux's IOV_MAX; more would fail with EMSGSIZE)."""
+
+
 def _raise_stream_error(exc: OSError) -> NoReturn:
     """Raise the stream error for a socket's OS error: EBADF means we closed it, anything else that it broke."""
     if exc.errno == errno.EBADF:
@@ -161,6 +173,44 @@ class TcpStream(trio.abc.HalfCloseableStream):
                         continue
                     await trio.lowlevel.wait_writable(sock)
                     waited = True
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
+
+    async def send_all_parts(self, parts: Sequence[bytes | memoryview]) -> None:
+        """``send_all(b"".join(parts))`` without the join: the parts go out with ``sendmsg`` (scatter/gather), so
+        a multiplexer's frames (headers and views of stream data) are not copied once more before the kernel's
+        copy. Same semantics as :meth:`send_all`; the parts must not change until it returns."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._eof_sent:
+                raise trio.ClosedResourceError("cannot send after send_eof")
+            sock = self.socket
+            if sock.fileno() == -1:
+                raise trio.ClosedResourceError("this socket was already closed")
+            pending = [part for part in parts if len(part)]
+            waited = False
+            while pending:
+                try:
+                    sent = _sendmsg_nowait(sock, pending[:_IOV_MAX] if len(pending) > _IOV_MAX else pending)
+                except OSError as exc:
+                    _raise_stream_error(exc)
+                if not sent:
+                    await trio.lowlevel.wait_writable(sock)
+                    waited = True
+                    continue
+                done = 0
+                while done < len(pending) and sent >= len(pending[done]):
+                    sent -= len(pending[done])
+                    done += 1
+                if done:
+                    del pending[:done]
+                if sent:
+                    pending[0] = memoryview(pending[0])[sent:]
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
         finally:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import random
 import socket
 import struct
 
@@ -218,3 +219,35 @@ async def test_serve_tcp_survives_running_out_of_descriptors(autojump_clock: tri
         await client.aclose()
         assert flaky.failures == 0
         assert "Too many open files (EMFILE); retrying in 0.1 s" in caplog.text
+
+
+async def test_send_all_parts_delivers_every_byte_in_order_through_partial_sends() -> None:
+    """Many parts of odd sizes (bytes and views, some empty) against a slow reader: sendmsg sends some of them
+    and part of one, the rest waits for room, and the receiver gets exactly the join, in order."""
+    rng = random.Random(7)
+    parts: list[bytes | memoryview] = []
+    for i in range(2000):
+        block = rng.randbytes(rng.choice((0, 1, 10, 1000, 16384)))
+        parts.append(memoryview(block)[1:] if i % 3 == 0 and block else block)
+    expected = b"".join(parts)
+    with trio.fail_after(30):
+        left, right = await _tcp_pair()
+        left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        got = bytearray()
+
+        async def slow_reader() -> None:
+            while len(got) < len(expected):
+                got.extend(await right.receive_some(20000))
+                await trio.sleep(0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow_reader)
+            await left.send_all_parts(parts)
+        assert bytes(got) == expected
+        with pytest.raises(BaseExceptionGroup) as busy:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(left.send_all_parts, [b"x" * (1 << 24)])
+                nursery.start_soon(left.send_all_parts, [b"y"])
+        assert busy.value.subgroup(trio.BusyResourceError) is not None
+        await left.aclose()
+        await right.aclose()
