@@ -27,7 +27,7 @@ from proto import ErrorCode
 
 from .config import ClientConfig, HostPort, LocalSpec, RemoteSpec
 from .console import announce, format_hostport
-from .dial import DialError, dial, enable_keepalive, peer_address
+from .dial import DialError, dial, peer_address
 from .errors import HandshakeError, NameTakenError, RequestError, SessionClosedError, StreamOpenError
 from .lifecycle import Shutdown
 from .mux import MuxStream, Role, Session, open_session, unwrap_group
@@ -243,7 +243,6 @@ class _Client:
             self._begin()
             try:
                 peer = peer_address(local)
-                enable_keepalive(local)
                 session = self.session
                 if session is None:
                     with trio.move_on_after(self.config.timeouts.connect):

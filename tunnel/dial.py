@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import socket
-from typing import Final
-
 import trio
 
 from proto import ErrorCode
 
 from .console import format_hostport
 from .relay import describe_connect_error
-from .tcp import TcpStream
+from .tcp import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, TcpStream, set_keepalive
 
-__all__ = ["DialError", "dial", "enable_keepalive", "peer_address"]
+__all__ = ["KEEPALIVE_COUNT", "KEEPALIVE_IDLE", "KEEPALIVE_INTERVAL", "DialError", "dial", "enable_keepalive",
+           "peer_address"]
 
 
 class DialError(Exception):
@@ -53,21 +51,9 @@ def peer_address(stream: TcpStream | trio.SocketStream) -> str:
     return format_hostport(str(host), int(port))
 
 
-KEEPALIVE_IDLE: Final = 60
-KEEPALIVE_INTERVAL: Final = 10
-KEEPALIVE_COUNT: Final = 6
-
-
 def enable_keepalive(stream: TcpStream | trio.SocketStream) -> None:
     """TCP keepalive on an end-user connection (a backstop, not the link's liveness check, which is PING): a peer
     that vanished without a FIN or RST is noticed after about two minutes of silence (60 s, then 6 probes 10 s
-    apart), so its connection, task pair and slot under the connection cap are released instead of held forever."""
-    sock = stream.socket
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
-    except OSError:  # the peer already reset it: nothing to keep alive
-        pass
+    apart), so its connection, task pair and slot under the connection cap are released instead of held forever.
+    (Accepted connections get it from :func:`~tunnel.tcp.serve_tcp`; this is for dialled ones.)"""
+    set_keepalive(stream.socket)

@@ -114,7 +114,6 @@ class _Mapper:
         every path (serve_tcp leaves that to the handler)."""
         conn = next(self.ids)
         peer = peer_address(client)
-        enable_keepalive(client)
         try:
             self.limiter.acquire_nowait()
         except trio.WouldBlock:

@@ -28,7 +28,7 @@ from proto import ErrorCode
 
 from .config import HostPort, ServerConfig, Timeouts
 from .console import announce, format_hostport
-from .dial import DialError, dial, enable_keepalive, peer_address
+from .dial import DialError, dial, peer_address
 from .errors import HandshakeError, SessionClosedError, StreamOpenError
 from .lifecycle import Shutdown
 from .mux import MuxStream, Request, Role, Session, SessionConfig, open_session
@@ -269,7 +269,6 @@ class _Server:
         # ``external`` is ours to close on every path (the splice closes it too; closing twice is fine).
         try:  # (not "async with": its bound __aexit__ would be held for the whole connection)
             peer = peer_address(external)
-            enable_keepalive(external)
             try:
                 limiter.acquire_nowait()
             except trio.WouldBlock:
@@ -379,7 +378,8 @@ async def run_server(config: ServerConfig, shutdown: Shutdown, *,
     logger.info("server listening on %s", ", ".join(map(str, addresses)))
     async with trio.open_nursery() as handlers:  # the links live here, so they outlive the accept loop
         async with trio.open_nursery() as acceptor:
-            acceptor.start_soon(partial(serve_tcp, server.handle_link, listeners, handler_nursery=handlers))
+            acceptor.start_soon(partial(serve_tcp, server.handle_link, listeners, handler_nursery=handlers,
+                                        keepalive=False))  # links have PING
             task_status.started(addresses[0])
             await shutdown.requested.wait()
             acceptor.cancel_scope.cancel(reason="shutting down: no new links")

@@ -23,9 +23,11 @@ its handling of transient accept errors) and are taken over with :meth:`TcpStrea
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, NoReturn, final
 
@@ -43,6 +45,43 @@ ACCEPT_RETRY: Final = 0.1
 :func:`trio.serve_listeners` does): no event announces that a descriptor was freed."""
 
 _CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# An accept that fails for reasons of that one connection (reset before we took it, firewall, network errors the
+# kernel reports early): try the next one, as trio.SocketListener does.
+_SKIP_ERRNOS: Final = frozenset(
+    getattr(errno, name) for name in ("EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN",
+                                      "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH", "ENOSR",
+                                      "ESOCKTNOSUPPORT", "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET")
+    if hasattr(errno, name))
+
+_INHERITS_OPTIONS: Final = sys.platform.startswith("linux")
+"""Linux gives an accepted socket the listening socket's options (TCP_NODELAY, TCP_NOTSENT_LOWAT, keepalive):
+set them once on the listener instead of four to six system calls per connection."""
+
+KEEPALIVE_IDLE: Final = 60
+KEEPALIVE_INTERVAL: Final = 10
+KEEPALIVE_COUNT: Final = 6
+
+
+def set_keepalive(sock: socket.socket | trio.socket.SocketType) -> None:
+    """TCP keepalive with :data:`KEEPALIVE_IDLE` s of silence, then :data:`KEEPALIVE_COUNT` probes
+    :data:`KEEPALIVE_INTERVAL` s apart (about two minutes in all). A socket already reset is left alone."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    except OSError:
+        pass
+
+
+def _set_stream_options(sock: socket.socket | trio.socket.SocketType) -> None:
+    """What trio.SocketStream sets on every socket: no Nagle, and a small unsent-data mark where there is one."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, 16 * 1024)
 
 
 # "Would block" is caught in these small functions, not in the coroutines that call them: an exception that passes
@@ -270,6 +309,7 @@ async def serve_tcp(
     listeners: Sequence[trio.abc.Listener[trio.SocketStream]],
     *,
     handler_nursery: trio.Nursery | None = None,
+    keepalive: bool = True,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept connections on ``listeners`` forever, starting ``handler(stream)`` for each in ``handler_nursery``
@@ -277,7 +317,10 @@ async def serve_tcp(
 
     * the handler gets a :class:`TcpStream`, and it **owns** it: it must close it (``async with stream:``); there
       is no wrapper task frame to do it, one frame fewer per open connection;
-    * the listeners are closed when this returns or is cancelled.
+    * the listeners are closed when this returns or is cancelled;
+    * each connection has ``TCP_NODELAY``, a 16 KiB ``TCP_NOTSENT_LOWAT`` and, with ``keepalive``,
+      :func:`set_keepalive`'s TCP keepalive: on Linux set once on the listening socket (accepted sockets inherit
+      them), elsewhere on each connection.
 
     Running out of descriptors or memory (``EMFILE``, ``ENFILE``, ``ENOMEM``, ``ENOBUFS``) is logged and accepting
     resumes :data:`ACCEPT_RETRY` seconds later; other accept errors propagate.
@@ -286,7 +329,7 @@ async def serve_tcp(
         async with trio.open_nursery() as nursery:
             handlers = nursery if handler_nursery is None else handler_nursery
             for listener in listeners:
-                nursery.start_soon(_accept_loop, handler, listener, handlers)
+                nursery.start_soon(_accept_loop, handler, listener, handlers, keepalive)
             task_status.started()
     finally:
         for listener in listeners:
@@ -294,10 +337,23 @@ async def serve_tcp(
 
 
 async def _accept_loop(handler: Callable[[TcpStream], Awaitable[object]],
-                       listener: trio.abc.Listener[trio.SocketStream], handlers: trio.Nursery) -> None:
+                       listener: trio.abc.Listener[trio.SocketStream], handlers: trio.Nursery,
+                       keepalive: bool) -> None:
+    inherit = _INHERITS_OPTIONS and isinstance(listener, trio.SocketListener)
+    if inherit:
+        assert isinstance(listener, trio.SocketListener)
+        _set_stream_options(listener.socket)
+        if keepalive:
+            set_keepalive(listener.socket)
     while True:
         try:
-            accepted = await listener.accept()
+            if inherit:
+                assert isinstance(listener, trio.SocketListener)
+                stream = await _accept_inheriting(listener.socket)
+            else:
+                stream = TcpStream.adopt(await listener.accept())
+                if keepalive:
+                    set_keepalive(stream.socket)
         except OSError as exc:
             if exc.errno not in _CAPACITY_ERRNOS:
                 raise
@@ -305,12 +361,26 @@ async def _accept_loop(handler: Callable[[TcpStream], Awaitable[object]],
                          errno.errorcode.get(exc.errno, exc.errno), ACCEPT_RETRY)
             await trio.sleep(ACCEPT_RETRY)
             continue
-        stream = TcpStream.adopt(accepted)
         try:
             handlers.start_soon(handler, stream)
         except BaseException:
             stream.socket.close()
             raise
+
+
+async def _accept_inheriting(listening: trio.socket.SocketType) -> TcpStream:
+    """The next connection on a listening socket whose options the connection inherits (no SocketStream made and
+    thrown away, no per-connection setsockopt)."""
+    while True:
+        try:
+            sock, _ = await listening.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+                raise trio.ClosedResourceError("the listener was closed") from None
+            if exc.errno in _SKIP_ERRNOS:
+                continue
+            raise
+        return TcpStream(socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach()))
 
 
 def _name(listener: trio.abc.Listener[trio.SocketStream]) -> str:

@@ -7,13 +7,14 @@ import errno
 import random
 import socket
 import struct
+from functools import partial
 
 import pytest
 import trio
 import trio.testing
 
 from tunnel.relay import abort, splice
-from tunnel.tcp import TcpStream, serve_tcp
+from tunnel.tcp import KEEPALIVE_IDLE, TcpStream, serve_tcp
 
 pytestmark = pytest.mark.trio
 
@@ -238,7 +239,7 @@ async def test_send_all_parts_delivers_every_byte_in_order_through_partial_sends
         async def slow_reader() -> None:
             while len(got) < len(expected):
                 got.extend(await right.receive_some(20000))
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(slow_reader)
@@ -251,3 +252,35 @@ async def test_send_all_parts_delivers_every_byte_in_order_through_partial_sends
         assert busy.value.subgroup(trio.BusyResourceError) is not None
         await left.aclose()
         await right.aclose()
+
+
+@pytest.mark.parametrize("keepalive", [True, False])
+async def test_serve_tcp_connections_have_nodelay_and_keepalive(keepalive: bool) -> None:
+    """Accepted connections get TCP_NODELAY and, unless asked not to, TCP keepalive (on Linux inherited from the
+    listening socket, set once)."""
+    seen: list[tuple[int, int, int]] = []
+
+    async def handler(stream: TcpStream) -> None:
+        try:
+            sock = stream.socket
+            seen.append((sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                         sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                         sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)))
+        finally:
+            await stream.aclose()
+
+    with trio.fail_after(5):
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(serve_tcp, handler, listeners, keepalive=keepalive))
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+            assert await client.receive_some() == b""
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+    assert len(seen) == 1
+    nodelay, keep, idle = seen[0]
+    assert nodelay
+    assert bool(keep) is keepalive
+    if keepalive:
+        assert idle == KEEPALIVE_IDLE
