@@ -98,14 +98,6 @@ def _recv_nowait(sock: socket.socket, max_bytes: int) -> bytes | None:
         return None
 
 
-def _send_nowait(sock: socket.socket, data: memoryview) -> int:
-    """``sock.send``; 0 when nothing can be sent yet."""
-    try:
-        return sock.send(data)
-    except BlockingIOError:
-        return 0
-
-
 def _sendmsg_nowait(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> int:
     """``sock.sendmsg(parts)``; 0 when nothing can be sent yet."""
     try:
@@ -188,39 +180,13 @@ class TcpStream(trio.abc.HalfCloseableStream):
     # -------------------------------------------------------------------------------------------------- sending
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this stream")
-        self._sending = True
-        try:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            if self._eof_sent:
-                raise trio.ClosedResourceError("cannot send after send_eof")
-            sock = self.socket
-            if sock.fileno() == -1:
-                raise trio.ClosedResourceError("this socket was already closed")
-            waited = False
-            with memoryview(data) as view:
-                total = len(view)
-                sent = 0
-                while sent < total:
-                    try:
-                        n = _send_nowait(sock, view[sent:] if sent else view)
-                    except OSError as exc:
-                        _raise_stream_error(exc)
-                    if n:
-                        sent += n
-                        continue
-                    await trio.lowlevel.wait_writable(sock)
-                    waited = True
-            if not waited:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-        finally:
-            self._sending = False
+        await self.send_all_parts((data,))
 
-    async def send_all_parts(self, parts: Sequence[bytes | memoryview]) -> None:
+    async def send_all_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
         """``send_all(b"".join(parts))`` without the join: the parts go out with ``sendmsg`` (scatter/gather), so
         a multiplexer's frames (headers and views of stream data) are not copied once more before the kernel's
-        copy. Same semantics as :meth:`send_all`; the parts must not change until it returns."""
+        copy. Same semantics as :meth:`send_all` (which is this with one part); the parts must not change until it
+        returns."""
         if self._sending:
             raise trio.BusyResourceError("another task is already sending on this stream")
         self._sending = True
@@ -231,7 +197,8 @@ class TcpStream(trio.abc.HalfCloseableStream):
             sock = self.socket
             if sock.fileno() == -1:
                 raise trio.ClosedResourceError("this socket was already closed")
-            pending = [part for part in parts if len(part)]
+            # Byte views throughout: a memoryview's len() counts items, and sendmsg reports bytes.
+            pending = [part if type(part) is bytes else memoryview(part).cast("B") for part in parts if len(part)]
             waited = False
             while pending:
                 try:

@@ -471,6 +471,16 @@ async def test_many_streams_over_real_tcp() -> None:
             nursery.cancel_scope.cancel()
 
 
+async def _empty_acceptor(session: Session) -> None:
+    """Accept every stream the peer opens, answer with an immediate EOF, expect one, and close it."""
+    while True:
+        s = await session.accept_stream()
+        s.accept()
+        await s.send_eof()
+        assert await read_all(s) == b""
+        await s.aclose()
+
+
 async def test_many_openers_waiting_for_stream_credit_all_proceed() -> None:
     """Regression (bench.py, 200 concurrent short connections): openers blocked on MAX_STREAMS credit shared one
     wakeup event, each replacing it, so all but the last waited forever once credit came back."""
@@ -478,14 +488,6 @@ async def test_many_openers_waiting_for_stream_credit_all_proceed() -> None:
     with trio.fail_after(20):
         async with session_pair(config=config) as (server, client):
             done: list[int] = []
-
-            async def acceptor() -> None:
-                while True:
-                    s = await client.accept_stream()
-                    s.accept()
-                    await s.send_eof()
-                    assert await read_all(s) == b""
-                    await s.aclose()
 
             async def opener(i: int) -> None:
                 s = await server.open_stream("r")
@@ -495,7 +497,7 @@ async def test_many_openers_waiting_for_stream_credit_all_proceed() -> None:
                 done.append(i)
 
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(acceptor)
+                nursery.start_soon(_empty_acceptor, client)
                 async with trio.open_nursery() as openers:
                     for i in range(20):
                         openers.start_soon(opener, i)
@@ -513,14 +515,6 @@ async def test_openers_waiting_for_credit_proceed_in_order_and_a_cancelled_one_s
             finish: dict[str, trio.Event] = {name: trio.Event() for name in "abcde"}
             opened_send, opened = trio.open_memory_channel[str](8)
 
-            async def acceptor() -> None:
-                while True:
-                    s = await client.accept_stream()
-                    s.accept()
-                    await s.send_eof()
-                    assert await read_all(s) == b""
-                    await s.aclose()
-
             async def opener(name: str) -> None:
                 s = await server.open_stream("r")
                 await opened_send.send(name)
@@ -536,7 +530,7 @@ async def test_openers_waiting_for_credit_proceed_in_order_and_a_cancelled_one_s
                     await opener(name)
 
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(acceptor)
+                nursery.start_soon(_empty_acceptor, client)
                 nursery.start_soon(opener, "a")
                 assert await opened.receive() == "a"  # it holds the only credit
                 for name in "bcde":

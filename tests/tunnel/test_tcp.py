@@ -284,3 +284,24 @@ async def test_serve_tcp_connections_have_nodelay_and_keepalive(keepalive: bool)
     assert bool(keep) is keepalive
     if keepalive:
         assert idle == KEEPALIVE_IDLE
+
+
+async def test_send_all_of_a_multibyte_memoryview_sends_every_byte() -> None:
+    """A memoryview of 4-byte items: its len() counts items, sendmsg counts bytes; all bytes arrive."""
+    import array
+
+    data = array.array("i", range(300_000))
+    with trio.fail_after(10):
+        left, right = await _tcp_pair()
+        got = bytearray()
+
+        async def reader() -> None:
+            while len(got) < len(data) * data.itemsize:
+                got.extend(await right.receive_some())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await left.send_all(memoryview(data))
+        assert bytes(got) == data.tobytes()
+        await left.aclose()
+        await right.aclose()
