@@ -43,6 +43,9 @@ MAX_REMEMBERED_PORTS: Final = 4096
 REPLACED: Final = "replaced"
 """Start of the GOAWAY reason sent to a link that another client with the same name took over."""
 
+CLIENT_MAX_STREAMS: Final = 1 << 20
+"""Streams a client lets its server have open at once: in effect no limit of its own (see session_config)."""
+
 FORWARD_ROUTE: Final = "forward"
 """Route of client-opened streams: "dial ``meta["host"]:meta["port"]`` for me" (``-L``)."""
 
@@ -56,8 +59,9 @@ def session_config(timeouts: Timeouts, *, role: Role, max_streams: int = 1024) -
 
     The protocol's defaults are for a peer we do not trust; here the peer is an authenticated trio-tunnel. The server
     allows ``max_streams`` concurrent streams from a client (its -L connections) and keeps the protocol's rate limits
-    on OPEN and RST. The client accepts what its own server opens (one stream per external connection): it allows
-    as many concurrent streams and does not rate-limit them, so a burst of visitors is never cut short.
+    on OPEN and RST. The client accepts what its own server opens (one stream per external connection): it sets no
+    stream limit of its own (the server's ``max_connections_per_service`` bounds them) and does not rate-limit
+    them, so a burst of visitors is never cut short.
     """
     import proto
 
@@ -69,7 +73,10 @@ def session_config(timeouts: Timeouts, *, role: Role, max_streams: int = 1024) -
     limits = proto.Limits(open_timeout=max(timeouts.open, timeouts.connect + 1.0), max_streams=max_streams,
                           max_window=16 * 1024 * 1024, send_quantum=32 * 1024)
     if role is Role.CLIENT:
-        limits = attrs.evolve(limits, open_rate=proto.RateLimit(burst=1 << 30, rate=float(1 << 30)),
+        # The server bounds what it opens (max_connections_per_service, per service); a stream cap here as well
+        # would silently hold every visitor beyond it, across all of the client's services, waiting for credit.
+        limits = attrs.evolve(limits, max_streams=CLIENT_MAX_STREAMS,
+                              open_rate=proto.RateLimit(burst=1 << 30, rate=float(1 << 30)),
                               reset_rate=proto.RateLimit(burst=1 << 30, rate=float(1 << 30)))
     return SessionConfig(
         limits=limits,

@@ -562,3 +562,36 @@ async def test_port_not_allowed_or_taken_is_refused_readably_other_services_work
                 await client.stop()
                 await server.stop()
             await service.stop()
+
+
+async def test_more_than_1024_connections_open_at_once_over_one_link(stdout: Stdout, logs: LogWatch) -> None:
+    """The server's per-service limit is the only cap on concurrent connections: the client used to allow its server
+    1024 streams, so visitor 1025 waited for stream credit until it timed out, whatever max_connections_per_service
+    said. 1100 connections held open at once, each answering through the tunnel."""
+    count = 1100
+
+    async def hold(stream: trio.SocketStream) -> None:
+        async with stream:
+            while data := await stream.receive_some():
+                await stream.send_all(data)
+
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            service = await start_service(nursery, hold)
+            tunnel = await open_tunnel(nursery, stdout, service.port, name="many",
+                                       max_connections_per_service=2000)
+            streams: list[trio.SocketStream] = []
+            try:
+                for i in range(count):
+                    stream = await trio.open_tcp_stream(LOCALHOST, tunnel.public)
+                    streams.append(stream)
+                    message = b"%d" % i
+                    await stream.send_all(message)
+                    assert await read_exactly(stream, len(message)) == message, f"connection {i}"
+                assert service.accepted == count
+            finally:
+                for stream in streams:
+                    await stream.aclose()
+            assert not logs.matching("refused|could not serve|cannot serve", logging.WARNING)
+            await tunnel.stop()
+            await service.stop()
