@@ -169,22 +169,34 @@ class Session:
 
         Raises:
             StreamOpenError: the peer refused (``retryable`` tells whether the peer never processed it, e.g. it is
-                going away) or did not answer within ``limits.open_timeout``.
+                going away), did not answer within ``limits.open_timeout``, or had no room for another stream
+                (stream credit or accept backlog) within that time (STREAM_LIMIT).
             SessionClosedError: the session is over.
         """
+        give_up_at: float | None = None
         while True:
             self._check_alive()
             if not self._conn.can_open_streams:
                 raise StreamOpenError(ErrorCode.REFUSED, "the session is going away")
             if self._conn.streams_available > 0:
                 break
+            # Waiting for credit counts against the open timeout too: a visitor is not held forever by a peer
+            # that never returns credit.
+            timeout = self._conn.limits.open_timeout
+            if give_up_at is None:
+                give_up_at = trio.current_time() + timeout
             # Parked in order; _credit_changed wakes as many as there is room for, not all of them (with hundreds
             # of openers waiting on a shared event, every returned credit woke them all to find one slot).
-            try:
-                await self._openers.park()
-            except BaseException:
-                self._credit_changed()  # we may have been woken for a slot we now will not take: pass it on
-                raise
+            with trio.move_on_at(give_up_at) as waiting:
+                try:
+                    await self._openers.park()
+                except BaseException:
+                    self._credit_changed()  # we may have been woken for a slot we now will not take: pass it on
+                    raise
+            if waiting.cancelled_caught:
+                raise StreamOpenError(ErrorCode.STREAM_LIMIT,
+                                      f"no room for another stream within {timeout:g} s (the peer's stream limit or "
+                                      "accept backlog is full)")
         await trio.lowlevel.checkpoint_if_cancelled()
         sid = self._conn.open_stream(route, meta, now=trio.current_time())
         stream = MuxStream(self, sid, route, dict(meta or {}), opening=True)

@@ -546,3 +546,33 @@ async def test_openers_waiting_for_credit_proceed_in_order_and_a_cancelled_one_s
                 finish["e"].set()
                 await trio.testing.wait_all_tasks_blocked()
                 nursery.cancel_scope.cancel()
+
+
+async def test_an_opener_waiting_for_credit_gives_up_after_the_open_timeout(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """No credit comes back (the only stream stays open): the second opener fails with STREAM_LIMIT after
+    open_timeout instead of waiting forever, and the session carries on."""
+    config = SessionConfig(limits=Limits(max_streams=1, accept_backlog=1, open_timeout=10))
+    with trio.fail_after(60):
+        async with session_pair(config=config) as (server, client):
+            holder_ready = trio.Event()
+
+            async def hold_the_only_stream() -> None:
+                s = await client.accept_stream()
+                s.accept()
+                holder_ready.set()
+                await trio.sleep_forever()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hold_the_only_stream)
+                first = await server.open_stream("r")
+                await holder_ready.wait()
+                started = trio.current_time()
+                with pytest.raises(StreamOpenError) as info:
+                    await server.open_stream("r")
+                assert info.value.code == ErrorCode.STREAM_LIMIT
+                assert "within 10 s" in str(info.value)
+                assert trio.current_time() - started == pytest.approx(10, abs=0.5)
+                assert len(server._openers) == 0
+                await first.send_all(b"still fine")  # the session and the open stream are unaffected
+                nursery.cancel_scope.cancel()
