@@ -363,6 +363,7 @@ class Session:
                 await self._writer_event.wait()
                 self._writer_event = trio.Event()
                 self._writing = True
+                batches = 0
                 while True:
                     parts = conn.data_to_send_parts(self._config.write_batch)
                     for sid in conn.pop_writable():
@@ -371,10 +372,15 @@ class Session:
                             stream._wake_send()
                     if not parts:
                         break
+                    batches += 1
+                    if batches > 1 and send_parts is not None:
+                        # Between batches, let the other tasks run (the reader above all); after the last one the
+                        # wait for the next wakeup is the checkpoint, so the send itself need not add a pass.
+                        await trio.lowlevel.checkpoint()
                     with trio.move_on_after(self._config.write_timeout) as scope:
                         try:
                             if send_parts is not None:
-                                await send_parts(parts)
+                                await send_parts(parts, checkpoint=False)
                             else:
                                 await transport.send_all(b"".join(parts))
                         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -840,7 +846,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
         if self._error is not None:
             raise self._broken()
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+    async def send_all(self, data: bytes | bytearray | memoryview, *, checkpoint: bool = True) -> None:
+        """:meth:`trio.abc.SendStream.send_all`; ``checkpoint=False`` as for :meth:`tunnel.tcp.TcpStream.send_all`
+        (no scheduler pass unless it had to wait for credit)."""
         if self._sending:
             raise trio.BusyResourceError("another task is already sending on this stream")
         self._sending = True
@@ -867,7 +875,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     await self._send_wakeup.wait()
                     waited = True
                     self._check_send()
-            if not waited:  # a call is a schedule point; a wait already was one
+            if checkpoint and not waited:  # a call is a schedule point; a wait already was one
                 await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
