@@ -8,7 +8,7 @@ from proto import ErrorCode
 
 from .console import format_hostport
 from .relay import describe_connect_error
-from .tcp import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, TcpStream, set_keepalive
+from .tcp import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, TcpStream, connect_tcp, set_keepalive
 
 __all__ = ["KEEPALIVE_COUNT", "KEEPALIVE_IDLE", "KEEPALIVE_INTERVAL", "DialError", "dial", "enable_keepalive",
            "peer_address"]
@@ -33,7 +33,7 @@ async def dial(host: str, port: int, *, timeout: float) -> TcpStream:  # noqa: A
     target = format_hostport(host, port)
     with trio.move_on_after(timeout):
         try:
-            stream = TcpStream.adopt(await trio.open_tcp_stream(host, port))
+            stream = await connect_tcp(host, port)
             enable_keepalive(stream)
             return stream
         except OSError as exc:

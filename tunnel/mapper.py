@@ -31,7 +31,7 @@ from tunnel.console import announce, format_hostport
 from tunnel.dial import enable_keepalive, peer_address
 from tunnel.lifecycle import Shutdown
 from tunnel.relay import Ending, Splice, abort, describe_connect_error
-from tunnel.tcp import TcpStream, serve_tcp
+from tunnel.tcp import TcpStream, connect_tcp, serve_tcp
 
 __all__ = ["run_map", "serve_map"]
 
@@ -157,7 +157,7 @@ class _Mapper:
         reason = ""
         with trio.move_on_after(self.config.connect_timeout) as scope:
             try:
-                upstream = TcpStream.adopt(await trio.open_tcp_stream(host, port))
+                upstream = await connect_tcp(host, port)
                 enable_keepalive(upstream)
                 return upstream
             except OSError as exc:

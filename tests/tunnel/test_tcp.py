@@ -13,8 +13,9 @@ import pytest
 import trio
 import trio.testing
 
-from tunnel.relay import abort, splice
-from tunnel.tcp import KEEPALIVE_IDLE, TcpStream, serve_tcp
+from proto import ErrorCode
+from tunnel.relay import abort, describe_connect_error, splice
+from tunnel.tcp import KEEPALIVE_IDLE, TcpStream, connect_tcp, serve_tcp
 
 pytestmark = pytest.mark.trio
 
@@ -305,3 +306,40 @@ async def test_send_all_of_a_multibyte_memoryview_sends_every_byte() -> None:
         assert bytes(got) == data.tobytes()
         await left.aclose()
         await right.aclose()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+async def test_connect_tcp_numeric_and_named(host: str) -> None:
+    """Numeric addresses are dialled directly, names through trio.open_tcp_stream; both give a TcpStream with
+    TCP_NODELAY that carries bytes both ways."""
+    family = socket.AF_INET6 if host == "::1" else socket.AF_INET
+    if family == socket.AF_INET6 and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    with trio.fail_after(5):
+        try:
+            listeners = await trio.open_tcp_listeners(0, host="::1" if family == socket.AF_INET6 else "127.0.0.1")
+        except OSError:
+            pytest.skip("no IPv6 loopback")
+        port = listeners[0].socket.getsockname()[1]
+        stream = await connect_tcp(host, port)
+        peer = await listeners[0].accept()
+        assert isinstance(stream, TcpStream)
+        assert stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        await stream.send_all(b"ping")
+        assert await peer.receive_some() == b"ping"
+        await peer.send_all(b"pong")
+        assert await stream.receive_some() == b"pong"
+        await stream.aclose()
+        await peer.aclose()
+        await listeners[0].aclose()
+
+
+async def test_connect_tcp_refused_is_an_oserror_with_its_errno() -> None:
+    with trio.fail_after(5):
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        port = listener.socket.getsockname()[1]
+        await listener.aclose()  # nothing listens there now
+        with pytest.raises(OSError) as info:
+            await connect_tcp("127.0.0.1", port)
+        assert info.value.errno == errno.ECONNREFUSED
+        assert describe_connect_error(info.value) == (ErrorCode.CONNECT_FAILED, "connection refused")
