@@ -286,8 +286,13 @@ class Connection:
     def wants_write(self) -> bool:
         """True when :meth:`data_to_send` has something (cheap; lets the caller skip waking its writer)."""
         return bool(
-            self._raw_out or self._urgent or self._pong is not None or self._window_dirty or self._control
-            or self._max_streams_dirty or self._ready
+            self._raw_out
+            or self._urgent
+            or self._pong is not None
+            or self._window_dirty
+            or self._control
+            or self._max_streams_dirty
+            or self._ready
         )
 
     @property
@@ -361,8 +366,10 @@ class Connection:
             # After a GOAWAY the peer's end is expected, and its code and reason say why.
             code, reason = self._peer_goaway if self._goaway_received else (ErrorCode.INTERNAL, "")
             if self._hs is _Hs.AWAIT_AUTH:
-                reason = ("the client closed the connection instead of authenticating (has it a token? "
-                          "--token, --token-file or TRIO_TUNNEL_TOKEN)")
+                reason = (
+                    "the client closed the connection instead of authenticating (has it a token? "
+                    "--token, --token-file or TRIO_TUNNEL_TOKEN)"
+                )
             self._terminate_by_peer(events, code, reason or "the peer closed the connection")
             return events
         self._decoder.feed(data)
@@ -390,8 +397,12 @@ class Connection:
             return False
         versions = F.parse_preamble(raw)
         if versions is None:
-            self._close(events, ConnectionTerminated(
-                ErrorCode.PROTOCOL, "not a trio-tunnel client (wrong magic bytes)", by_peer=True, silent=True))
+            self._close(
+                events,
+                ConnectionTerminated(
+                    ErrorCode.PROTOCOL, "not a trio-tunnel client (wrong magic bytes)", by_peer=True, silent=True
+                ),
+            )
             return False
         high, low = versions
         if not low <= PROTOCOL_VERSION <= high:
@@ -441,7 +452,8 @@ class Connection:
                     if len(self._peer_requests) >= self.limits.max_pending_requests:
                         raise RemoteProtocolError(
                             f"more than {self.limits.max_pending_requests} CTRL requests outstanding",
-                            ErrorCode.ENHANCE_YOUR_CALM)
+                            ErrorCode.ENHANCE_YOUR_CALM,
+                        )
                     self._peer_requests.add(req)
                 events.append(RequestReceived(req, kind, body))
             case F.CtrlReply(req, code, body):
@@ -477,7 +489,8 @@ class Connection:
         streams = out.get("max_streams", 1)
         if payload < 1024 or window < 1024 or streams < 1:
             raise RemoteProtocolError(
-                "peer limits too small (max_frame_payload and initial_window must be >= 1024, max_streams >= 1)")
+                "peer limits too small (max_frame_payload and initial_window must be >= 1024, max_streams >= 1)"
+            )
         self._peer_max_payload = min(payload, 16 * 1024 * 1024)
         self._peer_initial_window = min(window, F.SID_LIMIT - 1)
         self._local_credit = streams
@@ -535,14 +548,18 @@ class Connection:
             if self._token is None:
                 raise LocalProtocolError(
                     "the server requires a token and this client has none (pass --token, --token-file or "
-                    "TRIO_TUNNEL_TOKEN)", ErrorCode.AUTH)
+                    "TRIO_TUNNEL_TOKEN)",
+                    ErrorCode.AUTH,
+                )
             mac = self._mac(self._token, self._transcript(_CLIENT_LABEL))
         elif challenge.method == AUTH_NONE:
             if self._token is not None:
                 raise LocalProtocolError(
                     "the server does not authenticate, but this client has a token: refusing to connect, since a "
                     "server that cannot prove it knows the token may be an impostor (drop the client's token only "
-                    "if the server really runs with --insecure-no-auth)", ErrorCode.AUTH)
+                    "if the server really runs with --insecure-no-auth)",
+                    ErrorCode.AUTH,
+                )
             mac = b""
         else:
             raise RemoteProtocolError(f"unknown authentication method {challenge.method!r}", ErrorCode.AUTH)
@@ -557,7 +574,8 @@ class Connection:
             if not hmac.compare_digest(expected, welcome.proof):
                 raise RemoteProtocolError(
                     "the server could not prove it knows the token: wrong server address, or someone in between",
-                    ErrorCode.AUTH)
+                    ErrorCode.AUTH,
+                )
         self.peer_limits = self._check_peer_limits(welcome.limits)
         self._open(events, authenticated=self._auth_method == AUTH_HMAC)
 
@@ -615,7 +633,8 @@ class Connection:
         self._apply(stream, SI.RECV_DATA)
         if stream.received + size > stream.recv_limit:
             raise FlowControlError(
-                f"stream {sid}: peer sent {stream.received + size} bytes, over the window of {stream.recv_limit}")
+                f"stream {sid}: peer sent {stream.received + size} bytes, over the window of {stream.recv_limit}"
+            )
         stream.received += size
         if size:
             events.append(DataReceived(sid, frame.payload))
@@ -646,7 +665,8 @@ class Connection:
             raise RemoteProtocolError(f"OPEN for stream {sid}, not above the highest so far ({self._highest_peer_sid})")
         if _stream_index(sid) > self._granted:
             raise RemoteProtocolError(
-                f"OPEN for stream {sid} beyond the {self._granted} streams allowed so far", ErrorCode.STREAM_LIMIT)
+                f"OPEN for stream {sid} beyond the {self._granted} streams allowed so far", ErrorCode.STREAM_LIMIT
+            )
         self._highest_peer_sid = sid
         if not self._open_bucket.take(self._now):
             # Refuse the open, keep the session: a burst of legitimate connections must not cut every other one.
@@ -659,8 +679,15 @@ class Connection:
             self._refuse_open(sid, ErrorCode.REFUSED, "too many streams waiting to be accepted")
             return
         window = self.limits.initial_window
-        stream = _Stream(sid, SS.PENDING, local=False, send_limit=self._peer_initial_window,
-                         window=window, recv_limit=window, epoch_time=self._time())
+        stream = _Stream(
+            sid,
+            SS.PENDING,
+            local=False,
+            send_limit=self._peer_initial_window,
+            window=window,
+            recv_limit=window,
+            epoch_time=self._time(),
+        )
         self._streams[sid] = stream
         self._pending += 1
         self._arm_deadline(sid)
@@ -694,8 +721,9 @@ class Connection:
             # Rapid reset (CVE-2023-44487): the peer keeps cancelling opens we are still working on (dialing).
             # Other resets are ordinary closes (a TCP peer that reset, a stream closed with data unread) and
             # cost us nothing to process.
-            raise RemoteProtocolError("too many streams reset before they were answered (rapid reset)",
-                                      ErrorCode.ENHANCE_YOUR_CALM)
+            raise RemoteProtocolError(
+                "too many streams reset before they were answered (rapid reset)", ErrorCode.ENHANCE_YOUR_CALM
+            )
         self._apply(stream, SI.RECV_RST)
         self._deadlines.pop(sid, None)
         self._drop_send(stream)
@@ -772,15 +800,23 @@ class Connection:
         header = F.PREFIX.unpack_from(F.encode(frame))[0]
         if header > self.limits.max_header:
             raise LocalProtocolError(
-                f"cannot open stream: OPEN header of {header} bytes (limit {self.limits.max_header}); shorten the meta")
+                f"cannot open stream: OPEN header of {header} bytes (limit {self.limits.max_header}); shorten the meta"
+            )
         self._set_now(now)
         sid = self._next_sid
         self._next_sid += 2
         self._local_opened += 1
         self._local_opening += 1
         window = self.limits.initial_window
-        self._streams[sid] = _Stream(sid, SS.OPENING, local=True, send_limit=self._peer_initial_window,
-                                     window=window, recv_limit=window, epoch_time=self._time())
+        self._streams[sid] = _Stream(
+            sid,
+            SS.OPENING,
+            local=True,
+            send_limit=self._peer_initial_window,
+            window=window,
+            recv_limit=window,
+            epoch_time=self._time(),
+        )
         self._queue_control(frame)
         self._arm_deadline(sid)
         return sid
@@ -814,8 +850,10 @@ class Connection:
         if not self._can_send_data(stream):
             if stream.state is SS.CLOSED:
                 raise LocalProtocolError(f"stream {stream_id} is closed")
-            raise LocalProtocolError(f"stream {stream_id}: cannot send DATA in state {stream.state.value}"
-                                     + (" after FIN" if stream.fin_queued else ""))
+            raise LocalProtocolError(
+                f"stream {stream_id}: cannot send DATA in state {stream.state.value}"
+                + (" after FIN" if stream.fin_queued else "")
+            )
         room = min(stream.send_limit - stream.sent, self.limits.max_send_buffer - stream.send_buffered)
         take = min(len(data), max(room, 0))
         if take < len(data):
@@ -940,8 +978,13 @@ class Connection:
             self._writable.add(stream.sid)
 
     def _maybe_release(self, stream: _Stream) -> None:
-        if (stream.state is not SS.CLOSED or not stream.app_closed or stream.send_buffered
-                or stream.in_ready or self._streams.get(stream.sid) is not stream):
+        if (
+            stream.state is not SS.CLOSED
+            or not stream.app_closed
+            or stream.send_buffered
+            or stream.in_ready
+            or self._streams.get(stream.sid) is not stream
+        ):
             return  # (not in the table any more: the connection ended while a command was running)
         del self._streams[stream.sid]
         self._deadlines.pop(stream.sid, None)
@@ -1068,8 +1111,12 @@ class Connection:
 
     def _queue_control(self, frame: F.Frame) -> None:
         if len(self._control) >= self.limits.max_queued_control:
-            self._fail(RemoteProtocolError(
-                "the peer is not reading: too many control frames queued", ErrorCode.ENHANCE_YOUR_CALM), self._deferred)
+            self._fail(
+                RemoteProtocolError(
+                    "the peer is not reading: too many control frames queued", ErrorCode.ENHANCE_YOUR_CALM
+                ),
+                self._deferred,
+            )
             return
         self._control.append(frame)
 
@@ -1125,8 +1172,9 @@ class Connection:
         self._bytes_sent += size
         return out
 
-    def _send_stream_data(self, out: list[bytes | memoryview], size: int, nframes: int, max_bytes: int
-                          ) -> tuple[int, int]:
+    def _send_stream_data(
+        self, out: list[bytes | memoryview], size: int, nframes: int, max_bytes: int
+    ) -> tuple[int, int]:
         ready = self._ready
         frame_cap = self._peer_max_payload
         while ready and size < max_bytes:
@@ -1234,4 +1282,3 @@ def _clip(text: str, limit: int = F.REASON_MAX) -> str:
     if len(raw) <= limit:
         return text
     return raw[: limit - 3].decode("utf-8", "ignore") + "..."
-

@@ -167,7 +167,18 @@ class ReplyReceived:
 
 
 Event: TypeAlias = (
-    HandshakeComplete | ConnectionTerminated | GoAwayReceived | StreamOpened | StreamAccepted | StreamRejected
-    | DataReceived | StreamEnded | StreamReset | WindowUpdated | StreamCreditGranted | PongReceived
-    | RequestReceived | ReplyReceived
+    HandshakeComplete
+    | ConnectionTerminated
+    | GoAwayReceived
+    | StreamOpened
+    | StreamAccepted
+    | StreamRejected
+    | DataReceived
+    | StreamEnded
+    | StreamReset
+    | WindowUpdated
+    | StreamCreditGranted
+    | PongReceived
+    | RequestReceived
+    | ReplyReceived
 )

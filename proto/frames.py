@@ -243,8 +243,23 @@ class Refuse:
 
 
 Frame: TypeAlias = (
-    Data | Window | Open | OpenOk | OpenErr | Reset | Ping | Pong | GoAway | MaxStreams | Ctrl | CtrlReply
-    | Hello | Challenge | Auth | Welcome | Refuse
+    Data
+    | Window
+    | Open
+    | OpenOk
+    | OpenErr
+    | Reset
+    | Ping
+    | Pong
+    | GoAway
+    | MaxStreams
+    | Ctrl
+    | CtrlReply
+    | Hello
+    | Challenge
+    | Auth
+    | Welcome
+    | Refuse
 )
 
 # ------------------------------------------------------------------------------------------------------- encoding

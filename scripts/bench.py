@@ -138,7 +138,7 @@ def pattern_offset(seed: int) -> int:
 def pattern_slice(pos: int, n: int) -> memoryview:
     """n <= PATTERN_LEN bytes of the infinite pattern from absolute position pos."""
     o = pos % PATTERN_LEN
-    return _pattern_view()[o:o + n]
+    return _pattern_view()[o : o + n]
 
 
 def pattern_bytes(seed: int, start: int, n: int) -> bytes:
@@ -256,12 +256,12 @@ async def sink_handler(stream: trio.SocketStream) -> None:
         await trio.aclose_forcefully(stream)
 
 
-async def run_sink(host: str = "127.0.0.1", port: int = 0, *,
-                   task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_sink(
+    host: str = "127.0.0.1", port: int = 0, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+) -> None:
     """The sink/echo service, in-process; started((host, port))."""
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(functools.partial(trio.serve_tcp, sink_handler, port, host=host,
-                                                          backlog=4096))
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, sink_handler, port, host=host, backlog=4096))
         task_status.started(tuple(listeners[0].socket.getsockname()[:2]))
 
 
@@ -319,8 +319,10 @@ def _check_reply(reply: bytes, sent: int, crc: int, what: str) -> None:
     if count != sent:
         raise VerifyError(f"{what}: receiver got {count} bytes, sender sent {sent}")
     if got_crc != crc:
-        raise VerifyError(f"{what}: CRC mismatch after {sent} bytes (receiver {got_crc:#010x}, "
-                          f"sender {crc:#010x}): data corrupted in transit")
+        raise VerifyError(
+            f"{what}: CRC mismatch after {sent} bytes (receiver {got_crc:#010x}, "
+            f"sender {crc:#010x}): data corrupted in transit"
+        )
 
 
 async def bulk_upload(addr: Addr, nbytes: int, seed: int = 1, max_seconds: float | None = None) -> Transfer:
@@ -379,13 +381,16 @@ async def bulk_download(addr: Addr, nbytes: int, seed: int = 2, max_seconds: flo
             want = expected_crc(seed, count)
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     if crc != want:
-        raise VerifyError(f"download: CRC mismatch after {count} bytes (got {crc:#010x}, want {want:#010x}): "
-                          "data corrupted in transit")
+        raise VerifyError(
+            f"download: CRC mismatch after {count} bytes (got {crc:#010x}, want {want:#010x}): "
+            "data corrupted in transit"
+        )
     return Transfer(count, t1 - t0)
 
 
-async def parallel_upload(addr: Addr, streams: int, nbytes_each: int, seed0: int = 100,
-                          max_seconds: float | None = None) -> Transfer:
+async def parallel_upload(
+    addr: Addr, streams: int, nbytes_each: int, seed0: int = 100, max_seconds: float | None = None
+) -> Transfer:
     """`streams` uploads at once; aggregate bytes over the wall time of the whole batch."""
     for i in range(streams):
         expected_crc(seed0 + i, nbytes_each)
@@ -393,16 +398,23 @@ async def parallel_upload(addr: Addr, streams: int, nbytes_each: int, seed0: int
     t0 = time.perf_counter()
     async with trio.open_nursery() as nursery:
         for i in range(streams):
+
             async def one(i: int = i) -> None:
                 results.append(await bulk_upload(addr, nbytes_each, seed0 + i, max_seconds))
+
             nursery.start_soon(one)
     t1 = time.perf_counter()
     return Transfer(sum(r.nbytes for r in results), t1 - t0)
 
 
-async def timed_upload(addr: Addr, seconds: float, max_bytes: int, seed: int = 7,
-                       stop: trio.Event | None = None,
-                       started: Callable[[], None] | None = None) -> Transfer:
+async def timed_upload(
+    addr: Addr,
+    seconds: float,
+    max_bytes: int,
+    seed: int = 7,
+    stop: trio.Event | None = None,
+    started: Callable[[], None] | None = None,
+) -> Transfer:
     """Upload until `seconds` pass, `max_bytes` are sent or `stop` is set; then EOF and verify what was sent."""
     stream = await connect(addr)
     sent = 0
@@ -474,16 +486,26 @@ class LoadedRtt:
     bulk: Transfer
 
 
-async def rtt_loaded(addr: Addr, n: int, seconds: float, *, warmup_s: float, bulk_seconds: float,
-                     seed: int = 4) -> LoadedRtt:
+async def rtt_loaded(
+    addr: Addr, n: int, seconds: float, *, warmup_s: float, bulk_seconds: float, seed: int = 4
+) -> LoadedRtt:
     """Ping-pong while a helper process uploads on another connection through the same system."""
     echo = await open_echo(addr)
     async with echo:
         await ping_pong(echo, 0, seconds, seed, warmup=10)
-        cmd = [sys.executable, str(BENCH_PATH), "--bulk-helper", f"{addr[0]}:{addr[1]}",
-               "--helper-seconds", str(bulk_seconds), "--helper-seed", str(seed + 1000)]
-        proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                                start_new_session=True)
+        cmd = [
+            sys.executable,
+            str(BENCH_PATH),
+            "--bulk-helper",
+            f"{addr[0]}:{addr[1]}",
+            "--helper-seconds",
+            str(bulk_seconds),
+            "--helper-seed",
+            str(seed + 1000),
+        ]
+        proc = await trio.lowlevel.open_process(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True
+        )
         try:
             assert proc.stdout is not None and proc.stdin is not None
             out = LineReader(proc.stdout)
@@ -529,8 +551,9 @@ def bulk_helper_main(addr: Addr, seconds: float, seed: int) -> int:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_stdin)
             try:
-                res = await timed_upload(addr, seconds, 2**62, seed, stop=stop,
-                                         started=lambda: print("started", flush=True))
+                res = await timed_upload(
+                    addr, seconds, 2**62, seed, stop=stop, started=lambda: print("started", flush=True)
+                )
                 out: dict[str, Any] = {"nbytes": res.nbytes, "seconds": res.seconds}
             except Exception as exc:
                 print("started", flush=True)
@@ -565,8 +588,9 @@ async def connections_sequential(addr: Addr, n: int, seconds: float, per_conn_ti
     return done / (time.perf_counter() - t0)
 
 
-async def connections_concurrent(addr: Addr, n: int, workers: int, seconds: float,
-                                 per_conn_timeout: float = 10) -> float:
+async def connections_concurrent(
+    addr: Addr, n: int, workers: int, seconds: float, per_conn_timeout: float = 10
+) -> float:
     t0 = time.perf_counter()
     deadline = t0 + seconds
     issued = done = 0
@@ -595,8 +619,9 @@ class IdleMemory:
     processes: int
 
 
-async def idle_connections_memory(addr: Addr, n: int, pids: Callable[[], list[int]],
-                                  batch: int = 50, settle: float = 0.5, ack_timeout: float = 10.0) -> IdleMemory:
+async def idle_connections_memory(
+    addr: Addr, n: int, pids: Callable[[], list[int]], batch: int = 50, settle: float = 0.5, ack_timeout: float = 10.0
+) -> IdleMemory:
     """Hold n connections open end to end (each acknowledged by the service) and report the growth of the
     system's processes' memory per connection."""
     await trio.sleep(settle)
@@ -604,6 +629,7 @@ async def idle_connections_memory(addr: Addr, n: int, pids: Callable[[], list[in
     streams: list[trio.SocketStream] = []
     established = 0
     try:
+
         async def open_one() -> None:
             nonlocal established
             s = await connect(addr)
@@ -612,8 +638,10 @@ async def idle_connections_memory(addr: Addr, n: int, pids: Callable[[], list[in
             with trio.move_on_after(ack_timeout) as cs:
                 ack = await receive_exactly(s, 1, "hold ack")
             if cs.cancelled_caught:
-                raise VerifyError(f"{established} of {n} connections reached the service; the next got no "
-                                  f"answer within {ack_timeout:g} s (a connection or stream limit?)")
+                raise VerifyError(
+                    f"{established} of {n} connections reached the service; the next got no "
+                    f"answer within {ack_timeout:g} s (a connection or stream limit?)"
+                )
             if ack != ACK:
                 raise VerifyError("hold: bad ack")
             established += 1
@@ -628,8 +656,7 @@ async def idle_connections_memory(addr: Addr, n: int, pids: Callable[[], list[in
     finally:
         for s in streams:
             s.socket.close()
-    return IdleMemory((after[0] - before[0]) / n, (after[1] - before[1]) / n, before[0], after[0],
-                      len(after_pids))
+    return IdleMemory((after[0] - before[0]) / n, (after[1] - before[1]) / n, before[0], after[0], len(after_pids))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -644,7 +671,7 @@ def _stat_fields(pid: int) -> list[str] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return text[text.rfind(")") + 2:].split()
+    return text[text.rfind(")") + 2 :].split()
 
 
 def process_tree(roots: Sequence[int]) -> list[int]:
@@ -724,7 +751,7 @@ class LineReader:
             i = self.buf.find(b"\n")
             if i >= 0:
                 line = bytes(self.buf[:i])
-                del self.buf[:i + 1]
+                del self.buf[: i + 1]
                 return line.decode(errors="replace").rstrip("\r")
             if self.eof:
                 line = bytes(self.buf)
@@ -846,14 +873,17 @@ class Child:
                 if self.stdout_closed:
                     with trio.move_on_after(1):
                         await self.proc.wait()
-                    raise SystemUnavailable(self.describe_exit() if self.proc.returncode is not None
-                                            else f"{self.name} closed its stdout without printing "
-                                                 f"'{pattern}'")
+                    raise SystemUnavailable(
+                        self.describe_exit()
+                        if self.proc.returncode is not None
+                        else f"{self.name} closed its stdout without printing '{pattern}'"
+                    )
                 await self._changed.wait()
         tail = self.log_tail()
-        raise SystemUnavailable(f"{self.name} did not print a line matching '{pattern}' within {timeout:g} s"
-                                + (f" (stdout: {self.lines[-3:]}; stderr: {tail})" if self.lines or tail
-                                   else ""))
+        raise SystemUnavailable(
+            f"{self.name} did not print a line matching '{pattern}' within {timeout:g} s"
+            + (f" (stdout: {self.lines[-3:]}; stderr: {tail})" if self.lines or tail else "")
+        )
 
 
 class ProcessGroup:
@@ -869,8 +899,13 @@ class ProcessGroup:
         with open(log, "wb") as errf:
             try:
                 proc = await trio.lowlevel.open_process(
-                    list(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errf,
-                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                    list(cmd),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=errf,
+                    start_new_session=True,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                )
             except OSError as exc:
                 raise SystemUnavailable(f"cannot run {cmd[0]}: {exc}") from exc
         child = Child(name, proc, log)
@@ -952,9 +987,18 @@ async def start_sink(group: ProcessGroup) -> tuple[Child, Addr]:
 
 
 async def start_delayline(group: ProcessGroup, upstream: Addr, params: Any) -> Addr:
-    cmd = [sys.executable, str(DELAYLINE_PATH), "--listen", "127.0.0.1:0",
-           "--connect", f"{upstream[0]}:{upstream[1]}",
-           "--delay-ms", repr(params.delay_s * 1e3), "--rate-mbit", repr(params.rate_bps / 1e6)]
+    cmd = [
+        sys.executable,
+        str(DELAYLINE_PATH),
+        "--listen",
+        "127.0.0.1:0",
+        "--connect",
+        f"{upstream[0]}:{upstream[1]}",
+        "--delay-ms",
+        repr(params.delay_s * 1e3),
+        "--rate-mbit",
+        repr(params.rate_bps / 1e6),
+    ]
     if params.buffer_bytes is not None:
         cmd += ["--buffer-kib", str(params.buffer_bytes // 1024)]
     child = await group.start("delayline", cmd)
@@ -972,16 +1016,18 @@ class System:
     def version(self, opts: argparse.Namespace) -> str:
         return ""
 
-    async def start(self, group: ProcessGroup, sink: Child, sink_addr: Addr, opts: argparse.Namespace,
-                    delay: Any | None) -> Target:
+    async def start(
+        self, group: ProcessGroup, sink: Child, sink_addr: Addr, opts: argparse.Namespace, delay: Any | None
+    ) -> Target:
         raise NotImplementedError
 
 
 class Direct(System):
     name = "direct"
 
-    async def start(self, group: ProcessGroup, sink: Child, sink_addr: Addr, opts: argparse.Namespace,
-                    delay: Any | None) -> Target:
+    async def start(
+        self, group: ProcessGroup, sink: Child, sink_addr: Addr, opts: argparse.Namespace, delay: Any | None
+    ) -> Target:
         addr = sink_addr if delay is None else await start_delayline(group, sink_addr, delay)
         return Target(self.name, addr, [sink.pid], lambda: _exited(sink))
 
@@ -997,15 +1043,21 @@ class Socat(System):
     def version(self, opts: argparse.Namespace) -> str:
         return _first_line(["socat", "-V"], r"socat version (\S+)")
 
-    async def start(self, group: ProcessGroup, sink: Child, sink_addr: Addr, opts: argparse.Namespace,
-                    delay: Any | None) -> Target:
+    async def start(
+        self, group: ProcessGroup, sink: Child, sink_addr: Addr, opts: argparse.Namespace, delay: Any | None
+    ) -> Target:
         upstream = sink_addr if delay is None else await start_delayline(group, sink_addr, delay)
         last = ""
         for _ in range(3):
             port = free_port()
-            child = await group.start("socat", [
-                "socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog={opts.socat_backlog}",
-                f"TCP:{upstream[0]}:{upstream[1]}"])
+            child = await group.start(
+                "socat",
+                [
+                    "socat",
+                    f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog={opts.socat_backlog}",
+                    f"TCP:{upstream[0]}:{upstream[1]}",
+                ],
+            )
             try:
                 await wait_accepting(("127.0.0.1", port), 10, lambda c=child: _exited(c))  # type: ignore[misc]
             except SystemUnavailable as exc:
@@ -1042,13 +1094,15 @@ class Ssh(System):
         cipher = opts.ssh_cipher or _ssh_default_cipher()
         return f"{v}, cipher {cipher}" if cipher else v
 
-    async def start(self, group: ProcessGroup, sink: Child, sink_addr: Addr, opts: argparse.Namespace,
-                    delay: Any | None) -> Target:
+    async def start(
+        self, group: ProcessGroup, sink: Child, sink_addr: Addr, opts: argparse.Namespace, delay: Any | None
+    ) -> Target:
         d = Path(tempfile.mkdtemp(prefix="ssh-", dir=group.tmp))
         for key in ("host_key", "client_key"):
             try:
-                r = run_capture(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f", str(d / key)],
-                                timeout=30)
+                r = run_capture(
+                    ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f", str(d / key)], timeout=30
+                )
             except (OSError, subprocess.SubprocessError) as exc:
                 raise SystemUnavailable(f"ssh-keygen failed: {exc}") from exc
             if r.returncode != 0:
@@ -1062,42 +1116,67 @@ class Ssh(System):
         for _ in range(3):
             sshd_port = free_port()
             cfg = d / "sshd_config"
-            cfg.write_text("\n".join([
-                f"Port {sshd_port}",
-                "ListenAddress 127.0.0.1",
-                f"HostKey {d / 'host_key'}",
-                "PidFile none",
-                f"AuthorizedKeysFile {d / 'authorized_keys'}",
-                "PubkeyAuthentication yes",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "PermitRootLogin prohibit-password",
-                "StrictModes no",
-                "UsePAM no",
-                "AllowTcpForwarding yes",
-                "GatewayPorts no",
-                "X11Forwarding no",
-                "PrintMotd no",
-                "UseDNS no",
-                "LogLevel ERROR",
-                "",
-            ]))
+            cfg.write_text(
+                "\n".join(
+                    [
+                        f"Port {sshd_port}",
+                        "ListenAddress 127.0.0.1",
+                        f"HostKey {d / 'host_key'}",
+                        "PidFile none",
+                        f"AuthorizedKeysFile {d / 'authorized_keys'}",
+                        "PubkeyAuthentication yes",
+                        "PasswordAuthentication no",
+                        "KbdInteractiveAuthentication no",
+                        "PermitRootLogin prohibit-password",
+                        "StrictModes no",
+                        "UsePAM no",
+                        "AllowTcpForwarding yes",
+                        "GatewayPorts no",
+                        "X11Forwarding no",
+                        "PrintMotd no",
+                        "UseDNS no",
+                        "LogLevel ERROR",
+                        "",
+                    ]
+                )
+            )
             sshd = await group.start("sshd", [self._sshd() or "sshd", "-D", "-e", "-f", str(cfg)])
             try:
                 await wait_accepting(("127.0.0.1", sshd_port), 10, lambda c=sshd: _exited(c))  # type: ignore[misc]
             except SystemUnavailable as exc:
                 last = str(exc)
                 continue
-            link = ("127.0.0.1", sshd_port) if delay is None else await start_delayline(
-                group, ("127.0.0.1", sshd_port), delay)
+            link = (
+                ("127.0.0.1", sshd_port)
+                if delay is None
+                else await start_delayline(group, ("127.0.0.1", sshd_port), delay)
+            )
             for _ in range(3):
                 port = free_port()
-                cmd = ["ssh", "-N", "-F", "/dev/null",
-                       "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                       "-o", "ExitOnForwardFailure=yes", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
-                       "-o", "LogLevel=ERROR",
-                       "-i", str(d / "client_key"), "-p", str(link[1]),
-                       "-R", f"127.0.0.1:{port}:{sink_addr[0]}:{sink_addr[1]}"]
+                cmd = [
+                    "ssh",
+                    "-N",
+                    "-F",
+                    "/dev/null",
+                    "-o",
+                    "StrictHostKeyChecking=no",
+                    "-o",
+                    "UserKnownHostsFile=/dev/null",
+                    "-o",
+                    "ExitOnForwardFailure=yes",
+                    "-o",
+                    "BatchMode=yes",
+                    "-o",
+                    "IdentitiesOnly=yes",
+                    "-o",
+                    "LogLevel=ERROR",
+                    "-i",
+                    str(d / "client_key"),
+                    "-p",
+                    str(link[1]),
+                    "-R",
+                    f"127.0.0.1:{port}:{sink_addr[0]}:{sink_addr[1]}",
+                ]
                 if opts.ssh_cipher:
                     cmd += ["-c", opts.ssh_cipher]
                 cmd.append(f"{user}@{link[0]}")
@@ -1118,8 +1197,14 @@ class Ssh(System):
 
 def run_capture(cmd: Sequence[str], timeout: float = 5.0) -> subprocess.CompletedProcess[str]:
     """subprocess.run in its own session; on timeout the whole group is killed (not just the direct child)."""
-    proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        list(cmd),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -1179,21 +1264,44 @@ class TrioTunnel(System):
         text = (out.stdout or out.stderr).strip()
         return text.splitlines()[0] if out.returncode == 0 and text else ""
 
-    async def start(self, group: ProcessGroup, sink: Child, sink_addr: Addr, opts: argparse.Namespace,
-                    delay: Any | None) -> Target:
+    async def start(
+        self, group: ProcessGroup, sink: Child, sink_addr: Addr, opts: argparse.Namespace, delay: Any | None
+    ) -> Target:
         exe = self._exe(opts)
         if not exe:
             raise SystemUnavailable(self.unavailable(opts) or "trio-tunnel not found")
-        server = await group.start("trio-tunnel-server", [
-            exe, "server", "--listen", "127.0.0.1:0", "--token", self.token, "--allow-ports", "1024-65535",
-            *opts.tt_server_arg])
+        server = await group.start(
+            "trio-tunnel-server",
+            [
+                exe,
+                "server",
+                "--listen",
+                "127.0.0.1:0",
+                "--token",
+                self.token,
+                "--allow-ports",
+                "1024-65535",
+                *opts.tt_server_arg,
+            ],
+        )
         m = await server.wait_line(r"listening (\S+):(\d+)", opts.start_timeout)
         link: Addr = (m.group(1).strip("[]"), int(m.group(2)))
         if delay is not None:
             link = await start_delayline(group, link, delay)
-        client = await group.start("trio-tunnel-client", [
-            exe, "client", "--server", f"{link[0]}:{link[1]}", "--token", self.token,
-            "-R", f"127.0.0.1:0:{sink_addr[0]}:{sink_addr[1]}", *opts.tt_client_arg])
+        client = await group.start(
+            "trio-tunnel-client",
+            [
+                exe,
+                "client",
+                "--server",
+                f"{link[0]}:{link[1]}",
+                "--token",
+                self.token,
+                "-R",
+                f"127.0.0.1:0:{sink_addr[0]}:{sink_addr[1]}",
+                *opts.tt_client_arg,
+            ],
+        )
         m = await client.wait_line(r"exposed (\S+) (\S+):(\d+)", opts.start_timeout)
         public = (m.group(2).strip("[]"), int(m.group(3)))
 
@@ -1236,10 +1344,25 @@ class Config:
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(repeats=1, bulk_bytes=32 * MiB, par_bytes_each=2 * MiB, rtt_n=300, rtt_seconds=2.0,
-                   loaded_rtt_n=300, loaded_rtt_seconds=2.0, loaded_warmup_s=0.3, seq_conns=200,
-                   seq_seconds=2.0, conc_conns=1000, conc_seconds=3.0, idle_conns=1000, delay_seconds=2.0,
-                   bulk_max_seconds=8.0, transfer_timeout=45.0, workload_timeout=30.0)
+        return cls(
+            repeats=1,
+            bulk_bytes=32 * MiB,
+            par_bytes_each=2 * MiB,
+            rtt_n=300,
+            rtt_seconds=2.0,
+            loaded_rtt_n=300,
+            loaded_rtt_seconds=2.0,
+            loaded_warmup_s=0.3,
+            seq_conns=200,
+            seq_seconds=2.0,
+            conc_conns=1000,
+            conc_seconds=3.0,
+            idle_conns=1000,
+            delay_seconds=2.0,
+            bulk_max_seconds=8.0,
+            transfer_timeout=45.0,
+            workload_timeout=30.0,
+        )
 
 
 @dataclass(frozen=True)
@@ -1287,8 +1410,9 @@ def metrics_for(delays: Sequence[Any]) -> list[Metric]:
         k_mib, k_pct = delay_keys(p)
         rtt = f"{2 * p.delay_s * 1e3:g} ms RTT"
         out.append(Metric(k_mib, f"1 stream over a {rtt}, {_rate_tag(p)} Mbit/s line", "MiB/s", True, "{:.1f}"))
-        out.append(Metric(k_pct, f"1 stream over a {rtt}, {_rate_tag(p)} Mbit/s line, of line rate", "%", True,
-                          "{:.0f}"))
+        out.append(
+            Metric(k_pct, f"1 stream over a {rtt}, {_rate_tag(p)} Mbit/s line, of line rate", "%", True, "{:.0f}")
+        )
     return out
 
 
@@ -1322,8 +1446,9 @@ def _err(exc: BaseException, timeout: float | None = None) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-async def _guard(res: Result, keys: Sequence[str], timeout: float, log: Log, label: str,
-                 fn: Callable[[], Any], target: Target) -> Any:
+async def _guard(
+    res: Result, keys: Sequence[str], timeout: float, log: Log, label: str, fn: Callable[[], Any], target: Target
+) -> Any:
     """Run one workload bounded by `timeout`; on any failure mark its metrics FAILED (loudly)."""
     dead = target.check()
     if dead:
@@ -1378,34 +1503,63 @@ async def run_suite(target: Target, cfg: Config, log: Log = lambda s: None, rep:
 
     # First, on the freshly started system: memory the allocator already holds from earlier work would hide the
     # cost of new connections.
-    mem = await _guard(res, ["rss_per_conn", "pss_per_conn"], cfg.workload_timeout, log, "idle connections",
-                       lambda: idle_connections_memory(target.addr, cfg.idle_conns, target.pids), target)
+    mem = await _guard(
+        res,
+        ["rss_per_conn", "pss_per_conn"],
+        cfg.workload_timeout,
+        log,
+        "idle connections",
+        lambda: idle_connections_memory(target.addr, cfg.idle_conns, target.pids),
+        target,
+    )
     if mem:
         res["rss_per_conn"] = mem.rss_kib_per_conn
         res["pss_per_conn"] = mem.pss_kib_per_conn
         res["_rss_before_kib"] = mem.rss_before_kib
         res["_rss_after_kib"] = mem.rss_after_kib
         res["_processes_with_idle_conns"] = mem.processes
-        log(f"  {cfg.idle_conns} idle connections: {mem.rss_kib_per_conn:.1f} KiB RSS, "
-            f"{mem.pss_kib_per_conn:.1f} KiB PSS per connection ({mem.processes} processes)")
+        log(
+            f"  {cfg.idle_conns} idle connections: {mem.rss_kib_per_conn:.1f} KiB RSS, "
+            f"{mem.pss_kib_per_conn:.1f} KiB PSS per connection ({mem.processes} processes)"
+        )
 
-    t = await _guard(res, ["bulk_up"], cfg.transfer_timeout, log, "1-stream upload",
-                     lambda: cpu_bracket(lambda: bulk_upload(target.addr, cfg.bulk_bytes, seed,
-                                                             cfg.bulk_max_seconds)), target)
+    t = await _guard(
+        res,
+        ["bulk_up"],
+        cfg.transfer_timeout,
+        log,
+        "1-stream upload",
+        lambda: cpu_bracket(lambda: bulk_upload(target.addr, cfg.bulk_bytes, seed, cfg.bulk_max_seconds)),
+        target,
+    )
     if t:
         res["bulk_up"] = t.mib_s
         res["_bulk_up_mib"] = t.nbytes / MiB
         log(f"  1-stream upload: {t.mib_s:.0f} MiB/s ({t.nbytes / MiB:.0f} MiB)")
-    t = await _guard(res, ["bulk_down"], cfg.transfer_timeout, log, "1-stream download",
-                     lambda: cpu_bracket(lambda: bulk_download(target.addr, cfg.bulk_bytes, seed + 1,
-                                                               cfg.bulk_max_seconds)), target)
+    t = await _guard(
+        res,
+        ["bulk_down"],
+        cfg.transfer_timeout,
+        log,
+        "1-stream download",
+        lambda: cpu_bracket(lambda: bulk_download(target.addr, cfg.bulk_bytes, seed + 1, cfg.bulk_max_seconds)),
+        target,
+    )
     if t:
         res["bulk_down"] = t.mib_s
         res["_bulk_down_mib"] = t.nbytes / MiB
         log(f"  1-stream download: {t.mib_s:.0f} MiB/s ({t.nbytes / MiB:.0f} MiB)")
-    t = await _guard(res, ["par16"], cfg.transfer_timeout, log, f"{cfg.par_streams}-stream upload",
-                     lambda: cpu_bracket(lambda: parallel_upload(target.addr, cfg.par_streams, cfg.par_bytes_each,
-                                                                 seed + 100, cfg.bulk_max_seconds)), target)
+    t = await _guard(
+        res,
+        ["par16"],
+        cfg.transfer_timeout,
+        log,
+        f"{cfg.par_streams}-stream upload",
+        lambda: cpu_bracket(
+            lambda: parallel_upload(target.addr, cfg.par_streams, cfg.par_bytes_each, seed + 100, cfg.bulk_max_seconds)
+        ),
+        target,
+    )
     if t:
         res["par16"] = t.mib_s
         res["_par_mib"] = t.nbytes / MiB
@@ -1415,44 +1569,82 @@ async def run_suite(target: Target, cfg: Config, log: Log = lambda s: None, rep:
         res["_generator_cpu_per_gib"] = cpu_work[2] / (cpu_work[1] / GiB)
         log(f"  CPU: {res['cpu_per_gib']:.2f} s/GiB (system), load generator {res['_generator_cpu_per_gib']:.2f}")
     else:
-        res["cpu_per_gib"] = Failed("a bulk workload failed", collateral=all(
-            isinstance(res.get(k), Failed) and res[k].collateral for k in ("bulk_up", "bulk_down", "par16")))
+        res["cpu_per_gib"] = Failed(
+            "a bulk workload failed",
+            collateral=all(
+                isinstance(res.get(k), Failed) and res[k].collateral for k in ("bulk_up", "bulk_down", "par16")
+            ),
+        )
 
-    rtts = await _guard(res, ["rtt_p50", "rtt_p99"], cfg.workload_timeout, log, "idle RTT",
-                        lambda: rtt_idle(target.addr, cfg.rtt_n, cfg.rtt_seconds, seed + 3), target)
+    rtts = await _guard(
+        res,
+        ["rtt_p50", "rtt_p99"],
+        cfg.workload_timeout,
+        log,
+        "idle RTT",
+        lambda: rtt_idle(target.addr, cfg.rtt_n, cfg.rtt_seconds, seed + 3),
+        target,
+    )
     if rtts:
         res["rtt_p50"] = percentile(rtts, 0.5) * 1e6
         res["rtt_p99"] = percentile(rtts, 0.99) * 1e6
         res["_rtt_n"] = len(rtts)
         log(f"  idle RTT: p50 {res['rtt_p50']:.0f} µs, p99 {res['rtt_p99']:.0f} µs ({len(rtts)} round trips)")
 
-    lr = await _guard(res, ["loaded_rtt_p50", "loaded_rtt_p99", "loaded_bulk"], cfg.workload_timeout + 30, log,
-                      "RTT beside a bulk upload",
-                      lambda: rtt_loaded(target.addr, cfg.loaded_rtt_n, cfg.loaded_rtt_seconds,
-                                         warmup_s=cfg.loaded_warmup_s,
-                                         bulk_seconds=cfg.loaded_rtt_seconds + cfg.loaded_warmup_s + 20,
-                                         seed=seed + 4), target)
+    lr = await _guard(
+        res,
+        ["loaded_rtt_p50", "loaded_rtt_p99", "loaded_bulk"],
+        cfg.workload_timeout + 30,
+        log,
+        "RTT beside a bulk upload",
+        lambda: rtt_loaded(
+            target.addr,
+            cfg.loaded_rtt_n,
+            cfg.loaded_rtt_seconds,
+            warmup_s=cfg.loaded_warmup_s,
+            bulk_seconds=cfg.loaded_rtt_seconds + cfg.loaded_warmup_s + 20,
+            seed=seed + 4,
+        ),
+        target,
+    )
     if lr:
         res["loaded_rtt_p50"] = percentile(lr.rtts, 0.5) * 1e6
         res["loaded_rtt_p99"] = percentile(lr.rtts, 0.99) * 1e6
         res["loaded_bulk"] = lr.bulk.mib_s
         res["_loaded_rtt_n"] = len(lr.rtts)
-        log(f"  RTT beside a bulk upload: p50 {res['loaded_rtt_p50']:.0f} µs, p99 {res['loaded_rtt_p99']:.0f} µs "
-            f"({len(lr.rtts)} round trips; bulk {lr.bulk.mib_s:.0f} MiB/s)")
+        log(
+            f"  RTT beside a bulk upload: p50 {res['loaded_rtt_p50']:.0f} µs, p99 {res['loaded_rtt_p99']:.0f} µs "
+            f"({len(lr.rtts)} round trips; bulk {lr.bulk.mib_s:.0f} MiB/s)"
+        )
     if isinstance(res.get("loaded_rtt_p99"), float) and isinstance(res.get("rtt_p99"), float):
         res["loaded_p99_ratio"] = res["loaded_rtt_p99"] / res["rtt_p99"]  # type: ignore[operator]
     else:
-        res["loaded_p99_ratio"] = Failed("an RTT workload failed", collateral=any(
-            isinstance(res.get(k), Failed) and res[k].collateral for k in ("rtt_p99", "loaded_rtt_p99")))
+        res["loaded_p99_ratio"] = Failed(
+            "an RTT workload failed",
+            collateral=any(isinstance(res.get(k), Failed) and res[k].collateral for k in ("rtt_p99", "loaded_rtt_p99")),
+        )
 
-    v = await _guard(res, ["seq_cps"], cfg.seq_seconds + 30, log, "sequential connections",
-                     lambda: connections_sequential(target.addr, cfg.seq_conns, cfg.seq_seconds), target)
+    v = await _guard(
+        res,
+        ["seq_cps"],
+        cfg.seq_seconds + 30,
+        log,
+        "sequential connections",
+        lambda: connections_sequential(target.addr, cfg.seq_conns, cfg.seq_seconds),
+        target,
+    )
     if v:
         res["seq_cps"] = v
         log(f"  sequential connections: {v:.0f}/s")
-    v = await _guard(res, ["conc_cps"], cfg.conc_seconds + 30, log, "concurrent connections",
-                     lambda: connections_concurrent(target.addr, cfg.conc_conns, cfg.conc_workers,
-                                                    cfg.conc_seconds), target)
+    v = await _guard(
+        res,
+        ["conc_cps"],
+        cfg.conc_seconds + 30,
+        log,
+        "concurrent connections",
+        lambda: connections_concurrent(target.addr, cfg.conc_conns, cfg.conc_workers, cfg.conc_seconds),
+        target,
+    )
     if v:
         res["conc_cps"] = v
         log(f"  {cfg.conc_workers}-concurrent connections: {v:.0f}/s")
@@ -1464,14 +1656,22 @@ async def run_delay(target: Target, cfg: Config, params: Any, log: Log, rep: int
     res: Result = {}
     line = params.rate_Bps
     k_mib, k_pct = delay_keys(params)
-    t = await _guard(res, [k_mib, k_pct], cfg.delay_seconds + 60, log, "delay line upload",
-                     lambda: timed_upload(target.addr, cfg.delay_seconds, int(line * cfg.delay_seconds * 4),
-                                          seed=9 + rep * 10_000), target)
+    t = await _guard(
+        res,
+        [k_mib, k_pct],
+        cfg.delay_seconds + 60,
+        log,
+        "delay line upload",
+        lambda: timed_upload(target.addr, cfg.delay_seconds, int(line * cfg.delay_seconds * 4), seed=9 + rep * 10_000),
+        target,
+    )
     if t:
         res[k_mib] = t.mib_s
         res[k_pct] = 100 * t.nbytes / t.seconds / line
-        log(f"  over the delay line: {t.mib_s:.1f} MiB/s = {res[k_pct]:.0f}% of the line rate "
-            f"({t.nbytes / MiB:.0f} MiB in {t.seconds:.1f} s)")
+        log(
+            f"  over the delay line: {t.mib_s:.1f} MiB/s = {res[k_pct]:.0f}% of the line rate "
+            f"({t.nbytes / MiB:.0f} MiB in {t.seconds:.1f} s)"
+        )
     return res
 
 
@@ -1508,8 +1708,16 @@ def _start_failure(exc: BaseException, log: Log) -> str:
     return f"failed to start: {_err(exc)}"
 
 
-async def bench_system(rep: SystemReport, system: System, opts: argparse.Namespace, cfg: Config,
-                       delays: Sequence[Any], log: Log, tmp: Path, deadline: float) -> None:
+async def bench_system(
+    rep: SystemReport,
+    system: System,
+    opts: argparse.Namespace,
+    cfg: Config,
+    delays: Sequence[Any],
+    log: Log,
+    tmp: Path,
+    deadline: float,
+) -> None:
     """Measure one system into `rep` (filled as it goes, so a run cut by the time budget keeps what it has).
     A repeat is only started when the previous one suggests it fits before `deadline` (time.monotonic())."""
     t0 = time.monotonic()
@@ -1540,8 +1748,10 @@ async def bench_system(rep: SystemReport, system: System, opts: argparse.Namespa
                 sink, sink_addr = await start_sink(group)
                 with trio.fail_after(opts.start_timeout * 3 + 10):
                     target = await system.start(group, sink, sink_addr, opts, None)
-                log(f"[{system.name}] repeat {r + 1}/{cfg.repeats}: clients connect to "
-                    f"{target.addr[0]}:{target.addr[1]}")
+                log(
+                    f"[{system.name}] repeat {r + 1}/{cfg.repeats}: clients connect to "
+                    f"{target.addr[0]}:{target.addr[1]}"
+                )
                 rep.repeats.append(await run_suite(target, cfg, log, r))
                 dead = target.check()
                 if dead:
@@ -1592,8 +1802,13 @@ def aggregate(reports: Sequence[SystemReport], metrics: Sequence[Metric]) -> dic
                 row[m.key] = {"status": "FAILED", "error": fails[0].error, "values": shown}
             elif not nums:
                 collateral = [v for v in vals if isinstance(v, Failed)]
-                why = (collateral[0].error if collateral
-                       else rep.delay_status if m.key.startswith("delay") and rep.delay_status else "not measured")
+                why = (
+                    collateral[0].error
+                    if collateral
+                    else rep.delay_status
+                    if m.key.startswith("delay") and rep.delay_status
+                    else "not measured"
+                )
                 row[m.key] = {"status": "n/a", "error": why}
             else:
                 # median of the repeats that measured it (a repeat may have lost it to an earlier crash)
@@ -1635,8 +1850,7 @@ def machine_info() -> dict[str, Any]:
         "kernel": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "trio": trio.__version__,
-        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists()
-        else [],
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else [],
     }
 
 
@@ -1656,25 +1870,32 @@ def render_markdown(doc: dict[str, Any]) -> str:
     metrics = [Metric(**m) for m in doc["metrics"]]
     out = ["# trio-tunnel benchmark", ""]
     out.append(f"- Command: `{doc['command']}`")
-    out.append(f"- Date: {doc['started']} ({doc['duration_s']:.0f} s); mode: "
-               f"{'quick' if doc['quick'] else 'full'}, {doc['config']['repeats']} repeat(s), medians")
-    out.append(f"- Machine: {mi['nproc']} x {mi['cpu_model']}, {mi['memory']} RAM, {mi['kernel']}, "
-               f"Python {mi['python']}, Trio {mi['trio']}; load average at start {' '.join(mi['loadavg_at_start'])}")
+    out.append(
+        f"- Date: {doc['started']} ({doc['duration_s']:.0f} s); mode: "
+        f"{'quick' if doc['quick'] else 'full'}, {doc['config']['repeats']} repeat(s), medians"
+    )
+    out.append(
+        f"- Machine: {mi['nproc']} x {mi['cpu_model']}, {mi['memory']} RAM, {mi['kernel']}, "
+        f"Python {mi['python']}, Trio {mi['trio']}; load average at start {' '.join(mi['loadavg_at_start'])}"
+    )
     vers = [f"{r['name']} {r['version']}" for r in doc["systems"] if r.get("version")]
     if vers:
         out.append(f"- Versions: {'; '.join(vers)}")
     c = doc["config"]
-    out.append(f"- Sizes: bulk {c['bulk_bytes'] // MiB} MiB each way, {c['par_streams']} x "
-               f"{c['par_bytes_each'] // MiB} MiB parallel, {c['rtt_n']} round trips, {c['idle_conns']} idle "
-               f"connections; delay line {' and '.join(doc['delay_line'])}")
+    out.append(
+        f"- Sizes: bulk {c['bulk_bytes'] // MiB} MiB each way, {c['par_streams']} x "
+        f"{c['par_bytes_each'] // MiB} MiB parallel, {c['rtt_n']} round trips, {c['idle_conns']} idle "
+        f"connections; delay line {' and '.join(doc['delay_line'])}"
+    )
     out.append("")
     if ok:
         out.append("| workload | unit | better | " + " | ".join(ok) + " |")
         out.append("|---|---|---|" + "---:|" * len(ok))
         for m in metrics:
             cells = [_fmt(m, table[n][m.key]) for n in ok]
-            out.append(f"| {m.label} | {m.unit} | {'higher' if m.higher_is_better else 'lower'} | "
-                       + " | ".join(cells) + " |")
+            out.append(
+                f"| {m.label} | {m.unit} | {'higher' if m.higher_is_better else 'lower'} | " + " | ".join(cells) + " |"
+            )
         out.append("")
         refs = [r for r in ("direct", "ssh") if r in ok]
         if refs and len(ok) > 1:
@@ -1720,8 +1941,7 @@ MEASURED = [
     "RTT: 64-byte messages echoed by the service, one at a time; 'beside a bulk upload' runs the ping-pong while "
     "a helper process uploads as fast as it can on another connection through the same system (for ssh and "
     "trio-tunnel the same multiplexed link: head-of-line blocking shows here).",
-    "Short connections: connect, 64-byte request, 64-byte reply, close; sequential, and with 200 concurrent "
-    "workers.",
+    "Short connections: connect, 64-byte request, 64-byte reply, close; sequential, and with 200 concurrent workers.",
     "Memory per idle connection: growth of the summed VmRSS (and PSS, which shares forked pages fairly) of the "
     "system's processes with 1,000 connections held open end to end, divided by 1,000. For direct that is the "
     "sink itself (a Trio task and socket per connection).",
@@ -1758,8 +1978,10 @@ async def amain(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"bench: --rate-mbit wants numbers, got {args.rate_mbit!r}", file=sys.stderr)
         return 2
-    delays = [DelayParams(args.delay_ms / 1e3, rate * 1e6,
-                          None if args.buffer_kib is None else args.buffer_kib * KiB) for rate in rates]
+    delays = [
+        DelayParams(args.delay_ms / 1e3, rate * 1e6, None if args.buffer_kib is None else args.buffer_kib * KiB)
+        for rate in rates
+    ]
     metrics = metrics_for(delays)
     names = [s.strip() for s in args.systems.split(",") if s.strip()]
     for n in names:
@@ -1784,7 +2006,7 @@ async def amain(args: argparse.Namespace) -> int:
         if budget.cancelled_caught:
             log(f"bench: time budget of {args.budget:g} s exhausted")
             reports[-1].notes.append("cut short by the time budget")
-            for n in names[len(reports):]:
+            for n in names[len(reports) :]:
                 reports.append(SystemReport(n, "skipped", f"time budget of {args.budget:g} s exhausted"))
     table = aggregate(reports, metrics)
     doc = {
@@ -1796,10 +2018,19 @@ async def amain(args: argparse.Namespace) -> int:
         "machine": machine,
         "config": asdict(cfg),
         "delay_line": [p.describe() for p in delays],
-        "systems": [{"name": r.name, "status": r.status if r.status != "ok" or r.repeats else "skipped",
-                     "reason": r.reason or ("" if r.repeats or r.status != "ok" else "not run"),
-                     "version": r.version, "delay_status": r.delay_status, "repeats": len(r.repeats),
-                     "notes": r.notes, "seconds": round(r.seconds, 1)} for r in reports],
+        "systems": [
+            {
+                "name": r.name,
+                "status": r.status if r.status != "ok" or r.repeats else "skipped",
+                "reason": r.reason or ("" if r.repeats or r.status != "ok" else "not run"),
+                "version": r.version,
+                "delay_status": r.delay_status,
+                "repeats": len(r.repeats),
+                "notes": r.notes,
+                "seconds": round(r.seconds, 1),
+            }
+            for r in reports
+        ],
         "metrics": [asdict(m) for m in metrics],
         "results": table,
         "measured": MEASURED,
@@ -1810,8 +2041,9 @@ async def amain(args: argparse.Namespace) -> int:
         Path(args.md).write_text(md)
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    failed = any(cell.get("status") == "FAILED" for row in table.values() for k, cell in row.items()
-                 if not k.startswith("_"))
+    failed = any(
+        cell.get("status") == "FAILED" for row in table.values() for k, cell in row.items() if not k.startswith("_")
+    )
     return 1 if failed else 0
 
 
@@ -1819,36 +2051,59 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="bench.py",
         description="Benchmark trio-tunnel beside direct TCP, socat and ssh -R on loopback "
-                    "(throughput, RTT under load, connections/s, memory per connection, CPU per GiB, delay line).",
+        "(throughput, RTT under load, connections/s, memory per connection, CPU per GiB, delay line).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Examples:\n"
-               "  .venv/bin/python scripts/bench.py --quick\n"
-               "  .venv/bin/python scripts/bench.py --systems direct,ssh,trio-tunnel --json out.json --md out.md\n"
-               "\nInstall the peers with: apt-get install socat openssh-server openssh-client\n"
-               "Full description of systems and workloads: the module docstring (head -60 scripts/bench.py).")
+        "  .venv/bin/python scripts/bench.py --quick\n"
+        "  .venv/bin/python scripts/bench.py --systems direct,ssh,trio-tunnel --json out.json --md out.md\n"
+        "\nInstall the peers with: apt-get install socat openssh-server openssh-client\n"
+        "Full description of systems and workloads: the module docstring (head -60 scripts/bench.py).",
+    )
     ap.add_argument("--quick", action="store_true", help="1 repeat, small sizes: about a minute")
-    ap.add_argument("--systems", default=",".join(SYSTEMS),
-                    help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all)")
+    ap.add_argument(
+        "--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all)"
+    )
     ap.add_argument("--json", metavar="PATH", help="write the full results as JSON")
     ap.add_argument("--md", metavar="PATH", help="write the markdown report")
     ap.add_argument("--repeats", type=int, help="override the number of repeats (default 3, --quick 1)")
     ap.add_argument("--bulk-mib", type=int, help="override the 1-stream bulk size (default 256, --quick 32)")
     ap.add_argument("--delay-ms", type=float, default=25.0, help="delay line: one-way delay (default 25)")
-    ap.add_argument("--rate-mbit", default="200,1000",
-                    help="delay line: line rate(s) in Mbit/s, comma-separated, one measurement each "
-                         "(default 200,1000: at 50 ms RTT a fixed 2 MiB window caps near 40 MiB/s = 335 Mbit/s)")
+    ap.add_argument(
+        "--rate-mbit",
+        default="200,1000",
+        help="delay line: line rate(s) in Mbit/s, comma-separated, one measurement each "
+        "(default 200,1000: at 50 ms RTT a fixed 2 MiB window caps near 40 MiB/s = 335 Mbit/s)",
+    )
     ap.add_argument("--buffer-kib", type=int, help="delay line: queue per direction (default one BDP)")
     ap.add_argument("--no-delay", action="store_true", help="skip the delay-line measurement")
     ap.add_argument("--ssh-cipher", help="cipher for ssh (default: OpenSSH's default)")
-    ap.add_argument("--socat-backlog", type=int, default=1024,
-                    help="listen backlog for socat (its own default is 5; default here 1024)")
+    ap.add_argument(
+        "--socat-backlog",
+        type=int,
+        default=1024,
+        help="listen backlog for socat (its own default is 5; default here 1024)",
+    )
     ap.add_argument("--trio-tunnel", metavar="EXE", help="trio-tunnel executable (default: next to python)")
-    ap.add_argument("--tt-server-arg", action="append", default=[], metavar="ARG",
-                    help="extra argument for 'trio-tunnel server' (repeatable), e.g. --tt-server-arg=--config=x.toml")
-    ap.add_argument("--tt-client-arg", action="append", default=[], metavar="ARG",
-                    help="extra argument for 'trio-tunnel client' (repeatable)")
-    ap.add_argument("--start-timeout", type=float, default=15.0,
-                    help="seconds a system may take to print its ready lines (default 15)")
+    ap.add_argument(
+        "--tt-server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for 'trio-tunnel server' (repeatable), e.g. --tt-server-arg=--config=x.toml",
+    )
+    ap.add_argument(
+        "--tt-client-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for 'trio-tunnel client' (repeatable)",
+    )
+    ap.add_argument(
+        "--start-timeout",
+        type=float,
+        default=15.0,
+        help="seconds a system may take to print its ready lines (default 15)",
+    )
     ap.add_argument("--budget", type=float, help="overall time budget in seconds (default 840, --quick 150)")
     ap.add_argument("--silent", action="store_true", help="no progress on stderr")
     # internal helper modes

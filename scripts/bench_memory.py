@@ -43,8 +43,9 @@ async def _hold(stream: trio.SocketStream) -> None:
         await stream.send_all(b"!")
 
 
-async def _measure(host: str, port: int, n: int, conns: list[trio.SocketStream],
-                   frames: int, exchange: bool) -> list[tracemalloc.StatisticDiff]:
+async def _measure(
+    host: str, port: int, n: int, conns: list[trio.SocketStream], frames: int, exchange: bool
+) -> list[tracemalloc.StatisticDiff]:
     """Open ``n`` connections to host:port and keep them; what the heap grew by, per allocation site."""
     gc.collect()
     before = tracemalloc.take_snapshot()
@@ -79,8 +80,9 @@ async def main(n: int, top: int, frames: int, exchange: bool = False) -> None:
         nursery.start_soon(trio.serve_listeners, _hold, listeners)
         # Room for every connection: one refused (beyond max_connections_per_service, 1024 by default) would be
         # counted as an idle connection that costs nothing.
-        server_cfg = ServerConfig(listen=HostPort(host="127.0.0.1", port=0), tokens=(TOKEN,),
-                                  max_connections_per_service=n + 2 * WARMUP)
+        server_cfg = ServerConfig(
+            listen=HostPort(host="127.0.0.1", port=0), tokens=(TOKEN,), max_connections_per_service=n + 2 * WARMUP
+        )
         link = await nursery.start(run_server, server_cfg, shutdown)
         remote = RemoteSpec.parse(f"sink=127.0.0.1:0:127.0.0.1:{sink_port}")
         client_cfg = ClientConfig(server=link, token=TOKEN, name="bench", remotes=(remote,))
@@ -125,11 +127,19 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--conns", type=int, default=1000, help="connections per step (default 1000)")
     ap.add_argument("--top", type=int, default=25, help="allocation sites to list (default 25)")
-    ap.add_argument("--traceback", type=int, default=1, metavar="FRAMES",
-                    help="group by this many frames of traceback instead of by line (default 1)")
-    ap.add_argument("--exchange", action="store_true",
-                    help="send 16 bytes through each connection and wait for the sink's 1-byte answer first "
-                         "(as bench.py's memory workload does)")
+    ap.add_argument(
+        "--traceback",
+        type=int,
+        default=1,
+        metavar="FRAMES",
+        help="group by this many frames of traceback instead of by line (default 1)",
+    )
+    ap.add_argument(
+        "--exchange",
+        action="store_true",
+        help="send 16 bytes through each connection and wait for the sink's 1-byte answer first "
+        "(as bench.py's memory workload does)",
+    )
     args = ap.parse_args()
     if args.conns < 1:
         ap.error("--conns must be at least 1")

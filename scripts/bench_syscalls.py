@@ -83,21 +83,35 @@ def _parse_strace_summary(path: str) -> dict[str, int]:
 async def measure(exe: str, echo_port: int, n: int) -> dict[str, int]:
     server = await trio.lowlevel.open_process(
         [exe, "server", "--listen", "127.0.0.1:0", "--token", TOKEN, "--allow-ports", "1024-65535"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     client = None
     try:
         assert server.stdout is not None
         link = await _line(server.stdout, r"listening (\S+):(\d+)")
         client = await trio.lowlevel.open_process(
-            [exe, "client", "--server", f"127.0.0.1:{link.group(2)}", "--token", TOKEN,
-             "-R", f"127.0.0.1:0:127.0.0.1:{echo_port}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            [
+                exe,
+                "client",
+                "--server",
+                f"127.0.0.1:{link.group(2)}",
+                "--token",
+                TOKEN,
+                "-R",
+                f"127.0.0.1:0:127.0.0.1:{echo_port}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         assert client.stdout is not None
         public = int((await _line(client.stdout, r"exposed \S+ \S+:(\d+)")).group(1))
         await _round_trips(public, 200)  # warm-up
         with tempfile.NamedTemporaryFile(suffix=".strace") as out:
             tracer = await trio.lowlevel.open_process(
                 ["strace", "-c", "-f", "-o", out.name, "-p", str(server.pid), "-p", str(client.pid)],
-                stderr=subprocess.DEVNULL)
+                stderr=subprocess.DEVNULL,
+            )
             await trio.sleep(1.0)  # strace attaches asynchronously; an idle link makes no calls meanwhile
             await _round_trips(public, n)
             tracer.send_signal(signal.SIGINT)
@@ -119,8 +133,10 @@ async def main(exes: list[str], n: int) -> None:
         for exe in exes:
             counts = await measure(exe, echo_port, n)
             top = sorted(counts.items(), key=lambda kv: -kv[1])[:6]
-            print(f"  {exe}: total {sum(counts.values()) / n:.1f}; "
-                  + ", ".join(f"{name} {calls / n:.1f}" for name, calls in top))
+            print(
+                f"  {exe}: total {sum(counts.values()) / n:.1f}; "
+                + ", ".join(f"{name} {calls / n:.1f}" for name, calls in top)
+            )
         nursery.cancel_scope.cancel()
 
 

@@ -64,8 +64,10 @@ class DelayParams:
         return max(READ_CHUNK, self.bdp_bytes)
 
     def describe(self) -> str:
-        return (f"{self.delay_s * 1e3:g} ms one way ({2 * self.delay_s * 1e3:g} ms RTT), "
-                f"{self.rate_bps / 1e6:g} Mbit/s, queue {self.queue_bytes // 1024} KiB per direction")
+        return (
+            f"{self.delay_s * 1e3:g} ms one way ({2 * self.delay_s * 1e3:g} ms RTT), "
+            f"{self.rate_bps / 1e6:g} Mbit/s, queue {self.queue_bytes // 1024} KiB per direction"
+        )
 
 
 class _Direction:
@@ -162,8 +164,13 @@ def _check_loopback(host: str) -> None:
         raise SystemExit(f"delayline: {host} is not a loopback address (this tool is loopback-only)")
 
 
-async def run_delayline(params: DelayParams, listen: tuple[str, int], connect: tuple[str, int], *,
-                        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_delayline(
+    params: DelayParams,
+    listen: tuple[str, int],
+    connect: tuple[str, int],
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve until cancelled; ``task_status.started((host, port))`` once bound."""
     _check_loopback(listen[0])
     _check_loopback(connect[0])
@@ -186,18 +193,22 @@ def parse_hostport(text: str) -> tuple[str, int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] if __doc__ else None,
-        epilog="Example: delayline.py --listen 127.0.0.1:9000 --connect 127.0.0.1:8000 --delay-ms 25 "
-               "--rate-mbit 200",
+        epilog="Example: delayline.py --listen 127.0.0.1:9000 --connect 127.0.0.1:8000 --delay-ms 25 --rate-mbit 200",
     )
     ap.add_argument("--listen", required=True, type=parse_hostport, help="HOST:PORT to accept on (port 0: pick)")
     ap.add_argument("--connect", required=True, type=parse_hostport, help="HOST:PORT to relay to")
     ap.add_argument("--delay-ms", type=float, default=25.0, help="one-way delay per direction (default 25)")
     ap.add_argument("--rate-mbit", type=float, default=200.0, help="line rate per direction (default 200)")
-    ap.add_argument("--buffer-kib", type=int, default=None,
-                    help="queue waiting for the line, per direction (default: one bandwidth-delay product)")
+    ap.add_argument(
+        "--buffer-kib",
+        type=int,
+        default=None,
+        help="queue waiting for the line, per direction (default: one bandwidth-delay product)",
+    )
     args = ap.parse_args(argv)
-    params = DelayParams(args.delay_ms / 1e3, args.rate_mbit * 1e6,
-                         None if args.buffer_kib is None else args.buffer_kib * 1024)
+    params = DelayParams(
+        args.delay_ms / 1e3, args.rate_mbit * 1e6, None if args.buffer_kib is None else args.buffer_kib * 1024
+    )
 
     async def amain() -> None:
         async with trio.open_nursery() as nursery:

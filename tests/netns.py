@@ -65,11 +65,18 @@ class NetnsUnavailable(NetnsError):
     """The environment cannot do this at all (no root, no ip netns, no CAP_SYS_ADMIN, no NAT...)."""
 
 
-def _run(argv: Sequence[str], *, input: str | None = None, timeout: float = CMD_TIMEOUT,
-         check: bool = True) -> subprocess.CompletedProcess[str]:
+def _run(
+    argv: Sequence[str], *, input: str | None = None, timeout: float = CMD_TIMEOUT, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     try:
-        cp = subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=timeout,
-                            stdin=None if input is not None else subprocess.DEVNULL)
+        cp = subprocess.run(
+            list(argv),
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
     except FileNotFoundError as e:
         raise NetnsUnavailable(f"{argv[0]} not found") from e
     except subprocess.TimeoutExpired as e:
@@ -205,25 +212,27 @@ def require_netns(*, nat: bool = False, firewall: str | None = None) -> None:
 
 
 def _iptables_rules(out_iface: str) -> str:
-    return "\n".join([
-        "*filter",
-        ":INPUT ACCEPT [0:0]",
-        ":FORWARD DROP [0:0]",
-        ":OUTPUT ACCEPT [0:0]",
-        "-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
-        f"-A FORWARD ! -i {out_iface} -o {out_iface} -j ACCEPT",
-        f"-A INPUT -i {out_iface} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
-        f"-A INPUT -i {out_iface} -j DROP",
-        "COMMIT",
-        "*nat",
-        ":PREROUTING ACCEPT [0:0]",
-        ":INPUT ACCEPT [0:0]",
-        ":OUTPUT ACCEPT [0:0]",
-        ":POSTROUTING ACCEPT [0:0]",
-        f"-A POSTROUTING -o {out_iface} -j MASQUERADE",
-        "COMMIT",
-        "",
-    ])
+    return "\n".join(
+        [
+            "*filter",
+            ":INPUT ACCEPT [0:0]",
+            ":FORWARD DROP [0:0]",
+            ":OUTPUT ACCEPT [0:0]",
+            "-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+            f"-A FORWARD ! -i {out_iface} -o {out_iface} -j ACCEPT",
+            f"-A INPUT -i {out_iface} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+            f"-A INPUT -i {out_iface} -j DROP",
+            "COMMIT",
+            "*nat",
+            ":PREROUTING ACCEPT [0:0]",
+            ":INPUT ACCEPT [0:0]",
+            ":OUTPUT ACCEPT [0:0]",
+            ":POSTROUTING ACCEPT [0:0]",
+            f"-A POSTROUTING -o {out_iface} -j MASQUERADE",
+            "COMMIT",
+            "",
+        ]
+    )
 
 
 def _nft_rules(out_iface: str) -> str:
@@ -462,8 +471,9 @@ class Topology:
         """``argv`` wrapped to run inside ``host``'s namespace (``ip netns exec NS ...``, which execs argv)."""
         return ["ip", "netns", "exec", self.ns(host), *[os.fspath(a) for a in argv]]
 
-    def run(self, host: str, argv: Sequence[str], *, timeout: float = 30.0,
-            **kw: Any) -> subprocess.CompletedProcess[Any]:
+    def run(
+        self, host: str, argv: Sequence[str], *, timeout: float = 30.0, **kw: Any
+    ) -> subprocess.CompletedProcess[Any]:
         """subprocess.run inside ``host`` (bounded: ``timeout`` is mandatory, default 30 s)."""
         return subprocess.run(self.argv(host, argv), timeout=timeout, **kw)
 
@@ -484,8 +494,15 @@ class Topology:
         return p
 
     @asynccontextmanager
-    async def serve(self, host: str, argv: Sequence[str], *, ready: str | re.Pattern[str] | None = None,
-                    timeout: float = 10.0, **kw: Any) -> AsyncIterator[Served]:  # noqa: ASYNC109
+    async def serve(
+        self,
+        host: str,
+        argv: Sequence[str],
+        *,
+        ready: str | re.Pattern[str] | None = None,
+        timeout: float = 10.0,  # noqa: ASYNC109
+        **kw: Any,
+    ) -> AsyncIterator[Served]:
         """Run a long-lived process inside ``host`` with its stdout read line by line.
 
         Waits (at most ``timeout`` s) for a stdout line matching ``ready`` (``served.ready`` holds the match).
@@ -516,8 +533,9 @@ class Topology:
         if unwrapped is not None:
             raise unwrapped
 
-    def listener(self, host: str, bind: str = "0.0.0.0", port: int = 0,
-                 lifetime: int = 300) -> AbstractContextManager[int]:
+    def listener(
+        self, host: str, bind: str = "0.0.0.0", port: int = 0, lifetime: int = 300
+    ) -> AbstractContextManager[int]:
         """Sync context manager: a TCP accept loop in ``host`` that answers each connection with the peer
         address it sees (one line) and closes. Yields the bound port. Exits by itself after ``lifetime`` s."""
         return _listener(self, host, bind, port, lifetime)
@@ -557,8 +575,7 @@ class Served:
             self.eof = True
             self._changed.set()
 
-    async def expect(self, pattern: str | re.Pattern[str],
-                     timeout: float = 10.0) -> re.Match[str]:  # noqa: ASYNC109 (a default bound)
+    async def expect(self, pattern: str | re.Pattern[str], timeout: float = 10.0) -> re.Match[str]:  # noqa: ASYNC109 (a default bound)
         """Wait for the next stdout line (after those already matched) that matches ``pattern``."""
         rx = re.compile(pattern)
         with trio.move_on_after(timeout):
@@ -570,11 +587,14 @@ class Served:
                         return m
                 if self.eof:
                     await self._wait_exit(1.0)
-                    raise AssertionError(f"{self.name}: stdout closed (exit {self.process.returncode}) "
-                                         f"before a line matching {rx.pattern!r}; stdout: {self.lines!r}")
+                    raise AssertionError(
+                        f"{self.name}: stdout closed (exit {self.process.returncode}) "
+                        f"before a line matching {rx.pattern!r}; stdout: {self.lines!r}"
+                    )
                 await self._changed.wait()
-        raise TimeoutError(f"{self.name}: no stdout line matching {rx.pattern!r} within {timeout}s; "
-                           f"stdout: {self.lines!r}")
+        raise TimeoutError(
+            f"{self.name}: no stdout line matching {rx.pattern!r} within {timeout}s; stdout: {self.lines!r}"
+        )
 
     async def _wait_exit(self, seconds: float) -> None:
         with trio.move_on_after(seconds):
@@ -642,8 +662,9 @@ def probe_argv(addr: str, port: int, timeout: float = 2.0, read: bool = False) -
 
 @contextmanager
 def _listener(topo: Topology, host: str, bind: str, port: int, lifetime: int) -> Iterator[int]:
-    p = topo.popen(host, listener_argv(bind, port, lifetime), stdout=subprocess.PIPE,
-                   stdin=subprocess.DEVNULL, text=True)
+    p = topo.popen(
+        host, listener_argv(bind, port, lifetime), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+    )
     try:
         assert p.stdout is not None
         ready, _, _ = select.select([p.stdout], [], [], 10.0)
@@ -669,12 +690,19 @@ def _parse_probe(returncode: int | None, out: str) -> ProbeResult:
     return ProbeResult(False, out or f"exit {returncode}")
 
 
-def probe(topo: Topology, from_host: str, to_addr: str, port: int, timeout: float = 2.0,
-          read: bool = False) -> ProbeResult:
+def probe(
+    topo: Topology, from_host: str, to_addr: str, port: int, timeout: float = 2.0, read: bool = False
+) -> ProbeResult:
     """Try a TCP connection from inside ``from_host``; with read=True also read one reply line."""
     try:
-        cp = topo.run(from_host, probe_argv(to_addr, port, timeout, read), capture_output=True, text=True,
-                      stdin=subprocess.DEVNULL, timeout=2 * timeout + 10)
+        cp = topo.run(
+            from_host,
+            probe_argv(to_addr, port, timeout, read),
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=2 * timeout + 10,
+        )
     except subprocess.TimeoutExpired:
         return ProbeResult(False, "probe process timed out")
     return _parse_probe(cp.returncode, cp.stdout)
@@ -691,19 +719,28 @@ def seen_as(topo: Topology, from_host: str, to_addr: str, port: int, timeout: fl
     return r.reply if r.ok else None
 
 
-async def probe_async(topo: Topology, from_host: str, to_addr: str, port: int,
-                      timeout: float = 2.0,  # noqa: ASYNC109 (the child's connect timeout)
-                      read: bool = False) -> ProbeResult:
+async def probe_async(
+    topo: Topology,
+    from_host: str,
+    to_addr: str,
+    port: int,
+    timeout: float = 2.0,  # noqa: ASYNC109 (the child's connect timeout)
+    read: bool = False,
+) -> ProbeResult:
     """Trio version of probe()."""
     with trio.move_on_after(2 * timeout + 10):
-        cp = await topo.run_process(from_host, probe_argv(to_addr, port, timeout, read), capture_stdout=True,
-                                    check=False, stdin=subprocess.DEVNULL)
+        cp = await topo.run_process(
+            from_host,
+            probe_argv(to_addr, port, timeout, read),
+            capture_stdout=True,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
         return _parse_probe(cp.returncode, cp.stdout.decode(errors="replace"))
     return ProbeResult(False, "probe process timed out")
 
 
-async def can_connect_async(topo: Topology, from_host: str, to_addr: str, port: int,
-                            timeout: float = 2.0) -> bool:  # noqa: ASYNC109 (the child's connect timeout)
+async def can_connect_async(topo: Topology, from_host: str, to_addr: str, port: int, timeout: float = 2.0) -> bool:  # noqa: ASYNC109 (the child's connect timeout)
     return (await probe_async(topo, from_host, to_addr, port, timeout)).ok
 
 
@@ -726,8 +763,8 @@ def _built(topo: Topology, build: Any, what: str) -> Iterator[Topology]:
 def _build_nat(t: Topology) -> None:
     for h in ("inside", "router", "public", "outside"):
         t.add_host(h)
-    t.link("router", "inside", "198.18.1.0/24")   # router .1, inside .2 (the LAN)
-    t.link("public", "router", "198.18.2.0/24")   # public .1, router .2 (the WAN)
+    t.link("router", "inside", "198.18.1.0/24")  # router .1, inside .2 (the LAN)
+    t.link("public", "router", "198.18.2.0/24")  # public .1, router .2 (the WAN)
     t.link("public", "outside", "198.18.3.0/24")  # public .1, outside .2
     t.default_route("inside", t.addr("router", "inside"))
     t.default_route("router", t.addr("public", "router"))

@@ -97,12 +97,12 @@ class _Client:
 
     # ------------------------------------------------------------------------------------------ the link
 
-    async def link_loop(self, *, task_status: trio.TaskStatus[dict[str, HostPort]] = trio.TASK_STATUS_IGNORED
-                        ) -> None:
+    async def link_loop(self, *, task_status: trio.TaskStatus[dict[str, HostPort]] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep a link up until shutdown; ``task_status.started()`` once the first link serves (or at shutdown)."""
         cfg = self.config
-        backoff = Backoff(cfg.timeouts.reconnect_initial, cfg.timeouts.reconnect_max, cfg.timeouts.reconnect_jitter,
-                          self.rng)
+        backoff = Backoff(
+            cfg.timeouts.reconnect_initial, cfg.timeouts.reconnect_max, cfg.timeouts.reconnect_jitter, self.rng
+        )
         self.status = task_status
         while not self.shutdown.requested.is_set():
             await self._one_link(backoff)
@@ -127,8 +127,13 @@ class _Client:
             logger.warning("cannot reach the server: %s", exc.reason)
             return
         try:
-            async with open_session(transport, role=Role.CLIENT, config=session_config(cfg.timeouts, role=Role.CLIENT),
-                                    name=cfg.name, token=cfg.token) as session:
+            async with open_session(
+                transport,
+                role=Role.CLIENT,
+                config=session_config(cfg.timeouts, role=Role.CLIENT),
+                name=cfg.name,
+                token=cfg.token,
+            ) as session:
                 announce(f"connected {self.server}")
                 logger.info("connected to %s as %r (session %s)", self.server, cfg.name, session.session_id)
                 backoff.reset()
@@ -159,8 +164,9 @@ class _Client:
                 nursery.start_soon(on_shutdown)
                 await session.wait_closed()
             self._set_session(None)
-            self.replaced_by_peer = (session.close_code == ErrorCode.PROHIBITED
-                                     and session.close_reason.startswith(REPLACED))
+            self.replaced_by_peer = session.close_code == ErrorCode.PROHIBITED and session.close_reason.startswith(
+                REPLACED
+            )
             if self.shutdown.requested.is_set():
                 await self._drain(session)
                 reason = "shutting down"
@@ -180,8 +186,9 @@ class _Client:
         self.exposed.clear()
         for spec in self.services.values():
             try:
-                reply = await session.request("expose", {"name": spec.name, "bind": spec.bind_host,
-                                                         "port": spec.bind_port})
+                reply = await session.request(
+                    "expose", {"name": spec.name, "bind": spec.bind_host, "port": spec.bind_port}
+                )
             except RequestError as exc:
                 logger.error("the server refused to expose %s: %s", spec.name, exc)
                 continue
@@ -191,8 +198,12 @@ class _Client:
             self.exposed[spec.name] = bound
             address = format_hostport(bound.host, bound.port)
             announce(f"exposed {spec.name} {address}")
-            logger.info("exposed %s (local %s) on the server at %s", spec.name,
-                        format_hostport(spec.target_host, spec.target_port), address)
+            logger.info(
+                "exposed %s (local %s) on the server at %s",
+                spec.name,
+                format_hostport(spec.target_host, spec.target_port),
+                address,
+            )
 
     # ---------------------------------------------------------------------------------------- reverse (-R)
 
@@ -221,16 +232,24 @@ class _Client:
             stream.accept()
             started = trio.current_time()
             result = await splice(stream, local)
-            logger.info("%s: %s closed after %.3f s: in %d bytes (%s), out %d bytes (%s)", spec.name, peer,
-                        trio.current_time() - started, result.bytes_a_to_b, result.a_to_b, result.bytes_b_to_a,
-                        result.b_to_a)
+            logger.info(
+                "%s: %s closed after %.3f s: in %d bytes (%s), out %d bytes (%s)",
+                spec.name,
+                peer,
+                trio.current_time() - started,
+                result.bytes_a_to_b,
+                result.a_to_b,
+                result.bytes_b_to_a,
+                result.b_to_a,
+            )
         finally:
             self._end()
 
     # ---------------------------------------------------------------------------------------- forward (-L)
 
-    async def serve_forward(self, spec: LocalSpec, listeners: list[trio.SocketListener],
-                            handlers: trio.Nursery) -> None:
+    async def serve_forward(
+        self, spec: LocalSpec, listeners: list[trio.SocketListener], handlers: trio.Nursery
+    ) -> None:
         try:
             await serve_tcp(partial(self._forward, spec), listeners, handler_nursery=handlers)
         finally:
@@ -253,7 +272,11 @@ class _Client:
                     logger.warning("%s: closing %s: no link to the server", spec.name, peer)
                     return
                 meta: dict[str, str | int | bool | None] = {
-                    "host": spec.target_host, "port": spec.target_port, "peer": peer, "name": spec.name}
+                    "host": spec.target_host,
+                    "port": spec.target_port,
+                    "peer": peer,
+                    "name": spec.name,
+                }
                 try:
                     stream = await session.open_stream(FORWARD_ROUTE, meta)
                 except (StreamOpenError, SessionClosedError) as exc:
@@ -261,17 +284,29 @@ class _Client:
                     return
                 started = trio.current_time()
                 result = await splice(local, stream)
-                logger.info("%s: %s closed after %.3f s: out %d bytes (%s), back %d bytes (%s)", spec.name, peer,
-                            trio.current_time() - started, result.bytes_a_to_b, result.a_to_b, result.bytes_b_to_a,
-                            result.b_to_a)
+                logger.info(
+                    "%s: %s closed after %.3f s: out %d bytes (%s), back %d bytes (%s)",
+                    spec.name,
+                    peer,
+                    trio.current_time() - started,
+                    result.bytes_a_to_b,
+                    result.a_to_b,
+                    result.bytes_b_to_a,
+                    result.b_to_a,
+                )
             finally:
                 self._end()
         finally:
             await local.aclose()
 
 
-async def run_client(config: ClientConfig, shutdown: Shutdown, *, rng: random.Random | None = None,
-                     task_status: trio.TaskStatus[dict[str, HostPort]] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_client(
+    config: ClientConfig,
+    shutdown: Shutdown,
+    *,
+    rng: random.Random | None = None,
+    task_status: trio.TaskStatus[dict[str, HostPort]] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Run the client until ``shutdown`` is requested (then drain for at most ``shutdown.drain_timeout``).
 
     ``task_status.started(exposed)`` fires once the first link is up and its services are registered, with the
@@ -287,8 +322,9 @@ async def run_client(config: ClientConfig, shutdown: Shutdown, *, rng: random.Ra
         raise unwrap_group(group) from None
 
 
-async def _run_client(config: ClientConfig, shutdown: Shutdown, rng: random.Random,
-                      task_status: trio.TaskStatus[dict[str, HostPort]]) -> None:
+async def _run_client(
+    config: ClientConfig, shutdown: Shutdown, rng: random.Random, task_status: trio.TaskStatus[dict[str, HostPort]]
+) -> None:
     client = _Client(config, shutdown, rng)
     async with trio.open_nursery() as handlers:  # -L connections: they outlive the accept loops, for the drain
         async with trio.open_nursery() as nursery:
@@ -297,8 +333,11 @@ async def _run_client(config: ClientConfig, shutdown: Shutdown, rng: random.Rand
                 listeners = await trio.open_tcp_listeners(spec.bind_port, host=spec.bind_host)
                 host, port = listeners[0].socket.getsockname()[:2]
                 announce(f"forwarding {spec.name} {format_hostport(str(host), int(port))}")
-                logger.info("forwarding %s to %s through the server", format_hostport(str(host), int(port)),
-                            format_hostport(spec.target_host, spec.target_port))
+                logger.info(
+                    "forwarding %s to %s through the server",
+                    format_hostport(str(host), int(port)),
+                    format_hostport(spec.target_host, spec.target_port),
+                )
                 accepting.append(scope := trio.CancelScope())
                 nursery.start_soon(_scoped, scope, client.serve_forward, spec, listeners, handlers)
 

@@ -38,8 +38,10 @@ async def _serve_http(stream: trio.SocketStream) -> None:
             if not chunk:
                 break
             request += chunk
-    head = (b"HTTP/1.0 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n" % len(PAGE))
+    head = (
+        b"HTTP/1.0 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n" % len(PAGE)
+    )
     with contextlib.suppress(trio.BrokenResourceError):
         await stream.send_all(head + PAGE)
     await stream.aclose()
@@ -79,8 +81,9 @@ async def run_demo(once: bool, shutdown: Shutdown) -> None:
     async with trio.open_nursery() as nursery:
         web = await nursery.start(serve_page)
         announce(f"  web service (stands for a machine behind NAT): http://{format_hostport(web.host, web.port)}/")
-        server_cfg = ServerConfig(listen=HostPort(host="127.0.0.1", port=0), tokens=(token,),
-                                  allow_ports=PortSet.parse("1024-65535"))
+        server_cfg = ServerConfig(
+            listen=HostPort(host="127.0.0.1", port=0), tokens=(token,), allow_ports=PortSet.parse("1024-65535")
+        )
         server_shutdown = Shutdown(drain_timeout=shutdown.drain_timeout)
         client_shutdown = Shutdown(drain_timeout=shutdown.drain_timeout)
         link = await nursery.start(run_server, server_cfg, server_shutdown)

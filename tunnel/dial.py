@@ -10,8 +10,15 @@ from .console import format_hostport
 from .relay import describe_connect_error
 from .tcp import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, TcpStream, connect_tcp, set_keepalive
 
-__all__ = ["KEEPALIVE_COUNT", "KEEPALIVE_IDLE", "KEEPALIVE_INTERVAL", "DialError", "dial", "enable_keepalive",
-           "peer_address"]
+__all__ = [
+    "KEEPALIVE_COUNT",
+    "KEEPALIVE_IDLE",
+    "KEEPALIVE_INTERVAL",
+    "DialError",
+    "dial",
+    "enable_keepalive",
+    "peer_address",
+]
 
 
 class DialError(Exception):

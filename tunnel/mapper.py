@@ -194,4 +194,3 @@ def _ending(end: Ending, detail: str) -> str:
 def _sockname(listener: trio.SocketListener) -> tuple[str, int]:
     host, port = listener.socket.getsockname()[:2]
     return str(host), int(port)
-

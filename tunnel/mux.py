@@ -194,9 +194,11 @@ class Session:
                     self._credit_changed()  # we may have been woken for a slot we now will not take: pass it on
                     raise
             if waiting.cancelled_caught:
-                raise StreamOpenError(ErrorCode.STREAM_LIMIT,
-                                      f"no room for another stream within {timeout:g} s (the peer's stream limit or "
-                                      "accept backlog is full)")
+                raise StreamOpenError(
+                    ErrorCode.STREAM_LIMIT,
+                    f"no room for another stream within {timeout:g} s (the peer's stream limit or "
+                    "accept backlog is full)",
+                )
         await trio.lowlevel.checkpoint_if_cancelled()
         sid = self._conn.open_stream(route, meta, now=trio.current_time())
         stream = MuxStream(self, sid, route, dict(meta or {}), opening=True)
@@ -332,8 +334,7 @@ class Session:
             error.silent = self._silent
             raise error
         if scope.cancelled_caught:
-            self._die(ErrorCode.IDLE_TIMEOUT, f"no handshake within {self._config.handshake_timeout:g} s",
-                      send=True)
+            self._die(ErrorCode.IDLE_TIMEOUT, f"no handshake within {self._config.handshake_timeout:g} s", send=True)
             raise HandshakeError(ErrorCode.IDLE_TIMEOUT, self.close_reason)
 
     async def _read_once(self) -> None:
@@ -387,8 +388,10 @@ class Session:
                             self._die(ErrorCode.INTERNAL, f"connection lost while writing ({exc.__cause__ or exc})")
                             return
                     if scope.cancelled_caught:
-                        self._die(ErrorCode.IDLE_TIMEOUT,
-                                  f"the peer has not read anything for {self._config.write_timeout:g} s")
+                        self._die(
+                            ErrorCode.IDLE_TIMEOUT,
+                            f"the peer has not read anything for {self._config.write_timeout:g} s",
+                        )
                         return
                 self._writing = False
                 self._flushed_event.set()
@@ -409,8 +412,11 @@ class Session:
                 self._wake_writer()
                 continue
             if now >= self._last_rx + cfg.keepalive_timeout:
-                self._die(ErrorCode.IDLE_TIMEOUT,
-                          f"no data from the peer for {cfg.keepalive_timeout:g} s (keepalive timeout)", send=True)
+                self._die(
+                    ErrorCode.IDLE_TIMEOUT,
+                    f"no data from the peer for {cfg.keepalive_timeout:g} s (keepalive timeout)",
+                    send=True,
+                )
                 return
             if now >= self._last_rx + cfg.keepalive_idle and not self._ping_sent:
                 self._ping_sent = True
@@ -468,8 +474,9 @@ class Session:
                     self._credit_changed()
                 case ev.PongReceived(_, rtt):
                     if rtt is not None:
-                        logger.debug("%s: rtt %.1f ms (smoothed %.1f ms)", self, rtt * 1e3,
-                                     (self._conn.srtt or 0) * 1e3)
+                        logger.debug(
+                            "%s: rtt %.1f ms (smoothed %.1f ms)", self, rtt * 1e3, (self._conn.srtt or 0) * 1e3
+                        )
                 case ev.RequestReceived(req, kind, body):
                     self._requests.append(Request(self, req, kind, body))
                     self._request_event.set()
@@ -479,8 +486,9 @@ class Session:
                         pending.code, pending.body = code, body
                         pending.event.set()
                 case ev.GoAwayReceived(_, code, reason):
-                    logger.info("%s: peer is going away (%s%s)", self, proto.code_name(code),
-                                f": {reason}" if reason else "")
+                    logger.info(
+                        "%s: peer is going away (%s%s)", self, proto.code_name(code), f": {reason}" if reason else ""
+                    )
                     self._credit_changed()
                 case ev.HandshakeComplete(peer_name, session_id, _, authenticated):
                     self.peer_name = peer_name or self.peer_name
@@ -1032,4 +1040,3 @@ async def open_session(
         raise unwrap_group(group) from None
     finally:
         await trio.aclose_forcefully(transport)
-

@@ -316,6 +316,7 @@ class Splice:
 def _name(forward: bool) -> str:
     return "a->b" if forward else "b->a"
 
+
 def splice(
     a: trio.abc.Stream, b: trio.abc.Stream, *, chunk: int = DEFAULT_CHUNK
 ) -> typing.Coroutine[typing.Any, typing.Any, SpliceResult]:

@@ -70,21 +70,27 @@ def session_config(timeouts: Timeouts, *, role: Role, max_streams: int = 1024) -
     # per-session autotune budget, so memory stays bounded.
     # A 32 KiB round-robin quantum (protocol default 16): many bulk streams move about 10% more with half the
     # frames, and an interactive frame waits behind at most one 32 KiB turn per busy stream.
-    limits = proto.Limits(open_timeout=max(timeouts.open, timeouts.connect + 1.0), max_streams=max_streams,
-                          max_window=16 * 1024 * 1024, send_quantum=32 * 1024)
+    limits = proto.Limits(
+        open_timeout=max(timeouts.open, timeouts.connect + 1.0),
+        max_streams=max_streams,
+        max_window=16 * 1024 * 1024,
+        send_quantum=32 * 1024,
+    )
     if role is Role.CLIENT:
         # The server bounds what it opens (max_connections_per_service, per service); a stream cap here as well
         # would silently hold every visitor beyond it, across all of the client's services, waiting for credit.
-        limits = attrs.evolve(limits, max_streams=CLIENT_MAX_STREAMS,
-                              open_rate=proto.RateLimit(burst=1 << 30, rate=float(1 << 30)),
-                              reset_rate=proto.RateLimit(burst=1 << 30, rate=float(1 << 30)))
+        limits = attrs.evolve(
+            limits,
+            max_streams=CLIENT_MAX_STREAMS,
+            open_rate=proto.RateLimit(burst=1 << 30, rate=float(1 << 30)),
+            reset_rate=proto.RateLimit(burst=1 << 30, rate=float(1 << 30)),
+        )
     return SessionConfig(
         limits=limits,
         handshake_timeout=timeouts.handshake,
         keepalive_idle=timeouts.keepalive_idle,
         keepalive_timeout=timeouts.keepalive_dead,
     )
-
 
 
 @attrs.define(eq=False)
@@ -140,9 +146,15 @@ class _Server:
         cfg = self.config
         try:
             # open_session owns the transport once it runs; "async with" covers a cancellation before that.
-            async with transport, open_session(transport, role=Role.SERVER, config=session_config(
-                    cfg.timeouts, role=Role.SERVER, max_streams=cfg.max_streams_per_client),
-                    tokens=cfg.tokens) as session:
+            async with (
+                transport,
+                open_session(
+                    transport,
+                    role=Role.SERVER,
+                    config=session_config(cfg.timeouts, role=Role.SERVER, max_streams=cfg.max_streams_per_client),
+                    tokens=cfg.tokens,
+                ) as session,
+            ):
                 await self._run_link(session, peer)
         except HandshakeError as exc:
             if exc.silent:
@@ -157,24 +169,32 @@ class _Server:
             return
         old = self.links.get(name)
         if old is None and len(self.links) >= self.config.max_clients:
-            logger.warning("refused client %r from %s: %d clients already connected (max_clients)",
-                           name, peer, len(self.links))
+            logger.warning(
+                "refused client %r from %s: %d clients already connected (max_clients)", name, peer, len(self.links)
+            )
             session.go_away(ErrorCode.ENHANCE_YOUR_CALM, "the server has too many clients")
             return
         link = _Link(name, peer, session)
         self.links[name] = link
         try:
             if old is not None:
-                logger.info("client %r reconnected from %s: replacing its previous link from %s", name, peer,
-                            old.peer)
+                logger.info("client %r reconnected from %s: replacing its previous link from %s", name, peer, old.peer)
                 old.replaced = True
                 # If the old link is still alive (two clients share a name), tell it why; a stale one hears nothing.
-                old.session.go_away(ErrorCode.PROHIBITED, f"{REPLACED}: another client named {name!r} connected "
-                                    f"from {peer}; client names must be unique (--name)")
+                old.session.go_away(
+                    ErrorCode.PROHIBITED,
+                    f"{REPLACED}: another client named {name!r} connected "
+                    f"from {peer}; client names must be unique (--name)",
+                )
                 old.scope.cancel(reason="replaced by a new link of the same client")
                 await old.done.wait()
-            logger.info("client %r connected from %s (session %s%s)", name, peer, session.session_id,
-                        "" if session.authenticated else ", NOT authenticated")
+            logger.info(
+                "client %r connected from %s (session %s%s)",
+                name,
+                peer,
+                session.session_id,
+                "" if session.authenticated else ", NOT authenticated",
+            )
             with link.scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._control_loop, session, link, nursery)
@@ -211,8 +231,10 @@ class _Server:
             request.reply_error(ErrorCode.PROHIBITED, {"message": f"service {name!r} is already exposed"})
             return
         if port not in self.config.allow_ports:
-            request.reply_error(ErrorCode.PROHIBITED, {
-                "message": f"port {port} is not allowed by the server (--allow-ports {self.config.allow_ports})"})
+            request.reply_error(
+                ErrorCode.PROHIBITED,
+                {"message": f"port {port} is not allowed by the server (--allow-ports {self.config.allow_ports})"},
+            )
             return
         try:
             listeners = await self._bind(bind, port, self.last_ports.get((link.name, name)))
@@ -257,8 +279,9 @@ class _Server:
 
     # ---------------------------------------------------------------------------------------- reverse (-R)
 
-    async def _serve_service(self, session: Session, link: _Link, name: str,
-                             listeners: list[trio.SocketListener], handlers: trio.Nursery) -> None:
+    async def _serve_service(
+        self, session: Session, link: _Link, name: str, listeners: list[trio.SocketListener], handlers: trio.Nursery
+    ) -> None:
         limiter = trio.CapacityLimiter(self.config.max_connections_per_service)
         handler = partial(self._handle_external, session, link, name, limiter)  # a partial: no frame per connection
         accepting = trio.CancelScope()
@@ -271,30 +294,43 @@ class _Server:
                 await trio.aclose_forcefully(listener)
             link.services.pop(name, None)
 
-    async def _handle_external(self, session: Session, link: _Link, name: str, limiter: trio.CapacityLimiter,
-                               external: TcpStream) -> None:
+    async def _handle_external(
+        self, session: Session, link: _Link, name: str, limiter: trio.CapacityLimiter, external: TcpStream
+    ) -> None:
         # ``external`` is ours to close on every path (the splice closes it too; closing twice is fine).
         try:  # (not "async with": its bound __aexit__ would be held for the whole connection)
             peer = peer_address(external)
             try:
                 limiter.acquire_nowait()
             except trio.WouldBlock:
-                logger.warning("%s/%s: refused %s: %d connections already open (max_connections_per_service)",
-                               link.name, name, peer, limiter.total_tokens)
+                logger.warning(
+                    "%s/%s: refused %s: %d connections already open (max_connections_per_service)",
+                    link.name,
+                    name,
+                    peer,
+                    limiter.total_tokens,
+                )
                 return
             link.begin()
             try:
                 try:
                     stream = await session.open_stream(name, {"peer": peer})
                 except (StreamOpenError, SessionClosedError) as exc:
-                    logger.warning("%s/%s: closing %s: the client could not serve it: %s", link.name, name, peer,
-                                   exc)
+                    logger.warning("%s/%s: closing %s: the client could not serve it: %s", link.name, name, peer, exc)
                     return
                 started = trio.current_time()
                 result = await splice(external, stream)
-                logger.info("%s/%s: %s closed after %.3f s: in %d bytes (%s), out %d bytes (%s)", link.name, name,
-                            peer, trio.current_time() - started, result.bytes_a_to_b, result.a_to_b,
-                            result.bytes_b_to_a, result.b_to_a)
+                logger.info(
+                    "%s/%s: %s closed after %.3f s: in %d bytes (%s), out %d bytes (%s)",
+                    link.name,
+                    name,
+                    peer,
+                    trio.current_time() - started,
+                    result.bytes_a_to_b,
+                    result.a_to_b,
+                    result.bytes_b_to_a,
+                    result.b_to_a,
+                )
             finally:
                 limiter.release()
                 link.end()
@@ -328,8 +364,10 @@ class _Server:
         target = format_hostport(host, port)
         if not self.config.allow_targets.allows(host, port):
             logger.warning("%s: refused forward to %s for %s: not in --allow-target", link.name, target, peer)
-            stream.reject(ErrorCode.PROHIBITED,
-                          f"target {target} is not allowed by the server (ask its operator to add --allow-target)")
+            stream.reject(
+                ErrorCode.PROHIBITED,
+                f"target {target} is not allowed by the server (ask its operator to add --allow-target)",
+            )
             return
         try:
             upstream = await dial(host, port, timeout=self.config.timeouts.connect)
@@ -340,8 +378,15 @@ class _Server:
         stream.accept()
         started = trio.current_time()
         result = await splice(stream, upstream)
-        logger.info("%s: forward %s -> %s closed after %.3f s: out %d bytes, back %d bytes", link.name, peer,
-                    target, trio.current_time() - started, result.bytes_a_to_b, result.bytes_b_to_a)
+        logger.info(
+            "%s: forward %s -> %s closed after %.3f s: out %d bytes, back %d bytes",
+            link.name,
+            peer,
+            target,
+            trio.current_time() - started,
+            result.bytes_a_to_b,
+            result.bytes_b_to_a,
+        )
 
     # -------------------------------------------------------------------------------------------- shutdown
 
@@ -363,8 +408,9 @@ def _bind_error(host: str, port: int, exc: OSError) -> str:
     return f"cannot listen on {where}: {exc.strerror or exc}"
 
 
-async def run_server(config: ServerConfig, shutdown: Shutdown, *,
-                     task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_server(
+    config: ServerConfig, shutdown: Shutdown, *, task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Serve client links until ``shutdown`` is requested, then drain for at most ``shutdown.drain_timeout``.
 
     Prints ``listening HOST:PORT`` once per listening address; ``task_status.started`` gets the first one.
@@ -380,13 +426,17 @@ async def run_server(config: ServerConfig, shutdown: Shutdown, *,
         addresses.append(HostPort(host=str(host), port=int(port)))
         announce(f"listening {format_hostport(str(host), int(port))}")
     if not config.tokens:
-        logger.warning("running WITHOUT authentication (--insecure-no-auth): anyone who reaches %s can bind "
-                       "public ports through this server", addresses[0])
+        logger.warning(
+            "running WITHOUT authentication (--insecure-no-auth): anyone who reaches %s can bind "
+            "public ports through this server",
+            addresses[0],
+        )
     logger.info("server listening on %s", ", ".join(map(str, addresses)))
     async with trio.open_nursery() as handlers:  # the links live here, so they outlive the accept loop
         async with trio.open_nursery() as acceptor:
-            acceptor.start_soon(partial(serve_tcp, server.handle_link, listeners, handler_nursery=handlers,
-                                        keepalive=False))  # links have PING
+            acceptor.start_soon(
+                partial(serve_tcp, server.handle_link, listeners, handler_nursery=handlers, keepalive=False)
+            )  # links have PING
             task_status.started(addresses[0])
             await shutdown.requested.wait()
             acceptor.cancel_scope.cancel(reason="shutting down: no new links")

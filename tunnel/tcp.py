@@ -50,10 +50,26 @@ _CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, e
 # An accept that fails for reasons of that one connection (reset before we took it, firewall, network errors the
 # kernel reports early): try the next one, as trio.SocketListener does.
 _SKIP_ERRNOS: Final = frozenset(
-    getattr(errno, name) for name in ("EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN",
-                                      "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH", "ENOSR",
-                                      "ESOCKTNOSUPPORT", "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET")
-    if hasattr(errno, name))
+    getattr(errno, name)
+    for name in (
+        "EPERM",
+        "ECONNABORTED",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+        "ENOSR",
+        "ESOCKTNOSUPPORT",
+        "EPROTONOSUPPORT",
+        "ETIMEDOUT",
+        "ECONNRESET",
+    )
+    if hasattr(errno, name)
+)
 
 _INHERITS_OPTIONS: Final = sys.platform.startswith("linux")
 """Linux gives an accepted socket the listening socket's options (TCP_NODELAY, TCP_NOTSENT_LOWAT, keepalive):
@@ -187,8 +203,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
         anyway (a copy loop's ``receive_some``), one scheduler pass fewer per message."""
         await self.send_all_parts((data,), checkpoint=checkpoint)
 
-    async def send_all_parts(self, parts: Sequence[bytes | bytearray | memoryview], *, checkpoint: bool = True
-                             ) -> None:
+    async def send_all_parts(self, parts: Sequence[bytes | bytearray | memoryview], *, checkpoint: bool = True) -> None:
         """``send_all(b"".join(parts))`` without the join: the parts go out with ``sendmsg`` (scatter/gather), so
         a multiplexer's frames (headers and views of stream data) are not copied once more before the kernel's
         copy. Same semantics as :meth:`send_all` (which is this with one part); the parts must not change until it
@@ -362,9 +377,12 @@ async def serve_tcp(
             await trio.aclose_forcefully(listener)
 
 
-async def _accept_loop(handler: Callable[[TcpStream], Awaitable[object]],
-                       listener: trio.abc.Listener[trio.SocketStream], handlers: trio.Nursery,
-                       keepalive: bool) -> None:
+async def _accept_loop(
+    handler: Callable[[TcpStream], Awaitable[object]],
+    listener: trio.abc.Listener[trio.SocketStream],
+    handlers: trio.Nursery,
+    keepalive: bool,
+) -> None:
     inherit = _INHERITS_OPTIONS and isinstance(listener, trio.SocketListener)
     if inherit:
         assert isinstance(listener, trio.SocketListener)
@@ -383,8 +401,13 @@ async def _accept_loop(handler: Callable[[TcpStream], Awaitable[object]],
         except OSError as exc:
             if exc.errno not in _CAPACITY_ERRNOS:
                 raise
-            logger.error("accept on %s failed: %s (%s); retrying in %g s", _name(listener), exc.strerror,
-                         errno.errorcode.get(exc.errno, exc.errno), ACCEPT_RETRY)
+            logger.error(
+                "accept on %s failed: %s (%s); retrying in %g s",
+                _name(listener),
+                exc.strerror,
+                errno.errorcode.get(exc.errno, exc.errno),
+                ACCEPT_RETRY,
+            )
             await trio.sleep(ACCEPT_RETRY)
             continue
         try:

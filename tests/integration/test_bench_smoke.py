@@ -37,16 +37,31 @@ def _load_bench():
 bench = _load_bench()
 
 TINY = bench.Config(
-    repeats=1, bulk_bytes=3 * bench.MiB + 17, par_streams=4, par_bytes_each=256 * bench.KiB, rtt_n=50,
-    rtt_seconds=1.0, loaded_rtt_n=50, loaded_rtt_seconds=1.0, loaded_warmup_s=0.1, seq_conns=20, seq_seconds=1.0,
-    conc_conns=60, conc_workers=20, conc_seconds=1.0, idle_conns=50, delay_seconds=0.5, transfer_timeout=10.0,
+    repeats=1,
+    bulk_bytes=3 * bench.MiB + 17,
+    par_streams=4,
+    par_bytes_each=256 * bench.KiB,
+    rtt_n=50,
+    rtt_seconds=1.0,
+    loaded_rtt_n=50,
+    loaded_rtt_seconds=1.0,
+    loaded_warmup_s=0.1,
+    seq_conns=20,
+    seq_seconds=1.0,
+    conc_conns=60,
+    conc_workers=20,
+    conc_seconds=1.0,
+    idle_conns=50,
+    delay_seconds=0.5,
+    transfer_timeout=10.0,
     workload_timeout=10.0,
 )
 NUMERIC = [m.key for m in bench.METRICS if not m.key.startswith("delay")]
 
 
-async def _corrupting_relay(upstream, *, flip_at: int | None = 2000, cut_at: int | None = None,
-                            task_status=trio.TASK_STATUS_IGNORED):
+async def _corrupting_relay(
+    upstream, *, flip_at: int | None = 2000, cut_at: int | None = None, task_status=trio.TASK_STATUS_IGNORED
+):
     """A loopback relay that flips one byte at offset `flip_at` of each direction, or closes everything once
     `cut_at` bytes went upstream."""
 
@@ -148,9 +163,26 @@ def replace_cfg(**kw):
 def test_command_line_quick_direct(tmp_path):
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--systems", "direct", "--bulk-mib", "4", "--silent",
-         "--rate-mbit", "100", "--json", str(out_json), "--md", str(out_md)],
-        capture_output=True, text=True, timeout=40, cwd=ROOT,
+        [
+            sys.executable,
+            str(BENCH),
+            "--quick",
+            "--systems",
+            "direct",
+            "--bulk-mib",
+            "4",
+            "--silent",
+            "--rate-mbit",
+            "100",
+            "--json",
+            str(out_json),
+            "--md",
+            str(out_md),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=40,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     doc = json.loads(out_json.read_text())

@@ -34,12 +34,23 @@ async def test_server_and_client_expose_a_service_then_stop_on_sigint(first: str
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             service = await start_service(nursery, http_handler)
-            async with cli(nursery, "server", "--listen", f"{LOCALHOST}:0", "--allow-ports", "1024-65535",
-                           env=ENV) as server:
+            async with cli(
+                nursery, "server", "--listen", f"{LOCALHOST}:0", "--allow-ports", "1024-65535", env=ENV
+            ) as server:
                 server_port = int((await server.expect(rf"listening {HOSTPORT}"))[1])
-                async with cli(nursery, "client", "--server", f"{LOCALHOST}:{server_port}", "--name", "home",
-                               "-R", f"web={LOCALHOST}:0:{LOCALHOST}:{service.port}",
-                               "-R", f"{LOCALHOST}:0:{LOCALHOST}:{service.port}", env=ENV) as client:
+                async with cli(
+                    nursery,
+                    "client",
+                    "--server",
+                    f"{LOCALHOST}:{server_port}",
+                    "--name",
+                    "home",
+                    "-R",
+                    f"web={LOCALHOST}:0:{LOCALHOST}:{service.port}",
+                    "-R",
+                    f"{LOCALHOST}:0:{LOCALHOST}:{service.port}",
+                    env=ENV,
+                ) as client:
                     assert int((await client.expect(rf"connected {HOSTPORT}"))[1]) == server_port
                     web = int((await client.expect(rf"exposed web {HOSTPORT}"))[1])
                     # An unnamed -R is named after its target.
@@ -71,8 +82,9 @@ async def test_server_and_client_expose_a_service_then_stop_on_sigint(first: str
                 if first == "client":
                     server.interrupt()
                     assert await server.wait() == 0, server.stderr
-                    assert re.search(r"client 'home' from \S+ disconnected: the client is shutting down",
-                                     server.stderr), server.stderr
+                    assert re.search(
+                        r"client 'home' from \S+ disconnected: the client is shutting down", server.stderr
+                    ), server.stderr
                 assert server.out.lines == [f"listening {LOCALHOST}:{server_port}"]
                 assert "Traceback" not in server.stderr and not error_lines(server), server.stderr
             assert not await is_listening(server_port)
@@ -83,12 +95,13 @@ async def test_server_and_client_expose_a_service_then_stop_on_sigint(first: str
 @pytest.mark.parametrize("quiet", [False, True], ids=["default", "-qq"])
 async def test_refused_client_exits_1_with_one_readable_line(token: str | None, quiet: bool) -> None:
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery, cli(nursery, "server", "--listen", f"{LOCALHOST}:0",
-                                                       env=ENV) as server:
+        async with (
+            trio.open_nursery() as nursery,
+            cli(nursery, "server", "--listen", f"{LOCALHOST}:0", env=ENV) as server,
+        ):
             server_port = int((await server.expect(rf"listening {HOSTPORT}"))[1])
             public = await free_port()
-            args = ["client", "--server", f"{LOCALHOST}:{server_port}",
-                    "-R", f"web={LOCALHOST}:{public}:{LOCALHOST}:9"]
+            args = ["client", "--server", f"{LOCALHOST}:{server_port}", "-R", f"web={LOCALHOST}:{public}:{LOCALHOST}:9"]
             env = {"TRIO_TUNNEL_TOKEN": token} if token else {}
             async with cli(nursery, *args, *(["-qq"] if quiet else []), env=env) as client:
                 assert await client.wait() == 1, client.stderr
@@ -106,14 +119,18 @@ async def test_refused_client_exits_1_with_one_readable_line(token: str | None, 
             assert re.search(r"WARNING tunnel\.server: refused a client from 127\.0\.0\.1:\d+: ", server.stderr)
 
 
-@pytest.mark.parametrize(("command", "expected"), [
-    ((), ["examples:", "trio-tunnel client --server", "-R web=9000:127.0.0.1:80"]),
-    (("server",), ["examples:", "--allow-ports 9000-9010", "--token-file"]),
-    (("client",), ["examples:", "-R web=9000:127.0.0.1:80", "-R 0:localhost:8080", "exposed NAME HOST:PORT"]),
-])
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ((), ["examples:", "trio-tunnel client --server", "-R web=9000:127.0.0.1:80"]),
+        (("server",), ["examples:", "--allow-ports 9000-9010", "--token-file"]),
+        (("client",), ["examples:", "-R web=9000:127.0.0.1:80", "-R 0:localhost:8080", "exposed NAME HOST:PORT"]),
+    ],
+)
 def test_help_has_examples(command: tuple[str, ...], expected: list[str]) -> None:
-    done = subprocess.run([*CLI, *command, "--help"], capture_output=True, text=True, timeout=20,
-                          stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+        [*CLI, *command, "--help"], capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL
+    )
     assert done.returncode == 0, done.stderr
     for text in expected:
         assert text in done.stdout, (text, done.stdout)

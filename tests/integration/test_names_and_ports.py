@@ -46,17 +46,20 @@ async def test_second_live_client_with_the_same_name_wins_and_the_first_stops() 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             service = await nursery.start(echo_service)
-            server = await nursery.start(run_server, ServerConfig(
-                listen=HostPort(host="127.0.0.1", port=0), tokens=(TOKEN,), allow_ports=PortSet.parse("1024-65535")),
-                Shutdown())
+            server = await nursery.start(
+                run_server,
+                ServerConfig(
+                    listen=HostPort(host="127.0.0.1", port=0), tokens=(TOKEN,), allow_ports=PortSet.parse("1024-65535")
+                ),
+                Shutdown(),
+            )
             first_error: list[NameTakenError] = []
             first_up = trio.Event()
             first_done = trio.Event()
 
             async def first() -> None:
                 with pytest.raises(NameTakenError) as info:
-                    await run_client(client_config(server, service), Shutdown(),
-                                     task_status=_set_on_start(first_up))
+                    await run_client(client_config(server, service), Shutdown(), task_status=_set_on_start(first_up))
                 first_error.append(info.value)
                 first_done.set()
 
@@ -84,15 +87,18 @@ async def test_a_service_on_port_0_keeps_its_public_port_when_its_client_reconne
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             service = await nursery.start(echo_service)
-            server = await nursery.start(run_server, ServerConfig(
-                listen=HostPort(host="127.0.0.1", port=0), tokens=(TOKEN,), allow_ports=PortSet.parse("1024-65535")),
-                Shutdown())
+            server = await nursery.start(
+                run_server,
+                ServerConfig(
+                    listen=HostPort(host="127.0.0.1", port=0), tokens=(TOKEN,), allow_ports=PortSet.parse("1024-65535")
+                ),
+                Shutdown(),
+            )
             ports = []
             for _ in range(3):
                 shutdown = Shutdown(drain_timeout=1)
                 async with trio.open_nursery() as client_nursery:
-                    exposed = await client_nursery.start(run_client, client_config(server, service, "sticky"),
-                                                         shutdown)
+                    exposed = await client_nursery.start(run_client, client_config(server, service, "sticky"), shutdown)
                     assert await echo_once(exposed["web"]) == b"ping"
                     ports.append(exposed["web"].port)
                     shutdown.request()

@@ -50,9 +50,12 @@ async def test_user_reaches_a_service_behind_nat_through_the_server(nat_topo: To
     public_outside = t.addr("public", "outside")  # 198.18.3.1: the same host, from the user's network
     with trio.fail_after(40), server_log.open("w") as server_err, client_log.open("w") as client_err:
         # The local service, inside, listening on all its addresses (so only the network keeps others out).
-        async with t.serve("inside", [sys.executable, "-u", "-m", "http.server", "--bind", "0.0.0.0",
-                                      "--directory", str(site), "0"],
-                           ready=r"port (\d+)", stderr=subprocess.DEVNULL) as web:
+        async with t.serve(
+            "inside",
+            [sys.executable, "-u", "-m", "http.server", "--bind", "0.0.0.0", "--directory", str(site), "0"],
+            ready=r"port (\d+)",
+            stderr=subprocess.DEVNULL,
+        ) as web:
             assert web.ready is not None
             web_port = int(web.ready[1])
             # Control: the service is up and reachable on the LAN (from the router)...
@@ -61,21 +64,42 @@ async def test_user_reaches_a_service_behind_nat_through_the_server(nat_topo: To
             refused = await netns.probe_async(t, "public", t.addr("inside"), web_port)
             assert not refused.ok and "unreachable" in refused.reply.lower(), refused
 
-            async with t.serve("public", [*CLI, "server", "--listen", "0.0.0.0:0", "--allow-ports", "8000-8999"],
-                               ready=r"^listening 0\.0\.0\.0:(\d+)$", env=env, stderr=server_err) as server:
+            async with t.serve(
+                "public",
+                [*CLI, "server", "--listen", "0.0.0.0:0", "--allow-ports", "8000-8999"],
+                ready=r"^listening 0\.0\.0\.0:(\d+)$",
+                env=env,
+                stderr=server_err,
+            ) as server:
                 assert server.ready is not None
                 link_port = int(server.ready[1])
-                async with t.serve("inside", [*CLI, "client", "--server", f"{public}:{link_port}", "--name",
-                                              "home", "-R", f"web=0.0.0.0:{PUBLIC_PORT}:127.0.0.1:{web_port}"],
-                                   ready=rf"^connected {re.escape(public)}:{link_port}$", env=env,
-                                   stderr=client_err) as client:
+                async with t.serve(
+                    "inside",
+                    [
+                        *CLI,
+                        "client",
+                        "--server",
+                        f"{public}:{link_port}",
+                        "--name",
+                        "home",
+                        "-R",
+                        f"web=0.0.0.0:{PUBLIC_PORT}:127.0.0.1:{web_port}",
+                    ],
+                    ready=rf"^connected {re.escape(public)}:{link_port}$",
+                    env=env,
+                    stderr=client_err,
+                ) as client:
                     await client.expect(rf"^exposed web 0\.0\.0\.0:{PUBLIC_PORT}$")
 
                     # The user, outside, fetches the inside's page from the server's public port.
                     for address in (public_outside, public):
-                        done = await t.run_process("outside", [sys.executable, "-c", FETCH,
-                                                               f"http://{address}:{PUBLIC_PORT}/index.html"],
-                                                   capture_stdout=True, capture_stderr=True, check=False)
+                        done = await t.run_process(
+                            "outside",
+                            [sys.executable, "-c", FETCH, f"http://{address}:{PUBLIC_PORT}/index.html"],
+                            capture_stdout=True,
+                            capture_stderr=True,
+                            check=False,
+                        )
                         assert done.returncode == 0, done.stderr.decode(errors="replace")
                         assert done.stdout.decode() == page
 

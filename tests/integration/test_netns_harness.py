@@ -31,8 +31,11 @@ def _no_leftovers() -> Iterator[None]:
     veths_before = netns.root_veths() if netns.skip_reason() is None else set()
     yield
     ids = netns.created_ids[first:]
-    left = [n for n in netns.NETNS_DIR.iterdir() for i in ids if n.name.startswith(i + "-")] \
-        if netns.NETNS_DIR.exists() else []
+    left = (
+        [n for n in netns.NETNS_DIR.iterdir() for i in ids if n.name.startswith(i + "-")]
+        if netns.NETNS_DIR.exists()
+        else []
+    )
     assert not left, f"namespaces left behind: {left}"
     if netns.skip_reason() is None:
         assert netns.root_veths() <= veths_before, "a veth appeared in the root namespace"
@@ -92,7 +95,11 @@ def test_nat_only_router_forwards(nat: Topology) -> None:
 def test_abc_b_reaches_both_a_cannot_reach_c(abc_topo: Topology) -> None:
     t = abc_topo
     assert (t.addr("A"), t.addr("B", "A"), t.addr("B", "C"), t.addr("C")) == (
-        "198.18.1.1", "198.18.1.2", "198.18.2.1", "198.18.2.2")
+        "198.18.1.1",
+        "198.18.1.2",
+        "198.18.2.1",
+        "198.18.2.2",
+    )
     with t.listener("B") as port_b, t.listener("C") as port_c, t.listener("A") as port_a:
         assert seen_as(t, "A", t.addr("B", "A"), port_b) == t.addr("A")
         assert seen_as(t, "B", t.addr("C"), port_c) == t.addr("B", "C")
@@ -114,9 +121,14 @@ async def test_trio_serve_and_client(nat_topo: Topology) -> None:
         async with t.serve("public", netns.listener_argv(), ready=r"^ready (\d+)$") as server:
             assert server.ready is not None
             port = int(server.ready[1])
-            client = [sys.executable, "-c",
-                      "import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2])), 2);"
-                      "print(s.recv(100).decode().strip())", t.addr("public"), str(port)]
+            client = [
+                sys.executable,
+                "-c",
+                "import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2])), 2);"
+                "print(s.recv(100).decode().strip())",
+                t.addr("public"),
+                str(port),
+            ]
             cp = await t.run_process("inside", client, capture_stdout=True)
             assert cp.stdout.decode().strip() == "198.18.2.2"
             assert await netns.can_connect_async(t, "outside", t.addr("public"), port)
@@ -225,8 +237,11 @@ def test_skip_when_namespace_creation_fails(monkeypatch: pytest.MonkeyPatch) -> 
 def test_skip_without_firewall_tool(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(netns, "_skip_cache", {})
     real_which = netns.shutil.which
-    monkeypatch.setattr(netns.shutil, "which",
-                        lambda name: None if name in ("iptables", "iptables-restore", "nft") else real_which(name))
+    monkeypatch.setattr(
+        netns.shutil,
+        "which",
+        lambda name: None if name in ("iptables", "iptables-restore", "nft") else real_which(name),
+    )
     reason = netns.skip_reason(nat=True)
     if netns.skip_reason() is None:
         assert reason is not None and "iptables" in reason

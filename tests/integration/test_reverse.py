@@ -62,14 +62,22 @@ class Tunnel:
         await self.server.stop()
 
 
-async def open_tunnel(nursery: trio.Nursery, out: Stdout, service_port: int, *, name: str = "web",
-                      public_port: int = 0, **server_kwargs: Any) -> Tunnel:
+async def open_tunnel(
+    nursery: trio.Nursery,
+    out: Stdout,
+    service_port: int,
+    *,
+    name: str = "web",
+    public_port: int = 0,
+    **server_kwargs: Any,
+) -> Tunnel:
     """A server and a client exposing ``127.0.0.1:service_port`` as ``name``; ports taken from the stdout lines."""
     server = await start_server(nursery, **server_kwargs)
     listening = hostport(await out.expect(r"listening (\S+)"))
     assert listening == (LOCALHOST, server.value.port)
-    client = await start_client(nursery, client_config(
-        server.value, f"{name}={LOCALHOST}:{public_port}:{LOCALHOST}:{service_port}"))
+    client = await start_client(
+        nursery, client_config(server.value, f"{name}={LOCALHOST}:{public_port}:{LOCALHOST}:{service_port}")
+    )
     assert hostport(await out.expect(r"connected (\S+)")) == listening
     host, port = hostport(await out.expect(rf"exposed {name} (\S+)"))
     assert host == LOCALHOST and (port == public_port or not public_port)
@@ -109,8 +117,9 @@ async def test_http_through_the_tunnel(stdout: Stdout, logs: LogWatch) -> None:
             assert service.accepted == 3
             await tunnel.stop()
             # A graceful client exit reaches the server with its reason.
-            assert logs.matching(r"^client 'home' from \S+ disconnected: the client is shutting down$",
-                                 logger="tunnel.server")
+            assert logs.matching(
+                r"^client 'home' from \S+ disconnected: the client is shutting down$", logger="tunnel.server"
+            )
             assert [m[1] for m in stdout.matching(r"disconnected (.+)")] == ["shutting down"]
             await service.stop()
 
@@ -324,8 +333,9 @@ async def test_half_close_service_sends_eof_first_then_keeps_reading(stdout: Std
 # Failures and recovery
 
 
-async def test_local_service_down_closes_promptly_and_recovers(stdout: Stdout,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+async def test_local_service_down_closes_promptly_and_recovers(
+    stdout: Stdout, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="tunnel")
     with trio.fail_after(15):
         async with trio.open_nursery() as nursery:
@@ -351,17 +361,25 @@ async def test_local_service_down_closes_promptly_and_recovers(stdout: Stdout,
 
             # Both sides say why, naming the local service that could not be reached.
             target = rf"127\.0\.0\.1:{port}"
-            client_side = [r.getMessage() for r in caplog.records
-                           if r.name == "tunnel.client" and r.levelno == logging.WARNING]
-            server_side = [r.getMessage() for r in caplog.records
-                           if r.name == "tunnel.server" and r.levelno == logging.WARNING]
+            client_side = [
+                r.getMessage() for r in caplog.records if r.name == "tunnel.client" and r.levelno == logging.WARNING
+            ]
+            server_side = [
+                r.getMessage() for r in caplog.records if r.name == "tunnel.server" and r.levelno == logging.WARNING
+            ]
             assert len(client_side) == 2 and len(server_side) == 2, (client_side, server_side)
             for message in client_side:
-                assert re.search(rf"^web: cannot serve 127\.0\.0\.1:\d+: local service: cannot connect to "
-                                 rf"{target}: .*refused", message), message
+                assert re.search(
+                    rf"^web: cannot serve 127\.0\.0\.1:\d+: local service: cannot connect to "
+                    rf"{target}: .*refused",
+                    message,
+                ), message
             for message in server_side:
-                assert re.search(rf"^home/web: closing 127\.0\.0\.1:\d+: the client could not serve it: "
-                                 rf"web: local service: cannot connect to {target}: .*refused", message), message
+                assert re.search(
+                    rf"^home/web: closing 127\.0\.0\.1:\d+: the client could not serve it: "
+                    rf"web: local service: cannot connect to {target}: .*refused",
+                    message,
+                ), message
 
             # The service comes back on the same port: new connections work, with no restart of anything.
             service = await start_service(nursery, http_handler, port=port)
@@ -462,8 +480,7 @@ async def test_graceful_stop_lets_a_connection_in_flight_finish(stdout: Stdout, 
 
 
 @pytest.mark.parametrize("who", ["same client", "new client"])
-async def test_stale_session_takeover_gets_the_same_port_at_once(stdout: Stdout, logs: LogWatch,
-                                                                  who: str) -> None:
+async def test_stale_session_takeover_gets_the_same_port_at_once(stdout: Stdout, logs: LogWatch, who: str) -> None:
     """The client's link goes half-open (a NAT box forgot it: nothing arrives either way, no FIN, no RST). The
     server's session is stale: its keepalive would need 45 s to notice. A client with the same name reconnects
     and must get its public port back at once, not "address already in use"."""
@@ -493,8 +510,9 @@ async def test_stale_session_takeover_gets_the_same_port_at_once(stdout: Stdout,
                     second = await start_client(nursery, client_config(server.value, spec))
                 assert hostport(await stdout.expect(r"connected (\S+)"))[1] in (proxy.port, server.value.port)
                 assert hostport(await stdout.expect(r"exposed web (\S+)")) == (LOCALHOST, public)
-                await logs.wait_for(r"^client 'home' reconnected from .*: replacing its previous link",
-                                    logger="tunnel.server")
+                await logs.wait_for(
+                    r"^client 'home' reconnected from .*: replacing its previous link", logger="tunnel.server"
+                )
                 assert not logs.matching("refused to expose|already in use", logging.WARNING)
                 assert await http_get(public, "/2") == ("HTTP/1.0 200 OK", b"hello from /2\n")
                 await second.stop()
@@ -507,8 +525,9 @@ async def test_stale_session_takeover_gets_the_same_port_at_once(stdout: Stdout,
 
 
 @pytest.mark.parametrize("token", [b"not-the-right-token-0123456789", None], ids=["wrong token", "no token"])
-async def test_bad_token_is_refused_readably_and_binds_nothing(stdout: Stdout, logs: LogWatch,
-                                                               token: bytes | None) -> None:
+async def test_bad_token_is_refused_readably_and_binds_nothing(
+    stdout: Stdout, logs: LogWatch, token: bytes | None
+) -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             server = await start_server(nursery)
@@ -532,8 +551,9 @@ def _leaf(group: BaseException) -> BaseException:
     return group
 
 
-async def test_port_not_allowed_or_taken_is_refused_readably_other_services_work(stdout: Stdout,
-                                                                                logs: LogWatch) -> None:
+async def test_port_not_allowed_or_taken_is_refused_readably_other_services_work(
+    stdout: Stdout, logs: LogWatch
+) -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             service = await start_service(nursery, http_handler)
@@ -544,18 +564,23 @@ async def test_port_not_allowed_or_taken_is_refused_readably_other_services_work
             async with squatter:
                 server = await start_server(nursery, allow_ports=f"{allowed},{taken}")
                 await stdout.expect(r"listening (\S+)")
-                config = client_config(server.value,
-                                       f"nope={LOCALHOST}:{forbidden}:{LOCALHOST}:{service.port}",
-                                       f"busy={LOCALHOST}:{taken}:{LOCALHOST}:{service.port}",
-                                       f"web={LOCALHOST}:{allowed}:{LOCALHOST}:{service.port}")
+                config = client_config(
+                    server.value,
+                    f"nope={LOCALHOST}:{forbidden}:{LOCALHOST}:{service.port}",
+                    f"busy={LOCALHOST}:{taken}:{LOCALHOST}:{service.port}",
+                    f"web={LOCALHOST}:{allowed}:{LOCALHOST}:{service.port}",
+                )
                 client = await start_client(nursery, config)
                 assert set(client.value) == {"web"}
                 await stdout.expect(r"connected (\S+)")
                 assert [m[0] for m in stdout.matching(r"exposed .*")] == [f"exposed web {LOCALHOST}:{allowed}"]
                 errors = logs.matching(r"refused to expose", logging.ERROR, logger="tunnel.client")
                 assert len(errors) == 2, errors
-                assert re.search(rf"nope: .*port {forbidden} is not allowed by the server \(--allow-ports "
-                                 rf"{PortSet.parse([allowed, taken])}\)", errors[0]), errors
+                assert re.search(
+                    rf"nope: .*port {forbidden} is not allowed by the server \(--allow-ports "
+                    rf"{PortSet.parse([allowed, taken])}\)",
+                    errors[0],
+                ), errors
                 assert re.search(rf"busy: .*127\.0\.0\.1:{taken}: address already in use", errors[1]), errors
                 assert not await is_listening(forbidden)
                 assert await http_get(allowed, "/ok") == ("HTTP/1.0 200 OK", b"hello from /ok\n")
@@ -578,8 +603,7 @@ async def test_more_than_1024_connections_open_at_once_over_one_link(stdout: Std
     with trio.fail_after(90):
         async with trio.open_nursery() as nursery:
             service = await start_service(nursery, hold)
-            tunnel = await open_tunnel(nursery, stdout, service.port, name="many",
-                                       max_connections_per_service=2000)
+            tunnel = await open_tunnel(nursery, stdout, service.port, name="many", max_connections_per_service=2000)
             streams: list[trio.SocketStream] = []
             try:
                 for i in range(count):

@@ -37,8 +37,15 @@ TOKEN = b"reverse-test-token-0123456789abcdef"
 TOKEN_TEXT = TOKEN.decode()
 
 FAST = Timeouts(
-    handshake=5, connect=5, keepalive_idle=15, keepalive_dead=45, drain=2, open=5,
-    reconnect_initial=0.05, reconnect_max=0.25, reconnect_jitter=0.1,
+    handshake=5,
+    connect=5,
+    keepalive_idle=15,
+    keepalive_dead=45,
+    drain=2,
+    open=5,
+    reconnect_initial=0.05,
+    reconnect_max=0.25,
+    reconnect_jitter=0.1,
 )
 """Client timeouts for tests: quick reconnects, default keepalives (so a test never depends on them by accident)."""
 
@@ -195,8 +202,13 @@ class Running:
         await self.done.wait()
 
 
-async def _run_task(fn: Callable[..., Awaitable[None]], config: Any, running: Running, *,
-                    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+async def _run_task(
+    fn: Callable[..., Awaitable[None]],
+    config: Any,
+    running: Running,
+    *,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+) -> None:
     try:
         with running.scope:
             await fn(config, running.shutdown, task_status=task_status)
@@ -204,23 +216,31 @@ async def _run_task(fn: Callable[..., Awaitable[None]], config: Any, running: Ru
         running.done.set()
 
 
-async def start_task(nursery: trio.Nursery, fn: Callable[..., Awaitable[None]], config: Any, *,
-                     drain: float = 2.0) -> Running:
+async def start_task(
+    nursery: trio.Nursery, fn: Callable[..., Awaitable[None]], config: Any, *, drain: float = 2.0
+) -> Running:
     running = Running(Shutdown(drain_timeout=drain))
     running.value = await nursery.start(_run_task, fn, config, running)
     return running
 
 
-def server_config(*, port: int = 0, tokens: Sequence[bytes] = (TOKEN,), allow_ports: str = "1024-65535",
-                  **kwargs: Any) -> ServerConfig:
-    return ServerConfig(listen=HostPort(host=LOCALHOST, port=port), tokens=tuple(tokens),
-                        allow_ports=PortSet.parse(allow_ports), **kwargs)
+def server_config(
+    *, port: int = 0, tokens: Sequence[bytes] = (TOKEN,), allow_ports: str = "1024-65535", **kwargs: Any
+) -> ServerConfig:
+    return ServerConfig(
+        listen=HostPort(host=LOCALHOST, port=port),
+        tokens=tuple(tokens),
+        allow_ports=PortSet.parse(allow_ports),
+        **kwargs,
+    )
 
 
-def client_config(server: HostPort, *remotes: str, name: str = "home", token: bytes | None = TOKEN,
-                  timeouts: Timeouts = FAST) -> ClientConfig:
-    return ClientConfig(server=server, token=token, name=name, remotes=tuple(RemoteSpec.parse(r) for r in remotes),
-                        timeouts=timeouts)
+def client_config(
+    server: HostPort, *remotes: str, name: str = "home", token: bytes | None = TOKEN, timeouts: Timeouts = FAST
+) -> ClientConfig:
+    return ClientConfig(
+        server=server, token=token, name=name, remotes=tuple(RemoteSpec.parse(r) for r in remotes), timeouts=timeouts
+    )
 
 
 async def start_server(nursery: trio.Nursery, **kwargs: Any) -> Running:
@@ -272,8 +292,9 @@ async def start_service(nursery: trio.Nursery, handler: Handler, port: int = 0) 
 
 
 def http_response(body: bytes, status: str = "200 OK") -> bytes:
-    return (f"HTTP/1.0 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
-            f"Connection: close\r\n\r\n").encode() + body
+    return (
+        f"HTTP/1.0 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
 
 
 async def http_handler(stream: trio.SocketStream) -> None:
@@ -430,8 +451,10 @@ class Cli:
                     return m
             if self.eof.is_set():
                 await self.process.wait()
-                raise AssertionError(f"{self.argv}: stdout ended (exit {self.process.returncode}) before a line "
-                                     f"matching {pattern!r}; stdout {self.out.lines!r}; stderr:\n{self.stderr}")
+                raise AssertionError(
+                    f"{self.argv}: stdout ended (exit {self.process.returncode}) before a line "
+                    f"matching {pattern!r}; stdout {self.out.lines!r}; stderr:\n{self.stderr}"
+                )
             changed = self.out._changed
             await changed.wait()
 
@@ -450,8 +473,9 @@ async def cli(nursery: trio.Nursery, *args: str, env: dict[str, str] | None = No
     argv = [*CLI, *args]
     full_env = {key: value for key, value in os.environ.items() if key != "TRIO_TUNNEL_TOKEN"}
     full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
-    process = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                               stderr=subprocess.PIPE, env=full_env)
+    process = await trio.lowlevel.open_process(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env
+    )
     proc = Cli(process, argv)
     nursery.start_soon(proc._pump_stdout)
     nursery.start_soon(proc._pump_stderr)
@@ -482,9 +506,13 @@ class LogWatch(logging.Handler):
 
     def matching(self, pattern: str, level: int = logging.DEBUG, logger: str = "tunnel") -> list[str]:
         """Messages (at ``level`` or above, from ``logger`` or below it) in which ``pattern`` is found."""
-        return [message for r in self.records
-                if r.levelno >= level and (r.name == logger or r.name.startswith(logger + "."))
-                and re.search(pattern, message := r.getMessage())]
+        return [
+            message
+            for r in self.records
+            if r.levelno >= level
+            and (r.name == logger or r.name.startswith(logger + "."))
+            and re.search(pattern, message := r.getMessage())
+        ]
 
     async def wait_for(self, pattern: str, level: int = logging.DEBUG, logger: str = "tunnel") -> str:
         while not (found := self.matching(pattern, level, logger)):
@@ -524,8 +552,10 @@ class RecordWatch(logging.Handler):
 
     def matching(self, text: str, level: int = logging.DEBUG, *, logger: str = "") -> list[logging.LogRecord]:
         return [
-            r for r in self.records
-            if r.levelno >= level and (not logger or r.name == logger or r.name.startswith(logger + "."))
+            r
+            for r in self.records
+            if r.levelno >= level
+            and (not logger or r.name == logger or r.name.startswith(logger + "."))
             and text in r.getMessage()
         ]
 

@@ -35,8 +35,9 @@ async def session_pair(
                 await done.wait()
 
         nursery.start_soon(run_server)
-        async with open_session(right, role=Role.CLIENT, config=client_config or config, name="t",
-                                token=TOKEN) as client:
+        async with open_session(
+            right, role=Role.CLIENT, config=client_config or config, name="t", token=TOKEN
+        ) as client:
             await ready.wait()
             try:
                 yield holder[0], client

@@ -207,8 +207,9 @@ async def test_silent_peer_is_declared_dead_on_time(autojump_clock: trio.testing
 async def test_busy_peer_with_late_pong_is_not_declared_dead(autojump_clock: trio.testing.MockClock) -> None:
     """Any inbound byte is life. Over a link with 10 s of one-way latency each PONG comes 20 s after its PING,
     later than the 24 s keepalive allows after 5 s of idleness; data every 5 s keeps both sessions alive."""
-    config = SessionConfig(keepalive_idle=5, keepalive_timeout=24, handshake_timeout=100,
-                           limits=Limits(open_timeout=100))
+    config = SessionConfig(
+        keepalive_idle=5, keepalive_timeout=24, handshake_timeout=100, limits=Limits(open_timeout=100)
+    )
     with trio.fail_after(1000):
         async with session_pair(lambda: delayed_pair(10.0), config=config) as (server, client):
             a, b = await open_pair(client, server)
@@ -374,8 +375,7 @@ async def test_handshake_deadline(autojump_clock: trio.testing.MockClock) -> Non
     with trio.fail_after(30):
         start = trio.current_time()
         with pytest.raises(HandshakeError, match="no handshake within 10 s"):
-            async with open_session(left, role=Role.SERVER, config=SessionConfig(handshake_timeout=10),
-                                    tokens=[TOKEN]):
+            async with open_session(left, role=Role.SERVER, config=SessionConfig(handshake_timeout=10), tokens=[TOKEN]):
                 pass  # pragma: no cover
         assert 10 <= trio.current_time() - start < 12
 
@@ -440,8 +440,10 @@ async def test_many_streams_over_real_tcp() -> None:
         async with trio.open_nursery() as nursery:
 
             async def server_side(transport: trio.SocketStream) -> None:
-                async with open_session(transport, role=Role.SERVER, tokens=[TOKEN]) as srv, \
-                        trio.open_nursery() as handlers:
+                async with (
+                    open_session(transport, role=Role.SERVER, tokens=[TOKEN]) as srv,
+                    trio.open_nursery() as handlers,
+                ):
                     for _ in range(64):
                         s = await srv.accept_stream()
                         handlers.start_soon(echo_hash, s)
@@ -549,7 +551,8 @@ async def test_openers_waiting_for_credit_proceed_in_order_and_a_cancelled_one_s
 
 
 async def test_an_opener_waiting_for_credit_gives_up_after_the_open_timeout(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     """No credit comes back (the only stream stays open): the second opener fails with STREAM_LIMIT after
     open_timeout instead of waiting forever, and the session carries on."""
     config = SessionConfig(limits=Limits(max_streams=1, accept_backlog=1, open_timeout=10))

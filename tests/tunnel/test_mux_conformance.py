@@ -13,8 +13,7 @@ from proto import Limits
 from tunnel.mux import MuxStream, Role, Session, SessionConfig, open_session
 
 TOKEN = b"conformance-token-0123456789"
-SMALL = SessionConfig(limits=Limits(initial_window=4096, max_window=4096, max_frame_payload=1024,
-                                    max_send_buffer=4096))
+SMALL = SessionConfig(limits=Limits(initial_window=4096, max_window=4096, max_frame_payload=1024, max_send_buffer=4096))
 
 
 @asynccontextmanager

@@ -201,8 +201,9 @@ class _FlakyListener(trio.abc.Listener[trio.SocketStream]):
         await self.real.aclose()
 
 
-async def test_serve_tcp_survives_running_out_of_descriptors(autojump_clock: trio.testing.MockClock,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+async def test_serve_tcp_survives_running_out_of_descriptors(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
     accepted = trio.Event()
 
     async def handler(stream: TcpStream) -> None:
@@ -264,9 +265,13 @@ async def test_serve_tcp_connections_have_nodelay_and_keepalive(keepalive: bool)
     async def handler(stream: TcpStream) -> None:
         try:
             sock = stream.socket
-            seen.append((sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
-                         sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
-                         sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)))
+            seen.append(
+                (
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                )
+            )
         finally:
             await stream.aclose()
 
