@@ -5,9 +5,9 @@ Two kinds of failure, split by who is at fault (as h11 does):
 * :class:`LocalProtocolError`: *we* misused the API (sending on a closed stream, opening a stream before the
   handshake finished, ...). It is a bug in the caller, raised synchronously from the offending method.
 * :class:`RemoteProtocolError`: *the peer* broke the protocol (a malformed frame, a window overrun, a stream it
-  may not open). The connection never raises it out of :meth:`~proto.Connection.receive_data`; instead it queues a
+  may not open). The connection never raises it out of :meth:`Connection.receive_data`; instead it queues a
   GOAWAY (or a REFUSE during the handshake) carrying :attr:`ProtocolError.code` and a readable reason, and reports
-  a :class:`~proto.ConnectionTerminated` event that holds the error.
+  a :class:`~trio_tunnel.proto.ConnectionTerminated` event that holds the error.
 
 Both carry an :class:`ErrorCode`, the same table that RST, OPEN_ERR, GOAWAY and REFUSE put on the wire.
 """

@@ -1,4 +1,4 @@
-"""Events: what :meth:`proto.Connection.receive_data` (and :meth:`~proto.Connection.expire`) report.
+"""Events: what :meth:`proto.Connection.receive_data` (and :meth:`~trio_tunnel.proto.Connection.expire`) report.
 
 Past tense, one class per thing that happened, each immutable.
 """
@@ -48,7 +48,7 @@ class ConnectionTerminated:
     flushed before the transport is closed.
 
     ``by_peer`` tells who ended it: the peer (REFUSE, GOAWAY with an error, transport EOF) or us (``error`` holds
-    the :class:`~proto.errors.ProtocolError` that made us end it). ``silent`` is True when the peer is not a
+    the :class:`~trio_tunnel.proto.errors.ProtocolError` that made us end it). ``silent`` is True when the peer is not a
     trio-tunnel at all (wrong magic): nothing was sent back.
     """
 
@@ -70,8 +70,8 @@ class GoAwayReceived:
 
 @attrs.frozen
 class StreamOpened:
-    """The peer opened a stream. Answer it with :meth:`~proto.Connection.accept_stream` or
-    :meth:`~proto.Connection.reject_stream` (in the meantime its data is buffered up to our window)."""
+    """The peer opened a stream. Answer it with :meth:`~trio_tunnel.proto.Connection.accept_stream` or
+    :meth:`~trio_tunnel.proto.Connection.reject_stream` (in the meantime its data is buffered up to our window)."""
 
     stream_id: int
     route: str
@@ -89,7 +89,7 @@ class StreamAccepted:
 class StreamRejected:
     """A stream we opened was refused: OPEN_ERR, our open timeout, or a GOAWAY that never processed it.
 
-    The stream is closed; call :meth:`~proto.Connection.close_stream` to release it.
+    The stream is closed; call :meth:`~trio_tunnel.proto.Connection.close_stream` to release it.
     """
 
     stream_id: int
@@ -99,7 +99,7 @@ class StreamRejected:
 
 @attrs.frozen
 class DataReceived:
-    """Bytes for a stream. Call :meth:`~proto.Connection.acknowledge` as the application consumes them."""
+    """Bytes for a stream. Call :meth:`~trio_tunnel.proto.Connection.acknowledge` as the application consumes them."""
 
     stream_id: int
     data: bytes
@@ -149,7 +149,7 @@ class PongReceived:
 
 @attrs.frozen
 class RequestReceived:
-    """A CTRL request from the peer. Answer it with :meth:`~proto.Connection.send_reply` unless
+    """A CTRL request from the peer. Answer it with :meth:`~trio_tunnel.proto.Connection.send_reply` unless
     ``request_id`` is 0 (a notification)."""
 
     request_id: int

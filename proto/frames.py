@@ -8,7 +8,7 @@ Layout of every frame after the 8-byte preamble (docs/PROTOCOL.md, "Frame layout
 
 The decoder reads the 6-byte prefix first and rejects a header above ``max_header`` or a payload above
 ``max_frame_payload`` before it buffers any of it. Headers are decoded with msgpack, then checked field by field
-against a per-type schema: a malformed frame becomes one :class:`~proto.errors.RemoteProtocolError` with a reason
+against a per-type schema: a malformed frame becomes one :class:`~.errors.RemoteProtocolError` with a reason
 that names the frame and the field, never a msgpack exception or a traceback.
 """
 

@@ -1,7 +1,7 @@
 """The lifecycle of one stream as a transition table (h2 style): ``(state, input) -> state``.
 
 A pair missing from the table is a protocol violation: for a received input it is the peer's
-(:class:`~proto.errors.RemoteProtocolError`), for a sent one ours (:class:`~proto.errors.LocalProtocolError`).
+(:class:`~.errors.RemoteProtocolError`), for a sent one ours (:class:`~.errors.LocalProtocolError`).
 
 The shape is RFC 9113 section 5.1 without "reserved", plus the open handshake of yamux: a stream we opened is
 OPENING until OPEN_OK (we may send optimistic data meanwhile, the peer may not); a stream the peer opened is PENDING

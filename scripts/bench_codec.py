@@ -22,9 +22,8 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import msgpack
-
-from proto import ErrorCode
-from proto import frames as F
+from trio_tunnel.proto import ErrorCode
+from trio_tunnel.proto import frames as F
 
 KiB = 1024
 

@@ -28,10 +28,10 @@ import trio.testing
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from tunnel.client import run_client
-from tunnel.config import ClientConfig, HostPort, RemoteSpec, ServerConfig
-from tunnel.lifecycle import Shutdown
-from tunnel.server import run_server
+from trio_tunnel.client import run_client
+from trio_tunnel.config import ClientConfig, HostPort, RemoteSpec, ServerConfig
+from trio_tunnel.lifecycle import Shutdown
+from trio_tunnel.server import run_server
 
 TOKEN = b"bench-memory-token-0123456789"
 WARMUP = 20

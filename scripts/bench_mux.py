@@ -27,7 +27,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tunnel.mux import Role, Session, open_session
+from trio_tunnel.mux import Role, Session, open_session
 
 TOKEN = b"bench-token-0123456789abcdef"
 CHUNK = 256 * 1024

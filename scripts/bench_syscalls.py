@@ -12,7 +12,7 @@ Usage::
 
     .venv/bin/python scripts/bench_syscalls.py [--round-trips 1000] [EXE ...]
 
-An ``EXE`` runs like ``trio-tunnel`` (e.g. a wrapper ``PYTHONPATH=/tmp/old exec python -P -m tunnel.cli "$@"`` to
+An ``EXE`` runs like ``trio-tunnel`` (e.g. a wrapper ``PYTHONPATH=/tmp/old exec python -P -m trio_tunnel "$@"`` to
 compare with another checkout). Needs strace (``apt-get install strace``) and ptrace permission (root, or
 ``kernel.yama.ptrace_scope=0``).
 """

@@ -28,9 +28,8 @@ from typing import Any, Final, NoReturn, cast
 
 import attrs
 import trio
-
-from tunnel import __version__
-from tunnel.config import (
+from trio_tunnel import __version__
+from trio_tunnel.config import (
     ClientConfig,
     LocalSpec,
     MapConfig,
@@ -44,9 +43,9 @@ from tunnel.config import (
     parse_token_list,
     read_token_file,
 )
-from tunnel.errors import ConfigError, HandshakeError, NameTakenError, TunnelError
-from tunnel.lifecycle import Shutdown
-from tunnel.logsetup import LogFormat, configure_logging
+from trio_tunnel.errors import ConfigError, HandshakeError, NameTakenError, TunnelError
+from trio_tunnel.lifecycle import Shutdown
+from trio_tunnel.logsetup import LogFormat, configure_logging
 
 __all__ = ["build_parser", "main", "run_cli"]
 
@@ -352,7 +351,7 @@ def _plan(args: argparse.Namespace, environ: Mapping[str, str]) -> _Plan:
                 server.listen,
                 " and reach the allowed targets" if server.allow_targets else "",
             )
-        return _Plan(command, "tunnel.server", "run_server", (server,), server.timeouts.drain, server)
+        return _Plan(command, "trio_tunnel.server", "run_server", (server,), server.timeouts.drain, server)
     if command == "client":
         client = ClientConfig.from_sources(
             config_file=args.config,
@@ -364,7 +363,7 @@ def _plan(args: argparse.Namespace, environ: Mapping[str, str]) -> _Plan:
             remotes=[RemoteSpec.parse(text) for text in args.remotes],
             locals=[LocalSpec.parse(text) for text in args.locals],
         )
-        return _Plan(command, "tunnel.client", "run_client", (client,), client.timeouts.drain, client)
+        return _Plan(command, "trio_tunnel.client", "run_client", (client,), client.timeouts.drain, client)
     if command == "map":
         if args.config is None and (args.listen is None or args.target is None):
             raise ConfigError("map needs LISTEN and TARGET, e.g. trio-tunnel map 0.0.0.0:10022 192.168.0.10:22")
@@ -383,9 +382,9 @@ def _plan(args: argparse.Namespace, environ: Mapping[str, str]) -> _Plan:
             connect_timeout=args.connect_timeout,
             max_connections=args.max_connections,
         )
-        return _Plan(command, "tunnel.mapper", "run_map", (mapping,), mapping.drain_timeout, mapping)
+        return _Plan(command, "trio_tunnel.mapper", "run_map", (mapping,), mapping.drain_timeout, mapping)
     if command == "demo":
-        return _Plan(command, "tunnel.demo", "run_demo", (bool(args.once),), Timeouts().drain)
+        return _Plan(command, "trio_tunnel.demo", "run_demo", (bool(args.once),), Timeouts().drain)
     raise AssertionError(f"unhandled command {command!r}")
 
 
@@ -601,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
 
 if __name__ == "__main__":
-    # ``python -m tunnel.cli``: run the importable module, so loggers are named "tunnel.cli", not "__main__".
-    from tunnel.cli import main as _main
+    # ``python -m trio_tunnel``: run the importable module, so loggers are named "trio_tunnel.cli", not "__main__".
+    from trio_tunnel.cli import main as _main
 
     _main()

@@ -22,8 +22,7 @@ from typing import Final
 
 import attrs
 import trio
-
-from proto import ErrorCode
+from trio_tunnel.proto import ErrorCode
 
 from .config import ClientConfig, HostPort, LocalSpec, RemoteSpec
 from .console import announce, format_hostport

@@ -10,7 +10,7 @@ defaults. Each has two named constructors:
   replacing a file service of the same name.
 
 Plain construction (``ServerConfig(...)``) validates types and ranges (raising ``ValueError``) but applies no policy;
-the named constructors raise :class:`~tunnel.errors.ConfigError` with a message that names the file or flag, the key,
+the named constructors raise :class:`~.errors.ConfigError` with a message that names the file or flag, the key,
 and the fix, and they apply the policies a user relies on: a server needs a token unless ``insecure_no_auth``; a
 client needs a server address and at least one service; a mapper needs ``listen`` and ``target``.
 
@@ -97,9 +97,8 @@ from pathlib import Path
 from typing import Any, Final, Self, TypeVar, final
 
 import attrs
-
-from tunnel.console import format_hostport
-from tunnel.errors import ConfigError
+from trio_tunnel.console import format_hostport
+from trio_tunnel.errors import ConfigError
 
 __all__ = [
     "DEFAULT_SERVER_PORT",

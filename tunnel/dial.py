@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import trio
-
-from proto import ErrorCode
+from trio_tunnel.proto import ErrorCode
 
 from .console import format_hostport
 from .relay import describe_connect_error
@@ -62,5 +61,5 @@ def enable_keepalive(stream: TcpStream | trio.SocketStream) -> None:
     """TCP keepalive on an end-user connection (a backstop, not the link's liveness check, which is PING): a peer
     that vanished without a FIN or RST is noticed after about two minutes of silence (60 s, then 6 probes 10 s
     apart), so its connection, task pair and slot under the connection cap are released instead of held forever.
-    (Accepted connections get it from :func:`~tunnel.tcp.serve_tcp`; this is for dialled ones.)"""
+    (Accepted connections get it from :func:`~trio_tunnel.tcp.serve_tcp`; this is for dialled ones.)"""
     set_keepalive(stream.socket)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proto.errors import ErrorCode, code_name
+from trio_tunnel.proto.errors import ErrorCode, code_name
 
 __all__ = [
     "ConfigError",

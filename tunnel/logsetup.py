@@ -2,7 +2,7 @@
 
 Only ``tunnel/cli.py`` calls :func:`configure_logging`; library modules just use ``logging.getLogger(__name__)``.
 
-Text: ``2026-11-22T10:00:00Z INFO tunnel.server: message`` (UTC). JSON: one object per line with ``ts`` (UTC, ISO
+Text: ``2026-11-22T10:00:00Z INFO trio_tunnel.server: message`` (UTC). JSON: one object per line with ``ts`` (UTC, ISO
 8601 with milliseconds), ``level``, ``logger``, ``msg``, any fields passed with ``extra={...}``, and ``exc`` when an
 exception is attached.
 """
@@ -42,7 +42,7 @@ def _utc(created: float, *, millis: bool) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """``2026-11-22T10:00:00Z INFO tunnel.server: message``, then the traceback if one is attached."""
+    """``2026-11-22T10:00:00Z INFO trio_tunnel.server: message``, then the traceback if one is attached."""
 
     def format(self, record: logging.LogRecord) -> str:
         line = f"{_utc(record.created, millis=False)} {record.levelname} {record.name}: {record.getMessage()}"

@@ -1,7 +1,7 @@
 """``trio-tunnel map LISTEN TARGET``: the standalone TCP relay (the seed's port mapper, done right).
 
 Hosts A, B, C: A reaches B, B reaches C, A cannot reach C. The mapper runs on B, listens on ``LISTEN`` and relays
-every accepted connection to ``TARGET`` with :func:`tunnel.relay.splice` (half-close and resets carried through).
+every accepted connection to ``TARGET`` with :func:`trio_tunnel.relay.splice` (half-close and resets carried through).
 
 * Dialling the target is bounded by ``config.connect_timeout``; on failure the accepted connection is closed at once
   and one WARNING names the peer, the target and the reason (connection refused, timed out, name not found, ...).
@@ -9,7 +9,7 @@ every accepted connection to ``TARGET`` with :func:`tunnel.relay.splice` (half-c
   WARNING, so an overload never builds an unbounded queue of tasks.
 * Each relayed connection ends with one INFO line: peer, target, duration, bytes and how each direction ended.
 * Accept errors that mean "out of file descriptors / memory" (EMFILE, ENFILE, ENOBUFS, ENOMEM) do not stop the
-  listener: :func:`tunnel.tcp.serve_tcp` logs them and retries 100 ms later.
+  listener: :func:`trio_tunnel.tcp.serve_tcp` logs them and retries 100 ms later.
 * Graceful shutdown (``shutdown.requested``): the listeners close at once, connections in flight continue for at
   most ``shutdown.drain_timeout`` seconds (a deadline on the handler nursery), then the rest are reset and
   :func:`run_map` returns normally.
@@ -24,14 +24,13 @@ from collections.abc import Sequence
 
 import attrs
 import trio
-
-from proto.errors import ErrorCode
-from tunnel.config import MapConfig
-from tunnel.console import announce, format_hostport
-from tunnel.dial import enable_keepalive, peer_address
-from tunnel.lifecycle import Shutdown
-from tunnel.relay import Ending, Splice, abort, describe_connect_error
-from tunnel.tcp import TcpStream, connect_tcp, serve_tcp
+from trio_tunnel.config import MapConfig
+from trio_tunnel.console import announce, format_hostport
+from trio_tunnel.dial import enable_keepalive, peer_address
+from trio_tunnel.lifecycle import Shutdown
+from trio_tunnel.proto.errors import ErrorCode
+from trio_tunnel.relay import Ending, Splice, abort, describe_connect_error
+from trio_tunnel.tcp import TcpStream, connect_tcp, serve_tcp
 
 __all__ = ["run_map", "serve_map"]
 

@@ -35,10 +35,9 @@ from typing import Any, Final, final
 
 import attrs
 import trio
-
-import proto
-from proto import ErrorCode, Role
-from proto import events as ev
+from trio_tunnel import proto
+from trio_tunnel.proto import ErrorCode, Role
+from trio_tunnel.proto import events as ev
 
 from .errors import HandshakeError, RequestError, SessionClosedError, StreamOpenError, StreamResetError
 from .tcp import TcpStream
@@ -151,7 +150,7 @@ class Session:
 
     @property
     def close_code(self) -> int | None:
-        """The :class:`~proto.ErrorCode` the session ended with (the peer's GOAWAY code, if it sent one)."""
+        """The :class:`~trio_tunnel.proto.ErrorCode` the session ended with (the peer's GOAWAY code, if it sent one)."""
         return self._dead.code if self._dead is not None else None
 
     async def wait_closed(self) -> None:
@@ -855,7 +854,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             raise self._broken()
 
     async def send_all(self, data: bytes | bytearray | memoryview, *, checkpoint: bool = True) -> None:
-        """:meth:`trio.abc.SendStream.send_all`; ``checkpoint=False`` as for :meth:`tunnel.tcp.TcpStream.send_all`
+        """:meth:`trio.abc.SendStream.send_all`; ``checkpoint=False`` as for :meth:`trio_tunnel.tcp.TcpStream.send_all`
         (no scheduler pass unless it had to wait for credit)."""
         if self._sending:
             raise trio.BusyResourceError("another task is already sending on this stream")

@@ -13,7 +13,7 @@ How a direction ends decides what happens to the other side (see :data:`Ending`)
   other direction keeps going: a client that sends a request and ``shutdown(SHUT_WR)`` still
   reads the whole reply. A destination that cannot half-close is closed instead.
 * A reset of the source (a TCP RST: ``BrokenResourceError`` caused by ``ConnectionResetError``;
-  or a mux stream reset: caused by :class:`~tunnel.errors.StreamResetError`) is carried as an
+  or a mux stream reset: caused by :class:`~trio_tunnel.errors.StreamResetError`) is carried as an
   *abortive* close of the destination (:func:`abort`: ``SO_LINGER`` 0 on a socket, so its peer
   sees an RST; ``reset(CONN_RESET)`` on a mux stream), and the other direction is cancelled: it
   has nowhere left to deliver.
@@ -41,11 +41,10 @@ from typing import Final, Literal, Protocol, runtime_checkable
 
 import attrs
 import trio
-
-from proto.errors import ErrorCode
-from tunnel.errors import StreamResetError
-from tunnel.mux import MuxStream
-from tunnel.tcp import TcpStream
+from trio_tunnel.errors import StreamResetError
+from trio_tunnel.mux import MuxStream
+from trio_tunnel.proto.errors import ErrorCode
+from trio_tunnel.tcp import TcpStream
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -100,7 +99,7 @@ async def abort(
 ) -> None:
     """Close ``stream`` abortively, so its peer learns the byte stream was cut short.
 
-    A :class:`~tunnel.tcp.TcpStream` or :class:`trio.SocketStream` gets ``SO_LINGER`` (on, 0)
+    A :class:`~trio_tunnel.tcp.TcpStream` or :class:`trio.SocketStream` gets ``SO_LINGER`` (on, 0)
     before its close, so the kernel sends an RST instead of a FIN; a :class:`SupportsReset`
     stream is ``reset(code, reason)`` and then closed; anything else is closed with
     :func:`trio.aclose_forcefully`. The close happens before the first checkpoint, so it is done

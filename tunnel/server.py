@@ -23,8 +23,7 @@ from typing import Final
 
 import attrs
 import trio
-
-from proto import ErrorCode
+from trio_tunnel.proto import ErrorCode
 
 from .config import HostPort, ServerConfig, Timeouts
 from .console import announce, format_hostport
@@ -63,7 +62,7 @@ def session_config(timeouts: Timeouts, *, role: Role, max_streams: int = 1024) -
     stream limit of its own (the server's ``max_connections_per_service`` bounds them) and does not rate-limit
     them, so a burst of visitors is never cut short.
     """
-    import proto
+    from trio_tunnel import proto
 
     # Windows may grow to 16 MiB (protocol default 8): one stream then fills a 1 Gbit/s link at 50 ms RTT (a
     # bandwidth-delay product of 6 MB, and WINDOW goes out at half a window). Growth still comes out of the

@@ -1,4 +1,4 @@
-"""The real ``trio-tunnel server`` and ``trio-tunnel client -R`` as subprocesses (``python -m tunnel.cli``), driven
+"""The real ``trio-tunnel server`` and ``trio-tunnel client -R`` as subprocesses (``python -m trio_tunnel``), driven
 through their stdout lifecycle lines, signals and exit codes, on 127.0.0.1."""
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ async def test_refused_client_exits_1_with_one_readable_line(token: str | None, 
             assert not await is_listening(public)
             server.interrupt()
             assert await server.wait() == 0
-            assert re.search(r"WARNING tunnel\.server: refused a client from 127\.0\.0\.1:\d+: ", server.stderr)
+            assert re.search(r"WARNING trio_tunnel\.server: refused a client from 127\.0\.0\.1:\d+: ", server.stderr)
 
 
 @pytest.mark.parametrize(

@@ -21,12 +21,11 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from trio_tunnel.client import run_client
+from trio_tunnel.config import ClientConfig, HostPort, LocalSpec, ServerConfig, TargetAllowlist, Timeouts
+from trio_tunnel.lifecycle import Shutdown
+from trio_tunnel.server import run_server
 from tunnel_helpers import RecordWatch, exchange
-
-from tunnel.client import run_client
-from tunnel.config import ClientConfig, HostPort, LocalSpec, ServerConfig, TargetAllowlist, Timeouts
-from tunnel.lifecycle import Shutdown
-from tunnel.server import run_server
 
 LOCALHOST = "127.0.0.1"
 TOKEN = b"forward-test-token-0123456789abcdef"
@@ -39,7 +38,7 @@ FORWARDING_RE = re.compile(r"^forwarding (\S+) (\S+):(\d+)$", re.MULTILINE)
 @pytest.fixture
 def logwatch() -> Iterator[RecordWatch]:
     watch = RecordWatch()
-    log = logging.getLogger("tunnel")
+    log = logging.getLogger("trio_tunnel")
     level = log.level
     log.addHandler(watch)
     log.setLevel(logging.DEBUG)
@@ -210,7 +209,7 @@ async def test_http_through_forward(capsys: pytest.CaptureFixture[str], logwatch
             t = await start_tunnel(nursery, capsys, f"web=127.0.0.1:0:127.0.0.1:{http_port}")
             results = await trio.to_thread.run_sync(_http_session, t.forwards["web"], upload, abandon_on_cancel=True)
             # the client closed its one connection: the server logs the forward's end with its byte counts
-            (line,) = await logwatch.wait_for(" closed after ", logger="tunnel.server")
+            (line,) = await logwatch.wait_for(" closed after ", logger="trio_tunnel.server")
             nursery.cancel_scope.cancel()
     assert results == [
         (200, b"<h1>hello through -L</h1>\n"),
@@ -238,8 +237,8 @@ async def test_bulk_transfer_both_ways_verified_by_sha256(
             echo_port = await nursery.start(serve_target, echo_handler)
             t = await start_tunnel(nursery, capsys, f"bulk=0:127.0.0.1:{echo_port}")
             echoed = await exchange(t.forwards["bulk"], payload)
-            (server_line,) = await logwatch.wait_for(" closed after ", logger="tunnel.server")
-            (client_line,) = await logwatch.wait_for(" closed after ", logger="tunnel.client")
+            (server_line,) = await logwatch.wait_for(" closed after ", logger="trio_tunnel.server")
+            (client_line,) = await logwatch.wait_for(" closed after ", logger="trio_tunnel.client")
             nursery.cancel_scope.cancel()
     assert len(echoed) == len(payload)
     assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
@@ -388,7 +387,7 @@ async def test_local_reset_reaches_the_target_as_a_reset(capsys: pytest.CaptureF
 async def test_target_outside_the_allowlist_is_refused(
     capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, allow: str | None, target_host: str
 ) -> None:
-    caplog.set_level(logging.INFO, logger="tunnel")
+    caplog.set_level(logging.INFO, logger="trio_tunnel")
     accepted: list[trio.SocketStream] = []
 
     async def record(stream: trio.SocketStream) -> None:
@@ -403,11 +402,11 @@ async def test_target_outside_the_allowlist_is_refused(
             nursery.cancel_scope.cancel()
     assert waited < 1.0
     assert accepted == []  # the server never dialled it
-    (client_warning,) = [r for r in caplog.records if r.name == "tunnel.client" and r.levelno >= logging.WARNING]
+    (client_warning,) = [r for r in caplog.records if r.name == "trio_tunnel.client" and r.levelno >= logging.WARNING]
     message = client_warning.getMessage()
     assert "not allowed" in message and f"{target_host}:{target}" in message, message
     assert "PROHIBITED" in message
-    (server_warning,) = [r for r in caplog.records if r.name == "tunnel.server" and r.levelno >= logging.WARNING]
+    (server_warning,) = [r for r in caplog.records if r.name == "trio_tunnel.server" and r.levelno >= logging.WARNING]
     message = server_warning.getMessage()
     assert f"refused forward to {target_host}:{target}" in message and "--allow-target" in message, message
 
@@ -434,7 +433,7 @@ async def test_only_the_allowed_target_is_reachable(capsys: pytest.CaptureFixtur
 async def test_target_down_gives_connection_refused_and_a_prompt_close(
     capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="tunnel")
+    caplog.set_level(logging.INFO, logger="trio_tunnel")
     dead = await closed_port()
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
@@ -442,10 +441,10 @@ async def test_target_down_gives_connection_refused_and_a_prompt_close(
             waited = await assert_closed_promptly(t.forwards["down"])
             nursery.cancel_scope.cancel()
     assert waited < 1.0
-    (client_warning,) = [r for r in caplog.records if r.name == "tunnel.client" and r.levelno >= logging.WARNING]
+    (client_warning,) = [r for r in caplog.records if r.name == "trio_tunnel.client" and r.levelno >= logging.WARNING]
     message = client_warning.getMessage()
     assert f"cannot connect to 127.0.0.1:{dead}: connection refused" in message, message
-    (server_warning,) = [r for r in caplog.records if r.name == "tunnel.server" and r.levelno >= logging.WARNING]
+    (server_warning,) = [r for r in caplog.records if r.name == "trio_tunnel.server" and r.levelno >= logging.WARNING]
     assert "connection refused" in server_warning.getMessage()
 
 
@@ -475,7 +474,7 @@ async def test_target_timeout_is_reported_and_bounded(
     client_timeouts: Timeouts,
     expected: str,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="tunnel")
+    caplog.set_level(logging.INFO, logger="trio_tunnel")
     # A listener whose accept queue is full drops further SYNs (Linux), so dialling it hangs until the timeout.
     blackhole = trio.socket.socket()
     await blackhole.bind((LOCALHOST, 0))
@@ -499,7 +498,7 @@ async def test_target_timeout_is_reported_and_bounded(
         filler.close()
         blackhole.close()
     assert 0.25 <= waited < 3
-    (client_warning,) = [r for r in caplog.records if r.name == "tunnel.client" and r.levelno >= logging.WARNING]
+    (client_warning,) = [r for r in caplog.records if r.name == "trio_tunnel.client" and r.levelno >= logging.WARNING]
     message = client_warning.getMessage()
     assert expected.format(port=port) in message, message
     assert "CONNECT_TIMEOUT" in message
@@ -530,7 +529,7 @@ class _FakeResolver(trio.abc.HostnameResolver):
 
 async def test_named_targets(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     """A name rule allows that name (resolved by the server), and an unknown name gives "name not found"."""
-    caplog.set_level(logging.INFO, logger="tunnel")
+    caplog.set_level(logging.INFO, logger="trio_tunnel")
     trio.socket.set_custom_hostname_resolver(_FakeResolver())
     try:
         with trio.fail_after(20):
@@ -549,7 +548,7 @@ async def test_named_targets(capsys: pytest.CaptureFixture[str], caplog: pytest.
     finally:
         trio.socket.set_custom_hostname_resolver(None)
     assert waited < 1.0
-    (client_warning,) = [r for r in caplog.records if r.name == "tunnel.client" and r.levelno >= logging.WARNING]
+    (client_warning,) = [r for r in caplog.records if r.name == "trio_tunnel.client" and r.levelno >= logging.WARNING]
     message = client_warning.getMessage()
     assert "cannot connect to nowhere.test:5432: name not found" in message, message
     assert "NAME_NOT_FOUND" in message
@@ -644,11 +643,11 @@ async def test_local_connection_waits_for_the_link(capsys: pytest.CaptureFixture
                 timeouts=timeouts,
             )
             nursery.start_soon(run_client, config, Shutdown(drain_timeout=1))
-            await logwatch.wait_for("cannot reach the server", logger="tunnel.client")  # no server yet
+            await logwatch.wait_for("cannot reach the server", logger="trio_tunnel.client")  # no server yet
             (port,) = FORWARDING_RE.findall(capsys.readouterr().out)
             local = await trio.open_tcp_stream(LOCALHOST, int(port[2]))
             await local.send_all(b"sent before the link was up")
-            await logwatch.wait_for("cannot reach the server", logger="tunnel.client", count=2)  # still none
+            await logwatch.wait_for("cannot reach the server", logger="trio_tunnel.client", count=2)  # still none
             await nursery.start(
                 run_server,
                 ServerConfig(
@@ -682,10 +681,10 @@ async def test_no_link_closes_the_local_connection_after_the_connect_timeout(
                 timeouts=timeouts,
             )
             nursery.start_soon(run_client, config, Shutdown(drain_timeout=1))
-            await logwatch.wait_for("cannot reach the server", logger="tunnel.client")
+            await logwatch.wait_for("cannot reach the server", logger="trio_tunnel.client")
             (port,) = FORWARDING_RE.findall(capsys.readouterr().out)
             waited = await assert_closed_promptly(int(port[2]), seconds=3)
-            (warning,) = await logwatch.wait_for("no link to the server", logger="tunnel.client")
+            (warning,) = await logwatch.wait_for("no link to the server", logger="trio_tunnel.client")
             nursery.cancel_scope.cancel()
     assert 0.25 <= waited < 3
     assert warning.levelno == logging.WARNING and warning.getMessage().startswith("lonely: closing 127.0.0.1:")

@@ -17,11 +17,10 @@ from typing import Any
 
 import pytest
 import trio
+from trio_tunnel.config import HostPort, MapConfig
+from trio_tunnel.lifecycle import Shutdown
+from trio_tunnel.mapper import run_map, serve_map
 from tunnel_helpers import RecordWatch, exchange
-
-from tunnel.config import HostPort, MapConfig
-from tunnel.lifecycle import Shutdown
-from tunnel.mapper import run_map, serve_map
 
 REPO = Path(__file__).resolve().parents[2]
 LOCALHOST = "127.0.0.1"
@@ -33,7 +32,7 @@ LOCALHOST = "127.0.0.1"
 @pytest.fixture
 def logwatch() -> Iterator[RecordWatch]:
     watch = RecordWatch()
-    loggers = [logging.getLogger("tunnel"), logging.getLogger("trio.serve_listeners")]
+    loggers = [logging.getLogger("trio_tunnel"), logging.getLogger("trio.serve_listeners")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.addHandler(watch)
@@ -179,7 +178,7 @@ async def test_announces_listening_line(capsys: pytest.CaptureFixture[str]) -> N
 async def test_target_down_closes_promptly_with_a_reason(
     logwatch: RecordWatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="tunnel")
+    caplog.set_level(logging.INFO, logger="trio_tunnel")
     dead = await closed_port()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -373,7 +372,7 @@ async def test_listener_survives_emfile(logwatch: RecordWatch) -> None:
             shutdown.request()
             await logwatch.wait_for("map: stopped")
             nursery.cancel_scope.cancel()
-    errors = [r for r in logwatch.records if r.name == "tunnel.tcp"]
+    errors = [r for r in logwatch.records if r.name == "trio_tunnel.tcp"]
     assert len(errors) == 2 and all("EMFILE" in r.getMessage() for r in errors)
 
 
@@ -381,13 +380,13 @@ async def test_listener_survives_emfile(logwatch: RecordWatch) -> None:
 
 
 async def test_cli_map_subprocess() -> None:
-    """``python -m tunnel.cli map 127.0.0.1:0 127.0.0.1:PORT``: the stdout line, a relayed echo, and exit 0 on
+    """``python -m trio_tunnel map 127.0.0.1:0 127.0.0.1:PORT``: the stdout line, a relayed echo, and exit 0 on
     SIGINT."""
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             echo_port = await nursery.start(serve_echo)
             proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "tunnel.cli", "map", f"{LOCALHOST}:0", f"{LOCALHOST}:{echo_port}"],
+                [sys.executable, "-m", "trio_tunnel.cli", "map", f"{LOCALHOST}:0", f"{LOCALHOST}:{echo_port}"],
                 cwd=REPO,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

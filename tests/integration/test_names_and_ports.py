@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import trio
-
-from tunnel.client import run_client
-from tunnel.config import ClientConfig, HostPort, PortSet, RemoteSpec, ServerConfig, Timeouts
-from tunnel.errors import NameTakenError
-from tunnel.lifecycle import Shutdown
-from tunnel.server import run_server
+from trio_tunnel.client import run_client
+from trio_tunnel.config import ClientConfig, HostPort, PortSet, RemoteSpec, ServerConfig, Timeouts
+from trio_tunnel.errors import NameTakenError
+from trio_tunnel.lifecycle import Shutdown
+from trio_tunnel.server import run_server
 
 TOKEN = b"names-and-ports-token-0123456789"
 FAST = Timeouts(reconnect_initial=0.05, reconnect_max=0.2)

@@ -26,7 +26,7 @@ nat_topo = netns.nat_topo  # the ready-made fixture: a fresh NAT topology per te
 
 pytestmark = pytest.mark.netns
 
-CLI = [sys.executable, "-m", "tunnel.cli"]
+CLI = [sys.executable, "-m", "trio_tunnel.cli"]
 TOKEN = "nat-test-token-0123456789abcdef"
 PUBLIC_PORT = 8080
 FETCH = (

@@ -18,6 +18,8 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from trio_tunnel.config import PortSet
+from trio_tunnel.errors import HandshakeError
 from tunnel_helpers import (
     FAST,
     LOCALHOST,
@@ -41,9 +43,6 @@ from tunnel_helpers import (
     start_service,
     stdout,
 )
-
-from tunnel.config import PortSet
-from tunnel.errors import HandshakeError
 
 __all__ = ["logs", "stdout"]  # fixtures, used by name
 
@@ -112,13 +111,13 @@ async def test_http_through_the_tunnel(stdout: Stdout, logs: LogWatch) -> None:
             async with stream:
                 await stream.send_all(b"GET /peer HTTP/1.0\r\n\r\n")
                 assert (await read_all(stream)).endswith(b"hello from /peer\n")
-            await logs.wait_for(rf"^web: {peer} closed after .* in 22 bytes \(eof\)", logger="tunnel.client")
-            await logs.wait_for(rf"^home/web: {peer} closed after", logger="tunnel.server")
+            await logs.wait_for(rf"^web: {peer} closed after .* in 22 bytes \(eof\)", logger="trio_tunnel.client")
+            await logs.wait_for(rf"^home/web: {peer} closed after", logger="trio_tunnel.server")
             assert service.accepted == 3
             await tunnel.stop()
             # A graceful client exit reaches the server with its reason.
             assert logs.matching(
-                r"^client 'home' from \S+ disconnected: the client is shutting down$", logger="tunnel.server"
+                r"^client 'home' from \S+ disconnected: the client is shutting down$", logger="trio_tunnel.server"
             )
             assert [m[1] for m in stdout.matching(r"disconnected (.+)")] == ["shutting down"]
             await service.stop()
@@ -336,7 +335,7 @@ async def test_half_close_service_sends_eof_first_then_keeps_reading(stdout: Std
 async def test_local_service_down_closes_promptly_and_recovers(
     stdout: Stdout, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="tunnel")
+    caplog.set_level(logging.INFO, logger="trio_tunnel")
     with trio.fail_after(15):
         async with trio.open_nursery() as nursery:
             service = await start_service(nursery, http_handler)
@@ -362,10 +361,14 @@ async def test_local_service_down_closes_promptly_and_recovers(
             # Both sides say why, naming the local service that could not be reached.
             target = rf"127\.0\.0\.1:{port}"
             client_side = [
-                r.getMessage() for r in caplog.records if r.name == "tunnel.client" and r.levelno == logging.WARNING
+                r.getMessage()
+                for r in caplog.records
+                if r.name == "trio_tunnel.client" and r.levelno == logging.WARNING
             ]
             server_side = [
-                r.getMessage() for r in caplog.records if r.name == "tunnel.server" and r.levelno == logging.WARNING
+                r.getMessage()
+                for r in caplog.records
+                if r.name == "trio_tunnel.server" and r.levelno == logging.WARNING
             ]
             assert len(client_side) == 2 and len(server_side) == 2, (client_side, server_side)
             for message in client_side:
@@ -419,7 +422,7 @@ async def test_server_restart_client_reconnects(stdout: Stdout, logs: LogWatch, 
                 await held.aclose()
             assert not await is_listening(public), "the old server's public listener must be gone"
             assert not await is_listening(server_port)
-            await logs.wait_for(r"^reconnecting to 127\.0\.0\.1:\d+ in ", logger="tunnel.client")
+            await logs.wait_for(r"^reconnecting to 127\.0\.0\.1:\d+ in ", logger="trio_tunnel.client")
 
             # A new server on the same port: the client finds it by itself and registers its service again.
             server = await start_server(nursery, port=server_port)
@@ -449,8 +452,8 @@ async def test_graceful_stop_lets_a_connection_in_flight_finish(stdout: Stdout, 
             stopping = tunnel.server if who == "server" else tunnel.client
             stopping.shutdown.request()
             if who == "server":
-                await logs.wait_for(r"^shutting down: draining 1 client", logger="tunnel.server")
-            await logs.wait_for(r"peer is going away \(SHUTTING_DOWN", logger="tunnel.mux")
+                await logs.wait_for(r"^shutting down: draining 1 client", logger="trio_tunnel.server")
+            await logs.wait_for(r"peer is going away \(SHUTTING_DOWN", logger="trio_tunnel.mux")
             if who == "server":
                 # A draining server has closed its public listeners: a newcomer is refused outright.
                 with pytest.raises(OSError):
@@ -511,7 +514,7 @@ async def test_stale_session_takeover_gets_the_same_port_at_once(stdout: Stdout,
                 assert hostport(await stdout.expect(r"connected (\S+)"))[1] in (proxy.port, server.value.port)
                 assert hostport(await stdout.expect(r"exposed web (\S+)")) == (LOCALHOST, public)
                 await logs.wait_for(
-                    r"^client 'home' reconnected from .*: replacing its previous link", logger="tunnel.server"
+                    r"^client 'home' reconnected from .*: replacing its previous link", logger="trio_tunnel.server"
                 )
                 assert not logs.matching("refused to expose|already in use", logging.WARNING)
                 assert await http_get(public, "/2") == ("HTTP/1.0 200 OK", b"hello from /2\n")
@@ -539,9 +542,9 @@ async def test_bad_token_is_refused_readably_and_binds_nothing(
             assert "token" in message and ("--token" in message or "TRIO_TUNNEL_TOKEN" in message), message
             assert not await is_listening(public)
             assert not stdout.matching(r"(connected|exposed) .*")
-            await logs.wait_for(r"^refused a client from 127\.0\.0\.1:\d+: ", logger="tunnel.server")
+            await logs.wait_for(r"^refused a client from 127\.0\.0\.1:\d+: ", logger="trio_tunnel.server")
             if token is not None:
-                assert logs.matching(r"refused a client .*token", logger="tunnel.server")
+                assert logs.matching(r"refused a client .*token", logger="trio_tunnel.server")
             await server.stop()
 
 
@@ -574,7 +577,7 @@ async def test_port_not_allowed_or_taken_is_refused_readably_other_services_work
                 assert set(client.value) == {"web"}
                 await stdout.expect(r"connected (\S+)")
                 assert [m[0] for m in stdout.matching(r"exposed .*")] == [f"exposed web {LOCALHOST}:{allowed}"]
-                errors = logs.matching(r"refused to expose", logging.ERROR, logger="tunnel.client")
+                errors = logs.matching(r"refused to expose", logging.ERROR, logger="trio_tunnel.client")
                 assert len(errors) == 2, errors
                 assert re.search(
                     rf"nope: .*port {forbidden} is not allowed by the server \(--allow-ports "

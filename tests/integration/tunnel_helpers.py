@@ -26,11 +26,10 @@ from typing import Any
 import attrs
 import pytest
 import trio
-
-from tunnel.client import run_client
-from tunnel.config import ClientConfig, HostPort, PortSet, RemoteSpec, ServerConfig, Timeouts
-from tunnel.lifecycle import Shutdown
-from tunnel.server import run_server
+from trio_tunnel.client import run_client
+from trio_tunnel.config import ClientConfig, HostPort, PortSet, RemoteSpec, ServerConfig, Timeouts
+from trio_tunnel.lifecycle import Shutdown
+from trio_tunnel.server import run_server
 
 LOCALHOST = "127.0.0.1"
 TOKEN = b"reverse-test-token-0123456789abcdef"
@@ -100,7 +99,7 @@ class Stdout(io.TextIOBase):
 
 
 class _SysWithStdout:
-    """``sys`` as ``tunnel.console`` sees it in a test: the same module, except that ``stdout`` is a :class:`Stdout`.
+    """``sys`` as ``trio_tunnel.console`` sees it in a test: the same module except that ``stdout`` is :class:`Stdout`.
     (Replacing ``sys.stdout`` itself does not last: pytest's capture puts its own back before the test runs.)"""
 
     def __init__(self, stdout: Stdout) -> None:
@@ -112,11 +111,11 @@ class _SysWithStdout:
 
 @pytest.fixture
 def stdout(monkeypatch: pytest.MonkeyPatch) -> Iterator[Stdout]:
-    """The lifecycle lines printed in-process: ``tunnel.console.announce`` writes them to ``sys.stdout``."""
-    import tunnel.console
+    """The lifecycle lines printed in-process: ``trio_tunnel.console.announce`` writes them to ``sys.stdout``."""
+    import trio_tunnel.console
 
     watch = Stdout(passthrough=True)
-    monkeypatch.setattr(tunnel.console, "sys", _SysWithStdout(watch))
+    monkeypatch.setattr(trio_tunnel.console, "sys", _SysWithStdout(watch))
     yield watch
 
 
@@ -406,7 +405,7 @@ async def proxy_to(target: int) -> AsyncIterator[Proxy]:
 # ------------------------------------------------------------------------------------------------- the real CLI
 
 
-CLI = [sys.executable, "-m", "tunnel.cli"]
+CLI = [sys.executable, "-m", "trio_tunnel.cli"]
 
 
 class Cli:
@@ -469,7 +468,7 @@ class Cli:
 
 @asynccontextmanager
 async def cli(nursery: trio.Nursery, *args: str, env: dict[str, str] | None = None) -> AsyncIterator[Cli]:
-    """Run ``python -m tunnel.cli ARGS``; killed on exit if still running."""
+    """Run ``python -m trio_tunnel ARGS``; killed on exit if still running."""
     argv = [*CLI, *args]
     full_env = {key: value for key, value in os.environ.items() if key != "TRIO_TUNNEL_TOKEN"}
     full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
@@ -492,7 +491,7 @@ async def cli(nursery: trio.Nursery, *args: str, env: dict[str, str] | None = No
 
 
 class LogWatch(logging.Handler):
-    """Collects the ``tunnel`` loggers' records and lets a test wait (without sleeping) for a matching one."""
+    """Collects the ``trio_tunnel`` loggers' records and lets a test wait (without sleeping) for a matching one."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -504,7 +503,7 @@ class LogWatch(logging.Handler):
         self._changed.set()
         self._changed = trio.Event()
 
-    def matching(self, pattern: str, level: int = logging.DEBUG, logger: str = "tunnel") -> list[str]:
+    def matching(self, pattern: str, level: int = logging.DEBUG, logger: str = "trio_tunnel") -> list[str]:
         """Messages (at ``level`` or above, from ``logger`` or below it) in which ``pattern`` is found."""
         return [
             message
@@ -514,7 +513,7 @@ class LogWatch(logging.Handler):
             and re.search(pattern, message := r.getMessage())
         ]
 
-    async def wait_for(self, pattern: str, level: int = logging.DEBUG, logger: str = "tunnel") -> str:
+    async def wait_for(self, pattern: str, level: int = logging.DEBUG, logger: str = "trio_tunnel") -> str:
         while not (found := self.matching(pattern, level, logger)):
             await self._changed.wait()
         return found[0]
@@ -523,7 +522,7 @@ class LogWatch(logging.Handler):
 @pytest.fixture
 def logs() -> Iterator[LogWatch]:
     watch = LogWatch()
-    log = logging.getLogger("tunnel")
+    log = logging.getLogger("trio_tunnel")
     level = log.level
     log.addHandler(watch)
     log.setLevel(logging.DEBUG)

@@ -1,6 +1,6 @@
 """Test helpers for the sans-I/O protocol (h11's ``helpers.py`` style).
 
-:class:`ConnectionPair` holds a client and a server :class:`proto.Connection` with a fake network link in
+:class:`ConnectionPair` holds a client and a server :class:`trio_tunnel.proto.Connection` with a fake network link in
 between: :meth:`ConnectionPair.pump` moves bytes both ways until neither side has anything to write, collects the
 events each side reported, and *taps* the link, decoding every frame that crosses it so flow-control invariants can
 be checked on the wire (a sender never sends beyond the limit the receiver granted).
@@ -17,8 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgpack
-
-from proto import (
+from trio_tunnel.proto import (
     Connection,
     ConnectionState,
     ConnectionTerminated,
@@ -29,7 +28,7 @@ from proto import (
     Role,
     StreamCreditGranted,
 )
-from proto import frames as F
+from trio_tunnel.proto import frames as F
 
 TOKEN = b"correct horse battery staple"
 OTHER_TOKEN = b"tr0ub4dor&3"

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from proto import (
+from trio_tunnel.proto import (
     ErrorCode,
     FlowControlError,
     FrameSizeError,
@@ -70,11 +69,11 @@ def test_limits_reject_unusable_values(kwargs: dict[str, int], message: str) -> 
 
 
 def test_proto_does_not_import_trio_sockets_or_a_clock() -> None:
-    """Sans-I/O: importing proto pulls in no trio and no socket module (checked in a fresh interpreter)."""
+    """Sans-I/O: importing trio_tunnel.proto pulls in no trio and no socket module (checked in a fresh interpreter)."""
     import subprocess
     import sys
     from pathlib import Path
 
-    code = "import proto, sys; bad = {'trio', 'socket', 'asyncio'} & set(sys.modules); assert not bad, bad"
+    code = "import trio_tunnel.proto, sys; bad = {'trio', 'socket', 'asyncio'} & set(sys.modules); assert not bad, bad"
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

@@ -14,8 +14,7 @@ from proto_helpers import (
     stream_events,
     terminated,
 )
-
-from proto import (
+from trio_tunnel.proto import (
     DataReceived,
     ErrorCode,
     GoAwayReceived,
@@ -27,7 +26,7 @@ from proto import (
     StreamEnded,
     StreamRejected,
 )
-from proto import frames as F
+from trio_tunnel.proto import frames as F
 
 # ---------------------------------------------------------------------------------------------- CTRL
 

@@ -20,8 +20,7 @@ from proto_helpers import (
     raw_frame,
     terminated,
 )
-
-from proto import (
+from trio_tunnel.proto import (
     Connection,
     DataReceived,
     ErrorCode,
@@ -31,7 +30,7 @@ from proto import (
     Role,
     StreamOpened,
 )
-from proto import frames as F
+from trio_tunnel.proto import frames as F
 
 KiB = 1024
 

@@ -20,9 +20,8 @@ from proto_helpers import (
     kinds,
     only,
 )
-
-from proto import Connection, DataReceived, ErrorCode, Limits, StreamEnded, WindowUpdated
-from proto import frames as F
+from trio_tunnel.proto import Connection, DataReceived, ErrorCode, Limits, StreamEnded, WindowUpdated
+from trio_tunnel.proto import frames as F
 
 KiB = 1024
 MiB = 1024 * KiB

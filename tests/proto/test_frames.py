@@ -11,9 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from proto_helpers import MALFORMED, packed, raw_frame
-
-from proto import ErrorCode, FrameSizeError, RemoteProtocolError
-from proto import frames as F
+from trio_tunnel.proto import ErrorCode, FrameSizeError, RemoteProtocolError
+from trio_tunnel.proto import frames as F
 
 # ---------------------------------------------------------------------------------------------- strategies
 

@@ -18,8 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from proto_helpers import ConnectionPair, assert_clean, decode_all, initial_streams_available
-
-from proto import (
+from trio_tunnel.proto import (
     Connection,
     ConnectionTerminated,
     DataReceived,
@@ -33,8 +32,8 @@ from proto import (
     StreamReset,
     StreamState,
 )
-from proto import frames as F
-from proto.stream import TRANSITIONS, StreamInput
+from trio_tunnel.proto import frames as F
+from trio_tunnel.proto.stream import TRANSITIONS, StreamInput
 
 KiB = 1024
 LIMITS = Limits(

@@ -21,8 +21,7 @@ from proto_helpers import (
     only,
     terminated,
 )
-
-from proto import (
+from trio_tunnel.proto import (
     PROTOCOL_VERSION,
     Connection,
     ConnectionState,
@@ -33,7 +32,7 @@ from proto import (
     RemoteProtocolError,
     Role,
 )
-from proto import frames as F
+from trio_tunnel.proto import frames as F
 
 
 def client(token: bytes | None = TOKEN, name: str = NAME, seed: int = 0x10, limits: Limits | None = None) -> Connection:

@@ -4,9 +4,8 @@ small quanta, batching (section 6 item 24; latency numbers belong to scripts/ be
 from __future__ import annotations
 
 from proto_helpers import ConnectionPair, assert_pair_clean, decode_all
-
-from proto import Limits
-from proto import frames as F
+from trio_tunnel.proto import Limits
+from trio_tunnel.proto import frames as F
 
 KiB = 1024
 

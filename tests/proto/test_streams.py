@@ -21,8 +21,7 @@ from proto_helpers import (
     only,
     stream_events,
 )
-
-from proto import (
+from trio_tunnel.proto import (
     Connection,
     DataReceived,
     ErrorCode,
@@ -36,8 +35,8 @@ from proto import (
     StreamReset,
     StreamState,
 )
-from proto import frames as F
-from proto.stream import TRANSITIONS, StreamInput
+from trio_tunnel.proto import frames as F
+from trio_tunnel.proto.stream import TRANSITIONS, StreamInput
 
 S = StreamState
 I = StreamInput  # noqa: E741
@@ -773,7 +772,7 @@ def test_expire_ignores_a_stream_that_was_closed_while_its_data_is_still_queued(
 
 
 def test_is_local_input_matches_the_input_names() -> None:
-    from proto.stream import is_local_input
+    from trio_tunnel.proto.stream import is_local_input
 
     assert {i for i in StreamInput if is_local_input(i)} == set(SENT)
 

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 from proto_helpers import decode_all, scripted_random
-
-from proto import Connection, ErrorCode, HandshakeComplete, Limits, Role
-from proto import frames as F
+from trio_tunnel.proto import Connection, ErrorCode, HandshakeComplete, Limits, Role
+from trio_tunnel.proto import frames as F
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
 

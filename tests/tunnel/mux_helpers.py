@@ -8,8 +8,7 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 import trio.testing
-
-from tunnel.mux import Role, Session, SessionConfig, open_session
+from trio_tunnel.mux import Role, Session, SessionConfig, open_session
 
 TOKEN = b"mux-test-token-0123456789abcdef"
 

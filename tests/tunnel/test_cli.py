@@ -1,8 +1,8 @@
 """The trio-tunnel command line, run as a real subprocess.
 
-Usage and configuration errors go through ``python -m tunnel.cli``. Run-time behaviour (signals, exit codes, error
+Usage and configuration errors go through ``python -m trio_tunnel``. Run-time behaviour (signals, exit codes, error
 lines, logging) goes through a small harness that puts fake run functions in place of tunnel.server/client/mapper/demo
-before calling ``tunnel.cli.main``, so it tests the CLI alone, whatever state those modules are in.
+before calling ``trio_tunnel.cli.main``, so it tests the CLI alone, whatever state those modules are in.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-
-import tunnel
+import trio_tunnel
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "cli-test-token-0123456789"
@@ -36,7 +35,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tunnel.cli", *args],
+        [sys.executable, "-m", "trio_tunnel.cli", *args],
         cwd=ROOT,
         env=_env() if env is None else env,
         capture_output=True,
@@ -63,7 +62,7 @@ def assert_one_error_line(result: subprocess.CompletedProcess[str], code: int = 
 def test_version() -> None:
     result = cli("--version")
     assert result.returncode == 0
-    assert result.stdout.strip() == f"trio-tunnel {tunnel.__version__}" == "trio-tunnel 0.1.0"
+    assert result.stdout.strip() == f"trio-tunnel {trio_tunnel.__version__}" == "trio-tunnel 0.1.0"
 
 
 @pytest.mark.parametrize(
@@ -194,10 +193,10 @@ def test_config_file_error_names_file_key_and_fix(tmp_path: Path) -> None:
 HARNESS = r"""
 import errno, json, logging, os, sys, types
 import trio
-from tunnel.console import announce
-from tunnel.errors import HandshakeError
+from trio_tunnel.console import announce
+from trio_tunnel.errors import HandshakeError
 
-logger = logging.getLogger("tunnel.fake")
+logger = logging.getLogger("trio_tunnel.fake")
 mode = os.environ["FAKE_MODE"]
 
 def describe(config):
@@ -240,12 +239,12 @@ async def run_demo(once, shutdown):
     announce(f"demo once={once}")
 
 for name, attr in (("server", "run_server"), ("client", "run_client"), ("mapper", "run_map"), ("demo", "run_demo")):
-    module = types.ModuleType("tunnel." + name)
+    module = types.ModuleType("trio_tunnel." + name)
     if mode != "missing":
         setattr(module, attr, run_demo if name == "demo" else run)
-    sys.modules["tunnel." + name] = module
+    sys.modules["trio_tunnel." + name] = module
 
-from tunnel.cli import main
+from trio_tunnel.cli import main
 main(sys.argv[1:])
 """
 
@@ -451,7 +450,7 @@ def test_flags_reach_the_run_function(harness: Path, tmp_path: Path) -> None:
 
     config, err = _dump(harness, ["server", "--insecure-no-auth"])
     assert config["tokens"] == [] and config["insecure_no_auth"] is True
-    assert re.search(r"WARNING tunnel\.cli: authentication is disabled \(--insecure-no-auth\)", err)
+    assert re.search(r"WARNING trio_tunnel\.cli: authentication is disabled \(--insecure-no-auth\)", err)
 
     config, err = _dump(harness, ["server", "--token", "shorty"])
     assert "visible to other local users" in err and "only 6 characters long" in err
@@ -495,19 +494,19 @@ def test_log_formats_and_levels(harness: Path) -> None:
     _config, err = _dump(harness, ["server", "--insecure-no-auth"])
     lines = err.splitlines()
     assert lines and all(TEXT_LINE.match(line) for line in lines), lines
-    assert any(line.endswith(" INFO tunnel.fake: started") for line in lines)
+    assert any(line.endswith(" INFO trio_tunnel.fake: started") for line in lines)
 
     _config, err = _dump(harness, ["--log-format", "json", "server", "--insecure-no-auth", "-v"])
     records = [json.loads(line) for line in err.splitlines()]
     started = next(r for r in records if r["msg"] == "started")
-    assert started["level"] == "INFO" and started["logger"] == "tunnel.fake"
+    assert started["level"] == "INFO" and started["logger"] == "trio_tunnel.fake"
     assert started["peer"] == "1.2.3.4:5" and started["streams"] == 3
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", started["ts"])
     assert any(r["level"] == "DEBUG" for r in records)  # -v after the command counts too
 
     _config, err = _dump(harness, ["-q", "server", "--insecure-no-auth"])
-    assert "INFO" not in err and "WARNING tunnel.cli: authentication is disabled" in err
+    assert "INFO" not in err and "WARNING trio_tunnel.cli: authentication is disabled" in err
     _config, err = _dump(harness, ["server", "-qq", "--insecure-no-auth"])
     assert err == ""
     _config, err = _dump(harness, ["-q", "server", "-v", "--insecure-no-auth"])  # they add up: back to INFO
-    assert "INFO tunnel.fake: started" in err and "DEBUG" not in err
+    assert "INFO trio_tunnel.fake: started" in err and "DEBUG" not in err

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import attrs
 import pytest
-
-import tunnel.config as config_module
-from tunnel.config import (
+import trio_tunnel.config as config_module
+from trio_tunnel.config import (
     ClientConfig,
     HostPort,
     LocalSpec,
@@ -30,7 +29,7 @@ from tunnel.config import (
     parse_token_list,
     read_token_file,
 )
-from tunnel.errors import ConfigError
+from trio_tunnel.errors import ConfigError
 
 TOKEN = b"0123456789abcdef-token"
 
@@ -348,7 +347,7 @@ def test_tokens(caplog: pytest.LogCaptureFixture) -> None:
     assert parse_token("pässwört-pässwört", source="x") == "pässwört-pässwört".encode()
     with pytest.raises(ConfigError, match=r"^ENV: the token is empty; make one with: python3 -c"):
         parse_token_list("aaaaaaaaaaaaaaaa,,", source="ENV")
-    with caplog.at_level(logging.WARNING, logger="tunnel.config"):
+    with caplog.at_level(logging.WARNING, logger="trio_tunnel.config"):
         assert parse_token("short", source="--token") == b"short"
     assert "--token: the token is only 5 characters long" in caplog.text
     assert "short" not in caplog.text.replace("--token: the token is only", "")  # the token itself is not logged
@@ -358,11 +357,11 @@ def test_token_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "tokens"
     path.write_text("# rotated 2026-11\n\n  first-token-0123456789  \n#old-token-0123456789\nsecond-token-0123456789\n")
     path.chmod(0o600)
-    with caplog.at_level(logging.WARNING, logger="tunnel.config"):
+    with caplog.at_level(logging.WARNING, logger="trio_tunnel.config"):
         assert read_token_file(path) == (b"first-token-0123456789", b"second-token-0123456789")
     assert not caplog.records
     path.chmod(0o644)
-    with caplog.at_level(logging.WARNING, logger="tunnel.config"):
+    with caplog.at_level(logging.WARNING, logger="trio_tunnel.config"):
         read_token_file(path)
     assert "accessible by other users" in caplog.text and "chmod 600" in caplog.text
     empty = tmp_path / "empty"
@@ -416,7 +415,7 @@ def test_server_from_sources_requires_a_token() -> None:
 
 
 def test_server_tokens_win_over_insecure(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="tunnel.config"):
+    with caplog.at_level(logging.WARNING, logger="trio_tunnel.config"):
         cfg = ServerConfig.from_sources(tokens=[TOKEN], insecure_no_auth=True)
     assert cfg.tokens == (TOKEN,) and not cfg.insecure_no_auth
     assert "insecure_no_auth is ignored" in caplog.text

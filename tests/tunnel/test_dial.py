@@ -6,9 +6,8 @@ import socket
 
 import pytest
 import trio
-
-from proto import ErrorCode
-from tunnel.dial import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, DialError, dial, enable_keepalive
+from trio_tunnel.dial import KEEPALIVE_COUNT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, DialError, dial, enable_keepalive
+from trio_tunnel.proto import ErrorCode
 
 
 async def _closed_port() -> int:

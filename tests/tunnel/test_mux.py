@@ -10,10 +10,9 @@ import pytest
 import trio
 import trio.testing
 from mux_helpers import TOKEN, ControlledStream, delayed_pair, session_pair
-
-from proto import ErrorCode, Limits
-from tunnel.errors import HandshakeError, RequestError, SessionClosedError, StreamOpenError, StreamResetError
-from tunnel.mux import MuxStream, Role, Session, SessionConfig, open_session
+from trio_tunnel.errors import HandshakeError, RequestError, SessionClosedError, StreamOpenError, StreamResetError
+from trio_tunnel.mux import MuxStream, Role, Session, SessionConfig, open_session
+from trio_tunnel.proto import ErrorCode, Limits
 
 
 async def open_pair(

@@ -8,9 +8,8 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
-
-from proto import Limits
-from tunnel.mux import MuxStream, Role, Session, SessionConfig, open_session
+from trio_tunnel.mux import MuxStream, Role, Session, SessionConfig, open_session
+from trio_tunnel.proto import Limits
 
 TOKEN = b"conformance-token-0123456789"
 SMALL = SessionConfig(limits=Limits(initial_window=4096, max_window=4096, max_frame_payload=1024, max_send_buffer=4096))

@@ -17,10 +17,9 @@ import attrs
 import pytest
 import trio
 import trio.testing
-
-from proto.errors import ErrorCode
-from tunnel.errors import StreamResetError
-from tunnel.relay import (
+from trio_tunnel.errors import StreamResetError
+from trio_tunnel.proto.errors import ErrorCode
+from trio_tunnel.relay import (
     DEFAULT_CHUNK,
     Splice,
     SpliceResult,

@@ -12,10 +12,9 @@ from functools import partial
 import pytest
 import trio
 import trio.testing
-
-from proto import ErrorCode
-from tunnel.relay import abort, describe_connect_error, splice
-from tunnel.tcp import KEEPALIVE_IDLE, TcpStream, connect_tcp, serve_tcp
+from trio_tunnel.proto import ErrorCode
+from trio_tunnel.relay import abort, describe_connect_error, splice
+from trio_tunnel.tcp import KEEPALIVE_IDLE, TcpStream, connect_tcp, serve_tcp
 
 pytestmark = pytest.mark.trio
 
