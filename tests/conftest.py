@@ -1,15 +1,28 @@
-"""Suite-wide guard: the package is imported as ``trio_tunnel`` only.
+"""Suite-wide guards.
 
-The repository's folders are named ``tunnel/`` and ``proto/`` and the repository root is on ``sys.path`` under
-``python -m pytest``, so a stray ``import tunnel.x`` would load a second copy of a module (and a monkeypatch of it
-would silently miss). The session fails if either top-level name was imported.
+- **No name reaches the machine's resolver.** Every host name a test (or a process it starts) looks up is
+  answered by ``tests/noresolve``'s table or fails at once with ``EAI_NONAME``; see that module.
+- **The package is imported as ``trio_tunnel`` only.** The repository's folders are named ``tunnel/`` and ``proto/``
+  and the repository root is on ``sys.path`` under ``python -m pytest``, so a stray ``import tunnel.x`` would load a
+  second copy of a module (and a monkeypatch of it would silently miss). The session fails if either top-level name
+  was imported.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import pytest
+
+_NORESOLVE = Path(__file__).parent / "noresolve"
+sys.path.insert(0, str(_NORESOLVE))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_NORESOLVE), os.environ.get("PYTHONPATH")]))
+
+import trio_tunnel_test_resolver  # noqa: E402
+
+trio_tunnel_test_resolver.install()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
