@@ -11,7 +11,6 @@ import pytest
 import trio
 
 
-
 def test_unknown_name_fails_at_once_in_process() -> None:
     with pytest.raises(socket.gaierror) as info:
         socket.getaddrinfo("nosuch.invalid", 80)

@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    offline = ["--no-deps", "--no-build-isolation", "--no-index"]
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-w", out, ROOT],
+        [sys.executable, "-m", "pip", "wheel", "-q", *offline, "-w", str(out), str(ROOT)],
         check=True,
         timeout=300,
         capture_output=True,
@@ -58,15 +59,17 @@ def test_installs_beside_a_package_named_proto(wheel: Path, tmp_path: Path) -> N
     )
     (site / "proto").mkdir()
     (site / "proto" / "__init__.py").write_text("OWNER = 'someone else'\n")
-    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], check=True, timeout=120)
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True, timeout=120
+    )
     # trio, msgpack and attrs come from this interpreter's site-packages (a PYTHONPATH entry: no .pth is run there,
     # so this checkout's editable install stays out of the way).
     deps = sysconfig.get_path("purelib")
     code = (
         "import proto, trio_tunnel.proto, trio_tunnel.cli;"
         "assert proto.OWNER == 'someone else';"
-        "assert trio_tunnel.proto.__file__.startswith(%r), trio_tunnel.proto.__file__;"
-        "print(trio_tunnel.proto.Connection.__name__)" % str(site)
+        f"assert trio_tunnel.proto.__file__.startswith({str(site)!r}), trio_tunnel.proto.__file__;"
+        "print(trio_tunnel.proto.Connection.__name__)"
     )
     run = dict(capture_output=True, text=True, timeout=60, cwd=tmp_path, env={"PYTHONPATH": deps})
     assert subprocess.run([python, "-c", code], check=True, **run).stdout.strip() == "Connection"  # type: ignore[call-overload]

@@ -30,7 +30,7 @@ def install() -> None:
     table = dict(_BUILTIN)
     table.update(json.loads(os.environ.get(HOSTS_ENV) or "{}"))
 
-    def getaddrinfo(host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0) -> Any:  # noqa: A002
+    def getaddrinfo(host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0) -> Any:
         if host is None:
             return real(host, port, family, type, proto, flags)
         name = host.decode("ascii") if isinstance(host, bytes) else str(host)
