@@ -237,3 +237,55 @@ async def test_handshake_with_a_silent_peer_is_bounded_by_the_callers_scope(
 async def _read_to_end(stream: TcpStream) -> None:
     while await stream.receive_some():
         pass
+
+
+async def test_send_all_parts_joins_the_parts(contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    with trio.fail_after(10):
+        client, server = await handshake_pair(*contexts)
+        async with client, server:
+            await client.send_all_parts([b"head", bytearray(b"-"), memoryview(b"body")], checkpoint=False)
+            await client.send_all_parts([b"!"])
+            got = b""
+            while len(got) < 10:
+                got += await server.receive_some()
+            assert got == b"head-body!"
+
+
+async def test_tasks_needing_the_same_readiness_share_one_wait(contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """A write that wants to read while a receive waits for the socket (a TLS 1.3 KeyUpdate; Python cannot make a
+    peer send one): Trio allows one waiter per socket and direction, so the second task parks until the first
+    one's wait ends, also when that wait is cancelled."""
+    with trio.fail_after(10):
+        client, server = await handshake_pair(*contexts)
+        async with client, server:
+            woke: list[str] = []
+
+            async def wait(name: str) -> None:
+                await server._wait(1)  # _READ
+                woke.append(name)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait, "first")
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(wait, "second")
+                await trio.testing.wait_all_tasks_blocked()
+                assert server._rwait and server._lot is not None and len(server._lot) == 1
+                await client.send_all(b"x")
+            assert sorted(woke) == ["first", "second"]
+
+            assert await server.receive_some() == b"x"
+            woke.clear()
+            first_scope = trio.CancelScope()
+
+            async def first_in_scope() -> None:
+                with first_scope:
+                    await wait("first")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first_in_scope)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(wait, "second")
+                await trio.testing.wait_all_tasks_blocked()
+                first_scope.cancel()  # the parked task must not be left waiting for a wait that is gone
+            assert woke == ["second"]
+            assert not server._rwait and len(server._lot) == 0
