@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-# A benchmark harness: reading a few small /proc files and log files inline in async code is intended.
 import contextlib
 import json
 import os

@@ -6,7 +6,6 @@ without the sender shipping a checksum of its own; the sink normally runs in its
 
 from __future__ import annotations
 
-# A benchmark harness: reading a few small /proc files and log files inline in async code is intended.
 import contextlib
 import functools
 import resource
@@ -18,6 +17,8 @@ import zlib
 import trio
 
 from .common import KiB, MiB
+
+Addr = tuple[str, int]
 
 # A fixed pseudo-random string of prime length, repeated: no read or write size lines up with its period, so a
 # dropped, duplicated or misplaced chunk changes the CRC. Stream `seed` starts at its own offset.
@@ -106,6 +107,17 @@ async def send_pattern(stream: trio.abc.SendStream, seed: int, start: int, n: in
         sent += k
 
 
+async def connect(addr: Addr) -> trio.SocketStream:
+    """One socket and one connect to a numeric address: no resolver call, no happy-eyeballs tasks in the timing."""
+    sock = trio.socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        await sock.connect(addr)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
 async def sink_handler(stream: trio.SocketStream) -> None:
     try:
         hdr = await _receive_or_none(stream, HDR.size)
@@ -162,6 +174,7 @@ async def run_sink(
 
 
 def raise_nofile() -> None:
+    """Thousands of connections held at once (and their relays' sockets) need more than the usual soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = hard if hard != resource.RLIM_INFINITY else 65536
     want = min(want, 65536)
@@ -181,16 +194,3 @@ def serve_sink_main() -> int:
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(amain)
     return 0
-
-
-Addr = tuple[str, int]
-
-
-async def connect(addr: Addr) -> trio.SocketStream:
-    sock = trio.socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        await sock.connect(addr)
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)

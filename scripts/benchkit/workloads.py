@@ -6,7 +6,6 @@ and turns results into metric cells.
 
 from __future__ import annotations
 
-# A benchmark harness: reading a few small /proc files and log files inline in async code is intended.
 import contextlib
 import json
 import math
