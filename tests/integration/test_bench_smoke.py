@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark harness itself (scripts/bench.py) on the `direct` system, tiny sizes.
+"""Smoke test of the benchmark harness itself (scripts/bench.py, package scripts/benchkit) on `direct`, tiny sizes.
 
 Checks that every workload produces a number against an honest service, that a relay which flips one byte or
 cuts a transfer short is caught (the cells read FAILED), and that the command line runs end to end.
@@ -7,7 +7,6 @@ cuts a transfer short is caught (the cells read FAILED), and that the command li
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -19,28 +18,24 @@ import pytest
 import trio
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "scripts" / "bench.py"
+SCRIPTS = ROOT / "scripts"
+BENCH = SCRIPTS / "bench.py"
+# The harness is the package scripts/benchkit, importable with scripts/ on sys.path (as `python scripts/bench.py`
+# has it).
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
 
+from benchkit.common import DelayParams, KiB, MiB, delayline  # noqa: E402
+from benchkit.suite import METRICS, Config, Failed, delay_keys, run_delay, run_suite  # noqa: E402
+from benchkit.systems import Target  # noqa: E402
+from benchkit.wire import VerifyError, run_sink  # noqa: E402
+from benchkit.workloads import bulk_download, bulk_upload, rtt_idle  # noqa: E402
 
-def _load_bench():
-    name = "trio_tunnel_scripts_bench"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load_bench()
-
-TINY = bench.Config(
+TINY = Config(
     repeats=1,
-    bulk_bytes=3 * bench.MiB + 17,
+    bulk_bytes=3 * MiB + 17,
     par_streams=4,
-    par_bytes_each=256 * bench.KiB,
+    par_bytes_each=256 * KiB,
     rtt_n=50,
     rtt_seconds=1.0,
     loaded_rtt_n=50,
@@ -56,7 +51,7 @@ TINY = bench.Config(
     transfer_timeout=10.0,
     workload_timeout=10.0,
 )
-NUMERIC = [m.key for m in bench.METRICS if not m.key.startswith("delay")]
+NUMERIC = [m.key for m in METRICS if not m.key.startswith("delay")]
 
 
 async def _corrupting_relay(
@@ -102,10 +97,10 @@ async def _corrupting_relay(
 
 async def test_workloads_produce_numbers_on_direct(nursery):
     with trio.fail_after(15):
-        addr = await nursery.start(bench.run_sink)
-        target = bench.Target("direct", addr, [os.getpid()])
-        res = await bench.run_suite(target, TINY)
-        failed = {k: v for k, v in res.items() if isinstance(v, bench.Failed)}
+        addr = await nursery.start(run_sink)
+        target = Target("direct", addr, [os.getpid()])
+        res = await run_suite(target, TINY)
+        failed = {k: v for k, v in res.items() if isinstance(v, Failed)}
         assert not failed
         for key in NUMERIC:
             assert isinstance(res[key], float), key
@@ -116,42 +111,42 @@ async def test_workloads_produce_numbers_on_direct(nursery):
 
 async def test_delay_line_paces_one_stream(nursery):
     with trio.fail_after(15):
-        sink = await nursery.start(bench.run_sink)
-        params = bench.DelayParams(delay_s=0.01, rate_bps=80e6)  # 10 MB/s, 20 ms RTT
-        dl = await nursery.start(bench.delayline.run_delayline, params, ("127.0.0.1", 0), sink)
-        target = bench.Target("direct", dl, [os.getpid()])
-        rtts = await bench.rtt_idle(dl, 5, 5.0)
+        sink = await nursery.start(run_sink)
+        params = DelayParams(delay_s=0.01, rate_bps=80e6)  # 10 MB/s, 20 ms RTT
+        dl = await nursery.start(delayline.run_delayline, params, ("127.0.0.1", 0), sink)
+        target = Target("direct", dl, [os.getpid()])
+        rtts = await rtt_idle(dl, 5, 5.0)
         assert min(rtts) >= 0.019  # two one-way delays
-        res = await bench.run_delay(target, TINY, params, lambda s: None)
-        _, k_pct = bench.delay_keys(params)
+        res = await run_delay(target, TINY, params, lambda s: None)
+        _, k_pct = delay_keys(params)
         assert isinstance(res[k_pct], float)
         assert 40 < res[k_pct] <= 105  # paced to the line rate, never above it
 
 
 async def test_flipped_byte_is_detected(nursery):
     with trio.fail_after(15):
-        sink = await nursery.start(bench.run_sink)
+        sink = await nursery.start(run_sink)
         relay = await nursery.start(_corrupting_relay, sink)
-        with pytest.raises(bench.VerifyError, match="CRC mismatch"):
-            await bench.bulk_upload(relay, 1 * bench.MiB)
-        with pytest.raises(bench.VerifyError, match="CRC mismatch"):
-            await bench.bulk_download(relay, 1 * bench.MiB)
-        res = await bench.run_suite(bench.Target("corrupting", relay, [os.getpid()]), replace_cfg(idle_conns=10))
+        with pytest.raises(VerifyError, match="CRC mismatch"):
+            await bulk_upload(relay, 1 * MiB)
+        with pytest.raises(VerifyError, match="CRC mismatch"):
+            await bulk_download(relay, 1 * MiB)
+        res = await run_suite(Target("corrupting", relay, [os.getpid()]), replace_cfg(idle_conns=10))
         for key in ("bulk_up", "bulk_down", "par16", "cpu_per_gib"):
-            assert isinstance(res[key], bench.Failed), key
+            assert isinstance(res[key], Failed), key
         assert "corrupted" in res["bulk_up"].error
-        assert isinstance(res["rtt_p50"], bench.Failed) and "altered" in res["rtt_p50"].error
+        assert isinstance(res["rtt_p50"], Failed) and "altered" in res["rtt_p50"].error
 
 
 async def test_short_transfer_is_detected(nursery):
     with trio.fail_after(15):
-        sink = await nursery.start(bench.run_sink)
+        sink = await nursery.start(run_sink)
         relay = await nursery.start(functools.partial(_corrupting_relay, sink, flip_at=None, cut_at=200_000))
-        with pytest.raises((bench.VerifyError, trio.BrokenResourceError)):
-            await bench.bulk_upload(relay, 1 * bench.MiB)
+        with pytest.raises((VerifyError, trio.BrokenResourceError)):
+            await bulk_upload(relay, 1 * MiB)
         relay2 = await nursery.start(functools.partial(_corrupting_relay, sink, flip_at=None, cut_at=10))
-        with pytest.raises(bench.VerifyError, match="closed after"):
-            await bench.bulk_download(relay2, 1 * bench.MiB)
+        with pytest.raises(VerifyError, match="closed after"):
+            await bulk_download(relay2, 1 * MiB)
 
 
 def replace_cfg(**kw):
@@ -161,7 +156,7 @@ def replace_cfg(**kw):
 
 
 def test_command_line_quick_direct(tmp_path):
-    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    out_json, out_md = tmp_path / "json", tmp_path / "md"
     proc = subprocess.run(
         [
             sys.executable,
