@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Sequence
-from typing import Any, Final, Self, TypeVar, final
+from collections.abc import Sequence
+from typing import Any, ClassVar, Final, Self, TypeVar, final
 
 import attrs
 from trio_tunnel.console import format_hostport
 from trio_tunnel.errors import ConfigError
+
+from .fields import ANY_PORT, REAL_PORT, Rule, describe, toml
 
 DEFAULT_SERVER_PORT: Final = 7835
 """The server's default listening port."""
@@ -50,26 +52,16 @@ def _host_problem(host: str) -> str | None:
     return None
 
 
-def _check_host(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
-    if not isinstance(value, str):
-        raise TypeError(f"{attr.name} must be a str, got {value!r}")
-    problem = _host_problem(value)
-    if problem:
-        raise ValueError(f"{attr.name}: {problem}")
-
-
-def _port_checker(low: int) -> Callable[[object, attrs.Attribute[int], int], None]:
-    def check(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{attr.name} must be an int, got {value!r}")
-        if not low <= value <= 65535:
-            raise ValueError(f"{attr.name} must be {low}-65535, got {value}")
-
-    return check
-
-
-_any_port = _port_checker(0)
-_real_port = _port_checker(1)
+HOST: Final = Rule(
+    types=(str,),
+    expected="a host name or IP address",
+    plain="{name}: {problem}",
+    wrong_type="{name} must be a str, got {value!r}",
+    file="{problem}",
+    file_wrong_type="expected a string, got {got}",
+    problem=_host_problem,
+)
+"""A host name or IP literal (IPv6 without brackets)."""
 
 
 def _parse_port(text: str, *, allow_zero: bool) -> int:
@@ -87,8 +79,8 @@ def _parse_port(text: str, *, allow_zero: bool) -> int:
 class HostPort:
     """A host name or IP literal (IPv6 without brackets) and a port (0 = any free port, where that makes sense)."""
 
-    host: str = attrs.field(validator=_check_host)
-    port: int = attrs.field(validator=_any_port)
+    host: str = HOST.field()
+    port: int = ANY_PORT.field()
 
     def __str__(self) -> str:
         return format_hostport(self.host, self.port)
@@ -137,6 +129,21 @@ def parse_hostport(text: str, *, default_host: str = "127.0.0.1", allow_zero: bo
     return HostPort(host=host, port=port)
 
 
+def hostport_key(
+    *, default_host: str, allow_zero: bool, name: str | None = None, spread: tuple[str, str] | None = None, **kw: Any
+) -> dict[str, Any]:
+    """Field metadata: a ``"HOST:PORT"`` (or bare port number) TOML key, parsed as :func:`parse_hostport` does."""
+
+    def parse(value: object) -> HostPort:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise ValueError(f'expected "HOST:PORT", got {describe(value)}')
+        return parse_hostport(value, default_host=default_host, allow_zero=allow_zero)
+
+    return toml(name=name, parse=parse, spread=spread, **kw)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # -R / -L specs
 
@@ -169,17 +176,14 @@ def _split_fields(text: str) -> list[str]:
             i = j + 1
 
 
-def _check_service_name(name: str) -> None:
-    if not _SERVICE_NAME_RE.fullmatch(name):
-        raise ValueError(
-            f"service name {name!r} must be 1-{MAX_SERVICE_NAME_LENGTH} characters of A-Z a-z 0-9 . _ - : [ ]"
-        )
-
-
-def _validate_service_name(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
-    if not isinstance(value, str):
-        raise TypeError(f"name must be a str, got {value!r}")
-    _check_service_name(value)
+SERVICE_NAME: Final = Rule(
+    types=(str,),
+    expected=f"1-{MAX_SERVICE_NAME_LENGTH} characters of A-Z a-z 0-9 . _ - : [ ]",
+    plain="service name {value!r} must be {expected}",
+    wrong_type="name must be a str, got {value!r}",
+    problem=lambda name: None if _SERVICE_NAME_RE.fullmatch(name) else "no",
+)
+"""An -R/-L service name (the ``NAME=`` prefix, or the table name in ``[client.expose.NAME]``)."""
 
 
 def _parse_forward(text: str, *, default_bind: str, syntax: str, kind: str) -> dict[str, Any]:
@@ -188,7 +192,7 @@ def _parse_forward(text: str, *, default_bind: str, syntax: str, kind: str) -> d
         name: str | None = None
         if "=" in text:
             name, text = text.split("=", 1)
-            _check_service_name(name)
+            SERVICE_NAME.check(name, name="name")
         fields = _split_fields(text.strip())
         if len(fields) == 3:
             bind_host = default_bind
@@ -220,15 +224,70 @@ def _parse_forward(text: str, *, default_bind: str, syntax: str, kind: str) -> d
     return fields_out
 
 
+_Spec = TypeVar("_Spec", bound="_ForwardSpec")
+
+
+def _default_service_name(spec: _ForwardSpec) -> str:
+    return format_hostport(spec.target_host, spec.target_port)
+
+
+def _name_field() -> Any:
+    return SERVICE_NAME.field(default=attrs.Factory(_default_service_name, takes_self=True))
+
+
 class _ForwardSpec:
-    """Shared behaviour of :class:`RemoteSpec` and :class:`LocalSpec` (attrs fields are declared on each)."""
+    """Shared behaviour of :class:`RemoteSpec` and :class:`LocalSpec`.
+
+    The attrs fields are declared on each class, one line each, because their defaults, documentation and TOML keys
+    differ (``[client.expose.NAME]`` has ``local``/``remote_port``/``bind``, ``[client.forward.NAME]`` has
+    ``listen``/``target``); the checks are the shared rules.
+    """
 
     __slots__ = ()
+    FLAG: ClassVar[str]
+    DEFAULT_BIND: ClassVar[str]
+    SYNTAX: ClassVar[str]
     name: str
     bind_host: str
     bind_port: int
     target_host: str
     target_port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Self:
+        """Parse ``[NAME=][bind_address:]port:host:hostport`` (ssh ``-R``/``-L`` syntax plus an optional name).
+
+        Raises:
+            ConfigError: the message shows ``text``, what is wrong, and the syntax with an example.
+        """
+        return cls(**_parse_forward(text, default_bind=cls.DEFAULT_BIND, syntax=cls.SYNTAX, kind=cls.FLAG))
+
+    @classmethod
+    def check_unique(cls, specs: Sequence[_ForwardSpec]) -> None:
+        """Raise ValueError when two specs share a name, or a fixed listening address."""
+        names: set[str] = set()
+        binds: set[tuple[str, int]] = set()
+        for spec in specs:
+            if spec.name in names:
+                raise ValueError(
+                    f"two {cls.FLAG} services are named {spec.name!r}; give them distinct names with the NAME= prefix"
+                )
+            names.add(spec.name)
+            if spec.bind_port and (spec.bind_host, spec.bind_port) in binds:
+                raise ValueError(f"two {cls.FLAG} services listen on {spec.bind}")
+            binds.add((spec.bind_host, spec.bind_port))
+
+    @classmethod
+    def merge(cls, from_file: Sequence[_Spec], from_flags: Sequence[_Spec]) -> tuple[_Spec, ...]:
+        """The file's specs with the flags' added; a flag spec replaces the file's spec of the same name in place."""
+        try:
+            cls.check_unique(from_flags)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        by_flag: dict[str, _Spec] = {spec.name: spec for spec in from_flags}
+        merged: list[_Spec] = [by_flag.pop(spec.name, spec) for spec in from_file]
+        merged.extend(by_flag.values())
+        return tuple(merged)
 
     @property
     def bind(self) -> HostPort:
@@ -245,87 +304,69 @@ class _ForwardSpec:
         return f"{self.name}={bind}:{format_hostport(self.target_host, self.target_port)}"
 
 
-def _default_service_name(self: _ForwardSpec) -> str:
-    return format_hostport(self.target_host, self.target_port)
-
-
 @final
 @attrs.frozen(kw_only=True)
 class RemoteSpec(_ForwardSpec):
-    """One ``-R`` service: the *server* listens on ``bind_host:bind_port`` and each connection is carried to the
-    client, which dials ``target_host:target_port`` (its local service)."""
+    """One ``-R`` service (``[client.expose.NAME]``): the *server* listens on ``bind_host:bind_port`` and each
+    connection is carried to the client, which dials ``target_host:target_port`` (its local service)."""
 
-    bind_host: str = attrs.field(default="0.0.0.0", validator=_check_host)
-    """Server-side listening address; default all IPv4 interfaces."""
-    bind_port: int = attrs.field(validator=_any_port)
-    """Server-side port; 0 = the server picks a free port within its allowed ports."""
-    target_host: str = attrs.field(validator=_check_host)
-    target_port: int = attrs.field(validator=_real_port)
-    name: str = attrs.field(
-        default=attrs.Factory(_default_service_name, takes_self=True), validator=_validate_service_name
+    FLAG = "-R"
+    DEFAULT_BIND = "0.0.0.0"
+    SYNTAX = _REMOTE_SYNTAX
+
+    target_host: str = HOST.field(
+        metadata=hostport_key(
+            name="local",
+            default_host="127.0.0.1",
+            allow_zero=False,
+            spread=("target_host", "target_port"),
+            missing='the local service, e.g. local = "127.0.0.1:80"',
+        )
     )
+    """The client-side service; TOML ``local = "HOST:PORT"`` (or a port, then 127.0.0.1)."""
+    target_port: int = REAL_PORT.field()
+    bind_port: int = ANY_PORT.field(
+        metadata=toml(name="remote_port", rule=ANY_PORT, missing="the port on the server (0 = the server picks one)")
+    )
+    """Server-side port; 0 = the server picks a free port within its allowed ports."""
+    bind_host: str = HOST.field(default="0.0.0.0", metadata=toml(name="bind", rule=HOST))
+    """Server-side listening address; default all IPv4 interfaces."""
+    name: str = _name_field()
     """The service's name (``exposed NAME HOST:PORT``); default ``target_host:target_port``."""
-
-    @classmethod
-    def parse(cls, text: str) -> Self:
-        """Parse ``[NAME=][bind_address:]port:host:hostport`` (ssh ``-R`` syntax plus an optional name).
-
-        Raises:
-            ConfigError: the message shows ``text``, what is wrong, and the syntax with an example.
-        """
-        return cls(**_parse_forward(text, default_bind="0.0.0.0", syntax=_REMOTE_SYNTAX, kind="-R"))
 
 
 @final
 @attrs.frozen(kw_only=True)
 class LocalSpec(_ForwardSpec):
-    """One ``-L`` forward: the *client* listens on ``bind_host:bind_port`` and each connection is carried to the
-    server, which dials ``target_host:target_port`` if its ``allow_targets`` permit."""
+    """One ``-L`` forward (``[client.forward.NAME]``): the *client* listens on ``bind_host:bind_port`` and each
+    connection is carried to the server, which dials ``target_host:target_port`` if its ``allow_targets`` permit."""
 
-    bind_host: str = attrs.field(default="127.0.0.1", validator=_check_host)
-    """Client-side listening address; default loopback only."""
-    bind_port: int = attrs.field(validator=_any_port)
-    """Client-side port; 0 = any free port (the bound port is announced in ``forwarding NAME HOST:PORT``)."""
-    target_host: str = attrs.field(validator=_check_host)
-    target_port: int = attrs.field(validator=_real_port)
-    name: str = attrs.field(
-        default=attrs.Factory(_default_service_name, takes_self=True), validator=_validate_service_name
+    FLAG = "-L"
+    DEFAULT_BIND = "127.0.0.1"
+    SYNTAX = _LOCAL_SYNTAX
+
+    bind_host: str = HOST.field(
+        default="127.0.0.1",
+        metadata=hostport_key(
+            name="listen",
+            default_host="127.0.0.1",
+            allow_zero=True,
+            spread=("bind_host", "bind_port"),
+            missing='where the client listens, e.g. listen = "127.0.0.1:15432"',
+        ),
     )
+    """Client-side listening address; default loopback only."""
+    bind_port: int = ANY_PORT.field()
+    """Client-side port; 0 = any free port (the bound port is announced in ``forwarding NAME HOST:PORT``)."""
+    target_host: str = HOST.field(
+        metadata=hostport_key(
+            name="target",
+            default_host="127.0.0.1",
+            allow_zero=False,
+            spread=("target_host", "target_port"),
+            missing='what the server dials, e.g. target = "db.internal:5432"',
+        )
+    )
+    target_port: int = REAL_PORT.field()
+    name: str = _name_field()
     """The forward's name (``forwarding NAME HOST:PORT``); default ``target_host:target_port``."""
-
-    @classmethod
-    def parse(cls, text: str) -> Self:
-        """Parse ``[NAME=][bind_address:]port:host:hostport`` (ssh ``-L`` syntax plus an optional name).
-
-        Raises:
-            ConfigError: the message shows ``text``, what is wrong, and the syntax with an example.
-        """
-        return cls(**_parse_forward(text, default_bind="127.0.0.1", syntax=_LOCAL_SYNTAX, kind="-L"))
-
-
-_Spec = TypeVar("_Spec", RemoteSpec, LocalSpec)
-
-
-def _check_unique(flag: str, specs: Sequence[RemoteSpec] | Sequence[LocalSpec]) -> None:
-    names: set[str] = set()
-    binds: set[tuple[str, int]] = set()
-    for spec in specs:
-        if spec.name in names:
-            raise ValueError(
-                f"two {flag} services are named {spec.name!r}; give them distinct names with the NAME= prefix"
-            )
-        names.add(spec.name)
-        if spec.bind_port and (spec.bind_host, spec.bind_port) in binds:
-            raise ValueError(f"two {flag} services listen on {spec.bind}")
-        binds.add((spec.bind_host, spec.bind_port))
-
-
-def _merge_services(flag: str, from_file: Sequence[_Spec], from_flags: Sequence[_Spec]) -> tuple[_Spec, ...]:
-    try:
-        _check_unique(flag, from_flags)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    by_flag: dict[str, _Spec] = {spec.name: spec for spec in from_flags}
-    merged: list[_Spec] = [by_flag.pop(spec.name, spec) for spec in from_file]
-    merged.extend(by_flag.values())
-    return tuple(merged)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Iterator
-from typing import Any, Self, final
+from typing import Any, Final, Self, final
 
 import attrs
 from trio_tunnel.errors import ConfigError
 
-from .addresses import _host_problem, _parse_port, _real_port
+from .addresses import _host_problem, _parse_port
+from .fields import REAL_PORT, describe, to_tuple, toml
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -159,8 +160,8 @@ class TargetRule:
     """Set for an address rule (a single address is a /32 or /128)."""
     hostname: str | None = None
     """Set for a name rule: lower case, without a trailing dot."""
-    port_low: int = attrs.field(validator=_real_port)
-    port_high: int = attrs.field(validator=_real_port)
+    port_low: int = REAL_PORT.field()
+    port_high: int = REAL_PORT.field()
 
     def __attrs_post_init__(self) -> None:
         if (self.network is None) == (self.hostname is None):
@@ -240,10 +241,6 @@ class TargetRule:
         return f"{self.hostname}:{ports}"
 
 
-def _rules_tuple(rules: Iterable[TargetRule]) -> tuple[TargetRule, ...]:
-    return tuple(rules)
-
-
 @final
 @attrs.frozen(kw_only=True)
 class TargetAllowlist:
@@ -256,7 +253,7 @@ class TargetAllowlist:
     ``db.internal:5432`` trusts whoever controls the DNS for ``db.internal``.
     """
 
-    rules: tuple[TargetRule, ...] = attrs.field(default=(), converter=_rules_tuple)
+    rules: tuple[TargetRule, ...] = attrs.field(default=(), converter=to_tuple)
 
     @classmethod
     def deny_all(cls) -> Self:
@@ -284,3 +281,24 @@ class TargetAllowlist:
 
     def __str__(self) -> str:
         return ",".join(str(rule) for rule in self.rules) if self.rules else "(none)"
+
+
+def _toml_ports(value: Any) -> PortSet:
+    if isinstance(value, bool) or not isinstance(value, str | int | list):
+        raise ValueError(f'expected a string like "8000-8999,2222", got {describe(value)}')
+    return PortSet.parse([value] if isinstance(value, int) else value)
+
+
+def _toml_targets(value: object) -> TargetAllowlist:
+    if isinstance(value, str):
+        value = [value]
+    if not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+        raise ValueError(f"expected a string or a list of strings, got {describe(value)}")
+    return TargetAllowlist.parse(value)
+
+
+PORTS_KEY: Final = toml(parse=_toml_ports)
+"""Field metadata: ``allow_ports = "8000-8999,2222"`` (or a port number, or a list of both)."""
+
+TARGETS_KEY: Final = toml(parse=_toml_targets)
+"""Field metadata: ``allow_targets = "10.0.0.0/8:22"`` or a list of such strings."""

@@ -7,11 +7,11 @@ import os
 import re
 import socket
 import stat
-from collections.abc import Iterable
-from typing import Final, TypeVar
+from typing import Final
 
-import attrs
 from trio_tunnel.errors import ConfigError
+
+from .fields import Rule
 
 logger = logging.getLogger("trio_tunnel.config")
 
@@ -24,8 +24,6 @@ MAX_NAME_LENGTH: Final = 64
 _TOKEN_HINT: Final = 'make one with: python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
 
 _CLIENT_NAME_RE: Final = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_NAME_LENGTH}}}")
-
-_T = TypeVar("_T")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -90,16 +88,19 @@ def read_token_file(path: str | os.PathLike[str]) -> tuple[bytes, ...]:
     return tokens
 
 
-def _dedupe(items: Iterable[_T]) -> tuple[_T, ...]:
-    return tuple(dict.fromkeys(items))
-
-
 def default_client_name() -> str:
     """This host's name, reduced to ``[A-Za-z0-9._-]`` and 64 characters (``client`` if nothing is left)."""
     name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:MAX_NAME_LENGTH].strip("-")
     return name or "client"
 
 
-def _check_client_name(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
-    if not isinstance(value, str) or not _CLIENT_NAME_RE.fullmatch(value):
-        raise ValueError(f"client name {value!r} must be 1-{MAX_NAME_LENGTH} characters of A-Z a-z 0-9 . _ -")
+CLIENT_NAME: Final = Rule(
+    types=(str,),
+    expected=f"a client name is 1-{MAX_NAME_LENGTH} characters of A-Z a-z 0-9 . _ -",
+    plain=f"client name {{value!r}} must be 1-{MAX_NAME_LENGTH} characters of A-Z a-z 0-9 . _ -",
+    wrong_type="client name {value!r} must be a string",
+    file="{expected}",
+    file_wrong_type="expected a string, got {got}",
+    problem=lambda name: None if _CLIENT_NAME_RE.fullmatch(name) else "no",
+)
+"""The client's name: from ``--name``, ``name`` in ``[client]``, or :func:`default_client_name`."""
