@@ -11,7 +11,6 @@ from pathlib import Path
 
 import attrs
 import pytest
-import trio_tunnel.config as config_module
 from trio_tunnel.config import (
     ClientConfig,
     HostPort,
@@ -465,19 +464,20 @@ def test_map_from_sources() -> None:
 # TOML
 
 
-def _docstring_example() -> str:
-    doc = config_module.__doc__
-    assert doc is not None
-    start = doc.index("mysql -> 9002), plus a forward tunnel and a plain mapper::\n") + len(
-        "mysql -> 9002), plus a forward tunnel and a plain mapper::\n"
-    )
-    end = doc.index("Specs on the command line")
-    return textwrap.dedent(doc[start:end])
+CONFIG_DOC = Path(__file__).parents[2] / "docs" / "CONFIG.md"
 
 
-def test_toml_full_example_from_the_docstring(tmp_path: Path) -> None:
+def _docs_example() -> str:
+    """The TOML block under "## Full example" in docs/CONFIG.md."""
+    doc = CONFIG_DOC.read_text()
+    section = doc[doc.index("## Full example") :]
+    start = section.index("```toml\n") + len("```toml\n")
+    return section[start : section.index("```", start)]
+
+
+def test_toml_full_example_from_the_docs(tmp_path: Path) -> None:
     path = tmp_path / "tunnel.toml"
-    path.write_text(_docstring_example())
+    path.write_text(_docs_example())
     (tmp_path / "client.token").write_text("client-token-0123456789\n")
     (tmp_path / "client.token").chmod(0o600)
 
@@ -552,6 +552,7 @@ def test_toml_unknown_key_suggests_the_closest(tmp_path: Path) -> None:
         ("[server]\ninsecure_no_auth = 'yes'\n", "server.insecure_no_auth: expected true or false, got 'yes'"),
         ("[server]\nallow_ports = '9000-'\n", "server.allow_ports: invalid port set '9000-'"),
         ("[server]\nallow_ports = 1.5\n", "server.allow_ports: expected a string like"),
+        ("[server]\nallow_ports = 0\n", "server.allow_ports: invalid port set: port 0 cannot be listed"),
         ("[server]\nallow_targets = '*:22'\n", "server.allow_targets: invalid target rule '*:22'"),
         ("[server]\nallow_targets = [1]\n", "server.allow_targets: expected a string or a list of strings"),
         ("[server]\nmax_clients = 0\n", "server.max_clients: expected an integer count >= 1, got 0"),

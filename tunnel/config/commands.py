@@ -1,0 +1,301 @@
+"""The configs of the three long-running commands (``server``, ``client``, ``map``) and the flags-over-file merge.
+
+Plain construction (``ServerConfig(...)``) checks types and ranges (raising ValueError or TypeError) but applies no
+policy. The named constructors, ``from_toml(path)`` and ``from_sources(config_file=..., <field>=...)``, raise
+:class:`~trio_tunnel.errors.ConfigError` naming the file or flag, the key and the fix, and apply the policies a user
+relies on: a server needs a token unless ``insecure_no_auth``; a client needs a server address and a service; a
+mapper needs ``listen`` and ``target``. A value given on the command line (not None) overrides the file's; ``-R``/``-L``
+services are added to the file's, replacing a file service of the same name.
+
+Each field that a config file may set carries its TOML key in its metadata (:mod:`.fields`): adding a key is adding
+the field (and a line in docs/CONFIG.md, which a test checks).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Final, Self, final
+
+import attrs
+from trio_tunnel.errors import ConfigError
+
+from .addresses import DEFAULT_SERVER_PORT, HostPort, LocalSpec, RemoteSpec, hostport_key
+from .fields import BOOLEAN, FRACTION, build, count, dedupe, seconds, to_tuple, toml
+from .policy import PORTS_KEY, TARGETS_KEY, PortSet, TargetAllowlist
+from .tokens import _TOKEN_HINT, CLIENT_NAME, default_client_name, logger
+from .toml import Section, load_section, read_fields, read_tokens
+
+__all__ = ["TABLES", "ClientConfig", "MapConfig", "ServerConfig", "Timeouts"]
+
+
+@final
+@attrs.frozen(kw_only=True)
+class Timeouts:
+    """Every time bound of a session, in seconds (``[server.timeouts]``, ``[client.timeouts]``). Defaults follow
+    docs/PROTOCOL.md."""
+
+    handshake: float = seconds(10.0)
+    """The whole handshake, from TCP accept (or connect) to an established session."""
+    connect: float = seconds(10.0)
+    """Dialling a local service (client, -R) or a forward target (server, -L)."""
+    keepalive_idle: float = seconds(15.0)
+    """Send a PING after this much inbound silence."""
+    keepalive_dead: float = seconds(45.0)
+    """Declare the link dead after this much inbound silence."""
+    drain: float = seconds(10.0)
+    """Graceful shutdown: how long open streams may keep running after GOAWAY."""
+    open: float = seconds(10.0)
+    """How long an OPEN may wait for the peer's OPEN_OK/OPEN_ERR."""
+    reconnect_initial: float = seconds(0.5)
+    """Client: the first reconnect delay; it doubles after each failure ..."""
+    reconnect_max: float = seconds(30.0)
+    """... up to this cap."""
+    reconnect_jitter: float = FRACTION.field(default=0.2, metadata=toml(rule=FRACTION))
+    """Client: each delay is multiplied by a random factor in [1 - jitter, 1 + jitter]; 0 <= jitter < 1."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.keepalive_dead <= self.keepalive_idle:
+            raise ValueError(
+                f"keepalive_dead ({self.keepalive_dead:g}) must be longer than keepalive_idle "
+                f"({self.keepalive_idle:g}), or a healthy idle link would be declared dead"
+            )
+        if self.reconnect_max < self.reconnect_initial:
+            raise ValueError(
+                f"reconnect_max ({self.reconnect_max:g}) must not be shorter than reconnect_initial "
+                f"({self.reconnect_initial:g})"
+            )
+
+
+def _tokens_rule(_inst: object, _attr: attrs.Attribute[Any], value: tuple[bytes, ...]) -> None:
+    for token in value:
+        if not isinstance(token, bytes) or not token:
+            raise ValueError("tokens must be non-empty bytes")
+
+
+def _first_token(sec: Section) -> bytes | None:
+    tokens = read_tokens(sec)
+    return tokens[0] if tokens else None
+
+
+_TOKEN_KEYS: Final = {"name": "token", "also": ("tokens", "token_file")}
+"""One field fed by three TOML keys: ``token = "..."``, ``tokens = [...]``, ``token_file = "PATH"``."""
+
+
+def _file_fields(cls: type, config_file: str | os.PathLike[str] | None, table: str) -> tuple[dict[str, Any], str]:
+    """The fields that ``[table]`` of ``config_file`` sets, and the name errors are reported under."""
+    if config_file is None:
+        return {}, f"{table} config"
+    return read_fields(cls, load_section(config_file, table, tables=tuple(TABLES))), str(config_file)
+
+
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    """The command-line values that were given (None = not given)."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
+@final
+@attrs.frozen(kw_only=True)
+class ServerConfig:
+    """``trio-tunnel server`` (``[server]``). Logging settings are command-line only and not part of this."""
+
+    listen: HostPort = attrs.field(
+        factory=lambda: HostPort(host="0.0.0.0", port=DEFAULT_SERVER_PORT),
+        metadata=hostport_key(default_host="0.0.0.0", allow_zero=True),
+    )
+    """Where clients connect; default 0.0.0.0:7835."""
+    tokens: tuple[bytes, ...] = attrs.field(
+        default=(), converter=to_tuple, validator=_tokens_rule, metadata=toml(read=read_tokens, **_TOKEN_KEYS)
+    )
+    """Accepted client tokens (several for rotation). Empty means no authentication: the named constructors allow
+    that only with ``insecure_no_auth``; the plain constructor does not enforce it."""
+    insecure_no_auth: bool = BOOLEAN.field(default=False, metadata=toml(rule=BOOLEAN))
+    """Run without authentication (the CLI logs a warning). Ignored (False) when tokens are given."""
+    allow_ports: PortSet = attrs.field(factory=PortSet, metadata=PORTS_KEY)
+    """Ports clients may expose; default 1024-65535, and 0 ("pick one")."""
+    allow_targets: TargetAllowlist = attrs.field(factory=TargetAllowlist, metadata=TARGETS_KEY)
+    """Where -L clients may make the server dial; default nowhere."""
+    max_streams_per_client: int = count(256)
+    """Concurrent streams one client session may have open."""
+    max_connections_per_service: int = count(1024)
+    """Concurrent external connections to one exposed service; more are refused at accept."""
+    max_clients: int = count(1024)
+    """Concurrent client sessions (including ones still in the handshake)."""
+    timeouts: Timeouts = attrs.field(factory=Timeouts, metadata=toml(table=Timeouts))
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> Self:
+        """The ``[server]`` table of ``path``. Raises ConfigError (docs/CONFIG.md describes the layout)."""
+        return cls.from_sources(config_file=path)
+
+    @classmethod
+    def from_sources(
+        cls,
+        *,
+        config_file: str | os.PathLike[str] | None = None,
+        listen: HostPort | None = None,
+        tokens: Sequence[bytes] | None = None,
+        insecure_no_auth: bool | None = None,
+        allow_ports: PortSet | None = None,
+        allow_targets: TargetAllowlist | None = None,
+    ) -> Self:
+        """The config file (if any) with the given values overriding it (``None`` = not given).
+
+        Raises:
+            ConfigError: a bad file, or no token and not ``insecure_no_auth``.
+        """
+        fields, source = _file_fields(cls, config_file, "server")
+        fields.update(
+            _given(
+                {
+                    "listen": listen,
+                    "tokens": None if tokens is None else dedupe(tokens),
+                    "insecure_no_auth": insecure_no_auth,
+                    "allow_ports": allow_ports,
+                    "allow_targets": allow_targets,
+                }
+            )
+        )
+        if not fields.get("tokens"):
+            if not fields.get("insecure_no_auth"):
+                raise ConfigError(
+                    "the server needs a token: pass --token-file PATH (one token per line), --token TOKEN or env "
+                    "TRIO_TUNNEL_TOKEN (or tokens/token_file in [server]); "
+                    f"{_TOKEN_HINT}; or pass --insecure-no-auth to run without authentication"
+                )
+        elif fields.get("insecure_no_auth"):
+            logger.warning("tokens are configured, so insecure_no_auth is ignored: clients must authenticate")
+            fields["insecure_no_auth"] = False
+        return build(cls, fields, source=source)
+
+
+@final
+@attrs.frozen(kw_only=True)
+class ClientConfig:
+    """``trio-tunnel client`` (``[client]``)."""
+
+    server: HostPort = attrs.field(metadata=hostport_key(default_host="127.0.0.1", allow_zero=False))
+    """The server to dial."""
+    name: str = CLIENT_NAME.field(factory=default_client_name, metadata=toml(rule=CLIENT_NAME))
+    """The client's identity: a reconnecting client with the same name takes over its stale predecessor."""
+    token: bytes | None = attrs.field(default=None, metadata=toml(read=_first_token, **_TOKEN_KEYS))
+    """This client's token (the first one when several are given); None = no authentication."""
+    timeouts: Timeouts = attrs.field(factory=Timeouts, metadata=toml(table=Timeouts))
+    remotes: tuple[RemoteSpec, ...] = attrs.field(
+        default=(), converter=to_tuple, metadata=toml(name="expose", entries=RemoteSpec, check=RemoteSpec.check_unique)
+    )
+    """-R services, exposed on the server (``[client.expose.NAME]``)."""
+    locals: tuple[LocalSpec, ...] = attrs.field(
+        default=(), converter=to_tuple, metadata=toml(name="forward", entries=LocalSpec, check=LocalSpec.check_unique)
+    )
+    """-L forwards, listened on by the client (``[client.forward.NAME]``)."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.server.port == 0:
+            raise ValueError(f"server address {self.server}: port 0 cannot be dialled")
+        RemoteSpec.check_unique(self.remotes)
+        LocalSpec.check_unique(self.locals)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> Self:
+        """The ``[client]`` table of ``path``. Raises ConfigError (docs/CONFIG.md describes the layout)."""
+        return cls.from_sources(config_file=path)
+
+    @classmethod
+    def from_sources(
+        cls,
+        *,
+        config_file: str | os.PathLike[str] | None = None,
+        server: HostPort | None = None,
+        tokens: Sequence[bytes] | None = None,
+        name: str | None = None,
+        remotes: Sequence[RemoteSpec] = (),
+        locals: Sequence[LocalSpec] = (),
+    ) -> Self:
+        """The config file (if any) merged with command-line values.
+
+        ``server``, ``tokens`` and ``name`` override the file's when not None; ``remotes``/``locals`` are added to
+        the file's services, replacing a file service of the same name.
+
+        Raises:
+            ConfigError: a bad file or value, no server address, or no service at all.
+        """
+        fields, source = _file_fields(cls, config_file, "client")
+        if server is not None:
+            fields["server"] = server
+        if tokens is not None:
+            fields["token"] = tokens[0] if tokens else None
+        if name is not None:
+            fields["name"] = CLIENT_NAME.from_flag("--name", name)
+        fields["remotes"] = RemoteSpec.merge(fields.get("remotes", ()), remotes)
+        fields["locals"] = LocalSpec.merge(fields.get("locals", ()), locals)
+        if "server" not in fields:
+            raise ConfigError('no server address: pass --server HOST:PORT (or set server = "HOST:PORT" in [client])')
+        if not fields["remotes"] and not fields["locals"]:
+            raise ConfigError(
+                "nothing to do: expose a local service with -R [NAME=][bind_address:]port:host:hostport "
+                "(e.g. -R web=9000:127.0.0.1:80) or forward one with -L (e.g. -L 15432:db.internal:5432), "
+                "or add [client.expose.NAME] / [client.forward.NAME] tables to the config file"
+            )
+        return build(cls, fields, source=source)
+
+
+@final
+@attrs.frozen(kw_only=True)
+class MapConfig:
+    """``trio-tunnel map LISTEN TARGET`` (``[map]``): a standalone TCP relay."""
+
+    listen: HostPort = attrs.field(metadata=hostport_key(default_host="0.0.0.0", allow_zero=True))
+    """Where to accept connections (port 0 = any free port; the bound port is announced)."""
+    target: HostPort = attrs.field(metadata=hostport_key(default_host="127.0.0.1", allow_zero=False))
+    """Where each accepted connection is relayed to."""
+    connect_timeout: float = seconds(10.0)
+    """Dialling the target; on timeout the accepted connection is closed."""
+    max_connections: int = count(1024)
+    """Concurrent relayed connections; a connection beyond the cap is closed at once, with a warning."""
+    drain_timeout: float = seconds(10.0)
+    """Graceful shutdown: how long relayed connections may continue after Ctrl+C."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.target.port == 0:
+            raise ValueError(f"target {self.target}: port 0 cannot be dialled")
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> Self:
+        """The ``[map]`` table of ``path``. Raises ConfigError (docs/CONFIG.md describes the layout)."""
+        return cls.from_sources(config_file=path)
+
+    @classmethod
+    def from_sources(
+        cls,
+        *,
+        config_file: str | os.PathLike[str] | None = None,
+        listen: HostPort | None = None,
+        target: HostPort | None = None,
+        connect_timeout: float | None = None,
+        max_connections: int | None = None,
+    ) -> Self:
+        """The config file (if any) with the given values overriding it (``None`` = not given).
+
+        Raises:
+            ConfigError: a bad file or value, or no listen/target address.
+        """
+        fields, source = _file_fields(cls, config_file, "map")
+        fields.update(
+            _given(
+                {
+                    "listen": listen,
+                    "target": target,
+                    "connect_timeout": connect_timeout,
+                    "max_connections": max_connections,
+                }
+            )
+        )
+        for key in ("listen", "target"):
+            if key not in fields:
+                raise ConfigError(f"no {key} address: pass LISTEN and TARGET, e.g. map 0.0.0.0:10022 10.0.0.5:22")
+        return build(cls, fields, source=source)
+
+
+TABLES: Final[dict[str, type]] = {"server": ServerConfig, "client": ClientConfig, "map": MapConfig}
+"""The top-level tables of a config file and the config each one holds."""
