@@ -18,13 +18,14 @@ from collections.abc import Sequence
 from typing import Any, Final, Self, final
 
 import attrs
+from trio_tunnel.certs import parse_fingerprint
 from trio_tunnel.errors import ConfigError
 
 from .addresses import DEFAULT_SERVER_PORT, HostPort, LocalSpec, RemoteSpec, hostport_key
-from .fields import BOOLEAN, FRACTION, build, count, dedupe, seconds, to_tuple, toml
+from .fields import BOOLEAN, FRACTION, build, count, dedupe, describe, seconds, to_tuple, toml
 from .policy import PORTS_KEY, TARGETS_KEY, PortSet, TargetAllowlist
 from .tokens import _TOKEN_HINT, CLIENT_NAME, default_client_name, logger
-from .toml import Section, load_section, read_fields, read_tokens
+from .toml import Section, load_section, path_reader, read_fields, read_tokens
 
 __all__ = ["TABLES", "ClientConfig", "MapConfig", "ServerConfig", "Timeouts"]
 
@@ -89,6 +90,21 @@ def _file_fields(cls: type, config_file: str | os.PathLike[str] | None, table: s
     return read_fields(cls, load_section(config_file, table, tables=tuple(TABLES))), str(config_file)
 
 
+def _path(key: str) -> Any:
+    """An optional path field, read from TOML under ``key`` relative to the config file."""
+    return attrs.field(default=None, metadata=toml(read=path_reader(key)))
+
+
+def _fingerprints(value: object) -> tuple[str, ...]:
+    """``server_fingerprint``: one ``sha256:...`` string or a list of them (several for key rotation)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items or not all(isinstance(item, str) for item in items):
+        raise ValueError(f"expected a fingerprint string or a list of them, got {describe(value)}")
+    for item in items:
+        parse_fingerprint(item)
+    return dedupe(items)
+
+
 def _given(values: dict[str, Any]) -> dict[str, Any]:
     """The command-line values that were given (None = not given)."""
     return {key: value for key, value in values.items() if value is not None}
@@ -121,6 +137,16 @@ class ServerConfig:
     """Concurrent external connections to one exposed service; more are refused at accept."""
     max_clients: int = count(1024)
     """Concurrent client sessions (including ones still in the handshake)."""
+    tls_cert: str | None = _path("tls_cert")
+    """The server's certificate (PEM; a chain: the server's first) for the link; with ``tls_key``. None: the
+    server's own key and self-signed certificate in ``state_dir``, made on first start."""
+    tls_key: str | None = _path("tls_key")
+    """The private key (PEM, unencrypted) of ``tls_cert``."""
+    state_dir: str | None = _path("state_dir")
+    """Where the server keeps its own key and certificate (mode 0600). None: ``$XDG_STATE_HOME/trio-tunnel``, or
+    ``/var/lib/trio-tunnel`` for root."""
+    insecure_plaintext: bool = BOOLEAN.field(default=False, metadata=toml(rule=BOOLEAN))
+    """No TLS on the link: every byte crosses the network readable and changeable. Both sides must say so."""
     timeouts: Timeouts = attrs.field(factory=Timeouts, metadata=toml(table=Timeouts))
 
     @classmethod
@@ -138,11 +164,16 @@ class ServerConfig:
         insecure_no_auth: bool | None = None,
         allow_ports: PortSet | None = None,
         allow_targets: TargetAllowlist | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        state_dir: str | None = None,
+        insecure_plaintext: bool | None = None,
     ) -> Self:
         """The config file (if any) with the given values overriding it (``None`` = not given).
 
         Raises:
-            ConfigError: a bad file, or no token and not ``insecure_no_auth``.
+            ConfigError: a bad file, no token and not ``insecure_no_auth``, a certificate without its key (or
+                the other way round), or TLS files together with ``insecure_plaintext``.
         """
         fields, source = _file_fields(cls, config_file, "server")
         fields.update(
@@ -153,9 +184,22 @@ class ServerConfig:
                     "insecure_no_auth": insecure_no_auth,
                     "allow_ports": allow_ports,
                     "allow_targets": allow_targets,
+                    "tls_cert": tls_cert,
+                    "tls_key": tls_key,
+                    "state_dir": state_dir,
+                    "insecure_plaintext": insecure_plaintext,
                 }
             )
         )
+        if (fields.get("tls_cert") is None) != (fields.get("tls_key") is None):
+            raise ConfigError(
+                "--tls-cert and --tls-key go together (tls_cert and tls_key in [server]): give both, or neither "
+                "to use the server's own self-signed certificate"
+            )
+        if fields.get("insecure_plaintext") and fields.get("tls_cert") is not None:
+            raise ConfigError(
+                "--insecure-plaintext turns TLS off, so --tls-cert/--tls-key would not be used; drop one or the other"
+            )
         if not fields.get("tokens"):
             if not fields.get("insecure_no_auth"):
                 raise ConfigError(
@@ -189,6 +233,15 @@ class ClientConfig:
         default=(), converter=to_tuple, metadata=toml(name="forward", entries=LocalSpec, check=LocalSpec.check_unique)
     )
     """-L forwards, listened on by the client (``[client.forward.NAME]``)."""
+    server_fingerprint: tuple[str, ...] = attrs.field(
+        default=(), converter=to_tuple, metadata=toml(parse=_fingerprints)
+    )
+    """Pinned server keys (``sha256:...``, as ``trio-tunnel server`` prints them); any one may match. Empty: the
+    server's certificate chain and name are verified against ``tls_ca`` or the system's store."""
+    tls_ca: str | None = _path("tls_ca")
+    """CA certificates (PEM) to verify the server's certificate with, instead of the system's store."""
+    insecure_plaintext: bool = BOOLEAN.field(default=False, metadata=toml(rule=BOOLEAN))
+    """No TLS on the link (the server must say so too): every byte crosses the network readable and changeable."""
 
     def __attrs_post_init__(self) -> None:
         if self.server.port == 0:
@@ -211,6 +264,9 @@ class ClientConfig:
         name: str | None = None,
         remotes: Sequence[RemoteSpec] = (),
         locals: Sequence[LocalSpec] = (),
+        server_fingerprint: Sequence[str] | None = None,
+        tls_ca: str | None = None,
+        insecure_plaintext: bool | None = None,
     ) -> Self:
         """The config file (if any) merged with command-line values.
 
@@ -227,6 +283,17 @@ class ClientConfig:
             fields["token"] = tokens[0] if tokens else None
         if name is not None:
             fields["name"] = CLIENT_NAME.from_flag("--name", name)
+        if server_fingerprint:
+            try:
+                fields["server_fingerprint"] = _fingerprints(list(server_fingerprint))
+            except ValueError as exc:
+                raise ConfigError(f"--server-fingerprint: {exc}") from None
+        fields.update(_given({"tls_ca": tls_ca, "insecure_plaintext": insecure_plaintext}))
+        if fields.get("insecure_plaintext") and (fields.get("server_fingerprint") or fields.get("tls_ca")):
+            raise ConfigError(
+                "--insecure-plaintext turns TLS off, so --server-fingerprint/--tls-ca would not be checked; "
+                "drop one or the other"
+            )
         fields["remotes"] = RemoteSpec.merge(fields.get("remotes", ()), remotes)
         fields["locals"] = LocalSpec.merge(fields.get("locals", ()), locals)
         if "server" not in fields:

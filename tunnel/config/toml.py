@@ -10,7 +10,7 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -20,7 +20,7 @@ from trio_tunnel.errors import ConfigError
 from .fields import Key, build, dedupe, describe, keys_of
 from .tokens import parse_token, read_token_file
 
-__all__ = ["Section", "key_paths", "load_section", "read_fields", "read_tokens"]
+__all__ = ["Section", "key_paths", "load_section", "path_reader", "read_fields", "read_tokens"]
 
 _BARE_KEY_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -152,6 +152,21 @@ def read_tokens(sec: Section) -> tuple[bytes, ...] | None:
         except ConfigError as exc:
             raise sec.error("token_file", str(exc)) from None
     return dedupe(found) if token_list is not None or token is not None or token_file is not None else None
+
+
+def path_reader(key: str) -> Callable[[Section], str | None]:
+    """A :class:`~.fields.Key` ``read`` for a file or directory path: a string, ``~`` expanded, and relative to the
+    config file's folder (as ``token_file`` is). The file is not opened here."""
+
+    def read(sec: Section) -> str | None:
+        value = sec.data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise sec.error(key, f"expected a path (a non-empty string), got {describe(value)}")
+        return str(sec.base_dir / Path(value).expanduser())
+
+    return read
 
 
 def load_section(path: str | os.PathLike[str], table: str, *, tables: Sequence[str]) -> Section:
