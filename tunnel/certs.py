@@ -137,12 +137,18 @@ def check_pin(peer_cert_der: bytes | None, pins: Iterable[str | bytes]) -> None:
 
 
 def default_state_dir() -> Path:
-    """``$XDG_STATE_HOME/trio-tunnel``, else ``~/.local/state/trio-tunnel``; ``/var/lib/trio-tunnel`` for root."""
+    """Where the server keeps its identity when ``--state-dir`` is not given, the first that applies:
+    ``$STATE_DIRECTORY`` (systemd's ``StateDirectory=``, first entry), ``$XDG_STATE_HOME/trio-tunnel``,
+    ``/var/lib/trio-tunnel`` for root, ``~/.local/state/trio-tunnel``."""
+    systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if systemd and os.path.isabs(systemd):
+        return Path(systemd)
+    xdg = os.environ.get("XDG_STATE_HOME")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "trio-tunnel"
     if os.geteuid() == 0:
         return Path("/var/lib/trio-tunnel")
-    xdg = os.environ.get("XDG_STATE_HOME")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "state"
-    return base / "trio-tunnel"
+    return Path.home() / ".local" / "state" / "trio-tunnel"
 
 
 def load_or_create_identity(state_dir: str | os.PathLike[str]) -> tuple[Path, Path]:

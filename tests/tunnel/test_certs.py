@@ -108,13 +108,16 @@ def test_unreadable_and_invalid_files_give_one_line_errors(tmp_path: Path) -> No
 
 
 def test_default_state_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "systemd") + ":/elsewhere")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    assert certs.default_state_dir() == tmp_path / "systemd"
+    monkeypatch.delenv("STATE_DIRECTORY")
+    assert certs.default_state_dir() == tmp_path / "trio-tunnel"
+    monkeypatch.setenv("XDG_STATE_HOME", "relative/is/ignored")
     if os.geteuid() == 0:
         assert certs.default_state_dir() == Path("/var/lib/trio-tunnel")
-        return
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
-    assert certs.default_state_dir() == tmp_path / "trio-tunnel"
-    monkeypatch.delenv("XDG_STATE_HOME")
-    assert certs.default_state_dir() == Path.home() / ".local" / "state" / "trio-tunnel"
+    else:
+        assert certs.default_state_dir() == Path.home() / ".local" / "state" / "trio-tunnel"
 
 
 # ------------------------------------------------------------------------------------------------ fingerprints
