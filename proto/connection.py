@@ -34,8 +34,6 @@ by the caller raises :class:`LocalProtocolError` at once.
 from __future__ import annotations
 
 import enum
-import hashlib
-import hmac
 import os
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -70,16 +68,11 @@ from .events import (
     WindowUpdated,
 )
 from .flow import TokenBucket, next_window
+from .handshake import PROTOCOL_VERSION, Handshake, Step
 from .limits import Limits
 from .stream import TRANSITIONS, StreamInput, StreamState
 
 __all__ = ["PROTOCOL_VERSION", "Connection", "ConnectionState", "ConnectionStatistics", "Role"]
-
-PROTOCOL_VERSION: Final = 1
-AUTH_HMAC: Final = "hmac-sha256"
-AUTH_NONE: Final = "none"
-_CLIENT_LABEL: Final = b"trio-tunnel/1 client\x00"
-_SERVER_LABEL: Final = b"trio-tunnel/1 server\x00"
 
 SI = StreamInput
 SS = StreamState
@@ -96,17 +89,6 @@ class ConnectionState(enum.Enum):
     HANDSHAKE = "handshake"
     OPEN = "open"
     CLOSED = "closed"
-
-
-class _Hs(enum.Enum):
-    """Handshake steps."""
-
-    AWAIT_PREAMBLE = enum.auto()  # server
-    AWAIT_HELLO = enum.auto()  # server
-    AWAIT_AUTH = enum.auto()  # server
-    AWAIT_CHALLENGE = enum.auto()  # client
-    AWAIT_WELCOME = enum.auto()  # client
-    DONE = enum.auto()
 
 
 @attrs.frozen
@@ -194,13 +176,15 @@ class Connection:
         self.role = role
         self.limits = limits if limits is not None else Limits()
         self.name = name
-        self._token = token
-        self._tokens = tuple(tokens)
-        self._random = random_bytes
+        self._hs = Handshake(
+            client=role is Role.CLIENT,
+            limits=self.limits,
+            name=name,
+            token=token,
+            tokens=tokens,
+            random_bytes=random_bytes,
+        )
         self.state = ConnectionState.HANDSHAKE
-        self.session_id = ""
-        self.peer_name = ""
-        self.peer_limits: dict[str, int] = {}
         self.terminated: ConnectionTerminated | None = None
         # A ConnectionTerminated raised where no event list is at hand (a command overflowed the control queue):
         # reported by the next receive_data or expire.
@@ -209,12 +193,6 @@ class Connection:
         self._decoder = F.FrameDecoder(lim.max_header, max(lim.max_frame_payload, lim.max_ctrl_body))
         self._now = 0.0
         self._time_given = False
-        # handshake
-        self._hs = _Hs.AWAIT_CHALLENGE if role is Role.CLIENT else _Hs.AWAIT_PREAMBLE
-        self._client_nonce = b""
-        self._server_nonce = b""
-        self._auth_method = ""
-        self._matched_token: bytes | None = None
         # output queues
         self._raw_out: list[bytes] = []
         self._urgent: deque[F.Frame] = deque()  # GOAWAY, REFUSE
@@ -224,20 +202,16 @@ class Connection:
         self._max_streams_dirty = False
         self._ready: deque[int] = deque()
         self._writable: set[int] = set()
-        # peer's declared limits (until the handshake tells us)
-        self._peer_max_payload = 16 * 1024
-        self._peer_initial_window = 64 * 1024
         # streams
         self._streams: dict[int, _Stream] = {}
         self._next_sid = 1 if role is Role.CLIENT else 2
         self._local_opened = 0
-        self._local_credit = 0
+        self._local_credit = 0  # the peer's MAX_STREAMS: its declared max_streams once the handshake is done
         self._highest_peer_sid = 0
         self._granted = lim.max_streams  # cumulative MAX_STREAMS we allow the peer
         self._granted_sent = lim.max_streams
         self._pending = 0  # peer streams not yet answered (PENDING)
         self._local_opening = 0  # our streams not yet answered (OPENING)
-        self._peer_backlog = 64  # unanswered opens the peer accepts at once (declared in its limits)
         self._deadlines: dict[int, float] = {}
         self._budget_used = 0
         self._goaway_sent = False
@@ -268,11 +242,26 @@ class Connection:
         self._discarded = 0
 
         if role is Role.CLIENT:
-            self._client_nonce = self._random(F.NONCE_SIZE)
-            self._raw_out.append(F.encode_preamble(PROTOCOL_VERSION, PROTOCOL_VERSION))
-            self._control.append(F.Hello(name, self._client_nonce, lim.declared()))
+            preamble, hello = self._hs.start()
+            self._raw_out.append(preamble)
+            self._control.append(hello)
 
     # ------------------------------------------------------------------------------------------------ properties
+
+    @property
+    def session_id(self) -> str:
+        """The session's id, chosen by the server in WELCOME ("" until then)."""
+        return self._hs.session_id
+
+    @property
+    def peer_name(self) -> str:
+        """The client's name from its HELLO (server side; "" otherwise)."""
+        return self._hs.peer_name
+
+    @property
+    def peer_limits(self) -> dict[str, int]:
+        """The limits map the peer declared, as it sent it ({} until the handshake has it)."""
+        return self._hs.peer_limits
 
     @property
     def is_open(self) -> bool:
@@ -301,7 +290,7 @@ class Connection:
         if self.state is not ConnectionState.OPEN or self._goaway_sent or self._goaway_received:
             return 0
         # Both the peer's stream credit and its accept backlog: we never make it refuse an open for lack of room.
-        return max(0, min(self._local_credit - self._local_opened, self._peer_backlog - self._local_opening))
+        return max(0, min(self._local_credit - self._local_opened, self._hs.peer.accept_backlog - self._local_opening))
 
     @property
     def can_open_streams(self) -> bool:
@@ -310,7 +299,7 @@ class Connection:
 
     @property
     def peer_max_frame_payload(self) -> int:
-        return self._peer_max_payload
+        return self._hs.peer.max_frame_payload
 
     def stream_state(self, stream_id: int) -> StreamState | None:
         """The state of a stream in the table, or None once it is released (or never existed)."""
@@ -365,16 +354,12 @@ class Connection:
         if not data:
             # After a GOAWAY the peer's end is expected, and its code and reason say why.
             code, reason = self._peer_goaway if self._goaway_received else (ErrorCode.INTERNAL, "")
-            if self._hs is _Hs.AWAIT_AUTH:
-                reason = (
-                    "the client closed the connection instead of authenticating (has it a token? "
-                    "--token, --token-file or TRIO_TUNNEL_TOKEN)"
-                )
+            reason = self._hs.closed_early_reason() or reason
             self._terminate_by_peer(events, code, reason or "the peer closed the connection")
             return events
         self._decoder.feed(data)
         try:
-            if self._hs is _Hs.AWAIT_PREAMBLE and not self._receive_preamble(events):
+            if self._hs.step is Step.AWAIT_PREAMBLE and not self._receive_preamble(events):
                 return events
             while not self.closed:
                 frame = self._decoder.next_frame()
@@ -395,8 +380,7 @@ class Connection:
         raw = self._decoder.take(F.PREAMBLE_SIZE)
         if raw is None:
             return False
-        versions = F.parse_preamble(raw)
-        if versions is None:
+        if not self._hs.receive_preamble(raw):
             self._close(
                 events,
                 ConnectionTerminated(
@@ -404,18 +388,10 @@ class Connection:
                 ),
             )
             return False
-        high, low = versions
-        if not low <= PROTOCOL_VERSION <= high:
-            raise RemoteProtocolError(
-                f"the client speaks protocol versions {low} to {high}, this server speaks {PROTOCOL_VERSION}: "
-                "upgrade the older of the two",
-                ErrorCode.VERSION,
-            )
-        self._hs = _Hs.AWAIT_HELLO
         return True
 
     def _dispatch(self, frame: F.Frame, events: list[Event]) -> None:
-        if self._hs is not _Hs.DONE:
+        if not self._hs.done:
             self._handshake_frame(frame, events)
             return
         match frame:
@@ -467,123 +443,18 @@ class Connection:
     # --------------------------------------------------------------------------------------------- handshake
 
     def _handshake_frame(self, frame: F.Frame, events: list[Event]) -> None:
-        hs = self._hs
         if isinstance(frame, F.Refuse) and self.role is Role.CLIENT:
             self._close(events, ConnectionTerminated(frame.code, frame.message, by_peer=True))
             return
-        if hs is _Hs.AWAIT_HELLO and isinstance(frame, F.Hello):
-            self._on_hello(frame)
-        elif hs is _Hs.AWAIT_AUTH and isinstance(frame, F.Auth):
-            self._on_auth(frame, events)
-        elif hs is _Hs.AWAIT_CHALLENGE and isinstance(frame, F.Challenge):
-            self._on_challenge(frame, events)
-        elif hs is _Hs.AWAIT_WELCOME and isinstance(frame, F.Welcome):
-            self._on_welcome(frame, events)
-        else:
-            raise RemoteProtocolError(f"unexpected {type(frame).__name__.upper()} frame during the handshake")
-
-    def _check_peer_limits(self, limits: Mapping[str, int]) -> dict[str, int]:
-        out = dict(limits)
-        payload = out.get("max_frame_payload", 16 * 1024)
-        window = out.get("initial_window", 64 * 1024)
-        streams = out.get("max_streams", 1)
-        if payload < 1024 or window < 1024 or streams < 1:
-            raise RemoteProtocolError(
-                "peer limits too small (max_frame_payload and initial_window must be >= 1024, max_streams >= 1)"
-            )
-        self._peer_max_payload = min(payload, 16 * 1024 * 1024)
-        self._peer_initial_window = min(window, F.SID_LIMIT - 1)
-        self._local_credit = streams
-        self._peer_backlog = max(1, out.get("accept_backlog", 64))
-        return out
-
-    def _on_hello(self, hello: F.Hello) -> None:
-        if len(hello.nonce) != F.NONCE_SIZE:
-            raise RemoteProtocolError(f"HELLO nonce must be {F.NONCE_SIZE} bytes")
-        self.peer_name = hello.name
-        self._client_nonce = hello.nonce
-        self.peer_limits = self._check_peer_limits(hello.limits)
-        self._server_nonce = self._random(F.NONCE_SIZE)
-        self._auth_method = AUTH_HMAC if self._tokens else AUTH_NONE
-        self._control.append(F.Challenge(PROTOCOL_VERSION, self._server_nonce, self._auth_method))
-        self._hs = _Hs.AWAIT_AUTH
-
-    def _transcript(self, label: bytes, extra: bytes = b"") -> bytes:
-        name = (self.peer_name if self.role is Role.SERVER else self.name).encode()
-        return label + self._client_nonce + self._server_nonce + len(name).to_bytes(2, "big") + name + extra
-
-    @staticmethod
-    def _mac(token: bytes, message: bytes) -> bytes:
-        return hmac.new(token, message, hashlib.sha256).digest()
-
-    def _on_auth(self, auth: F.Auth, events: list[Event]) -> None:
-        if self._auth_method == AUTH_HMAC:
-            message = self._transcript(_CLIENT_LABEL)
-            matched = None
-            for token in self._tokens:  # check all, so timing does not tell which one matched
-                if hmac.compare_digest(self._mac(token, message), auth.mac) and matched is None:
-                    matched = token
-            if matched is None:
-                raise RemoteProtocolError(
-                    "authentication failed: the client's token is not one this server accepts "
-                    "(check --token, --token-file or TRIO_TUNNEL_TOKEN on both sides)",
-                    ErrorCode.AUTH,
-                )
-            self._matched_token = matched
-        self.session_id = self._random(12).hex()
-        proof = b""
-        if self._matched_token is not None:
-            proof = self._mac(self._matched_token, self._transcript(_SERVER_LABEL, self.session_id.encode()))
-        self._control.append(F.Welcome(self.session_id, self.limits.declared(), proof))
-        self._open(events, authenticated=self._matched_token is not None)
-
-    def _on_challenge(self, challenge: F.Challenge, events: list[Event]) -> None:
-        if challenge.version != PROTOCOL_VERSION:
-            raise RemoteProtocolError(f"server chose protocol version {challenge.version}", ErrorCode.VERSION)
-        if len(challenge.nonce) != F.NONCE_SIZE:
-            raise RemoteProtocolError(f"CHALLENGE nonce must be {F.NONCE_SIZE} bytes")
-        self._server_nonce = challenge.nonce
-        self._auth_method = challenge.method
-        if challenge.method == AUTH_HMAC:
-            if self._token is None:
-                raise LocalProtocolError(
-                    "the server requires a token and this client has none (pass --token, --token-file or "
-                    "TRIO_TUNNEL_TOKEN)",
-                    ErrorCode.AUTH,
-                )
-            mac = self._mac(self._token, self._transcript(_CLIENT_LABEL))
-        elif challenge.method == AUTH_NONE:
-            if self._token is not None:
-                raise LocalProtocolError(
-                    "the server does not authenticate, but this client has a token: refusing to connect, since a "
-                    "server that cannot prove it knows the token may be an impostor (drop the client's token only "
-                    "if the server really runs with --insecure-no-auth)",
-                    ErrorCode.AUTH,
-                )
-            mac = b""
-        else:
-            raise RemoteProtocolError(f"unknown authentication method {challenge.method!r}", ErrorCode.AUTH)
-        self._control.append(F.Auth(mac))
-        self._hs = _Hs.AWAIT_WELCOME
-
-    def _on_welcome(self, welcome: F.Welcome, events: list[Event]) -> None:
-        self.session_id = welcome.session_id
-        if self._auth_method == AUTH_HMAC:
-            assert self._token is not None
-            expected = self._mac(self._token, self._transcript(_SERVER_LABEL, welcome.session_id.encode()))
-            if not hmac.compare_digest(expected, welcome.proof):
-                raise RemoteProtocolError(
-                    "the server could not prove it knows the token: wrong server address, or someone in between",
-                    ErrorCode.AUTH,
-                )
-        self.peer_limits = self._check_peer_limits(welcome.limits)
-        self._open(events, authenticated=self._auth_method == AUTH_HMAC)
-
-    def _open(self, events: list[Event], *, authenticated: bool) -> None:
-        self._hs = _Hs.DONE
-        self.state = ConnectionState.OPEN
-        peer = self.peer_name if self.role is Role.SERVER else ""
-        events.append(HandshakeComplete(peer, self.session_id, dict(self.peer_limits), authenticated))
+        hs = self._hs
+        reply = hs.receive(frame)
+        if reply is not None:
+            self._control.append(reply)
+        if hs.done:
+            self._local_credit = hs.peer.max_streams
+            self.state = ConnectionState.OPEN
+            peer = hs.peer_name if self.role is Role.SERVER else ""
+            events.append(HandshakeComplete(peer, hs.session_id, dict(hs.peer_limits), hs.authenticated))
 
     # ----------------------------------------------------------------------------------------- stream frames
 
@@ -683,7 +554,7 @@ class Connection:
             sid,
             SS.PENDING,
             local=False,
-            send_limit=self._peer_initial_window,
+            send_limit=self._hs.peer.initial_window,
             window=window,
             recv_limit=window,
             epoch_time=self._time(),
@@ -812,7 +683,7 @@ class Connection:
             sid,
             SS.OPENING,
             local=True,
-            send_limit=self._peer_initial_window,
+            send_limit=self._hs.peer.initial_window,
             window=window,
             recv_limit=window,
             epoch_time=self._time(),
@@ -1090,7 +961,7 @@ class Connection:
 
     def _check_body(self, frame: F.Ctrl | F.CtrlReply) -> None:
         size = len(F.encode(frame))
-        if size > min(self.limits.max_ctrl_body, self._peer_max_payload) + self.limits.max_header:
+        if size > min(self.limits.max_ctrl_body, self._hs.peer.max_frame_payload) + self.limits.max_header:
             raise LocalProtocolError(f"CTRL body of {size} bytes is too large")
         try:
             F.check(frame)  # e.g. a map with integer keys: the peer's decoder would end the connection
@@ -1103,7 +974,7 @@ class Connection:
             return
         if self.state is ConnectionState.OPEN:
             self._urgent.append(F.GoAway(self._goaway_last(), int(code), _clip(reason)))
-        elif self.role is Role.SERVER and self._hs is not _Hs.AWAIT_PREAMBLE:
+        elif self._hs.can_refuse:
             self._urgent.append(F.Refuse(int(code), _clip(reason)))
         self._close([], ConnectionTerminated(int(code), reason, by_peer=False))
 
@@ -1176,7 +1047,7 @@ class Connection:
         self, out: list[bytes | memoryview], size: int, nframes: int, max_bytes: int
     ) -> tuple[int, int]:
         ready = self._ready
-        frame_cap = self._peer_max_payload
+        frame_cap = self._hs.peer.max_frame_payload
         while ready and size < max_bytes:
             sid = ready.popleft()
             stream = self._streams.get(sid)
