@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import enum
 import os
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
@@ -70,7 +69,8 @@ from .events import (
 from .flow import TokenBucket, next_window
 from .handshake import PROTOCOL_VERSION, Handshake, Step
 from .limits import Limits
-from .stream import TRANSITIONS, StreamInput, StreamState
+from .scheduler import Scheduler
+from .stream import TRANSITIONS, StreamInput, StreamRecord, StreamState
 
 __all__ = ["PROTOCOL_VERSION", "Connection", "ConnectionState", "ConnectionStatistics", "Role"]
 
@@ -116,33 +116,6 @@ class ConnectionStatistics:
     """Sum over streams of credit we granted and the application has not consumed (bounds receive memory)."""
     autotune_budget_used: int
     srtt: float | None
-
-
-@attrs.define(eq=False, slots=True)
-class _Stream:
-    sid: int
-    state: StreamState
-    local: bool
-    # send direction
-    send_limit: int
-    sent: int = 0
-    send_buf: list[bytes] = attrs.field(factory=list)  # a list, not a deque: 56 bytes empty instead of 760
-    send_buffered: int = 0
-    head_offset: int = 0
-    fin_queued: bool = False
-    fin_sent: bool = False
-    rst_after_fin: bool = False
-    # receive direction
-    window: int = 0
-    recv_limit: int = 0
-    received: int = 0
-    consumed: int = 0
-    epoch_time: float | None = None
-    epoch_consumed: int = 0
-    # lifecycle
-    app_closed: bool = False
-    blocked: bool = False  # a writer found no room; tell the caller when room appears
-    in_ready: bool = False
 
 
 def _stream_index(sid: int) -> int:
@@ -193,17 +166,11 @@ class Connection:
         self._decoder = F.FrameDecoder(lim.max_header, max(lim.max_frame_payload, lim.max_ctrl_body))
         self._now = 0.0
         self._time_given = False
-        # output queues
-        self._raw_out: list[bytes] = []
-        self._urgent: deque[F.Frame] = deque()  # GOAWAY, REFUSE
-        self._pong: int | None = None
-        self._window_dirty: dict[int, None] = {}
-        self._control: deque[F.Frame] = deque()  # OPEN, OPEN_OK, OPEN_ERR, RST, PING, CTRL, handshake frames
+        # streams and output
+        self._streams: dict[int, StreamRecord] = {}
+        self._out = Scheduler(lim, self._streams)
         self._max_streams_dirty = False
-        self._ready: deque[int] = deque()
         self._writable: set[int] = set()
-        # streams
-        self._streams: dict[int, _Stream] = {}
         self._next_sid = 1 if role is Role.CLIENT else 2
         self._local_opened = 0
         self._local_credit = 0  # the peer's MAX_STREAMS: its declared max_streams once the handshake is done
@@ -233,18 +200,15 @@ class Connection:
         self._ping_bucket = TokenBucket(lim.ping_rate)
         self._empty_bucket = TokenBucket(lim.empty_rate)
         # statistics
-        self._frames_sent = 0
         self._frames_received = 0
-        self._bytes_sent = 0
         self._bytes_received = 0
-        self._data_sent = 0
         self._data_received = 0
         self._discarded = 0
 
         if role is Role.CLIENT:
             preamble, hello = self._hs.start()
-            self._raw_out.append(preamble)
-            self._control.append(hello)
+            self._out.raw_out.append(preamble)
+            self._out.control.append(hello)
 
     # ------------------------------------------------------------------------------------------------ properties
 
@@ -274,15 +238,7 @@ class Connection:
     @property
     def wants_write(self) -> bool:
         """True when :meth:`data_to_send` has something (cheap; lets the caller skip waking its writer)."""
-        return bool(
-            self._raw_out
-            or self._urgent
-            or self._pong is not None
-            or self._window_dirty
-            or self._control
-            or self._max_streams_dirty
-            or self._ready
-        )
+        return self._max_streams_dirty or self._out.wants_write
 
     @property
     def streams_available(self) -> int:
@@ -325,11 +281,11 @@ class Connection:
             streams=len(self._streams),
             pending_streams=self._pending,
             local_streams_available=self.streams_available,
-            frames_sent=self._frames_sent,
+            frames_sent=self._out.frames_sent,
             frames_received=self._frames_received,
-            bytes_sent=self._bytes_sent,
+            bytes_sent=self._out.bytes_sent,
             bytes_received=self._bytes_received,
-            data_bytes_sent=self._data_sent,
+            data_bytes_sent=self._out.data_sent,
             data_bytes_received=self._data_received,
             discarded_data_bytes=self._discarded,
             buffered_send_bytes=sum(s.send_buffered for s in streams),
@@ -410,7 +366,7 @@ class Connection:
             case F.Ping(opaque):
                 if not self._ping_bucket.take(self._now):
                     raise RemoteProtocolError("too many PINGs", ErrorCode.ENHANCE_YOUR_CALM)
-                self._pong = opaque  # one slot: a newer PING overwrites an unanswered one
+                self._out.pong = opaque  # one slot: a newer PING overwrites an unanswered one
             case F.Pong(opaque):
                 self._on_pong(opaque, events)
             case F.GoAway(last, code, reason):
@@ -449,7 +405,7 @@ class Connection:
         hs = self._hs
         reply = hs.receive(frame)
         if reply is not None:
-            self._control.append(reply)
+            self._out.control.append(reply)
         if hs.done:
             self._local_credit = hs.peer.max_streams
             self.state = ConnectionState.OPEN
@@ -458,7 +414,7 @@ class Connection:
 
     # ----------------------------------------------------------------------------------------- stream frames
 
-    def _apply(self, stream: _Stream, event: StreamInput) -> None:
+    def _apply(self, stream: StreamRecord, event: StreamInput) -> None:
         old = stream.state
         try:
             new = stream.state = TRANSITIONS[old, event]
@@ -479,7 +435,7 @@ class Connection:
     def _is_peer_sid(self, sid: int) -> bool:
         return (sid % 2 == 1) == (self.role is Role.SERVER)
 
-    def _lookup(self, sid: int, what: str) -> _Stream | None:
+    def _lookup(self, sid: int, what: str) -> StreamRecord | None:
         """The stream for a received frame, None if it is closed (ignore), or an error if it was never opened."""
         stream = self._streams.get(sid)
         if stream is not None:
@@ -512,7 +468,7 @@ class Connection:
         if frame.fin:
             self._apply(stream, SI.RECV_FIN)
             events.append(StreamEnded(sid))
-            self._window_dirty.pop(sid, None)
+            self._out.window_dirty.pop(sid, None)
             self._maybe_release(stream)
 
     def _on_window(self, sid: int, limit: int, events: list[Event]) -> None:
@@ -550,7 +506,7 @@ class Connection:
             self._refuse_open(sid, ErrorCode.REFUSED, "too many streams waiting to be accepted")
             return
         window = self.limits.initial_window
-        stream = _Stream(
+        stream = StreamRecord(
             sid,
             SS.PENDING,
             local=False,
@@ -598,7 +554,7 @@ class Connection:
         self._apply(stream, SI.RECV_RST)
         self._deadlines.pop(sid, None)
         self._drop_send(stream)
-        self._window_dirty.pop(sid, None)
+        self._out.window_dirty.pop(sid, None)
         if stream.blocked:
             stream.blocked = False
             self._writable.add(sid)
@@ -643,7 +599,7 @@ class Connection:
         if self.state is not ConnectionState.OPEN:
             raise LocalProtocolError(f"the connection is {self.state.value}")
 
-    def _get(self, stream_id: int) -> _Stream:
+    def _get(self, stream_id: int) -> StreamRecord:
         stream = self._streams.get(stream_id)
         if stream is None:
             raise LocalProtocolError(f"stream {stream_id} is not open (released or never opened)")
@@ -679,7 +635,7 @@ class Connection:
         self._local_opened += 1
         self._local_opening += 1
         window = self.limits.initial_window
-        self._streams[sid] = _Stream(
+        self._streams[sid] = StreamRecord(
             sid,
             SS.OPENING,
             local=True,
@@ -708,7 +664,7 @@ class Connection:
         stream.app_closed = True
         self._maybe_release(stream)
 
-    def _can_send_data(self, stream: _Stream) -> bool:
+    def _can_send_data(self, stream: StreamRecord) -> bool:
         return (stream.state, SI.SEND_DATA) in TRANSITIONS and not stream.fin_queued
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
@@ -734,7 +690,7 @@ class Connection:
             stream.send_buf.append(data if type(data) is bytes and take == len(data) else bytes(data[:take]))
             stream.send_buffered += take
             stream.sent += take
-            self._mark_ready(stream)
+            self._out.mark_ready(stream)
         return take
 
     def end_stream(self, stream_id: int) -> None:
@@ -744,7 +700,7 @@ class Connection:
             return
         self._apply(stream, SI.SEND_FIN)
         stream.fin_queued = True
-        self._mark_ready(stream)
+        self._out.mark_ready(stream)
         self._maybe_release(stream)
 
     def acknowledge(self, stream_id: int, size: int, *, now: float | None = None) -> None:
@@ -762,7 +718,7 @@ class Connection:
         stream.consumed += size
         self._maybe_window(stream, now)
 
-    def _maybe_window(self, stream: _Stream, now: float | None) -> None:
+    def _maybe_window(self, stream: StreamRecord, now: float | None) -> None:
         if stream.state not in (SS.OPEN, SS.HALF_CLOSED_LOCAL, SS.PENDING, SS.OPENING, SS.OPENING_LOCAL_CLOSED):
             return
         if stream.recv_limit - stream.consumed > stream.window // 2:
@@ -785,7 +741,7 @@ class Connection:
             stream.epoch_time = now
             stream.epoch_consumed = stream.consumed
         stream.recv_limit = stream.consumed + stream.window
-        self._window_dirty[stream.sid] = None
+        self._out.window_dirty[stream.sid] = None
 
     def close_stream(self, stream_id: int) -> None:
         """The application is done with the stream (``aclose``): FIN if our direction is open, and a single
@@ -806,12 +762,12 @@ class Connection:
             if not stream.fin_queued and (state, SI.SEND_FIN) in TRANSITIONS:
                 self._apply(stream, SI.SEND_FIN)
                 stream.fin_queued = True
-                self._mark_ready(stream)
+                self._out.mark_ready(stream)
             if stream.state is not SS.CLOSED:
                 # The peer's direction is still open: tell it to stop, after our FIN (like TCP close with unread
                 # data). Later data from it is discarded and counted.
                 self._apply(stream, SI.SEND_RST)
-                self._window_dirty.pop(stream_id, None)
+                self._out.window_dirty.pop(stream_id, None)
                 if stream.fin_sent:
                     self._queue_control(F.Reset(stream_id, ErrorCode.STREAM_CLOSED, "stream closed"))
                 else:
@@ -830,14 +786,14 @@ class Connection:
         self._drop_send(stream)
         self._maybe_release(stream)
 
-    def _reset(self, stream: _Stream, code: ErrorCode | int, reason: str) -> None:
+    def _reset(self, stream: StreamRecord, code: ErrorCode | int, reason: str) -> None:
         self._apply(stream, SI.SEND_RST)
         self._deadlines.pop(stream.sid, None)
         self._drop_send(stream)
-        self._window_dirty.pop(stream.sid, None)
+        self._out.window_dirty.pop(stream.sid, None)
         self._queue_control(F.Reset(stream.sid, int(code), _clip(reason)))
 
-    def _drop_send(self, stream: _Stream) -> None:
+    def _drop_send(self, stream: StreamRecord) -> None:
         """Nothing more goes out on this stream (it was reset or refused): forget queued data and FIN."""
         stream.send_buf.clear()
         stream.send_buffered = 0
@@ -848,7 +804,7 @@ class Connection:
             stream.blocked = False
             self._writable.add(stream.sid)
 
-    def _maybe_release(self, stream: _Stream) -> None:
+    def _maybe_release(self, stream: StreamRecord) -> None:
         if (
             stream.state is not SS.CLOSED
             or not stream.app_closed
@@ -859,7 +815,7 @@ class Connection:
             return  # (not in the table any more: the connection ended while a command was running)
         del self._streams[stream.sid]
         self._deadlines.pop(stream.sid, None)
-        self._window_dirty.pop(stream.sid, None)
+        self._out.window_dirty.pop(stream.sid, None)
         self._budget_used -= stream.window - self.limits.initial_window
         if not stream.local:
             self._grant_stream()
@@ -929,7 +885,7 @@ class Connection:
             return
         self._goaway_sent = True
         self._last_peer_sid_allowed = self._highest_peer_sid
-        self._urgent.append(F.GoAway(self._goaway_last(), int(code), _clip(reason)))
+        self._out.urgent.append(F.GoAway(self._goaway_last(), int(code), _clip(reason)))
 
     def send_request(self, kind: str, body: Any = None, *, expect_reply: bool = True) -> int:
         """Queue a CTRL request; returns its id (0 for a notification, which gets no reply)."""
@@ -973,15 +929,15 @@ class Connection:
         if self.state is ConnectionState.CLOSED:
             return
         if self.state is ConnectionState.OPEN:
-            self._urgent.append(F.GoAway(self._goaway_last(), int(code), _clip(reason)))
+            self._out.urgent.append(F.GoAway(self._goaway_last(), int(code), _clip(reason)))
         elif self._hs.can_refuse:
-            self._urgent.append(F.Refuse(int(code), _clip(reason)))
+            self._out.urgent.append(F.Refuse(int(code), _clip(reason)))
         self._close([], ConnectionTerminated(int(code), reason, by_peer=False))
 
     # ----------------------------------------------------------------------------------------------- sending
 
     def _queue_control(self, frame: F.Frame) -> None:
-        if len(self._control) >= self.limits.max_queued_control:
+        if len(self._out.control) >= self.limits.max_queued_control:
             self._fail(
                 RemoteProtocolError(
                     "the peer is not reading: too many control frames queued", ErrorCode.ENHANCE_YOUR_CALM
@@ -989,12 +945,7 @@ class Connection:
                 self._deferred,
             )
             return
-        self._control.append(frame)
-
-    def _mark_ready(self, stream: _Stream) -> None:
-        if not stream.in_ready:
-            stream.in_ready = True
-            self._ready.append(stream.sid)
+        self._out.control.append(frame)
 
     def data_to_send(self, max_bytes: int = 256 * 1024) -> bytes:
         """The bytes to write next (``b""`` when nothing is pending), at most about ``max_bytes``.
@@ -1007,106 +958,24 @@ class Connection:
         """:meth:`data_to_send` as the list of buffers it would join (empty when nothing is pending), for a writer
         with scatter/gather I/O (``sendmsg``): stream data is not copied once more. The buffers are immutable
         (``bytes`` or views of ``bytes``): they stay valid however long the caller holds them."""
-        out: list[bytes | memoryview] = list(self._raw_out)
-        self._raw_out = []
-        size = sum(map(len, out))
-        nframes = 0
-
-        def put(frame: F.Frame) -> None:
-            nonlocal size, nframes
-            raw = F.encode(frame)
-            out.append(raw)
-            size += len(raw)
-            nframes += 1
-
-        if self._pong is not None:
-            put(F.Pong(self._pong))
-            self._pong = None
-        while self._urgent:
-            put(self._urgent.popleft())
-        if self._window_dirty:
-            for sid in self._window_dirty:
-                stream = self._streams.get(sid)
-                if stream is not None:
-                    put(F.Window(sid, stream.recv_limit))
-            self._window_dirty.clear()
-        while self._control and size < max_bytes:
-            put(self._control.popleft())
+        max_streams = None
         if self._max_streams_dirty and self.state is ConnectionState.OPEN:
             self._max_streams_dirty = False
             if self._granted != self._granted_sent:
-                self._granted_sent = self._granted
-                put(F.MaxStreams(self._granted))
-        if not self._control and self.state is not ConnectionState.CLOSED:
-            size, nframes = self._send_stream_data(out, size, nframes, max_bytes)
-        self._frames_sent += nframes
-        self._bytes_sent += size
-        return out
+                self._granted_sent = max_streams = self._granted
+        return self._out.build(
+            max_bytes,
+            frame_cap=self._hs.peer.max_frame_payload,
+            max_streams=max_streams,
+            send_data=self.state is not ConnectionState.CLOSED,
+            turn_done=self._turn_done,
+        )
 
-    def _send_stream_data(
-        self, out: list[bytes | memoryview], size: int, nframes: int, max_bytes: int
-    ) -> tuple[int, int]:
-        ready = self._ready
-        frame_cap = self._hs.peer.max_frame_payload
-        while ready and size < max_bytes:
-            sid = ready.popleft()
-            stream = self._streams.get(sid)
-            if stream is None:
-                continue
-            stream.in_ready = False
-            # Deficit round robin with a fixed quantum: a stream alone may use bigger frames (fewer, same order).
-            budget = min(self.limits.solo_quantum if not ready else self.limits.send_quantum, max_bytes - size)
-            while True:
-                take = min(budget, frame_cap, stream.send_buffered)
-                fin = stream.fin_queued and not stream.fin_sent and take == stream.send_buffered
-                if not take and not fin:
-                    break
-                header = F.encode_data_header(sid, take, fin)
-                out.append(header)
-                if take:
-                    self._take_send(stream, take, out)
-                size += len(header) + take
-                nframes += 1
-                budget -= take
-                self._data_sent += take
-                if fin:
-                    stream.fin_sent = True
-                    if stream.rst_after_fin:
-                        stream.rst_after_fin = False
-                        raw = F.encode(F.Reset(sid, ErrorCode.STREAM_CLOSED, "stream closed"))
-                        out.append(raw)
-                        size += len(raw)
-                        nframes += 1
-                    break
-                if budget <= 0:
-                    break
-            if stream.send_buffered or (stream.fin_queued and not stream.fin_sent):
-                stream.in_ready = True
-                ready.append(sid)
-            if stream.blocked and self.send_credit(sid) > 0:
-                stream.blocked = False
-                self._writable.add(sid)
-            self._maybe_release(stream)
-        return size, nframes
-
-    def _take_send(self, stream: _Stream, n: int, out: list[bytes | memoryview]) -> None:
-        """Move ``n`` queued bytes of ``stream`` to ``out`` as zero-copy views (joined once, or not at all)."""
-        buf = stream.send_buf
-        need = n
-        while need:
-            head = buf[0]
-            off = stream.head_offset
-            avail = len(head) - off
-            if avail <= need:
-                out.append(memoryview(head)[off:] if off else head)
-                del buf[0]
-                stream.head_offset = 0
-                need -= avail
-            else:
-                out.append(memoryview(head)[off : off + need])
-                stream.head_offset = off + need
-                need = 0
-        stream.send_buffered -= n
+    def _turn_done(self, stream: StreamRecord) -> None:
+        if stream.blocked and self.send_credit(stream.sid) > 0:
+            stream.blocked = False
+            self._writable.add(stream.sid)
+        self._maybe_release(stream)
 
     # ------------------------------------------------------------------------------------------ termination
 
@@ -1114,15 +983,14 @@ class Connection:
         if self.state is ConnectionState.CLOSED:
             return
         # On an error nothing else goes out: drop queued control and data, keep only the GOAWAY/REFUSE.
-        self._control.clear()
-        self._urgent.clear()
-        self._pong = None
-        self._window_dirty.clear()
+        self._out.drop_control()
+        self._out.urgent.clear()
+        self._out.pong = None
         self._max_streams_dirty = False
         if self.state is ConnectionState.OPEN:
-            self._urgent.append(F.GoAway(self._goaway_last(), exc.code, _clip(exc.reason)))
+            self._out.urgent.append(F.GoAway(self._goaway_last(), exc.code, _clip(exc.reason)))
         elif self.role is Role.SERVER:
-            self._urgent.append(F.Refuse(exc.code, _clip(exc.reason)))
+            self._out.urgent.append(F.Refuse(exc.code, _clip(exc.reason)))
         # A client failing in the handshake just closes: a client has no frame to refuse with.
         self._close(events, ConnectionTerminated(exc.code, exc.reason, by_peer=False, error=exc))
 
@@ -1133,12 +1001,10 @@ class Connection:
         self.state = ConnectionState.CLOSED
         self.terminated = terminated
         # The GOAWAY (or REFUSE) in _urgent is the last frame we write: nothing queued behind it goes out.
-        self._control.clear()
-        self._window_dirty.clear()
+        self._out.drop_control()
         self._max_streams_dirty = False
         self._streams.clear()
         self._deadlines.clear()
-        self._ready.clear()
         self._pending = 0
         self._local_opening = 0
         self._budget_used = 0

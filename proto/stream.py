@@ -13,7 +13,9 @@ from __future__ import annotations
 import enum
 from typing import Final
 
-__all__ = ["StreamInput", "StreamState", "TRANSITIONS", "is_local_input"]
+import attrs
+
+__all__ = ["StreamInput", "StreamRecord", "StreamState", "TRANSITIONS", "is_local_input"]
 
 
 class StreamState(enum.Enum):
@@ -99,3 +101,32 @@ del S, I
 def is_local_input(event: StreamInput) -> bool:
     """True for inputs we cause (SEND_*), False for those the peer causes (RECV_*)."""
     return event.name.startswith("SEND_")
+
+
+@attrs.define(eq=False, slots=True)
+class StreamRecord:
+    """One entry of a connection's stream table: its state in :data:`TRANSITIONS` and its two directions."""
+
+    sid: int
+    state: StreamState
+    local: bool
+    # send direction
+    send_limit: int
+    sent: int = 0
+    send_buf: list[bytes] = attrs.field(factory=list)  # a list, not a deque: 56 bytes empty instead of 760
+    send_buffered: int = 0
+    head_offset: int = 0
+    fin_queued: bool = False
+    fin_sent: bool = False
+    rst_after_fin: bool = False
+    # receive direction
+    window: int = 0
+    recv_limit: int = 0
+    received: int = 0
+    consumed: int = 0
+    epoch_time: float | None = None
+    epoch_consumed: int = 0
+    # lifecycle
+    app_closed: bool = False
+    blocked: bool = False  # a writer found no room; tell the caller when room appears
+    in_ready: bool = False
