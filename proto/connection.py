@@ -578,8 +578,8 @@ class Connection:
         events.append(GoAwayReceived(last, code, reason))
         for stream in list(self._streams.values()):
             if stream.local and stream.sid > last and stream.state in _OPENING:
-                self._left_open_handshake(stream.state, SS.CLOSED)
-                stream.state = SS.CLOSED
+                # The GOAWAY answers these opens as an OPEN_ERR(REFUSED) would: the same move in the table.
+                self._apply(stream, SI.RECV_OPEN_ERR)
                 self._deadlines.pop(stream.sid, None)
                 self._drop_send(stream)
                 events.append(StreamRejected(stream.sid, ErrorCode.REFUSED, "the peer is going away: " + reason))
@@ -665,7 +665,7 @@ class Connection:
         self._maybe_release(stream)
 
     def _can_send_data(self, stream: StreamRecord) -> bool:
-        return (stream.state, SI.SEND_DATA) in TRANSITIONS and not stream.fin_queued
+        return (stream.state, SI.SEND_DATA) in TRANSITIONS
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
         """Queue stream bytes; returns how many were taken (0 when there is no credit or buffer room).
@@ -679,7 +679,7 @@ class Connection:
                 raise LocalProtocolError(f"stream {stream_id} is closed")
             raise LocalProtocolError(
                 f"stream {stream_id}: cannot send DATA in state {stream.state.value}"
-                + (" after FIN" if stream.fin_queued else "")
+                + (" after FIN" if stream.local_closed else "")
             )
         room = min(stream.send_limit - stream.sent, self.limits.max_send_buffer - stream.send_buffered)
         take = min(len(data), max(room, 0))
@@ -696,10 +696,10 @@ class Connection:
     def end_stream(self, stream_id: int) -> None:
         """Half-close our direction: FIN goes out on the last DATA frame, after every byte queued before it."""
         stream = self._get(stream_id)
-        if stream.fin_queued:
+        if stream.local_closed:
             return
         self._apply(stream, SI.SEND_FIN)
-        stream.fin_queued = True
+        stream.fin_pending = True
         self._out.mark_ready(stream)
         self._maybe_release(stream)
 
@@ -756,22 +756,22 @@ class Connection:
             self._apply(stream, SI.SEND_OPEN_ERR)
             self._deadlines.pop(stream_id, None)
             self._queue_control(F.OpenErr(stream_id, ErrorCode.REFUSED, "closed before it was accepted"))
-        elif state is SS.OPENING and not stream.sent and not stream.fin_queued:
+        elif state is SS.OPENING and not stream.sent:
             self._reset(stream, ErrorCode.CANCEL, "closed before it was accepted")
         elif state is not SS.CLOSED:
-            if not stream.fin_queued and (state, SI.SEND_FIN) in TRANSITIONS:
+            if (state, SI.SEND_FIN) in TRANSITIONS:
                 self._apply(stream, SI.SEND_FIN)
-                stream.fin_queued = True
+                stream.fin_pending = True
                 self._out.mark_ready(stream)
             if stream.state is not SS.CLOSED:
                 # The peer's direction is still open: tell it to stop, after our FIN (like TCP close with unread
                 # data). Later data from it is discarded and counted.
                 self._apply(stream, SI.SEND_RST)
                 self._out.window_dirty.pop(stream_id, None)
-                if stream.fin_sent:
-                    self._queue_control(F.Reset(stream_id, ErrorCode.STREAM_CLOSED, "stream closed"))
+                if stream.fin_pending:
+                    stream.rst_pending = True  # written right behind the FIN
                 else:
-                    stream.rst_after_fin = True
+                    self._queue_control(F.Reset(stream_id, ErrorCode.STREAM_CLOSED, "stream closed"))
         self._maybe_release(stream)
 
     def reset_stream(self, stream_id: int, code: ErrorCode | int = ErrorCode.CANCEL, reason: str = "") -> None:
@@ -794,12 +794,11 @@ class Connection:
         self._queue_control(F.Reset(stream.sid, int(code), _clip(reason)))
 
     def _drop_send(self, stream: StreamRecord) -> None:
-        """Nothing more goes out on this stream (it was reset or refused): forget queued data and FIN."""
+        """Nothing more goes out on this stream (it was reset or refused; its state says so): forget what is queued."""
         stream.send_buf.clear()
         stream.send_buffered = 0
         stream.head_offset = 0
-        stream.rst_after_fin = False
-        stream.fin_queued = stream.fin_sent = True
+        stream.fin_pending = stream.rst_pending = False
         if stream.blocked:
             stream.blocked = False
             self._writable.add(stream.sid)

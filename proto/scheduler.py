@@ -138,7 +138,7 @@ class Scheduler:
             budget = min(limits.solo_quantum if not ready else limits.send_quantum, max_bytes - size)
             while True:
                 take = min(budget, frame_cap, stream.send_buffered)
-                fin = stream.fin_queued and not stream.fin_sent and take == stream.send_buffered
+                fin = stream.fin_pending and take == stream.send_buffered
                 if not take and not fin:
                     break
                 header = F.encode_data_header(sid, take, fin)
@@ -150,9 +150,9 @@ class Scheduler:
                 budget -= take
                 self.data_sent += take
                 if fin:
-                    stream.fin_sent = True
-                    if stream.rst_after_fin:
-                        stream.rst_after_fin = False
+                    stream.fin_pending = False
+                    if stream.rst_pending:
+                        stream.rst_pending = False
                         raw = F.encode(F.Reset(sid, ErrorCode.STREAM_CLOSED, "stream closed"))
                         out.append(raw)
                         size += len(raw)
@@ -160,7 +160,7 @@ class Scheduler:
                     break
                 if budget <= 0:
                     break
-            if stream.send_buffered or (stream.fin_queued and not stream.fin_sent):
+            if stream.send_buffered or stream.fin_pending:
                 stream.in_ready = True
                 ready.append(sid)
             turn_done(stream)

@@ -95,6 +95,8 @@ TRANSITIONS: Final[dict[tuple[StreamState, StreamInput], StreamState]] = {
 """Every legal move. CLOSED has no entries: frames for a closed stream are handled before the table (DATA is
 discarded and counted; WINDOW, FIN, RST, OPEN_OK and OPEN_ERR are ignored)."""
 
+_LOCAL_CLOSED: Final = frozenset({S.OPENING_LOCAL_CLOSED, S.HALF_CLOSED_LOCAL, S.CLOSED})
+
 del S, I
 
 
@@ -116,9 +118,11 @@ class StreamRecord:
     send_buf: list[bytes] = attrs.field(factory=list)  # a list, not a deque: 56 bytes empty instead of 760
     send_buffered: int = 0
     head_offset: int = 0
-    fin_queued: bool = False
-    fin_sent: bool = False
-    rst_after_fin: bool = False
+    # What the send queue holds after its bytes (queue contents, not lifecycle: the state says whether we sent FIN).
+    fin_pending: bool = False
+    """SEND_FIN happened and the FIN is not written yet: it goes out on the last DATA frame."""
+    rst_pending: bool = False
+    """An RST(STREAM_CLOSED) is written right behind that FIN (``close_stream`` with the peer's direction open)."""
     # receive direction
     window: int = 0
     recv_limit: int = 0
@@ -126,7 +130,15 @@ class StreamRecord:
     consumed: int = 0
     epoch_time: float | None = None
     epoch_consumed: int = 0
-    # lifecycle
+    # the application's handle, and the scheduler's queues (neither is the stream's protocol state)
     app_closed: bool = False
-    blocked: bool = False  # a writer found no room; tell the caller when room appears
+    """The application let go of the stream: release the entry once it is CLOSED and its queue is written."""
+    blocked: bool = False
+    """A writer found no room; tell the caller when room appears."""
     in_ready: bool = False
+    """The stream is in the scheduler's ready queue."""
+
+    @property
+    def local_closed(self) -> bool:
+        """Our direction is over (we sent FIN, or the stream is closed): derived from the state alone."""
+        return self.state in _LOCAL_CLOSED
