@@ -156,10 +156,7 @@ class Handshake:
     def closed_early_reason(self) -> str | None:
         """Why the peer closing the transport now is worth a word of its own (None: nothing special)."""
         if self.step is Step.AWAIT_AUTH:
-            return (
-                "the client closed the connection instead of authenticating (has it a token? "
-                "--token, --token-file or TRIO_TUNNEL_TOKEN)"
-            )
+            return "the client closed the connection instead of authenticating (has it a token?)"
         return None
 
     def receive(self, frame: F.Frame) -> F.Frame | None:
@@ -209,8 +206,7 @@ class Handshake:
                     matched = token
             if matched is None:
                 raise RemoteProtocolError(
-                    "authentication failed: the client's token is not one this server accepts "
-                    "(check --token, --token-file or TRIO_TUNNEL_TOKEN on both sides)",
+                    "authentication failed: the client's token is not one this server accepts",
                     ErrorCode.AUTH,
                     auth_problem=AuthProblem.TOKEN_REJECTED,
                 )
@@ -232,8 +228,7 @@ class Handshake:
         if challenge.method == AUTH_HMAC:
             if self._token is None:
                 raise LocalProtocolError(
-                    "the server requires a token and this client has none (pass --token, --token-file or "
-                    "TRIO_TUNNEL_TOKEN)",
+                    "the server requires a token and this client has none",
                     ErrorCode.AUTH,
                     auth_problem=AuthProblem.TOKEN_MISSING,
                 )
@@ -242,8 +237,7 @@ class Handshake:
             if self._token is not None:
                 raise LocalProtocolError(
                     "the server does not authenticate, but this client has a token: refusing to connect, since a "
-                    "server that cannot prove it knows the token may be an impostor (drop the client's token only "
-                    "if the server really runs with --insecure-no-auth)",
+                    "server that cannot prove it knows the token may be an impostor",
                     ErrorCode.AUTH,
                     auth_problem=AuthProblem.TOKEN_UNEXPECTED,
                 )
