@@ -41,6 +41,7 @@ from typing import Any, Final
 import attrs
 
 from . import frames as F
+from .control import Keepalive, Requests
 from .errors import (
     ErrorCode,
     FlowControlError,
@@ -186,14 +187,9 @@ class Connection:
         self._peer_goaway: tuple[int, str] = (ErrorCode.NO_ERROR, "")  # code and reason of its latest GOAWAY
         self._last_peer_sid_allowed = F.SID_LIMIT  # after our GOAWAY, peer OPENs above this are refused
         # keepalive / rtt
-        self._ping_counter = 0
-        self._ping_outstanding: int | None = None
-        self._ping_sent_at: float | None = None
-        self.srtt: float | None = None
+        self._keepalive = Keepalive()
         # control plane
-        self._next_request_id = 1
-        self._outstanding_requests: set[int] = set()
-        self._peer_requests: set[int] = set()
+        self._requests = Requests(lim.max_pending_requests)
         # defences
         self._open_bucket = TokenBucket(lim.open_rate)
         self._reset_bucket = TokenBucket(lim.reset_rate)
@@ -226,6 +222,11 @@ class Connection:
     def peer_limits(self) -> dict[str, int]:
         """The limits map the peer declared, as it sent it ({} until the handshake has it)."""
         return self._hs.peer_limits
+
+    @property
+    def srtt(self) -> float | None:
+        """Smoothed round-trip time from PING/PONG (seconds), None before the first sample."""
+        return self._keepalive.srtt
 
     @property
     def is_open(self) -> bool:
@@ -379,19 +380,10 @@ class Connection:
                     events.append(StreamCreditGranted(self.streams_available))
             case F.Ctrl(req, kind, body):
                 if req:
-                    if req in self._peer_requests:
-                        raise RemoteProtocolError(f"CTRL request id {req} is already in use")
-                    if len(self._peer_requests) >= self.limits.max_pending_requests:
-                        raise RemoteProtocolError(
-                            f"more than {self.limits.max_pending_requests} CTRL requests outstanding",
-                            ErrorCode.ENHANCE_YOUR_CALM,
-                        )
-                    self._peer_requests.add(req)
+                    self._requests.received(req)
                 events.append(RequestReceived(req, kind, body))
             case F.CtrlReply(req, code, body):
-                if req not in self._outstanding_requests:
-                    raise RemoteProtocolError(f"CTRL_REPLY for unknown request id {req}")
-                self._outstanding_requests.discard(req)
+                self._requests.replied(req)
                 events.append(ReplyReceived(req, code, body))
             case _:
                 raise RemoteProtocolError(f"unexpected {type(frame).__name__.upper()} frame after the handshake")
@@ -562,14 +554,7 @@ class Connection:
         self._maybe_release(stream)
 
     def _on_pong(self, opaque: int, events: list[Event]) -> None:
-        rtt = None
-        if opaque == self._ping_outstanding:
-            if self._ping_sent_at is not None:
-                rtt = max(0.0, self._now - self._ping_sent_at)
-                self.srtt = rtt if self.srtt is None else self.srtt / 2 + rtt / 2
-            self._ping_outstanding = None
-            self._ping_sent_at = None
-        events.append(PongReceived(opaque, rtt))
+        events.append(PongReceived(opaque, self._keepalive.pong(opaque, self._now)))
 
     def _on_goaway(self, last: int, code: int, reason: str, events: list[Event]) -> None:
         # A later GOAWAY (e.g. an error after a graceful one) is reported too: its code and reason are the news.
@@ -872,11 +857,9 @@ class Connection:
         """Queue a PING (it replaces an unanswered one for RTT purposes); returns its opaque value."""
         self._require_open()
         self._set_now(now)
-        self._ping_counter += 1
-        self._ping_outstanding = self._ping_counter
-        self._ping_sent_at = now
-        self._queue_control(F.Ping(self._ping_counter))
-        return self._ping_counter
+        opaque = self._keepalive.ping(now)
+        self._queue_control(F.Ping(opaque))
+        return opaque
 
     def go_away(self, code: ErrorCode | int = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """Tell the peer to open no more streams. Streams already open carry on (drain them, then close)."""
@@ -893,25 +876,21 @@ class Connection:
             raise LocalProtocolError(f"CTRL kind longer than {F.CTRL_KIND_MAX} bytes")
         req = 0
         if expect_reply:
-            if len(self._outstanding_requests) >= self.limits.max_pending_requests:
-                raise LocalProtocolError(f"more than {self.limits.max_pending_requests} requests outstanding")
-            req = self._next_request_id
+            req = self._requests.next_id()
         frame = F.Ctrl(req, kind, body)
         self._check_body(frame)  # before the id is taken: a refused body must not use up a request slot
         if req:
-            self._next_request_id += 1
-            self._outstanding_requests.add(req)
+            self._requests.sent(req)
         self._queue_control(frame)
         return req
 
     def send_reply(self, request_id: int, body: Any = None, code: ErrorCode | int = ErrorCode.NO_ERROR) -> None:
         """Answer the peer's CTRL request."""
         self._require_open()
-        if request_id not in self._peer_requests:
-            raise LocalProtocolError(f"no outstanding request {request_id} to reply to")
+        self._requests.check_answerable(request_id)
         frame = F.CtrlReply(request_id, int(code), body)
         self._check_body(frame)
-        self._peer_requests.discard(request_id)
+        self._requests.answered(request_id)
         self._queue_control(frame)
 
     def _check_body(self, frame: F.Ctrl | F.CtrlReply) -> None:
@@ -1008,8 +987,7 @@ class Connection:
         self._local_opening = 0
         self._budget_used = 0
         self._writable.clear()
-        self._outstanding_requests.clear()
-        self._peer_requests.clear()
+        self._requests.clear()
         events.append(terminated)
 
 
