@@ -5,6 +5,7 @@ The whole public API is re-exported here; docs/PROTOCOL.md is the wire specifica
 
 from .connection import PROTOCOL_VERSION, Connection, ConnectionState, ConnectionStatistics, Role
 from .errors import (
+    AuthProblem,
     ErrorCode,
     FlowControlError,
     FrameSizeError,
@@ -35,6 +36,7 @@ from .stream import StreamState
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "AuthProblem",
     "Connection",
     "ConnectionState",
     "ConnectionStatistics",

@@ -34,16 +34,14 @@ by the caller raises :class:`LocalProtocolError` at once.
 from __future__ import annotations
 
 import enum
-import hashlib
-import hmac
 import os
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
 
 from . import frames as F
+from .control import Keepalive, Requests
 from .errors import (
     ErrorCode,
     FlowControlError,
@@ -70,16 +68,12 @@ from .events import (
     WindowUpdated,
 )
 from .flow import TokenBucket, next_window
+from .handshake import PROTOCOL_VERSION, Handshake, Step
 from .limits import Limits
-from .stream import TRANSITIONS, StreamInput, StreamState
+from .scheduler import Scheduler
+from .stream import TRANSITIONS, StreamInput, StreamRecord, StreamState
 
 __all__ = ["PROTOCOL_VERSION", "Connection", "ConnectionState", "ConnectionStatistics", "Role"]
-
-PROTOCOL_VERSION: Final = 1
-AUTH_HMAC: Final = "hmac-sha256"
-AUTH_NONE: Final = "none"
-_CLIENT_LABEL: Final = b"trio-tunnel/1 client\x00"
-_SERVER_LABEL: Final = b"trio-tunnel/1 server\x00"
 
 SI = StreamInput
 SS = StreamState
@@ -96,17 +90,6 @@ class ConnectionState(enum.Enum):
     HANDSHAKE = "handshake"
     OPEN = "open"
     CLOSED = "closed"
-
-
-class _Hs(enum.Enum):
-    """Handshake steps."""
-
-    AWAIT_PREAMBLE = enum.auto()  # server
-    AWAIT_HELLO = enum.auto()  # server
-    AWAIT_AUTH = enum.auto()  # server
-    AWAIT_CHALLENGE = enum.auto()  # client
-    AWAIT_WELCOME = enum.auto()  # client
-    DONE = enum.auto()
 
 
 @attrs.frozen
@@ -134,33 +117,6 @@ class ConnectionStatistics:
     """Sum over streams of credit we granted and the application has not consumed (bounds receive memory)."""
     autotune_budget_used: int
     srtt: float | None
-
-
-@attrs.define(eq=False, slots=True)
-class _Stream:
-    sid: int
-    state: StreamState
-    local: bool
-    # send direction
-    send_limit: int
-    sent: int = 0
-    send_buf: list[bytes] = attrs.field(factory=list)  # a list, not a deque: 56 bytes empty instead of 760
-    send_buffered: int = 0
-    head_offset: int = 0
-    fin_queued: bool = False
-    fin_sent: bool = False
-    rst_after_fin: bool = False
-    # receive direction
-    window: int = 0
-    recv_limit: int = 0
-    received: int = 0
-    consumed: int = 0
-    epoch_time: float | None = None
-    epoch_consumed: int = 0
-    # lifecycle
-    app_closed: bool = False
-    blocked: bool = False  # a writer found no room; tell the caller when room appears
-    in_ready: bool = False
 
 
 def _stream_index(sid: int) -> int:
@@ -194,13 +150,15 @@ class Connection:
         self.role = role
         self.limits = limits if limits is not None else Limits()
         self.name = name
-        self._token = token
-        self._tokens = tuple(tokens)
-        self._random = random_bytes
+        self._hs = Handshake(
+            client=role is Role.CLIENT,
+            limits=self.limits,
+            name=name,
+            token=token,
+            tokens=tokens,
+            random_bytes=random_bytes,
+        )
         self.state = ConnectionState.HANDSHAKE
-        self.session_id = ""
-        self.peer_name = ""
-        self.peer_limits: dict[str, int] = {}
         self.terminated: ConnectionTerminated | None = None
         # A ConnectionTerminated raised where no event list is at hand (a command overflowed the control queue):
         # reported by the next receive_data or expire.
@@ -209,35 +167,19 @@ class Connection:
         self._decoder = F.FrameDecoder(lim.max_header, max(lim.max_frame_payload, lim.max_ctrl_body))
         self._now = 0.0
         self._time_given = False
-        # handshake
-        self._hs = _Hs.AWAIT_CHALLENGE if role is Role.CLIENT else _Hs.AWAIT_PREAMBLE
-        self._client_nonce = b""
-        self._server_nonce = b""
-        self._auth_method = ""
-        self._matched_token: bytes | None = None
-        # output queues
-        self._raw_out: list[bytes] = []
-        self._urgent: deque[F.Frame] = deque()  # GOAWAY, REFUSE
-        self._pong: int | None = None
-        self._window_dirty: dict[int, None] = {}
-        self._control: deque[F.Frame] = deque()  # OPEN, OPEN_OK, OPEN_ERR, RST, PING, CTRL, handshake frames
+        # streams and output
+        self._streams: dict[int, StreamRecord] = {}
+        self._out = Scheduler(lim, self._streams)
         self._max_streams_dirty = False
-        self._ready: deque[int] = deque()
         self._writable: set[int] = set()
-        # peer's declared limits (until the handshake tells us)
-        self._peer_max_payload = 16 * 1024
-        self._peer_initial_window = 64 * 1024
-        # streams
-        self._streams: dict[int, _Stream] = {}
         self._next_sid = 1 if role is Role.CLIENT else 2
         self._local_opened = 0
-        self._local_credit = 0
+        self._local_credit = 0  # the peer's MAX_STREAMS: its declared max_streams once the handshake is done
         self._highest_peer_sid = 0
         self._granted = lim.max_streams  # cumulative MAX_STREAMS we allow the peer
         self._granted_sent = lim.max_streams
         self._pending = 0  # peer streams not yet answered (PENDING)
         self._local_opening = 0  # our streams not yet answered (OPENING)
-        self._peer_backlog = 64  # unanswered opens the peer accepts at once (declared in its limits)
         self._deadlines: dict[int, float] = {}
         self._budget_used = 0
         self._goaway_sent = False
@@ -245,34 +187,46 @@ class Connection:
         self._peer_goaway: tuple[int, str] = (ErrorCode.NO_ERROR, "")  # code and reason of its latest GOAWAY
         self._last_peer_sid_allowed = F.SID_LIMIT  # after our GOAWAY, peer OPENs above this are refused
         # keepalive / rtt
-        self._ping_counter = 0
-        self._ping_outstanding: int | None = None
-        self._ping_sent_at: float | None = None
-        self.srtt: float | None = None
+        self._keepalive = Keepalive()
         # control plane
-        self._next_request_id = 1
-        self._outstanding_requests: set[int] = set()
-        self._peer_requests: set[int] = set()
+        self._requests = Requests(lim.max_pending_requests)
         # defences
         self._open_bucket = TokenBucket(lim.open_rate)
         self._reset_bucket = TokenBucket(lim.reset_rate)
         self._ping_bucket = TokenBucket(lim.ping_rate)
         self._empty_bucket = TokenBucket(lim.empty_rate)
         # statistics
-        self._frames_sent = 0
         self._frames_received = 0
-        self._bytes_sent = 0
         self._bytes_received = 0
-        self._data_sent = 0
         self._data_received = 0
         self._discarded = 0
 
         if role is Role.CLIENT:
-            self._client_nonce = self._random(F.NONCE_SIZE)
-            self._raw_out.append(F.encode_preamble(PROTOCOL_VERSION, PROTOCOL_VERSION))
-            self._control.append(F.Hello(name, self._client_nonce, lim.declared()))
+            preamble, hello = self._hs.start()
+            self._out.raw_out.append(preamble)
+            self._out.control.append(hello)
 
     # ------------------------------------------------------------------------------------------------ properties
+
+    @property
+    def session_id(self) -> str:
+        """The session's id, chosen by the server in WELCOME ("" until then)."""
+        return self._hs.session_id
+
+    @property
+    def peer_name(self) -> str:
+        """The client's name from its HELLO (server side; "" otherwise)."""
+        return self._hs.peer_name
+
+    @property
+    def peer_limits(self) -> dict[str, int]:
+        """The limits map the peer declared, as it sent it ({} until the handshake has it)."""
+        return self._hs.peer_limits
+
+    @property
+    def srtt(self) -> float | None:
+        """Smoothed round-trip time from PING/PONG (seconds), None before the first sample."""
+        return self._keepalive.srtt
 
     @property
     def is_open(self) -> bool:
@@ -285,15 +239,7 @@ class Connection:
     @property
     def wants_write(self) -> bool:
         """True when :meth:`data_to_send` has something (cheap; lets the caller skip waking its writer)."""
-        return bool(
-            self._raw_out
-            or self._urgent
-            or self._pong is not None
-            or self._window_dirty
-            or self._control
-            or self._max_streams_dirty
-            or self._ready
-        )
+        return self._max_streams_dirty or self._out.wants_write
 
     @property
     def streams_available(self) -> int:
@@ -301,7 +247,7 @@ class Connection:
         if self.state is not ConnectionState.OPEN or self._goaway_sent or self._goaway_received:
             return 0
         # Both the peer's stream credit and its accept backlog: we never make it refuse an open for lack of room.
-        return max(0, min(self._local_credit - self._local_opened, self._peer_backlog - self._local_opening))
+        return max(0, min(self._local_credit - self._local_opened, self._hs.peer.accept_backlog - self._local_opening))
 
     @property
     def can_open_streams(self) -> bool:
@@ -310,7 +256,7 @@ class Connection:
 
     @property
     def peer_max_frame_payload(self) -> int:
-        return self._peer_max_payload
+        return self._hs.peer.max_frame_payload
 
     def stream_state(self, stream_id: int) -> StreamState | None:
         """The state of a stream in the table, or None once it is released (or never existed)."""
@@ -336,11 +282,11 @@ class Connection:
             streams=len(self._streams),
             pending_streams=self._pending,
             local_streams_available=self.streams_available,
-            frames_sent=self._frames_sent,
+            frames_sent=self._out.frames_sent,
             frames_received=self._frames_received,
-            bytes_sent=self._bytes_sent,
+            bytes_sent=self._out.bytes_sent,
             bytes_received=self._bytes_received,
-            data_bytes_sent=self._data_sent,
+            data_bytes_sent=self._out.data_sent,
             data_bytes_received=self._data_received,
             discarded_data_bytes=self._discarded,
             buffered_send_bytes=sum(s.send_buffered for s in streams),
@@ -365,16 +311,12 @@ class Connection:
         if not data:
             # After a GOAWAY the peer's end is expected, and its code and reason say why.
             code, reason = self._peer_goaway if self._goaway_received else (ErrorCode.INTERNAL, "")
-            if self._hs is _Hs.AWAIT_AUTH:
-                reason = (
-                    "the client closed the connection instead of authenticating (has it a token? "
-                    "--token, --token-file or TRIO_TUNNEL_TOKEN)"
-                )
+            reason = self._hs.closed_early_reason() or reason
             self._terminate_by_peer(events, code, reason or "the peer closed the connection")
             return events
         self._decoder.feed(data)
         try:
-            if self._hs is _Hs.AWAIT_PREAMBLE and not self._receive_preamble(events):
+            if self._hs.step is Step.AWAIT_PREAMBLE and not self._receive_preamble(events):
                 return events
             while not self.closed:
                 frame = self._decoder.next_frame()
@@ -395,8 +337,7 @@ class Connection:
         raw = self._decoder.take(F.PREAMBLE_SIZE)
         if raw is None:
             return False
-        versions = F.parse_preamble(raw)
-        if versions is None:
+        if not self._hs.receive_preamble(raw):
             self._close(
                 events,
                 ConnectionTerminated(
@@ -404,18 +345,10 @@ class Connection:
                 ),
             )
             return False
-        high, low = versions
-        if not low <= PROTOCOL_VERSION <= high:
-            raise RemoteProtocolError(
-                f"the client speaks protocol versions {low} to {high}, this server speaks {PROTOCOL_VERSION}: "
-                "upgrade the older of the two",
-                ErrorCode.VERSION,
-            )
-        self._hs = _Hs.AWAIT_HELLO
         return True
 
     def _dispatch(self, frame: F.Frame, events: list[Event]) -> None:
-        if self._hs is not _Hs.DONE:
+        if not self._hs.done:
             self._handshake_frame(frame, events)
             return
         match frame:
@@ -434,7 +367,7 @@ class Connection:
             case F.Ping(opaque):
                 if not self._ping_bucket.take(self._now):
                     raise RemoteProtocolError("too many PINGs", ErrorCode.ENHANCE_YOUR_CALM)
-                self._pong = opaque  # one slot: a newer PING overwrites an unanswered one
+                self._out.pong = opaque  # one slot: a newer PING overwrites an unanswered one
             case F.Pong(opaque):
                 self._on_pong(opaque, events)
             case F.GoAway(last, code, reason):
@@ -447,19 +380,10 @@ class Connection:
                     events.append(StreamCreditGranted(self.streams_available))
             case F.Ctrl(req, kind, body):
                 if req:
-                    if req in self._peer_requests:
-                        raise RemoteProtocolError(f"CTRL request id {req} is already in use")
-                    if len(self._peer_requests) >= self.limits.max_pending_requests:
-                        raise RemoteProtocolError(
-                            f"more than {self.limits.max_pending_requests} CTRL requests outstanding",
-                            ErrorCode.ENHANCE_YOUR_CALM,
-                        )
-                    self._peer_requests.add(req)
+                    self._requests.received(req)
                 events.append(RequestReceived(req, kind, body))
             case F.CtrlReply(req, code, body):
-                if req not in self._outstanding_requests:
-                    raise RemoteProtocolError(f"CTRL_REPLY for unknown request id {req}")
-                self._outstanding_requests.discard(req)
+                self._requests.replied(req)
                 events.append(ReplyReceived(req, code, body))
             case _:
                 raise RemoteProtocolError(f"unexpected {type(frame).__name__.upper()} frame after the handshake")
@@ -467,127 +391,22 @@ class Connection:
     # --------------------------------------------------------------------------------------------- handshake
 
     def _handshake_frame(self, frame: F.Frame, events: list[Event]) -> None:
-        hs = self._hs
         if isinstance(frame, F.Refuse) and self.role is Role.CLIENT:
             self._close(events, ConnectionTerminated(frame.code, frame.message, by_peer=True))
             return
-        if hs is _Hs.AWAIT_HELLO and isinstance(frame, F.Hello):
-            self._on_hello(frame)
-        elif hs is _Hs.AWAIT_AUTH and isinstance(frame, F.Auth):
-            self._on_auth(frame, events)
-        elif hs is _Hs.AWAIT_CHALLENGE and isinstance(frame, F.Challenge):
-            self._on_challenge(frame, events)
-        elif hs is _Hs.AWAIT_WELCOME and isinstance(frame, F.Welcome):
-            self._on_welcome(frame, events)
-        else:
-            raise RemoteProtocolError(f"unexpected {type(frame).__name__.upper()} frame during the handshake")
-
-    def _check_peer_limits(self, limits: Mapping[str, int]) -> dict[str, int]:
-        out = dict(limits)
-        payload = out.get("max_frame_payload", 16 * 1024)
-        window = out.get("initial_window", 64 * 1024)
-        streams = out.get("max_streams", 1)
-        if payload < 1024 or window < 1024 or streams < 1:
-            raise RemoteProtocolError(
-                "peer limits too small (max_frame_payload and initial_window must be >= 1024, max_streams >= 1)"
-            )
-        self._peer_max_payload = min(payload, 16 * 1024 * 1024)
-        self._peer_initial_window = min(window, F.SID_LIMIT - 1)
-        self._local_credit = streams
-        self._peer_backlog = max(1, out.get("accept_backlog", 64))
-        return out
-
-    def _on_hello(self, hello: F.Hello) -> None:
-        if len(hello.nonce) != F.NONCE_SIZE:
-            raise RemoteProtocolError(f"HELLO nonce must be {F.NONCE_SIZE} bytes")
-        self.peer_name = hello.name
-        self._client_nonce = hello.nonce
-        self.peer_limits = self._check_peer_limits(hello.limits)
-        self._server_nonce = self._random(F.NONCE_SIZE)
-        self._auth_method = AUTH_HMAC if self._tokens else AUTH_NONE
-        self._control.append(F.Challenge(PROTOCOL_VERSION, self._server_nonce, self._auth_method))
-        self._hs = _Hs.AWAIT_AUTH
-
-    def _transcript(self, label: bytes, extra: bytes = b"") -> bytes:
-        name = (self.peer_name if self.role is Role.SERVER else self.name).encode()
-        return label + self._client_nonce + self._server_nonce + len(name).to_bytes(2, "big") + name + extra
-
-    @staticmethod
-    def _mac(token: bytes, message: bytes) -> bytes:
-        return hmac.new(token, message, hashlib.sha256).digest()
-
-    def _on_auth(self, auth: F.Auth, events: list[Event]) -> None:
-        if self._auth_method == AUTH_HMAC:
-            message = self._transcript(_CLIENT_LABEL)
-            matched = None
-            for token in self._tokens:  # check all, so timing does not tell which one matched
-                if hmac.compare_digest(self._mac(token, message), auth.mac) and matched is None:
-                    matched = token
-            if matched is None:
-                raise RemoteProtocolError(
-                    "authentication failed: the client's token is not one this server accepts "
-                    "(check --token, --token-file or TRIO_TUNNEL_TOKEN on both sides)",
-                    ErrorCode.AUTH,
-                )
-            self._matched_token = matched
-        self.session_id = self._random(12).hex()
-        proof = b""
-        if self._matched_token is not None:
-            proof = self._mac(self._matched_token, self._transcript(_SERVER_LABEL, self.session_id.encode()))
-        self._control.append(F.Welcome(self.session_id, self.limits.declared(), proof))
-        self._open(events, authenticated=self._matched_token is not None)
-
-    def _on_challenge(self, challenge: F.Challenge, events: list[Event]) -> None:
-        if challenge.version != PROTOCOL_VERSION:
-            raise RemoteProtocolError(f"server chose protocol version {challenge.version}", ErrorCode.VERSION)
-        if len(challenge.nonce) != F.NONCE_SIZE:
-            raise RemoteProtocolError(f"CHALLENGE nonce must be {F.NONCE_SIZE} bytes")
-        self._server_nonce = challenge.nonce
-        self._auth_method = challenge.method
-        if challenge.method == AUTH_HMAC:
-            if self._token is None:
-                raise LocalProtocolError(
-                    "the server requires a token and this client has none (pass --token, --token-file or "
-                    "TRIO_TUNNEL_TOKEN)",
-                    ErrorCode.AUTH,
-                )
-            mac = self._mac(self._token, self._transcript(_CLIENT_LABEL))
-        elif challenge.method == AUTH_NONE:
-            if self._token is not None:
-                raise LocalProtocolError(
-                    "the server does not authenticate, but this client has a token: refusing to connect, since a "
-                    "server that cannot prove it knows the token may be an impostor (drop the client's token only "
-                    "if the server really runs with --insecure-no-auth)",
-                    ErrorCode.AUTH,
-                )
-            mac = b""
-        else:
-            raise RemoteProtocolError(f"unknown authentication method {challenge.method!r}", ErrorCode.AUTH)
-        self._control.append(F.Auth(mac))
-        self._hs = _Hs.AWAIT_WELCOME
-
-    def _on_welcome(self, welcome: F.Welcome, events: list[Event]) -> None:
-        self.session_id = welcome.session_id
-        if self._auth_method == AUTH_HMAC:
-            assert self._token is not None
-            expected = self._mac(self._token, self._transcript(_SERVER_LABEL, welcome.session_id.encode()))
-            if not hmac.compare_digest(expected, welcome.proof):
-                raise RemoteProtocolError(
-                    "the server could not prove it knows the token: wrong server address, or someone in between",
-                    ErrorCode.AUTH,
-                )
-        self.peer_limits = self._check_peer_limits(welcome.limits)
-        self._open(events, authenticated=self._auth_method == AUTH_HMAC)
-
-    def _open(self, events: list[Event], *, authenticated: bool) -> None:
-        self._hs = _Hs.DONE
-        self.state = ConnectionState.OPEN
-        peer = self.peer_name if self.role is Role.SERVER else ""
-        events.append(HandshakeComplete(peer, self.session_id, dict(self.peer_limits), authenticated))
+        hs = self._hs
+        reply = hs.receive(frame)
+        if reply is not None:
+            self._out.control.append(reply)
+        if hs.done:
+            self._local_credit = hs.peer.max_streams
+            self.state = ConnectionState.OPEN
+            peer = hs.peer_name if self.role is Role.SERVER else ""
+            events.append(HandshakeComplete(peer, hs.session_id, dict(hs.peer_limits), hs.authenticated))
 
     # ----------------------------------------------------------------------------------------- stream frames
 
-    def _apply(self, stream: _Stream, event: StreamInput) -> None:
+    def _apply(self, stream: StreamRecord, event: StreamInput) -> None:
         old = stream.state
         try:
             new = stream.state = TRANSITIONS[old, event]
@@ -608,7 +427,7 @@ class Connection:
     def _is_peer_sid(self, sid: int) -> bool:
         return (sid % 2 == 1) == (self.role is Role.SERVER)
 
-    def _lookup(self, sid: int, what: str) -> _Stream | None:
+    def _lookup(self, sid: int, what: str) -> StreamRecord | None:
         """The stream for a received frame, None if it is closed (ignore), or an error if it was never opened."""
         stream = self._streams.get(sid)
         if stream is not None:
@@ -641,7 +460,7 @@ class Connection:
         if frame.fin:
             self._apply(stream, SI.RECV_FIN)
             events.append(StreamEnded(sid))
-            self._window_dirty.pop(sid, None)
+            self._out.window_dirty.pop(sid, None)
             self._maybe_release(stream)
 
     def _on_window(self, sid: int, limit: int, events: list[Event]) -> None:
@@ -679,11 +498,11 @@ class Connection:
             self._refuse_open(sid, ErrorCode.REFUSED, "too many streams waiting to be accepted")
             return
         window = self.limits.initial_window
-        stream = _Stream(
+        stream = StreamRecord(
             sid,
             SS.PENDING,
             local=False,
-            send_limit=self._peer_initial_window,
+            send_limit=self._hs.peer.initial_window,
             window=window,
             recv_limit=window,
             epoch_time=self._time(),
@@ -727,7 +546,7 @@ class Connection:
         self._apply(stream, SI.RECV_RST)
         self._deadlines.pop(sid, None)
         self._drop_send(stream)
-        self._window_dirty.pop(sid, None)
+        self._out.window_dirty.pop(sid, None)
         if stream.blocked:
             stream.blocked = False
             self._writable.add(sid)
@@ -735,14 +554,7 @@ class Connection:
         self._maybe_release(stream)
 
     def _on_pong(self, opaque: int, events: list[Event]) -> None:
-        rtt = None
-        if opaque == self._ping_outstanding:
-            if self._ping_sent_at is not None:
-                rtt = max(0.0, self._now - self._ping_sent_at)
-                self.srtt = rtt if self.srtt is None else self.srtt / 2 + rtt / 2
-            self._ping_outstanding = None
-            self._ping_sent_at = None
-        events.append(PongReceived(opaque, rtt))
+        events.append(PongReceived(opaque, self._keepalive.pong(opaque, self._now)))
 
     def _on_goaway(self, last: int, code: int, reason: str, events: list[Event]) -> None:
         # A later GOAWAY (e.g. an error after a graceful one) is reported too: its code and reason are the news.
@@ -751,8 +563,8 @@ class Connection:
         events.append(GoAwayReceived(last, code, reason))
         for stream in list(self._streams.values()):
             if stream.local and stream.sid > last and stream.state in _OPENING:
-                self._left_open_handshake(stream.state, SS.CLOSED)
-                stream.state = SS.CLOSED
+                # The GOAWAY answers these opens as an OPEN_ERR(REFUSED) would: the same move in the table.
+                self._apply(stream, SI.RECV_OPEN_ERR)
                 self._deadlines.pop(stream.sid, None)
                 self._drop_send(stream)
                 events.append(StreamRejected(stream.sid, ErrorCode.REFUSED, "the peer is going away: " + reason))
@@ -772,7 +584,7 @@ class Connection:
         if self.state is not ConnectionState.OPEN:
             raise LocalProtocolError(f"the connection is {self.state.value}")
 
-    def _get(self, stream_id: int) -> _Stream:
+    def _get(self, stream_id: int) -> StreamRecord:
         stream = self._streams.get(stream_id)
         if stream is None:
             raise LocalProtocolError(f"stream {stream_id} is not open (released or never opened)")
@@ -808,11 +620,11 @@ class Connection:
         self._local_opened += 1
         self._local_opening += 1
         window = self.limits.initial_window
-        self._streams[sid] = _Stream(
+        self._streams[sid] = StreamRecord(
             sid,
             SS.OPENING,
             local=True,
-            send_limit=self._peer_initial_window,
+            send_limit=self._hs.peer.initial_window,
             window=window,
             recv_limit=window,
             epoch_time=self._time(),
@@ -837,8 +649,8 @@ class Connection:
         stream.app_closed = True
         self._maybe_release(stream)
 
-    def _can_send_data(self, stream: _Stream) -> bool:
-        return (stream.state, SI.SEND_DATA) in TRANSITIONS and not stream.fin_queued
+    def _can_send_data(self, stream: StreamRecord) -> bool:
+        return (stream.state, SI.SEND_DATA) in TRANSITIONS
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
         """Queue stream bytes; returns how many were taken (0 when there is no credit or buffer room).
@@ -852,7 +664,7 @@ class Connection:
                 raise LocalProtocolError(f"stream {stream_id} is closed")
             raise LocalProtocolError(
                 f"stream {stream_id}: cannot send DATA in state {stream.state.value}"
-                + (" after FIN" if stream.fin_queued else "")
+                + (" after FIN" if stream.local_closed else "")
             )
         room = min(stream.send_limit - stream.sent, self.limits.max_send_buffer - stream.send_buffered)
         take = min(len(data), max(room, 0))
@@ -863,17 +675,17 @@ class Connection:
             stream.send_buf.append(data if type(data) is bytes and take == len(data) else bytes(data[:take]))
             stream.send_buffered += take
             stream.sent += take
-            self._mark_ready(stream)
+            self._out.mark_ready(stream)
         return take
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close our direction: FIN goes out on the last DATA frame, after every byte queued before it."""
         stream = self._get(stream_id)
-        if stream.fin_queued:
+        if stream.local_closed:
             return
         self._apply(stream, SI.SEND_FIN)
-        stream.fin_queued = True
-        self._mark_ready(stream)
+        stream.fin_pending = True
+        self._out.mark_ready(stream)
         self._maybe_release(stream)
 
     def acknowledge(self, stream_id: int, size: int, *, now: float | None = None) -> None:
@@ -891,7 +703,7 @@ class Connection:
         stream.consumed += size
         self._maybe_window(stream, now)
 
-    def _maybe_window(self, stream: _Stream, now: float | None) -> None:
+    def _maybe_window(self, stream: StreamRecord, now: float | None) -> None:
         if stream.state not in (SS.OPEN, SS.HALF_CLOSED_LOCAL, SS.PENDING, SS.OPENING, SS.OPENING_LOCAL_CLOSED):
             return
         if stream.recv_limit - stream.consumed > stream.window // 2:
@@ -914,7 +726,7 @@ class Connection:
             stream.epoch_time = now
             stream.epoch_consumed = stream.consumed
         stream.recv_limit = stream.consumed + stream.window
-        self._window_dirty[stream.sid] = None
+        self._out.window_dirty[stream.sid] = None
 
     def close_stream(self, stream_id: int) -> None:
         """The application is done with the stream (``aclose``): FIN if our direction is open, and a single
@@ -929,22 +741,22 @@ class Connection:
             self._apply(stream, SI.SEND_OPEN_ERR)
             self._deadlines.pop(stream_id, None)
             self._queue_control(F.OpenErr(stream_id, ErrorCode.REFUSED, "closed before it was accepted"))
-        elif state is SS.OPENING and not stream.sent and not stream.fin_queued:
+        elif state is SS.OPENING and not stream.sent:
             self._reset(stream, ErrorCode.CANCEL, "closed before it was accepted")
         elif state is not SS.CLOSED:
-            if not stream.fin_queued and (state, SI.SEND_FIN) in TRANSITIONS:
+            if (state, SI.SEND_FIN) in TRANSITIONS:
                 self._apply(stream, SI.SEND_FIN)
-                stream.fin_queued = True
-                self._mark_ready(stream)
+                stream.fin_pending = True
+                self._out.mark_ready(stream)
             if stream.state is not SS.CLOSED:
                 # The peer's direction is still open: tell it to stop, after our FIN (like TCP close with unread
                 # data). Later data from it is discarded and counted.
                 self._apply(stream, SI.SEND_RST)
-                self._window_dirty.pop(stream_id, None)
-                if stream.fin_sent:
-                    self._queue_control(F.Reset(stream_id, ErrorCode.STREAM_CLOSED, "stream closed"))
+                self._out.window_dirty.pop(stream_id, None)
+                if stream.fin_pending:
+                    stream.rst_pending = True  # written right behind the FIN
                 else:
-                    stream.rst_after_fin = True
+                    self._queue_control(F.Reset(stream_id, ErrorCode.STREAM_CLOSED, "stream closed"))
         self._maybe_release(stream)
 
     def reset_stream(self, stream_id: int, code: ErrorCode | int = ErrorCode.CANCEL, reason: str = "") -> None:
@@ -959,25 +771,24 @@ class Connection:
         self._drop_send(stream)
         self._maybe_release(stream)
 
-    def _reset(self, stream: _Stream, code: ErrorCode | int, reason: str) -> None:
+    def _reset(self, stream: StreamRecord, code: ErrorCode | int, reason: str) -> None:
         self._apply(stream, SI.SEND_RST)
         self._deadlines.pop(stream.sid, None)
         self._drop_send(stream)
-        self._window_dirty.pop(stream.sid, None)
+        self._out.window_dirty.pop(stream.sid, None)
         self._queue_control(F.Reset(stream.sid, int(code), _clip(reason)))
 
-    def _drop_send(self, stream: _Stream) -> None:
-        """Nothing more goes out on this stream (it was reset or refused): forget queued data and FIN."""
+    def _drop_send(self, stream: StreamRecord) -> None:
+        """Nothing more goes out on this stream (it was reset or refused; its state says so): forget what is queued."""
         stream.send_buf.clear()
         stream.send_buffered = 0
         stream.head_offset = 0
-        stream.rst_after_fin = False
-        stream.fin_queued = stream.fin_sent = True
+        stream.fin_pending = stream.rst_pending = False
         if stream.blocked:
             stream.blocked = False
             self._writable.add(stream.sid)
 
-    def _maybe_release(self, stream: _Stream) -> None:
+    def _maybe_release(self, stream: StreamRecord) -> None:
         if (
             stream.state is not SS.CLOSED
             or not stream.app_closed
@@ -988,7 +799,7 @@ class Connection:
             return  # (not in the table any more: the connection ended while a command was running)
         del self._streams[stream.sid]
         self._deadlines.pop(stream.sid, None)
-        self._window_dirty.pop(stream.sid, None)
+        self._out.window_dirty.pop(stream.sid, None)
         self._budget_used -= stream.window - self.limits.initial_window
         if not stream.local:
             self._grant_stream()
@@ -1046,11 +857,9 @@ class Connection:
         """Queue a PING (it replaces an unanswered one for RTT purposes); returns its opaque value."""
         self._require_open()
         self._set_now(now)
-        self._ping_counter += 1
-        self._ping_outstanding = self._ping_counter
-        self._ping_sent_at = now
-        self._queue_control(F.Ping(self._ping_counter))
-        return self._ping_counter
+        opaque = self._keepalive.ping(now)
+        self._queue_control(F.Ping(opaque))
+        return opaque
 
     def go_away(self, code: ErrorCode | int = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """Tell the peer to open no more streams. Streams already open carry on (drain them, then close)."""
@@ -1058,7 +867,7 @@ class Connection:
             return
         self._goaway_sent = True
         self._last_peer_sid_allowed = self._highest_peer_sid
-        self._urgent.append(F.GoAway(self._goaway_last(), int(code), _clip(reason)))
+        self._out.urgent.append(F.GoAway(self._goaway_last(), int(code), _clip(reason)))
 
     def send_request(self, kind: str, body: Any = None, *, expect_reply: bool = True) -> int:
         """Queue a CTRL request; returns its id (0 for a notification, which gets no reply)."""
@@ -1067,30 +876,26 @@ class Connection:
             raise LocalProtocolError(f"CTRL kind longer than {F.CTRL_KIND_MAX} bytes")
         req = 0
         if expect_reply:
-            if len(self._outstanding_requests) >= self.limits.max_pending_requests:
-                raise LocalProtocolError(f"more than {self.limits.max_pending_requests} requests outstanding")
-            req = self._next_request_id
+            req = self._requests.next_id()
         frame = F.Ctrl(req, kind, body)
         self._check_body(frame)  # before the id is taken: a refused body must not use up a request slot
         if req:
-            self._next_request_id += 1
-            self._outstanding_requests.add(req)
+            self._requests.sent(req)
         self._queue_control(frame)
         return req
 
     def send_reply(self, request_id: int, body: Any = None, code: ErrorCode | int = ErrorCode.NO_ERROR) -> None:
         """Answer the peer's CTRL request."""
         self._require_open()
-        if request_id not in self._peer_requests:
-            raise LocalProtocolError(f"no outstanding request {request_id} to reply to")
+        self._requests.check_answerable(request_id)
         frame = F.CtrlReply(request_id, int(code), body)
         self._check_body(frame)
-        self._peer_requests.discard(request_id)
+        self._requests.answered(request_id)
         self._queue_control(frame)
 
     def _check_body(self, frame: F.Ctrl | F.CtrlReply) -> None:
         size = len(F.encode(frame))
-        if size > min(self.limits.max_ctrl_body, self._peer_max_payload) + self.limits.max_header:
+        if size > min(self.limits.max_ctrl_body, self._hs.peer.max_frame_payload) + self.limits.max_header:
             raise LocalProtocolError(f"CTRL body of {size} bytes is too large")
         try:
             F.check(frame)  # e.g. a map with integer keys: the peer's decoder would end the connection
@@ -1102,15 +907,15 @@ class Connection:
         if self.state is ConnectionState.CLOSED:
             return
         if self.state is ConnectionState.OPEN:
-            self._urgent.append(F.GoAway(self._goaway_last(), int(code), _clip(reason)))
-        elif self.role is Role.SERVER and self._hs is not _Hs.AWAIT_PREAMBLE:
-            self._urgent.append(F.Refuse(int(code), _clip(reason)))
+            self._out.urgent.append(F.GoAway(self._goaway_last(), int(code), _clip(reason)))
+        elif self._hs.can_refuse:
+            self._out.urgent.append(F.Refuse(int(code), _clip(reason)))
         self._close([], ConnectionTerminated(int(code), reason, by_peer=False))
 
     # ----------------------------------------------------------------------------------------------- sending
 
     def _queue_control(self, frame: F.Frame) -> None:
-        if len(self._control) >= self.limits.max_queued_control:
+        if len(self._out.control) >= self.limits.max_queued_control:
             self._fail(
                 RemoteProtocolError(
                     "the peer is not reading: too many control frames queued", ErrorCode.ENHANCE_YOUR_CALM
@@ -1118,12 +923,7 @@ class Connection:
                 self._deferred,
             )
             return
-        self._control.append(frame)
-
-    def _mark_ready(self, stream: _Stream) -> None:
-        if not stream.in_ready:
-            stream.in_ready = True
-            self._ready.append(stream.sid)
+        self._out.control.append(frame)
 
     def data_to_send(self, max_bytes: int = 256 * 1024) -> bytes:
         """The bytes to write next (``b""`` when nothing is pending), at most about ``max_bytes``.
@@ -1136,106 +936,24 @@ class Connection:
         """:meth:`data_to_send` as the list of buffers it would join (empty when nothing is pending), for a writer
         with scatter/gather I/O (``sendmsg``): stream data is not copied once more. The buffers are immutable
         (``bytes`` or views of ``bytes``): they stay valid however long the caller holds them."""
-        out: list[bytes | memoryview] = list(self._raw_out)
-        self._raw_out = []
-        size = sum(map(len, out))
-        nframes = 0
-
-        def put(frame: F.Frame) -> None:
-            nonlocal size, nframes
-            raw = F.encode(frame)
-            out.append(raw)
-            size += len(raw)
-            nframes += 1
-
-        if self._pong is not None:
-            put(F.Pong(self._pong))
-            self._pong = None
-        while self._urgent:
-            put(self._urgent.popleft())
-        if self._window_dirty:
-            for sid in self._window_dirty:
-                stream = self._streams.get(sid)
-                if stream is not None:
-                    put(F.Window(sid, stream.recv_limit))
-            self._window_dirty.clear()
-        while self._control and size < max_bytes:
-            put(self._control.popleft())
+        max_streams = None
         if self._max_streams_dirty and self.state is ConnectionState.OPEN:
             self._max_streams_dirty = False
             if self._granted != self._granted_sent:
-                self._granted_sent = self._granted
-                put(F.MaxStreams(self._granted))
-        if not self._control and self.state is not ConnectionState.CLOSED:
-            size, nframes = self._send_stream_data(out, size, nframes, max_bytes)
-        self._frames_sent += nframes
-        self._bytes_sent += size
-        return out
+                self._granted_sent = max_streams = self._granted
+        return self._out.build(
+            max_bytes,
+            frame_cap=self._hs.peer.max_frame_payload,
+            max_streams=max_streams,
+            send_data=self.state is not ConnectionState.CLOSED,
+            turn_done=self._turn_done,
+        )
 
-    def _send_stream_data(
-        self, out: list[bytes | memoryview], size: int, nframes: int, max_bytes: int
-    ) -> tuple[int, int]:
-        ready = self._ready
-        frame_cap = self._peer_max_payload
-        while ready and size < max_bytes:
-            sid = ready.popleft()
-            stream = self._streams.get(sid)
-            if stream is None:
-                continue
-            stream.in_ready = False
-            # Deficit round robin with a fixed quantum: a stream alone may use bigger frames (fewer, same order).
-            budget = min(self.limits.solo_quantum if not ready else self.limits.send_quantum, max_bytes - size)
-            while True:
-                take = min(budget, frame_cap, stream.send_buffered)
-                fin = stream.fin_queued and not stream.fin_sent and take == stream.send_buffered
-                if not take and not fin:
-                    break
-                header = F.encode_data_header(sid, take, fin)
-                out.append(header)
-                if take:
-                    self._take_send(stream, take, out)
-                size += len(header) + take
-                nframes += 1
-                budget -= take
-                self._data_sent += take
-                if fin:
-                    stream.fin_sent = True
-                    if stream.rst_after_fin:
-                        stream.rst_after_fin = False
-                        raw = F.encode(F.Reset(sid, ErrorCode.STREAM_CLOSED, "stream closed"))
-                        out.append(raw)
-                        size += len(raw)
-                        nframes += 1
-                    break
-                if budget <= 0:
-                    break
-            if stream.send_buffered or (stream.fin_queued and not stream.fin_sent):
-                stream.in_ready = True
-                ready.append(sid)
-            if stream.blocked and self.send_credit(sid) > 0:
-                stream.blocked = False
-                self._writable.add(sid)
-            self._maybe_release(stream)
-        return size, nframes
-
-    def _take_send(self, stream: _Stream, n: int, out: list[bytes | memoryview]) -> None:
-        """Move ``n`` queued bytes of ``stream`` to ``out`` as zero-copy views (joined once, or not at all)."""
-        buf = stream.send_buf
-        need = n
-        while need:
-            head = buf[0]
-            off = stream.head_offset
-            avail = len(head) - off
-            if avail <= need:
-                out.append(memoryview(head)[off:] if off else head)
-                del buf[0]
-                stream.head_offset = 0
-                need -= avail
-            else:
-                out.append(memoryview(head)[off : off + need])
-                stream.head_offset = off + need
-                need = 0
-        stream.send_buffered -= n
+    def _turn_done(self, stream: StreamRecord) -> None:
+        if stream.blocked and self.send_credit(stream.sid) > 0:
+            stream.blocked = False
+            self._writable.add(stream.sid)
+        self._maybe_release(stream)
 
     # ------------------------------------------------------------------------------------------ termination
 
@@ -1243,15 +961,14 @@ class Connection:
         if self.state is ConnectionState.CLOSED:
             return
         # On an error nothing else goes out: drop queued control and data, keep only the GOAWAY/REFUSE.
-        self._control.clear()
-        self._urgent.clear()
-        self._pong = None
-        self._window_dirty.clear()
+        self._out.drop_control()
+        self._out.urgent.clear()
+        self._out.pong = None
         self._max_streams_dirty = False
         if self.state is ConnectionState.OPEN:
-            self._urgent.append(F.GoAway(self._goaway_last(), exc.code, _clip(exc.reason)))
+            self._out.urgent.append(F.GoAway(self._goaway_last(), exc.code, _clip(exc.reason)))
         elif self.role is Role.SERVER:
-            self._urgent.append(F.Refuse(exc.code, _clip(exc.reason)))
+            self._out.urgent.append(F.Refuse(exc.code, _clip(exc.reason)))
         # A client failing in the handshake just closes: a client has no frame to refuse with.
         self._close(events, ConnectionTerminated(exc.code, exc.reason, by_peer=False, error=exc))
 
@@ -1262,18 +979,15 @@ class Connection:
         self.state = ConnectionState.CLOSED
         self.terminated = terminated
         # The GOAWAY (or REFUSE) in _urgent is the last frame we write: nothing queued behind it goes out.
-        self._control.clear()
-        self._window_dirty.clear()
+        self._out.drop_control()
         self._max_streams_dirty = False
         self._streams.clear()
         self._deadlines.clear()
-        self._ready.clear()
         self._pending = 0
         self._local_opening = 0
         self._budget_used = 0
         self._writable.clear()
-        self._outstanding_requests.clear()
-        self._peer_requests.clear()
+        self._requests.clear()
         events.append(terminated)
 
 

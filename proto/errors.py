@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 
 __all__ = [
+    "AuthProblem",
     "code_name",
     "ErrorCode",
     "FlowControlError",
@@ -71,23 +72,45 @@ def code_name(code: int) -> str:
         return f"code {code}"
 
 
+class AuthProblem(enum.Enum):
+    """Why authentication failed, on an error with code AUTH (:attr:`ProtocolError.auth_problem`).
+
+    The messages of this layer are neutral: it does not know how the caller configures tokens. A caller with a
+    command line maps these to its own advice (which flag or variable to check).
+    """
+
+    TOKEN_REJECTED = "token rejected"
+    """Server side: the client's MAC matched none of the tokens this server accepts."""
+    TOKEN_MISSING = "token missing"
+    """Client side: the server requires a token and this client has none."""
+    TOKEN_UNEXPECTED = "token unexpected"
+    """Client side: this client has a token but the server does not authenticate (it may be an impostor)."""
+    PROOF_MISMATCH = "proof mismatch"
+    """Client side: the server could not prove it knows the token."""
+
+
 class ProtocolError(Exception):
     """Base class of every error the protocol raises. Never instantiated directly.
 
     Attributes:
         code: the :class:`ErrorCode` that goes on the wire for this error.
         reason: a readable sentence for logs and for the peer.
+        auth_problem: for an authentication failure, which one (None otherwise).
     """
 
     code: ErrorCode
     reason: str
+    auth_problem: AuthProblem | None
 
-    def __init__(self, reason: str, code: ErrorCode = ErrorCode.PROTOCOL) -> None:
+    def __init__(
+        self, reason: str, code: ErrorCode = ErrorCode.PROTOCOL, *, auth_problem: AuthProblem | None = None
+    ) -> None:
         if type(self) is ProtocolError:
             raise TypeError("tried to directly instantiate ProtocolError")
         super().__init__(reason)
         self.reason = reason
         self.code = code
+        self.auth_problem = auth_problem
 
     def __str__(self) -> str:
         return f"{self.reason} ({self.code.name})"

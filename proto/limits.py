@@ -8,6 +8,8 @@ __all__ = ["Limits", "RateLimit"]
 
 KiB = 1024
 MiB = 1024 * KiB
+ACCEPT_BACKLOG = 64
+"""Default ``accept_backlog``; also what we assume for a peer that does not declare one (handshake.PeerLimits)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -62,7 +64,7 @@ class Limits:
     # --- local: streams ---
     open_timeout: float = 10.0
     """Seconds an OPEN may wait for its answer (either side) before it is timed out (CONNECT_TIMEOUT)."""
-    accept_backlog: int = attrs.field(default=64, validator=_positive)
+    accept_backlog: int = attrs.field(default=ACCEPT_BACKLOG, validator=_positive)
     """Peer-opened streams not yet accepted by the application; beyond it: OPEN_ERR(REFUSED)."""
     max_ctrl_body: int = attrs.field(default=64 * KiB, validator=_positive)
     """Largest msgpack body of a CTRL request or reply."""

@@ -13,7 +13,9 @@ from __future__ import annotations
 import enum
 from typing import Final
 
-__all__ = ["StreamInput", "StreamState", "TRANSITIONS", "is_local_input"]
+import attrs
+
+__all__ = ["StreamInput", "StreamRecord", "StreamState", "TRANSITIONS", "is_local_input"]
 
 
 class StreamState(enum.Enum):
@@ -93,9 +95,50 @@ TRANSITIONS: Final[dict[tuple[StreamState, StreamInput], StreamState]] = {
 """Every legal move. CLOSED has no entries: frames for a closed stream are handled before the table (DATA is
 discarded and counted; WINDOW, FIN, RST, OPEN_OK and OPEN_ERR are ignored)."""
 
+_LOCAL_CLOSED: Final = frozenset({S.OPENING_LOCAL_CLOSED, S.HALF_CLOSED_LOCAL, S.CLOSED})
+
 del S, I
 
 
 def is_local_input(event: StreamInput) -> bool:
     """True for inputs we cause (SEND_*), False for those the peer causes (RECV_*)."""
     return event.name.startswith("SEND_")
+
+
+@attrs.define(eq=False, slots=True)
+class StreamRecord:
+    """One entry of a connection's stream table: its state in :data:`TRANSITIONS` and its two directions."""
+
+    sid: int
+    state: StreamState
+    local: bool
+    # send direction
+    send_limit: int
+    sent: int = 0
+    send_buf: list[bytes] = attrs.field(factory=list)  # a list, not a deque: 56 bytes empty instead of 760
+    send_buffered: int = 0
+    head_offset: int = 0
+    # What the send queue holds after its bytes (queue contents, not lifecycle: the state says whether we sent FIN).
+    fin_pending: bool = False
+    """SEND_FIN happened and the FIN is not written yet: it goes out on the last DATA frame."""
+    rst_pending: bool = False
+    """An RST(STREAM_CLOSED) is written right behind that FIN (``close_stream`` with the peer's direction open)."""
+    # receive direction
+    window: int = 0
+    recv_limit: int = 0
+    received: int = 0
+    consumed: int = 0
+    epoch_time: float | None = None
+    epoch_consumed: int = 0
+    # the application's handle, and the scheduler's queues (neither is the stream's protocol state)
+    app_closed: bool = False
+    """The application let go of the stream: release the entry once it is CLOSED and its queue is written."""
+    blocked: bool = False
+    """A writer found no room; tell the caller when room appears."""
+    in_ready: bool = False
+    """The stream is in the scheduler's ready queue."""
+
+    @property
+    def local_closed(self) -> bool:
+        """Our direction is over (we sent FIN, or the stream is closed): derived from the state alone."""
+        return self.state in _LOCAL_CLOSED

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trio_tunnel.proto.errors import ErrorCode, code_name
+from trio_tunnel.proto.errors import AuthProblem, ErrorCode, ProtocolError, code_name
 
 __all__ = [
     "ConfigError",
@@ -16,6 +16,7 @@ __all__ = [
     "StreamOpenError",
     "StreamResetError",
     "TunnelError",
+    "with_auth_advice",
 ]
 
 
@@ -80,3 +81,22 @@ class RequestError(TunnelError):
     def __str__(self) -> str:
         detail = self.body.get("message") if isinstance(self.body, dict) else self.body
         return f"{code_name(self.code)}: {detail}" if detail else code_name(self.code)
+
+
+_AUTH_ADVICE: dict[AuthProblem, str] = {
+    AuthProblem.TOKEN_REJECTED: "check --token, --token-file or TRIO_TUNNEL_TOKEN on both sides",
+    AuthProblem.TOKEN_MISSING: "pass --token, --token-file or TRIO_TUNNEL_TOKEN",
+    AuthProblem.TOKEN_UNEXPECTED: "drop the client's token only if the server really runs with --insecure-no-auth",
+}
+
+
+def with_auth_advice(code: int, reason: str, *, by_peer: bool, error: ProtocolError | None) -> str:
+    """The protocol layer's messages do not know the command line: add the flags to check to an authentication
+    failure. Ours carry an AuthProblem; the only AUTH refusal a server sends is a token it does not accept."""
+    problem = error.auth_problem if error is not None else None
+    if problem is None and by_peer and code == ErrorCode.AUTH:
+        problem = AuthProblem.TOKEN_REJECTED
+    advice = _AUTH_ADVICE.get(problem) if problem is not None else None
+    if advice is None or advice in reason:  # (an older peer may have said it already)
+        return reason
+    return f"{reason} ({advice})"

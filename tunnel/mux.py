@@ -39,7 +39,14 @@ from trio_tunnel import proto
 from trio_tunnel.proto import ErrorCode, Role
 from trio_tunnel.proto import events as ev
 
-from .errors import HandshakeError, RequestError, SessionClosedError, StreamOpenError, StreamResetError
+from .errors import (
+    HandshakeError,
+    RequestError,
+    SessionClosedError,
+    StreamOpenError,
+    StreamResetError,
+    with_auth_advice,
+)
 from .tcp import TcpStream
 
 __all__ = ["MuxStream", "Request", "Role", "Session", "SessionConfig", "SessionStatistics", "open_session"]
@@ -498,6 +505,7 @@ class Session:
                     self._ping_sent = False
                 case ev.ConnectionTerminated(code, reason, by_peer, error, silent):
                     self._silent = silent
+                    reason = with_auth_advice(code, reason, by_peer=by_peer, error=error)
                     if by_peer:
                         self._die(code, reason if reason else "the peer closed the connection")
                     else:

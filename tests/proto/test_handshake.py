@@ -23,6 +23,7 @@ from proto_helpers import (
 )
 from trio_tunnel.proto import (
     PROTOCOL_VERSION,
+    AuthProblem,
     Connection,
     ConnectionState,
     ErrorCode,
@@ -149,6 +150,7 @@ def test_wrong_token_gets_refuse_auth_with_a_readable_message_and_nothing_else()
     server_end = terminated(server_events)
     assert server_end.code == ErrorCode.AUTH and not server_end.by_peer
     assert isinstance(server_end.error, RemoteProtocolError)
+    assert server_end.error.auth_problem is AuthProblem.TOKEN_REJECTED
     (refuse,) = [f for f in pair.taps[pair.server].frames if isinstance(f, F.Refuse)]
     assert pair.taps[pair.server].frames[-1] == refuse, "REFUSE is the last thing the server sends"
     assert refuse.code == ErrorCode.AUTH
@@ -165,7 +167,7 @@ def test_client_without_token_against_hmac_server_gives_up_with_auth() -> None:
     end = terminated(client_events)
     assert end.code == ErrorCode.AUTH and not end.by_peer
     assert isinstance(end.error, LocalProtocolError)
-    assert "requires a token" in end.reason
+    assert "requires a token" in end.reason and end.error.auth_problem is AuthProblem.TOKEN_MISSING
     assert [type(f) for f in pair.taps[pair.client].frames] == [F.Hello], "no AUTH was sent"
     assert pair.server.state is ConnectionState.HANDSHAKE  # it will time out or see EOF
 
@@ -175,6 +177,7 @@ def test_client_with_token_against_insecure_server_refuses_to_connect() -> None:
     client_events, server_events = pair.pump()
     end = terminated(client_events)
     assert end.code == ErrorCode.AUTH and "does not authenticate" in end.reason and "impostor" in end.reason
+    assert end.error is not None and end.error.auth_problem is AuthProblem.TOKEN_UNEXPECTED
     assert [type(f) for f in pair.taps[pair.client].frames] == [F.Hello]
     assert not server_events
 
@@ -209,6 +212,7 @@ def test_replaying_a_recorded_server_to_a_fresh_client_fails() -> None:
     fresh.data_to_send()
     end = terminated(fresh.receive_data(recorded))
     assert end.code == ErrorCode.AUTH and "could not prove it knows the token" in end.reason
+    assert end.error is not None and end.error.auth_problem is AuthProblem.PROOF_MISMATCH
     assert not fresh.is_open
 
 
@@ -449,4 +453,17 @@ def test_a_client_that_hangs_up_instead_of_authenticating_is_named_as_such() -> 
     assert terminated(events).code == ErrorCode.AUTH and client.data_to_send() == b""
     events = server.receive_data(b"")
     ended = terminated(events)
-    assert ended.by_peer and "instead of authenticating" in ended.reason and "--token" in ended.reason
+    assert ended.by_peer and "instead of authenticating" in ended.reason and "has it a token?" in ended.reason
+
+
+def test_protocol_messages_do_not_name_command_line_flags() -> None:
+    """proto does not know the CLI: its messages stay neutral, and an auth failure says which one it is instead
+    (AuthProblem), so the tunnel layer can add the flags to check."""
+    import re
+    from pathlib import Path
+
+    import trio_tunnel.proto
+
+    for module in Path(trio_tunnel.proto.__file__).parent.glob("*.py"):
+        strings = re.findall(r'"[^"\n]*"', module.read_text())
+        assert not [s for s in strings if re.search(r"--[a-z]|TRIO_TUNNEL_", s)], module.name
