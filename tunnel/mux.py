@@ -209,7 +209,8 @@ class Session:
             try:
                 await stream.wait_accepted()
             except BaseException:
-                stream._abort_open()
+                stream.reset(ErrorCode.CANCEL, "open cancelled")
+                self._credit_changed()  # the slot it held is free again
                 raise
         return stream
 
@@ -297,6 +298,76 @@ class Session:
             connection=self._conn.statistics(),
         )
 
+    # ------------------------------------------------------------------------------- the stream interface
+    # The session's half of the internal interface with MuxStream (the stream's half is its ``on_*`` hooks, which
+    # the reader and the writer call). Applications never call these. Each one changes the connection's state and
+    # wakes the writer when there is something to write; none waits or checkpoints (the stream does that). They
+    # take the stream id, which is all the connection needs, and stream_send and stream_consumed are on the data
+    # path: keep them one call each, with nothing the direct connection call would not do.
+
+    def stream_send(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
+        """Queue stream bytes; how many the connection took (0: no credit or buffer room, wait for on_writable)."""
+        taken = self._conn.send_data(stream_id, data)
+        if taken:
+            self._writer_event.set()
+        return taken
+
+    def stream_send_credit(self, stream_id: int) -> int:
+        """Bytes :meth:`stream_send` would take right now."""
+        return self._conn.send_credit(stream_id)
+
+    def stream_consumed(self, stream_id: int, size: int) -> None:
+        """The application took ``size`` buffered bytes: return that much credit to the peer."""
+        conn = self._conn
+        conn.acknowledge(stream_id, size, now=trio.current_time())
+        if conn.wants_write:
+            self._writer_event.set()
+
+    def stream_accept(self, stream_id: int) -> None:
+        """OPEN_OK for a stream the peer opened."""
+        self._conn.accept_stream(stream_id)
+        self._writer_event.set()
+
+    def stream_reject(self, stream_id: int, code: ErrorCode | int, reason: str) -> None:
+        """OPEN_ERR for a stream the peer opened."""
+        self._conn.reject_stream(stream_id, code, reason)
+        self._writer_event.set()
+
+    def stream_end(self, stream_id: int) -> None:
+        """FIN after every byte queued so far."""
+        self._conn.end_stream(stream_id)
+        self._writer_event.set()
+
+    def stream_close(self, stream_id: int) -> None:
+        """The application is done with the stream: FIN (and RST if the peer still sends), or, for a stream the
+        peer already ended with an error, only the release of its table entry (no frame, no writer pass)."""
+        conn = self._conn
+        conn.close_stream(stream_id)
+        if conn.wants_write:
+            self._writer_event.set()
+
+    def stream_reset(self, stream_id: int, code: ErrorCode | int, reason: str) -> None:
+        """RST: abort both directions, drop unsent data."""
+        self._conn.reset_stream(stream_id, code, reason)
+        self._writer_event.set()
+
+    def stream_forget(self, stream_id: int) -> None:
+        """The stream object is closed: events for its id no longer reach it."""
+        self._streams.pop(stream_id, None)
+
+    def stream_withdraw(self, stream: MuxStream) -> bool:
+        """Take a stream the application has not accepted yet off the accept queue (the peer reset it first);
+        False if the application already has it."""
+        queue = self._accept_queue
+        if stream in queue:
+            queue.remove(stream)
+            return True
+        return False
+
+    def _send_reply(self, request_id: int, code: ErrorCode | int, body: Any) -> None:
+        self._conn.send_reply(request_id, body, code)
+        self._writer_event.set()
+
     # ------------------------------------------------------------------------------------------------ tasks
 
     def _credit_changed(self) -> None:
@@ -369,7 +440,7 @@ class Session:
                     for sid in conn.pop_writable():
                         stream = self._streams.get(sid)
                         if stream is not None:
-                            stream._wake_send()
+                            stream.on_writable()
                     if not parts:
                         break
                     batches += 1
@@ -438,15 +509,15 @@ class Session:
                 case ev.DataReceived(sid, data):
                     stream = streams.get(sid)
                     if stream is not None:
-                        stream._on_data(data)
+                        stream.on_data(data)
                 case ev.WindowUpdated(sid):
                     stream = streams.get(sid)
                     if stream is not None:
-                        stream._wake_send()
+                        stream.on_writable()
                 case ev.StreamEnded(sid):
                     stream = streams.get(sid)
                     if stream is not None:
-                        stream._on_eof()
+                        stream.on_end()
                 case ev.StreamOpened(sid, route, meta):
                     # The decoder built this dict for us alone: no copy.
                     stream = MuxStream(self, sid, route, meta if type(meta) is dict else dict(meta), opening=False)
@@ -458,17 +529,17 @@ class Session:
                     self._credit_changed()  # one fewer unanswered open: room in the peer's backlog
                     stream = streams.get(sid)
                     if stream is not None:
-                        stream._on_accepted()
+                        stream.on_accepted()
                 case ev.StreamRejected(sid, code, reason):
                     self._credit_changed()
                     stream = streams.get(sid)
                     if stream is not None:
-                        stream._on_rejected(StreamOpenError(code, reason))
+                        stream.on_rejected(code, reason)
                 case ev.StreamReset(sid, code, reason):
                     self._credit_changed()
                     stream = streams.get(sid)
                     if stream is not None:
-                        stream._on_reset(StreamResetError(code, reason))
+                        stream.on_reset(code, reason)
                 case ev.StreamCreditGranted():
                     self._credit_changed()
                 case ev.PongReceived(_, rtt):
@@ -518,11 +589,9 @@ class Session:
         self._terminating = True
         self._wake_writer()
         for stream in list(self._streams.values()):
-            stream._on_session_dead()
+            stream.on_session_lost(code, reason)
         self._streams.clear()
-        for stream in self._accept_queue:
-            stream._closed = True
-        self._accept_queue.clear()
+        self._accept_queue.clear()  # never seen by the application: nobody else holds them
         self._requests.clear()
         self._accept_event.set()
         self._credit_changed()
@@ -591,7 +660,6 @@ class MuxStream(trio.abc.HalfCloseableStream):
     __slots__ = (
         "_accepted_wakeup",
         "_closed",
-        "_conn",
         "_eof",
         "_eof_sent",
         "_error",
@@ -612,7 +680,6 @@ class MuxStream(trio.abc.HalfCloseableStream):
 
     def __init__(self, session: Session, stream_id: int, route: str, meta: dict[str, Any], *, opening: bool) -> None:
         self._session = session
-        self._conn = session._conn
         self.stream_id = stream_id
         self.route = route
         self.meta = meta
@@ -661,75 +728,76 @@ class MuxStream(trio.abc.HalfCloseableStream):
             assert error is not None
             raise error
 
-    def _abort_open(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._conn.reset_stream(self.stream_id, ErrorCode.CANCEL, "open cancelled")
-            self._session._wake_writer()
-            self._session._credit_changed()
-            self._forget()
-
     def accept(self) -> None:
         """Answer the peer's OPEN with OPEN_OK (done implicitly by the first ``send_all``)."""
         if self._pending and self._error is None and not self._closed:
             self._pending = False
-            self._conn.accept_stream(self.stream_id)
-            self._session._wake_writer()
+            self._session.stream_accept(self.stream_id)
 
     def reject(self, code: ErrorCode | int, reason: str = "") -> None:
         """Answer the peer's OPEN with OPEN_ERR; the stream is closed."""
         if self._pending and self._error is None and not self._closed:
             self._pending = False
             self._closed = True
-            self._conn.reject_stream(self.stream_id, code, reason)
-            self._session._wake_writer()
-            self._forget()
+            self._session.stream_reject(self.stream_id, code, reason)
+            self._session.stream_forget(self.stream_id)
 
-    # ------------------------------------------------------------------------------------------------ events
+    # ------------------------------------------------------------------------------- the session interface
+    # The stream's half of the internal interface with Session: the session's reader, writer and timer call these
+    # hooks as the connection reports events (never an application). Each one records the new state and wakes the
+    # waiters it concerns; none waits. The stream's other half is the session's ``stream_*`` methods, through
+    # which it changes the connection's state.
 
-    def _on_data(self, data: bytes) -> None:
+    def on_data(self, data: bytes) -> None:
+        """Bytes arrived (within the window we granted, so the buffer stays bounded)."""
         self._recv_buf.append(data)
         self._recv_buffered += len(data)
         self._wake_recv()
 
-    def _on_eof(self) -> None:
+    def on_end(self) -> None:
+        """The peer's FIN: receive_some returns b"" once the buffer is drained."""
         self._eof = True
         self._wake_recv()
 
-    def _on_accepted(self) -> None:
+    def on_writable(self) -> None:
+        """Send credit or buffer room appeared (or the stream died): a blocked sender looks again."""
+        wakeup = self._send_wakeup
+        if wakeup is not None:
+            wakeup.wake()
+
+    def on_accepted(self) -> None:
+        """The peer's OPEN_OK."""
         self._opening = False
         self._wake_accepted()
 
-    def _on_rejected(self, error: StreamOpenError) -> None:
-        self._error = error
+    def on_rejected(self, code: int, reason: str) -> None:
+        """The peer's OPEN_ERR, or our open timed out."""
+        self._error = StreamOpenError(code, reason)
         self._drop_recv()
-        self._wake_accepted()
-        self._wake_recv()
-        self._wake_send()
+        self._wake_all()
 
-    def _on_reset(self, error: StreamResetError) -> None:
-        self._error = error
+    def on_reset(self, code: int, reason: str) -> None:
+        """The peer's RST. Bytes that came before a FIN stay readable (like TCP); otherwise they are dropped."""
+        self._error = StreamResetError(code, reason)
         if not self._eof:
             self._drop_recv()
-        self._wake_accepted()
-        self._wake_recv()
-        self._wake_send()
-        queue = self._session._accept_queue
-        if self._pending and not self._eof and self in queue:
+        self._wake_all()
+        if self._pending and not self._eof and self._session.stream_withdraw(self):
             # Reset before the application ever saw it (the opener gave up or it timed out): release it now.
-            queue.remove(self)
             self._close_now()
 
-    def _on_session_dead(self) -> None:
+    def on_session_lost(self, code: int, reason: str) -> None:
+        """The session is over: every waiter fails (after a FIN, buffered bytes stay readable)."""
         if self._error is None:
-            dead = self._session._dead
-            assert dead is not None
-            self._error = SessionClosedError(dead.code, dead.reason)
+            self._error = SessionClosedError(code, reason)
         if not self._eof:
             self._drop_recv()
+        self._wake_all()
+
+    def _wake_all(self) -> None:
         self._wake_accepted()
         self._wake_recv()
-        self._wake_send()
+        self.on_writable()
 
     def _drop_recv(self) -> None:
         self._recv_buf.clear()
@@ -750,13 +818,6 @@ class MuxStream(trio.abc.HalfCloseableStream):
     def _wake_accepted(self) -> None:
         if self._accepted_wakeup is not None:
             self._accepted_wakeup.wake()
-
-    def _wake_send(self) -> None:
-        if self._send_wakeup is not None:
-            self._send_wakeup.wake()
-
-    def _forget(self) -> None:
-        self._session._streams.pop(self.stream_id, None)
 
     def _broken(self) -> trio.BrokenResourceError:
         error = self._error
@@ -792,9 +853,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     raise trio.ClosedResourceError("this stream was closed")
                 if self._recv_buffered:
                     data = self._take(max_bytes)
-                    self._conn.acknowledge(self.stream_id, len(data), now=trio.current_time())
-                    if self._conn.wants_write:
-                        self._session._wake_writer()
+                    self._session.stream_consumed(self.stream_id, len(data))
                     if not waited:
                         await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
@@ -867,15 +926,14 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
                 offset = 0
                 total = len(view)
-                conn = self._conn
+                session = self._session
                 whole = type(data) is bytes
                 waited = False
                 while offset < total:
                     # Whole bytes go in as they are (the protocol keeps the immutable object: no copy).
-                    taken = conn.send_data(self.stream_id, data if whole and not offset else view[offset:])
+                    taken = session.stream_send(self.stream_id, data if whole and not offset else view[offset:])
                     if taken:
                         offset += taken
-                        self._session._wake_writer()
                         continue
                     if self._send_wakeup is None:
                         self._send_wakeup = _Wakeup()
@@ -895,7 +953,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint_if_cancelled()
             while True:
                 self._check_send()
-                if self._conn.send_credit(self.stream_id) > 0:
+                if self._session.stream_send_credit(self.stream_id) > 0:
                     break
                 if self._send_wakeup is None:
                     self._send_wakeup = _Wakeup()
@@ -917,8 +975,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     raise self._broken()
                 self.accept()
                 self._eof_sent = True
-                self._conn.end_stream(self.stream_id)
-                self._session._wake_writer()
+                self._session.stream_end(self.stream_id)
             await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
@@ -929,19 +986,17 @@ class MuxStream(trio.abc.HalfCloseableStream):
         if self._closed:
             return
         self._closed = True
-        if self._error is None and not self._session.closed:
-            if self._pending:
+        session = self._session
+        if not session.closed:
+            if self._pending and self._error is None:
                 self._pending = False
-                self._conn.reject_stream(self.stream_id, ErrorCode.REFUSED, "closed before it was accepted")
+                session.stream_reject(self.stream_id, ErrorCode.REFUSED, "closed before it was accepted")
             else:
-                self._conn.close_stream(self.stream_id)
-            self._session._wake_writer()
-        elif not self._session.closed:
-            self._conn.close_stream(self.stream_id)  # release the table entry (no frame for a dead stream)
+                session.stream_close(self.stream_id)  # for a dead stream: no frame, it releases the table entry
         self._drop_recv()
-        self._forget()
+        session.stream_forget(self.stream_id)
         self._wake_recv()
-        self._wake_send()
+        self.on_writable()
 
     async def aclose(self) -> None:
         """Close gracefully: FIN after all queued data; if the peer is still sending, one RST(STREAM_CLOSED)
@@ -955,13 +1010,13 @@ class MuxStream(trio.abc.HalfCloseableStream):
         if self._closed:
             return
         self._closed = True
-        if not self._session.closed:
-            self._conn.reset_stream(self.stream_id, code, reason)
-            self._session._wake_writer()
+        session = self._session
+        if not session.closed:
+            session.stream_reset(self.stream_id, code, reason)
         self._drop_recv()
-        self._forget()
+        session.stream_forget(self.stream_id)
         self._wake_recv()
-        self._wake_send()
+        self.on_writable()
 
 
 @attrs.define(eq=False)
@@ -992,8 +1047,7 @@ class Request:
 
     def _answer(self, code: ErrorCode | int, body: Any) -> None:
         if self.request_id and not self._session.closed:
-            self._session._conn.send_reply(self.request_id, body, code)
-            self._session._wake_writer()
+            self._session._send_reply(self.request_id, code, body)
 
 
 @asynccontextmanager
