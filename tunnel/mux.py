@@ -17,84 +17,33 @@ A :class:`Session` wraps one :class:`proto.Connection` and one transport (any :c
   ``keepalive_timeout`` without a single inbound byte (any byte counts, so a busy peer with a late PONG lives);
   it also expires unanswered stream opens.
 
-:class:`MuxStream` is a :class:`trio.abc.HalfCloseableStream`. ``send_all`` hands bytes to the connection as
-credit and buffer room allow and waits (on its own event) for more; ``receive_some`` takes from the stream's
-buffer and returns credit as it consumes (not when the bytes arrived), so a reader that stops stalls only its own
-stream's sender. Every waiter wakes with ``BrokenResourceError`` (peer reset, session lost) or
-``ClosedResourceError`` (closed locally) when its stream or session dies.
+:class:`~trio_tunnel.stream.MuxStream` (in :mod:`trio_tunnel.stream`, with its own theory of operation) is the
+application's end of one stream. The session and its streams talk through a small internal interface: the
+session's ``stream_*`` methods (the stream changing the connection's state) and the stream's ``on_*`` hooks (the
+reader, writer and timer reporting the connection's events); neither touches the other's fields.
 """
 
 from __future__ import annotations
 
 import logging
-import operator
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, final
 
-import attrs
 import trio
 from trio_tunnel import proto
 from trio_tunnel.proto import ErrorCode, Role
 from trio_tunnel.proto import events as ev
 
-from .errors import (
-    HandshakeError,
-    RequestError,
-    SessionClosedError,
-    StreamOpenError,
-    StreamResetError,
-    with_auth_advice,
-)
+from .errors import HandshakeError, RequestError, SessionClosedError, StreamOpenError, with_auth_advice
+from .session_types import Ended, PendingReply, Request, SessionConfig, SessionStatistics
+from .stream import MuxStream
 from .tcp import TcpStream
 
 __all__ = ["MuxStream", "Request", "Role", "Session", "SessionConfig", "SessionStatistics", "open_session"]
 
 logger: Final = logging.getLogger(__name__)
-
-KiB: Final = 1024
-RECEIVE_SIZE: Final = 256 * KiB
-"""What ``MuxStream.receive_some()`` returns at most when not told a size."""
-
-
-@attrs.frozen(kw_only=True)
-class SessionConfig:
-    """Timeouts (seconds) and sizes of one session; every timeout here becomes a cancel scope."""
-
-    limits: proto.Limits = attrs.field(factory=proto.Limits)
-    handshake_timeout: float = 10.0
-    """The whole handshake, from the first byte to WELCOME."""
-    keepalive_idle: float = 15.0
-    """Send a PING after this long without an inbound byte."""
-    keepalive_timeout: float = 45.0
-    """Declare the peer dead after this long without an inbound byte."""
-    write_timeout: float = 30.0
-    """A transport write that makes no progress for this long kills the session."""
-    close_timeout: float = 1.0
-    """How long closing may spend flushing the final GOAWAY before the transport is closed anyway."""
-    read_size: int = 256 * KiB
-    write_batch: int = 256 * KiB
-
-
-@attrs.frozen
-class SessionStatistics:
-    """A snapshot of a session (see :meth:`Session.statistics`)."""
-
-    session_id: str
-    peer_name: str
-    streams: int
-    """Streams the application holds open."""
-    pending_accept: int
-    rtt: float | None
-    """Smoothed round-trip time from PING/PONG, seconds."""
-    connection: proto.ConnectionStatistics
-
-
-@attrs.frozen
-class _Dead:
-    code: int
-    reason: str
 
 
 def unwrap_group(eg: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -127,9 +76,9 @@ class Session:
         self._handshake_done = trio.Event()
         self._requests: deque[Request] = deque()
         self._request_event = trio.Event()
-        self._replies: dict[int, _PendingReply] = {}
+        self._replies: dict[int, PendingReply] = {}
         self._request_slots = trio.Semaphore(conn.limits.max_pending_requests)
-        self._dead: _Dead | None = None
+        self._dead: Ended | None = None
         self._terminating = False
         self._going_away: tuple[ErrorCode, str] | None = None
         """Code and reason of our first GOAWAY: the final one repeats them, so the peer learns why it ended."""
@@ -216,7 +165,8 @@ class Session:
             try:
                 await stream.wait_accepted()
             except BaseException:
-                stream._abort_open()
+                stream.reset(ErrorCode.CANCEL, "open cancelled")
+                self._credit_changed()  # the slot it held is free again
                 raise
         return stream
 
@@ -249,7 +199,7 @@ class Session:
         async with self._request_slots:
             self._check_alive()
             req = self._conn.send_request(kind, body)
-            pending = _PendingReply()
+            pending = PendingReply()
             self._replies[req] = pending
             self._wake_writer()
             try:
@@ -303,6 +253,76 @@ class Session:
             rtt=self._conn.srtt,
             connection=self._conn.statistics(),
         )
+
+    # ------------------------------------------------------------------------------- the stream interface
+    # The session's half of the internal interface with MuxStream (see trio_tunnel.stream); not for applications.
+    # Each changes the connection's state and wakes the writer when there is something to write; none waits.
+    # stream_send and stream_consumed are on the data path: one call each, nothing the connection call would not do.
+
+    def stream_send(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
+        """Queue stream bytes; how many the connection took (0: no credit or buffer room, wait for on_writable)."""
+        taken = self._conn.send_data(stream_id, data)
+        if taken:
+            self._writer_event.set()
+        return taken
+
+    def stream_send_credit(self, stream_id: int) -> int:
+        """Bytes :meth:`stream_send` would take right now."""
+        return self._conn.send_credit(stream_id)
+
+    def stream_consumed(self, stream_id: int, size: int) -> None:
+        """The application took ``size`` buffered bytes: return that much credit to the peer."""
+        conn = self._conn
+        conn.acknowledge(stream_id, size, now=trio.current_time())
+        if conn.wants_write:
+            self._writer_event.set()
+
+    def stream_accept(self, stream_id: int) -> None:
+        """OPEN_OK for a stream the peer opened."""
+        self._conn.accept_stream(stream_id)
+        self._writer_event.set()
+
+    def stream_reject(self, stream_id: int, code: ErrorCode | int, reason: str) -> None:
+        """OPEN_ERR for a stream the peer opened."""
+        self._conn.reject_stream(stream_id, code, reason)
+        self._writer_event.set()
+
+    def stream_end(self, stream_id: int) -> None:
+        """FIN after every byte queued so far."""
+        self._conn.end_stream(stream_id)
+        self._writer_event.set()
+
+    def stream_close(self, stream_id: int) -> None:
+        """The application is done with the stream: FIN (and RST if the peer still sends), or, for a stream the
+        peer already ended with an error, only the release of its table entry (no frame, no writer pass)."""
+        conn = self._conn
+        conn.close_stream(stream_id)
+        if conn.wants_write:
+            self._writer_event.set()
+
+    def stream_reset(self, stream_id: int, code: ErrorCode | int, reason: str) -> None:
+        """RST: abort both directions, drop unsent data."""
+        self._conn.reset_stream(stream_id, code, reason)
+        self._writer_event.set()
+
+    def stream_forget(self, stream_id: int) -> None:
+        """The stream object is closed: events for its id no longer reach it."""
+        self._streams.pop(stream_id, None)
+
+    def stream_withdraw(self, stream: MuxStream) -> bool:
+        """Take a stream the application has not accepted yet off the accept queue (the peer reset it first);
+        False if the application already has it."""
+        queue = self._accept_queue
+        if stream in queue:
+            queue.remove(stream)
+            return True
+        return False
+
+    def _send_reply(self, request_id: int, code: ErrorCode | int, body: Any) -> None:
+        """Answer a CTRL request (see :class:`Request`); nothing once the session is over."""
+        if self._dead is None:
+            self._conn.send_reply(request_id, body, code)
+            self._writer_event.set()
 
     # ------------------------------------------------------------------------------------------------ tasks
 
@@ -376,7 +396,7 @@ class Session:
                     for sid in conn.pop_writable():
                         stream = self._streams.get(sid)
                         if stream is not None:
-                            stream._wake_send()
+                            stream.on_writable()
                     if not parts:
                         break
                     batches += 1
@@ -445,15 +465,15 @@ class Session:
                 case ev.DataReceived(sid, data):
                     stream = streams.get(sid)
                     if stream is not None:
-                        stream._on_data(data)
+                        stream.on_data(data)
                 case ev.WindowUpdated(sid):
                     stream = streams.get(sid)
                     if stream is not None:
-                        stream._wake_send()
+                        stream.on_writable()
                 case ev.StreamEnded(sid):
                     stream = streams.get(sid)
                     if stream is not None:
-                        stream._on_eof()
+                        stream.on_end()
                 case ev.StreamOpened(sid, route, meta):
                     # The decoder built this dict for us alone: no copy.
                     stream = MuxStream(self, sid, route, meta if type(meta) is dict else dict(meta), opening=False)
@@ -465,17 +485,17 @@ class Session:
                     self._credit_changed()  # one fewer unanswered open: room in the peer's backlog
                     stream = streams.get(sid)
                     if stream is not None:
-                        stream._on_accepted()
+                        stream.on_accepted()
                 case ev.StreamRejected(sid, code, reason):
                     self._credit_changed()
                     stream = streams.get(sid)
                     if stream is not None:
-                        stream._on_rejected(StreamOpenError(code, reason))
+                        stream.on_rejected(code, reason)
                 case ev.StreamReset(sid, code, reason):
                     self._credit_changed()
                     stream = streams.get(sid)
                     if stream is not None:
-                        stream._on_reset(StreamResetError(code, reason))
+                        stream.on_reset(code, reason)
                 case ev.StreamCreditGranted():
                     self._credit_changed()
                 case ev.PongReceived(_, rtt):
@@ -484,7 +504,7 @@ class Session:
                             "%s: rtt %.1f ms (smoothed %.1f ms)", self, rtt * 1e3, (self._conn.srtt or 0) * 1e3
                         )
                 case ev.RequestReceived(req, kind, body):
-                    self._requests.append(Request(self, req, kind, body))
+                    self._requests.append(Request(self._send_reply, req, kind, body))
                     self._request_event.set()
                 case ev.ReplyReceived(req, code, body):
                     pending = self._replies.get(req)
@@ -520,17 +540,15 @@ class Session:
         """The session is over: wake every waiter. With ``send``, the final GOAWAY/REFUSE is flushed first."""
         if self._dead is not None:
             return
-        self._dead = _Dead(code, reason)
+        self._dead = Ended(code, reason)
         if send:
             self._conn.close(code, reason)
         self._terminating = True
         self._wake_writer()
         for stream in list(self._streams.values()):
-            stream._on_session_dead()
+            stream.on_session_lost(code, reason)
         self._streams.clear()
-        for stream in self._accept_queue:
-            stream._closed = True
-        self._accept_queue.clear()
+        self._accept_queue.clear()  # never seen by the application: nobody else holds them
         self._requests.clear()
         self._accept_event.set()
         self._credit_changed()
@@ -556,452 +574,6 @@ class Session:
             await self._writer_done.wait()
         if self._dead is None:  # the flush timed out: the peer is not reading
             self._die(code, reason)
-
-
-@final
-class _Wakeup:
-    """Where one task sleeps until a stream's state changes: a :class:`trio.Event` without the set of waiters and
-    without the latch. The waiter checks its condition, then sleeps; whoever changes the state calls :meth:`wake`
-    (which does nothing when nobody sleeps). Nothing runs between the check and the sleep, so no wakeup is lost.
-    Every idle stream has a task asleep on one of these, so it is kept small: one slot, no per-wait objects
-    beyond Trio's own."""
-
-    __slots__ = ("_task",)
-
-    def __init__(self) -> None:
-        self._task: trio.lowlevel.Task | None = None
-
-    def wait(self) -> Awaitable[object]:
-        """``await wait()`` sleeps until :meth:`wake` (a checkpoint: raises Cancelled if cancelled meanwhile).
-
-        A plain function returning Trio's awaitable, not a coroutine of its own: one frame fewer held by every
-        idle stream."""
-        assert self._task is None, "one waiter at a time"
-        self._task = trio.lowlevel.current_task()
-        return trio.lowlevel.wait_task_rescheduled(self._abort)  # noqa: ASYNC105 (awaited by the caller)
-
-    def _abort(self, _raise_cancel: object) -> trio.lowlevel.Abort:
-        self._task = None
-        return trio.lowlevel.Abort.SUCCEEDED
-
-    def wake(self) -> None:
-        task = self._task
-        if task is not None:
-            self._task = None
-            trio.lowlevel.reschedule(task)
-
-
-@final
-class MuxStream(trio.abc.HalfCloseableStream):
-    """One multiplexed byte stream; behaves like a TCP connection (see the module docstring)."""
-
-    # Slots, not a __dict__: one of these per connection, and idle connections are many.
-    __slots__ = (
-        "_accepted_wakeup",
-        "_closed",
-        "_conn",
-        "_eof",
-        "_eof_sent",
-        "_error",
-        "_opening",
-        "_pending",
-        "_receiving",
-        "_recv_buf",
-        "_recv_buffered",
-        "_recv_offset",
-        "_recv_task",
-        "_send_wakeup",
-        "_sending",
-        "_session",
-        "meta",
-        "route",
-        "stream_id",
-    )
-
-    def __init__(self, session: Session, stream_id: int, route: str, meta: dict[str, Any], *, opening: bool) -> None:
-        self._session = session
-        self._conn = session._conn
-        self.stream_id = stream_id
-        self.route = route
-        self.meta = meta
-        self._recv_buf: list[bytes] = []  # few entries; a list is 56 bytes empty, a deque 760
-        self._recv_offset = 0
-        self._recv_buffered = 0
-        self._eof = False
-        self._eof_sent = False
-        self._closed = False
-        self._error: BaseException | None = None  # why sending (and, without EOF, receiving) fails
-        self._opening = opening  # we opened it and no answer came yet
-        self._pending = not opening  # the peer opened it and we have not answered
-        self._recv_task: trio.lowlevel.Task | None = None  # asleep in receive_some until data, EOF or an error
-        # Made on first use (most streams never wait for these; every idle one waits to receive):
-        self._accepted_wakeup: _Wakeup | None = None  # wait_accepted: until _opening is False or _error is set
-        self._send_wakeup: _Wakeup | None = None  # send_all, wait_send_all_might_not_block: until credit or error
-        self._receiving = False
-        self._sending = False
-
-    def __repr__(self) -> str:
-        return f"<MuxStream {self.stream_id} {self.route!r}>"
-
-    # ------------------------------------------------------------------------------------------ open handshake
-
-    async def wait_accepted(self) -> None:
-        """Wait until the peer answered our OPEN with OPEN_OK.
-
-        Raises:
-            StreamOpenError: refused or timed out.
-            SessionClosedError: the session is over first.
-        """
-        if self._opening and self._error is None:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            wakeup = self._accepted_wakeup = _Wakeup()
-            try:
-                while self._opening and self._error is None:
-                    await wakeup.wait()
-            finally:
-                self._accepted_wakeup = None  # answered once: never needed again
-        else:
-            await trio.lowlevel.checkpoint()
-        if self._opening:
-            error = self._error
-            if isinstance(error, StreamResetError):
-                raise StreamOpenError(error.code, error.reason)
-            assert error is not None
-            raise error
-
-    def _abort_open(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._conn.reset_stream(self.stream_id, ErrorCode.CANCEL, "open cancelled")
-            self._session._wake_writer()
-            self._session._credit_changed()
-            self._forget()
-
-    def accept(self) -> None:
-        """Answer the peer's OPEN with OPEN_OK (done implicitly by the first ``send_all``)."""
-        if self._pending and self._error is None and not self._closed:
-            self._pending = False
-            self._conn.accept_stream(self.stream_id)
-            self._session._wake_writer()
-
-    def reject(self, code: ErrorCode | int, reason: str = "") -> None:
-        """Answer the peer's OPEN with OPEN_ERR; the stream is closed."""
-        if self._pending and self._error is None and not self._closed:
-            self._pending = False
-            self._closed = True
-            self._conn.reject_stream(self.stream_id, code, reason)
-            self._session._wake_writer()
-            self._forget()
-
-    # ------------------------------------------------------------------------------------------------ events
-
-    def _on_data(self, data: bytes) -> None:
-        self._recv_buf.append(data)
-        self._recv_buffered += len(data)
-        self._wake_recv()
-
-    def _on_eof(self) -> None:
-        self._eof = True
-        self._wake_recv()
-
-    def _on_accepted(self) -> None:
-        self._opening = False
-        self._wake_accepted()
-
-    def _on_rejected(self, error: StreamOpenError) -> None:
-        self._error = error
-        self._drop_recv()
-        self._wake_accepted()
-        self._wake_recv()
-        self._wake_send()
-
-    def _on_reset(self, error: StreamResetError) -> None:
-        self._error = error
-        if not self._eof:
-            self._drop_recv()
-        self._wake_accepted()
-        self._wake_recv()
-        self._wake_send()
-        queue = self._session._accept_queue
-        if self._pending and not self._eof and self in queue:
-            # Reset before the application ever saw it (the opener gave up or it timed out): release it now.
-            queue.remove(self)
-            self._close_now()
-
-    def _on_session_dead(self) -> None:
-        if self._error is None:
-            dead = self._session._dead
-            assert dead is not None
-            self._error = SessionClosedError(dead.code, dead.reason)
-        if not self._eof:
-            self._drop_recv()
-        self._wake_accepted()
-        self._wake_recv()
-        self._wake_send()
-
-    def _drop_recv(self) -> None:
-        self._recv_buf.clear()
-        self._recv_buffered = 0
-        self._recv_offset = 0
-
-    def _wake_recv(self) -> None:
-        # Every idle connection has a task asleep here, so no _Wakeup object: the task in a slot.
-        task = self._recv_task
-        if task is not None:
-            self._recv_task = None
-            trio.lowlevel.reschedule(task)
-
-    def _abort_recv(self, _raise_cancel: object) -> trio.lowlevel.Abort:
-        self._recv_task = None
-        return trio.lowlevel.Abort.SUCCEEDED
-
-    def _wake_accepted(self) -> None:
-        if self._accepted_wakeup is not None:
-            self._accepted_wakeup.wake()
-
-    def _wake_send(self) -> None:
-        if self._send_wakeup is not None:
-            self._send_wakeup.wake()
-
-    def _forget(self) -> None:
-        self._session._streams.pop(self.stream_id, None)
-
-    def _broken(self) -> trio.BrokenResourceError:
-        error = self._error
-        exc = trio.BrokenResourceError(f"stream {self.stream_id} {self._describe(error)}")
-        exc.__cause__ = error
-        return exc
-
-    @staticmethod
-    def _describe(error: BaseException | None) -> str:
-        if isinstance(error, StreamResetError):
-            return f"was reset by the peer: {error}"
-        if isinstance(error, StreamOpenError):
-            return f"was refused by the peer: {error}"
-        if isinstance(error, SessionClosedError):
-            return f"lost its session: {error}"
-        return "is broken"
-
-    # --------------------------------------------------------------------------------------------- receiving
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is not None:
-            max_bytes = operator.index(max_bytes)
-            if max_bytes < 1:
-                raise ValueError("max_bytes must be >= 1")
-        if self._receiving:
-            raise trio.BusyResourceError("another task is already receiving on this stream")
-        self._receiving = True
-        try:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            waited = False  # a call is a schedule point; a wait already was one (no extra scheduler pass)
-            while True:
-                if self._closed:
-                    raise trio.ClosedResourceError("this stream was closed")
-                if self._recv_buffered:
-                    data = self._take(max_bytes)
-                    self._conn.acknowledge(self.stream_id, len(data), now=trio.current_time())
-                    if self._conn.wants_write:
-                        self._session._wake_writer()
-                    if not waited:
-                        await trio.lowlevel.cancel_shielded_checkpoint()
-                    return data
-                if self._eof:
-                    if not waited:
-                        await trio.lowlevel.cancel_shielded_checkpoint()
-                    return b""
-                if self._error is not None:
-                    raise self._broken()
-                self._recv_task = trio.lowlevel.current_task()
-                await trio.lowlevel.wait_task_rescheduled(self._abort_recv)
-                waited = True
-        finally:
-            self._receiving = False
-
-    def _take(self, max_bytes: int | None) -> bytes:
-        """Up to ``max_bytes`` (default :data:`RECEIVE_SIZE`) buffered bytes. Several small frames are joined into
-        one chunk: one copy here saves the caller a write per frame."""
-        buf = self._recv_buf
-        limit = RECEIVE_SIZE if max_bytes is None else max_bytes
-        head = buf[0]
-        off = self._recv_offset
-        avail = len(head) - off
-        if avail > limit:
-            data = head[off : off + limit]
-            self._recv_offset = off + limit
-        else:
-            del buf[0]
-            self._recv_offset = 0
-            data = head[off:] if off else head
-            if buf and avail < limit:
-                parts = [data]
-                total = avail
-                while buf and total < limit:
-                    nxt = buf[0]
-                    room = limit - total
-                    if len(nxt) <= room:
-                        parts.append(nxt)
-                        del buf[0]
-                        total += len(nxt)
-                    else:
-                        parts.append(nxt[:room])
-                        self._recv_offset = room
-                        total = limit
-                data = b"".join(parts)
-        self._recv_buffered -= len(data)
-        return data
-
-    # ----------------------------------------------------------------------------------------------- sending
-
-    def _check_send(self) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("this stream was closed")
-        if self._eof_sent:
-            raise trio.ClosedResourceError("cannot send after send_eof")
-        if self._error is not None:
-            raise self._broken()
-
-    async def send_all(self, data: bytes | bytearray | memoryview, *, checkpoint: bool = True) -> None:
-        """:meth:`trio.abc.SendStream.send_all`; ``checkpoint=False`` as for :meth:`trio_tunnel.tcp.TcpStream.send_all`
-        (no scheduler pass unless it had to wait for credit)."""
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this stream")
-        self._sending = True
-        try:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            self._check_send()
-            self.accept()
-            with memoryview(data) as view:
-                view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-                offset = 0
-                total = len(view)
-                conn = self._conn
-                whole = type(data) is bytes
-                waited = False
-                while offset < total:
-                    # Whole bytes go in as they are (the protocol keeps the immutable object: no copy).
-                    taken = conn.send_data(self.stream_id, data if whole and not offset else view[offset:])
-                    if taken:
-                        offset += taken
-                        self._session._wake_writer()
-                        continue
-                    if self._send_wakeup is None:
-                        self._send_wakeup = _Wakeup()
-                    await self._send_wakeup.wait()
-                    waited = True
-                    self._check_send()
-            if checkpoint and not waited:  # a call is a schedule point; a wait already was one
-                await trio.lowlevel.cancel_shielded_checkpoint()
-        finally:
-            self._sending = False
-
-    async def wait_send_all_might_not_block(self) -> None:
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this stream")
-        self._sending = True
-        try:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            while True:
-                self._check_send()
-                if self._conn.send_credit(self.stream_id) > 0:
-                    break
-                if self._send_wakeup is None:
-                    self._send_wakeup = _Wakeup()
-                await self._send_wakeup.wait()
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        finally:
-            self._sending = False
-
-    async def send_eof(self) -> None:
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this stream")
-        self._sending = True
-        try:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            if self._closed:
-                raise trio.ClosedResourceError("this stream was closed")
-            if not self._eof_sent:
-                if self._error is not None:
-                    raise self._broken()
-                self.accept()
-                self._eof_sent = True
-                self._conn.end_stream(self.stream_id)
-                self._session._wake_writer()
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        finally:
-            self._sending = False
-
-    # ------------------------------------------------------------------------------------------------ closing
-
-    def _close_now(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._error is None and not self._session.closed:
-            if self._pending:
-                self._pending = False
-                self._conn.reject_stream(self.stream_id, ErrorCode.REFUSED, "closed before it was accepted")
-            else:
-                self._conn.close_stream(self.stream_id)
-            self._session._wake_writer()
-        elif not self._session.closed:
-            self._conn.close_stream(self.stream_id)  # release the table entry (no frame for a dead stream)
-        self._drop_recv()
-        self._forget()
-        self._wake_recv()
-        self._wake_send()
-
-    async def aclose(self) -> None:
-        """Close gracefully: FIN after all queued data; if the peer is still sending, one RST(STREAM_CLOSED)
-        after it tells it to stop (like closing a TCP socket with unread data)."""
-        self._close_now()
-        await trio.lowlevel.checkpoint()
-
-    def reset(self, code: ErrorCode | int = ErrorCode.CANCEL, reason: str = "") -> None:
-        """Abort the stream in both directions (RST): unsent data is dropped. ``CONN_RESET`` tells the peer to
-        reset its TCP side too. Closes this stream object."""
-        if self._closed:
-            return
-        self._closed = True
-        if not self._session.closed:
-            self._conn.reset_stream(self.stream_id, code, reason)
-            self._session._wake_writer()
-        self._drop_recv()
-        self._forget()
-        self._wake_recv()
-        self._wake_send()
-
-
-@attrs.define(eq=False)
-class _PendingReply:
-    event: trio.Event = attrs.field(factory=trio.Event)
-    code: int | None = None
-    body: Any = None
-
-
-@final
-class Request:
-    """A CTRL request received from the peer; answer it exactly once (not for notifications, id 0)."""
-
-    def __init__(self, session: Session, request_id: int, kind: str, body: Any) -> None:
-        self._session = session
-        self.request_id = request_id
-        self.kind = kind
-        self.body = body
-
-    def __repr__(self) -> str:
-        return f"<Request {self.request_id} {self.kind!r}>"
-
-    def reply(self, body: Any = None) -> None:
-        self._answer(ErrorCode.NO_ERROR, body)
-
-    def reply_error(self, code: ErrorCode | int, body: Any = None) -> None:
-        self._answer(code, body)
-
-    def _answer(self, code: ErrorCode | int, body: Any) -> None:
-        if self.request_id and not self._session.closed:
-            self._session._conn.send_reply(self.request_id, body, code)
-            self._session._wake_writer()
 
 
 @asynccontextmanager

@@ -1,4 +1,4 @@
-"""Behaviour of the Trio multiplexer (tunnel/mux.py) over in-memory and loopback transports."""
+"""Behaviour of the Trio multiplexer (tunnel/mux.py, tunnel/stream.py) over in-memory and loopback transports."""
 
 from __future__ import annotations
 
@@ -429,6 +429,36 @@ async def test_requests_round_trip_and_errors() -> None:
             with pytest.raises(RequestError, match="no such thing") as info:
                 await client.request("other", None)
             assert info.value.code == ErrorCode.PROHIBITED
+
+
+async def test_a_reply_after_the_session_ended_is_dropped() -> None:
+    """Request.reply goes through the session, which drops it once the session is over (no frame, no error)."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            async with session_pair() as (server, client):
+
+                async def ask() -> None:
+                    with pytest.raises(SessionClosedError):
+                        await client.request("slow", None)
+
+                nursery.start_soon(ask)
+                req = await server.receive_request()
+            assert server.closed
+            req.reply({"late": True})
+
+
+async def test_a_stream_reset_before_it_is_accepted_leaves_the_accept_queue() -> None:
+    """The peer gives up on an open the application never took: the session withdraws and releases it."""
+    with trio.fail_after(10):
+        async with session_pair() as (server, client):
+            stream = await client.open_stream("r", wait_accepted=False)
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.statistics().pending_accept == 1
+            stream.reset(ErrorCode.CANCEL, "changed my mind")
+            await trio.testing.wait_all_tasks_blocked()
+            stats = server.statistics()
+            assert (stats.pending_accept, stats.streams) == (0, 0)
+            assert stats.connection.streams == 0
 
 
 async def test_many_streams_over_real_tcp() -> None:
