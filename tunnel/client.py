@@ -31,8 +31,8 @@ from .errors import HandshakeError, NameTakenError, RequestError, SessionClosedE
 from .lifecycle import Shutdown
 from .mux import MuxStream, Role, Session, open_session, unwrap_group
 from .relay import splice
-from .server import FORWARD_ROUTE, REPLACED, session_config
 from .tcp import TcpStream, serve_tcp
+from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, session_config
 
 __all__ = ["Backoff", "run_client"]
 
@@ -186,7 +186,7 @@ class _Client:
         for spec in self.services.values():
             try:
                 reply = await session.request(
-                    "expose", {"name": spec.name, "bind": spec.bind_host, "port": spec.bind_port}
+                    EXPOSE, {"name": spec.name, "bind": spec.bind_host, "port": spec.bind_port}
                 )
             except RequestError as exc:
                 logger.error("the server refused to expose %s: %s", spec.name, exc)
