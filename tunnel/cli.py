@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
-import inspect
 import logging
 import os
 import signal
@@ -24,11 +22,13 @@ import socket
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any, Final, NoReturn, cast
+from functools import partial
+from typing import Any, Final, NoReturn, Protocol, cast
 
 import attrs
 import trio
 from trio_tunnel import __version__
+from trio_tunnel.client import run_client
 from trio_tunnel.config import (
     ClientConfig,
     LocalSpec,
@@ -43,9 +43,12 @@ from trio_tunnel.config import (
     parse_token_list,
     read_token_file,
 )
+from trio_tunnel.demo import run_demo
 from trio_tunnel.errors import ConfigError, HandshakeError, NameTakenError, TunnelError
 from trio_tunnel.lifecycle import Shutdown
 from trio_tunnel.logsetup import LogFormat, configure_logging
+from trio_tunnel.mapper import run_map
+from trio_tunnel.server import run_server
 
 __all__ = ["build_parser", "main", "run_cli"]
 
@@ -60,7 +63,12 @@ EXIT_INTERRUPTED: Final = 130
 DRAIN_GRACE: Final = 5.0
 """Seconds a run function may overrun its drain timeout before the CLI cancels it."""
 
-RunFunction = Callable[..., Awaitable[object]]
+
+class Start(Protocol):
+    """A command's run function with its config bound: runs until shutdown, reports through the task status."""
+
+    def __call__(self, shutdown: Shutdown, /, *, task_status: trio.TaskStatus[Any]) -> Awaitable[object]: ...
+
 
 _DESCRIPTION = """\
 Expose services behind NAT through a public server over one multiplexed TCP link (like ssh -R, frp or rathole),
@@ -291,12 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 @attrs.frozen
 class _Plan:
-    """What to run: ``module.attr(*args, shutdown)``."""
+    """What to run: ``start(shutdown, task_status)``, the command's run function with its config bound."""
 
     command: str
-    module: str
-    attr: str
-    args: tuple[Any, ...]
+    start: Start
     drain_timeout: float
     config: ServerConfig | ClientConfig | MapConfig | None = None
 
@@ -351,7 +357,7 @@ def _plan(args: argparse.Namespace, environ: Mapping[str, str]) -> _Plan:
                 server.listen,
                 " and reach the allowed targets" if server.allow_targets else "",
             )
-        return _Plan(command, "trio_tunnel.server", "run_server", (server,), server.timeouts.drain, server)
+        return _Plan(command, partial(run_server, server), server.timeouts.drain, server)
     if command == "client":
         client = ClientConfig.from_sources(
             config_file=args.config,
@@ -363,7 +369,7 @@ def _plan(args: argparse.Namespace, environ: Mapping[str, str]) -> _Plan:
             remotes=[RemoteSpec.parse(text) for text in args.remotes],
             locals=[LocalSpec.parse(text) for text in args.locals],
         )
-        return _Plan(command, "trio_tunnel.client", "run_client", (client,), client.timeouts.drain, client)
+        return _Plan(command, partial(run_client, client), client.timeouts.drain, client)
     if command == "map":
         if args.config is None and (args.listen is None or args.target is None):
             raise ConfigError("map needs LISTEN and TARGET, e.g. trio-tunnel map 0.0.0.0:10022 192.168.0.10:22")
@@ -382,22 +388,16 @@ def _plan(args: argparse.Namespace, environ: Mapping[str, str]) -> _Plan:
             connect_timeout=args.connect_timeout,
             max_connections=args.max_connections,
         )
-        return _Plan(command, "trio_tunnel.mapper", "run_map", (mapping,), mapping.drain_timeout, mapping)
+        return _Plan(command, partial(run_map, mapping), mapping.drain_timeout, mapping)
     if command == "demo":
-        return _Plan(command, "trio_tunnel.demo", "run_demo", (bool(args.once),), Timeouts().drain)
+        return _Plan(command, partial(_start_demo, bool(args.once)), Timeouts().drain)
     raise AssertionError(f"unhandled command {command!r}")
 
 
-def _load_runner(plan: _Plan) -> RunFunction | None:
-    """The run function, imported now (so a command whose module is missing fails clearly)."""
-    try:
-        module = importlib.import_module(plan.module)
-    except ModuleNotFoundError as exc:
-        if exc.name != plan.module:
-            raise
-        return None
-    runner = getattr(module, plan.attr, None)
-    return cast(RunFunction, runner) if callable(runner) else None
+async def _start_demo(once: bool, shutdown: Shutdown, *, task_status: trio.TaskStatus[Any]) -> None:
+    """The demo reports nothing through a task status: it has started as soon as it runs."""
+    task_status.started(None)
+    await run_demo(once, shutdown)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -440,29 +440,24 @@ async def _watch_signals(
 
 
 async def _supervise(
-    runner: RunFunction,
-    args: tuple[Any, ...],
+    start: Start,
     shutdown: Shutdown,
     cancel_scope: trio.CancelScope,
     state: _RunState,
     *,
     task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    if "task_status" in inspect.signature(runner).parameters:
-        await runner(*args, shutdown, task_status=task_status)
-    else:
-        task_status.started(None)
-        await runner(*args, shutdown)
+    await start(shutdown, task_status=task_status)
     state.finished = True
     cancel_scope.cancel()
 
 
-async def _amain(runner: RunFunction, args: tuple[Any, ...], drain_timeout: float) -> int:
+async def _amain(start: Start, drain_timeout: float) -> int:
     shutdown = Shutdown(drain_timeout=drain_timeout)
     state = _RunState()
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals, shutdown, nursery.cancel_scope, state)
-        state.started = await nursery.start(_supervise, runner, args, shutdown, nursery.cancel_scope, state)
+        state.started = await nursery.start(_supervise, start, shutdown, nursery.cancel_scope, state)
         logger.debug("started: %r", state.started)
     if state.finished:
         return EXIT_OK
@@ -568,17 +563,7 @@ def _run_cli(argv: Sequence[str] | None, environ: Mapping[str, str]) -> int:
         _error(str(exc))
         return EXIT_USAGE
     try:
-        runner = _load_runner(plan)
-    except Exception as exc:
-        if verbosity >= 2:
-            traceback.print_exception(exc)
-        _error(f"cannot load {plan.module}: {type(exc).__name__}: {exc}")
-        return EXIT_FAILURE
-    if runner is None:
-        _error(f"{plan.command} is not available in this build")
-        return EXIT_FAILURE
-    try:
-        return trio.run(_amain, runner, plan.args, plan.drain_timeout)
+        return trio.run(_amain, plan.start, plan.drain_timeout)
     except (SystemExit, KeyboardInterrupt):
         raise
     except BaseException as exc:

@@ -5,8 +5,8 @@ Structure (every task has an owner):
 
     run_client                 nursery: the -L listeners (they outlive any one link), the link loop
       _Client.link_loop        dial -> open_session -> register services -> serve, until the link ends; back off
-        nursery per link:      accept loop -> _serve_stream (one per external connection): dial local, splice
-      _Client.serve_forward    serve_tcp -> _forward (one per local connection): a stream to the server, splice
+        nursery per link:      Traffic.accept_streams -> Traffic.answer (one per external connection): dial, splice
+      _Client.serve_forward    serve_tcp -> Traffic.carry (one per local connection): a stream to the server, splice
 
 Readable, final failures (a refused token, an incompatible server) end the process: retrying cannot fix them.
 Everything else (server down, link lost, keepalive timeout) is retried.
@@ -18,7 +18,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Final
+from typing import ClassVar, Final
 
 import attrs
 import trio
@@ -26,13 +26,13 @@ from trio_tunnel.proto import ErrorCode
 
 from .config import ClientConfig, HostPort, LocalSpec, RemoteSpec
 from .console import announce, format_hostport
-from .dial import DialError, dial, peer_address
-from .errors import HandshakeError, NameTakenError, RequestError, SessionClosedError, StreamOpenError
+from .dial import DialError, dial
+from .errors import HandshakeError, NameTakenError, RequestError, SessionClosedError
+from .handlers import FORWARD_WORDS, Destination, Meta, Traffic
 from .lifecycle import Shutdown
-from .mux import MuxStream, Role, Session, open_session, unwrap_group
-from .relay import splice
-from .server import FORWARD_ROUTE, REPLACED, session_config
-from .tcp import TcpStream, serve_tcp
+from .mux import MuxStream, Role, Session, open_session
+from .tcp import serve_tcp
+from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, session_config
 
 __all__ = ["Backoff", "run_client"]
 
@@ -70,8 +70,9 @@ class _Client:
     session_changed: trio.Event = attrs.field(factory=trio.Event)
     services: dict[str, RemoteSpec] = attrs.field(init=False)
     server: str = attrs.field(init=False)
-    active: int = 0
-    idle: trio.Event = attrs.field(factory=trio.Event)
+    destinations: dict[str, Destination] = attrs.field(init=False)
+    """Route (service name) -> where the server's streams for it go."""
+    traffic: Traffic = attrs.field(factory=lambda: Traffic(logger))
     status: trio.TaskStatus[dict[str, HostPort]] | None = None
     replaced_by_peer: bool = False
     exposed: dict[str, HostPort] = attrs.field(factory=dict)
@@ -80,19 +81,15 @@ class _Client:
     def __attrs_post_init__(self) -> None:
         self.services = {spec.name: spec for spec in self.config.remotes}
         self.server = format_hostport(self.config.server.host, self.config.server.port)
+        self.destinations = {
+            spec.name: Destination(spec.target_host, spec.target_port, spec.name, "local service")
+            for spec in self.config.remotes
+        }
 
     def _set_session(self, session: Session | None) -> None:
         self.session = session
         self.session_changed.set()
         self.session_changed = trio.Event()
-
-    def _begin(self) -> None:
-        self.active += 1
-
-    def _end(self) -> None:
-        self.active -= 1
-        if not self.active:
-            self.idle.set()
 
     # ------------------------------------------------------------------------------------------ the link
 
@@ -150,7 +147,7 @@ class _Client:
 
     async def _serve_link(self, session: Session) -> str:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._accept_loop, session, nursery)
+            nursery.start_soon(self.traffic.accept_streams, session, nursery, self._route, self.config.timeouts.connect)
             await self._register(session)
             self._set_session(session)
             self._started()
@@ -177,16 +174,14 @@ class _Client:
     async def _drain(self, session: Session) -> None:
         session.go_away(ErrorCode.SHUTTING_DOWN, "the client is shutting down")
         with trio.move_on_after(self.shutdown.drain_timeout):
-            while self.active:
-                event = self.idle = trio.Event()
-                await event.wait()
+            await self.traffic.drained()
 
     async def _register(self, session: Session) -> None:
         self.exposed.clear()
         for spec in self.services.values():
             try:
                 reply = await session.request(
-                    "expose", {"name": spec.name, "bind": spec.bind_host, "port": spec.bind_port}
+                    EXPOSE, {"name": spec.name, "bind": spec.bind_host, "port": spec.bind_port}
                 )
             except RequestError as exc:
                 logger.error("the server refused to expose %s: %s", spec.name, exc)
@@ -206,43 +201,12 @@ class _Client:
 
     # ---------------------------------------------------------------------------------------- reverse (-R)
 
-    async def _accept_loop(self, session: Session, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                stream = await session.accept_stream()
-            except SessionClosedError:
-                return
-            self._begin()
-            nursery.start_soon(self._serve_stream, stream)
-
-    async def _serve_stream(self, stream: MuxStream) -> None:
-        try:
-            spec = self.services.get(stream.route)
-            peer = stream.meta.get("peer", "?")
-            if spec is None:
-                stream.reject(ErrorCode.UNKNOWN_ROUTE, f"this client exposes no service {stream.route!r}")
-                return
-            try:
-                local = await dial(spec.target_host, spec.target_port, timeout=self.config.timeouts.connect)
-            except DialError as exc:
-                logger.warning("%s: cannot serve %s: local service: %s", spec.name, peer, exc.reason)
-                stream.reject(exc.code, f"{spec.name}: local service: {exc.reason}")
-                return
-            stream.accept()
-            started = trio.current_time()
-            result = await splice(stream, local)
-            logger.info(
-                "%s: %s closed after %.3f s: in %d bytes (%s), out %d bytes (%s)",
-                spec.name,
-                peer,
-                trio.current_time() - started,
-                result.bytes_a_to_b,
-                result.a_to_b,
-                result.bytes_b_to_a,
-                result.b_to_a,
-            )
-        finally:
-            self._end()
+    def _route(self, stream: MuxStream) -> Destination | None:
+        """The local service a server-opened stream is for (its route is the service name)."""
+        destination = self.destinations.get(stream.route)
+        if destination is None:
+            stream.reject(ErrorCode.UNKNOWN_ROUTE, f"this client exposes no service {stream.route!r}")
+        return destination
 
     # ---------------------------------------------------------------------------------------- forward (-L)
 
@@ -250,53 +214,47 @@ class _Client:
         self, spec: LocalSpec, listeners: list[trio.SocketListener], handlers: trio.Nursery
     ) -> None:
         try:
-            await serve_tcp(partial(self._forward, spec), listeners, handler_nursery=handlers)
+            await serve_tcp(partial(self.traffic.carry, _Forward(self, spec)), listeners, handler_nursery=handlers)
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
 
-    async def _forward(self, spec: LocalSpec, local: TcpStream) -> None:
-        # ``local`` is ours to close on every path (the splice closes it too; closing twice is fine).
-        try:  # (not "async with": its bound __aexit__ would be held for the whole connection)
-            self._begin()
-            try:
-                peer = peer_address(local)
-                session = self.session
-                if session is None:
-                    with trio.move_on_after(self.config.timeouts.connect):
-                        while self.session is None:
-                            await self.session_changed.wait()
-                    session = self.session
-                if session is None:
-                    logger.warning("%s: closing %s: no link to the server", spec.name, peer)
-                    return
-                meta: dict[str, str | int | bool | None] = {
-                    "host": spec.target_host,
-                    "port": spec.target_port,
-                    "peer": peer,
-                    "name": spec.name,
-                }
-                try:
-                    stream = await session.open_stream(FORWARD_ROUTE, meta)
-                except (StreamOpenError, SessionClosedError) as exc:
-                    logger.warning("%s: closing %s: the server could not forward it: %s", spec.name, peer, exc)
-                    return
-                started = trio.current_time()
-                result = await splice(local, stream)
-                logger.info(
-                    "%s: %s closed after %.3f s: out %d bytes (%s), back %d bytes (%s)",
-                    spec.name,
-                    peer,
-                    trio.current_time() - started,
-                    result.bytes_a_to_b,
-                    result.a_to_b,
-                    result.bytes_b_to_a,
-                    result.b_to_a,
-                )
-            finally:
-                self._end()
-        finally:
-            await local.aclose()
+    async def current_session(self) -> Session | None:
+        """The link's session; while there is none, wait for one for at most the connect timeout."""
+        if self.session is None:
+            with trio.move_on_after(self.config.timeouts.connect):
+                while self.session is None:
+                    await self.session_changed.wait()
+        return self.session
+
+
+@attrs.frozen(eq=False)
+class _Forward:
+    """A ``-L`` listener's side of :meth:`Traffic.carry`: each local connection becomes a stream to the server,
+    which dials ``spec``'s target for it."""
+
+    client: _Client
+    spec: LocalSpec
+    route: ClassVar[str] = FORWARD_ROUTE
+    other: ClassVar[str] = "server"
+    words: ClassVar[tuple[str, str]] = FORWARD_WORDS
+
+    @property
+    def label(self) -> str:
+        return self.spec.name
+
+    async def admit(self, peer: str) -> Session | None:
+        session = await self.client.current_session()
+        if session is None:
+            logger.warning("%s: closing %s: no link to the server", self.spec.name, peer)
+        return session
+
+    def meta(self, peer: str) -> Meta:
+        spec = self.spec
+        return {"host": spec.target_host, "port": spec.target_port, "peer": peer, "name": spec.name}
+
+    def release(self) -> None:
+        pass
 
 
 async def run_client(
@@ -318,7 +276,7 @@ async def run_client(
     try:
         await _run_client(config, shutdown, rng or random.Random(), task_status)
     except BaseExceptionGroup as group:  # internal nurseries: surface the one real error
-        raise unwrap_group(group) from None
+        raise _unwrap_group(group) from None
 
 
 async def _run_client(
@@ -355,3 +313,12 @@ async def _run_client(
 async def _scoped(scope: trio.CancelScope, fn: Callable[..., Awaitable[None]], *args: object) -> None:
     with scope:
         await fn(*args)
+
+
+def _unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The single real exception inside a nursery's group (internal tasks never raise), else the group."""
+    leaves = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)] or list(group.exceptions)
+    if len(leaves) == 1:
+        leaf = leaves[0]
+        return _unwrap_group(leaf) if isinstance(leaf, BaseExceptionGroup) else leaf
+    return group

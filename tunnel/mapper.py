@@ -3,8 +3,9 @@
 Hosts A, B, C: A reaches B, B reaches C, A cannot reach C. The mapper runs on B, listens on ``LISTEN`` and relays
 every accepted connection to ``TARGET`` with :func:`trio_tunnel.relay.splice` (half-close and resets carried through).
 
-* Dialling the target is bounded by ``config.connect_timeout``; on failure the accepted connection is closed at once
-  and one WARNING names the peer, the target and the reason (connection refused, timed out, name not found, ...).
+* Dialling the target (:func:`trio_tunnel.dial.dial`) is bounded by ``config.connect_timeout``; on failure the
+  accepted connection is closed at once and one WARNING names the peer, the target and the reason (connection
+  refused, timed out, name not found, ...).
 * At most ``config.max_connections`` connections are relayed at a time; one beyond the cap is closed at once with a
   WARNING, so an overload never builds an unbounded queue of tasks.
 * Each relayed connection ends with one INFO line: peer, target, duration, bytes and how each direction ended.
@@ -26,11 +27,11 @@ import attrs
 import trio
 from trio_tunnel.config import MapConfig
 from trio_tunnel.console import announce, format_hostport
-from trio_tunnel.dial import enable_keepalive, peer_address
+from trio_tunnel.dial import DialError, dial, peer_address
 from trio_tunnel.lifecycle import Shutdown
 from trio_tunnel.proto.errors import ErrorCode
-from trio_tunnel.relay import Ending, Splice, abort, describe_connect_error
-from trio_tunnel.tcp import TcpStream, connect_tcp, serve_tcp
+from trio_tunnel.relay import Ending, Splice, abort
+from trio_tunnel.tcp import TcpStream, serve_tcp
 
 __all__ = ["run_map", "serve_map"]
 
@@ -151,18 +152,11 @@ class _Mapper:
                 await abort(client, ErrorCode.CANCEL, "shutting down")
 
     async def _dial(self, conn: int, peer: str) -> TcpStream | None:
-        """The target connection, or None after logging why it failed."""
-        host, port = self.config.target.host, self.config.target.port
-        reason = ""
-        with trio.move_on_after(self.config.connect_timeout) as scope:
-            try:
-                upstream = await connect_tcp(host, port)
-                enable_keepalive(upstream)
-                return upstream
-            except OSError as exc:
-                _, reason = describe_connect_error(exc)
-        if scope.cancelled_caught:
-            reason = f"timed out after {self.config.connect_timeout:g}s"
+        """The target connection (with keepalive), or None after logging why it failed."""
+        try:
+            return await dial(self.config.target.host, self.config.target.port, timeout=self.config.connect_timeout)
+        except DialError as exc:
+            reason = exc.detail if exc.timeout is None else f"timed out after {exc.timeout:g}s"
         logger.warning("map #%d %s -> %s: cannot connect to target: %s; closing", conn, peer, self.target, reason)
         return None
 

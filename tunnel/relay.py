@@ -31,9 +31,7 @@ are closed abortively instead, so neither peer mistakes a cut-off stream for a c
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import os
 import socket
 import struct
 import typing
@@ -41,6 +39,7 @@ from typing import Final, Literal, Protocol, runtime_checkable
 
 import attrs
 import trio
+from trio_tunnel.dial import describe_connect_error  # re-exported: it lived here before dial.py had it
 from trio_tunnel.errors import StreamResetError
 from trio_tunnel.mux import MuxStream
 from trio_tunnel.proto.errors import ErrorCode
@@ -361,42 +360,3 @@ def _describe(exc: BaseException) -> str:
     for cause in _causes(exc):
         innermost = cause
     return str(innermost) or type(innermost).__name__
-
-
-_CONNECT_REASONS: Final = {
-    errno.ECONNREFUSED: (ErrorCode.CONNECT_FAILED, "connection refused"),
-    errno.ETIMEDOUT: (ErrorCode.CONNECT_TIMEOUT, "timed out"),
-    errno.EHOSTUNREACH: (ErrorCode.CONNECT_FAILED, "no route to host"),
-    errno.ENETUNREACH: (ErrorCode.CONNECT_FAILED, "network unreachable"),
-    errno.ECONNRESET: (ErrorCode.CONNECT_FAILED, "connection reset"),
-}
-
-
-def describe_connect_error(exc: OSError) -> tuple[ErrorCode, str]:
-    """Turn a failure of :func:`trio.open_tcp_stream` into an error code and a short reason.
-
-    ``socket.gaierror`` means the name did not resolve (``NAME_NOT_FOUND``, "name not found").
-    Otherwise each attempt's errno is named, e.g. "connection refused" (trio chains the attempts
-    as an ``ExceptionGroup`` under a generic ``OSError``). A timeout is the caller's to report:
-    the caller wraps the dial in ``trio.move_on_after``.
-    """
-    if isinstance(exc, socket.gaierror):
-        return ErrorCode.NAME_NOT_FOUND, f"name not found ({exc.strerror or exc})"
-    attempts: list[OSError] = [exc]
-    if isinstance(exc.__cause__, ExceptionGroup):
-        nested = [e for e in exc.__cause__.exceptions if isinstance(e, OSError)]
-        attempts = nested or attempts
-    reasons: list[str] = []
-    code = ErrorCode.CONNECT_FAILED
-    for attempt in attempts:
-        if attempt.errno in _CONNECT_REASONS:
-            code, reason = _CONNECT_REASONS[attempt.errno]
-        elif attempt.errno is not None:
-            reason = os.strerror(attempt.errno).lower()
-        else:
-            reason = str(attempt)
-        if reason not in reasons:
-            reasons.append(reason)
-    if len(reasons) > 1:
-        code = ErrorCode.CONNECT_FAILED
-    return code, "; ".join(reasons)

@@ -7,7 +7,8 @@ Structure (every task has an owner):
       _Server.handle_link(tcp)      one per client link: handshake, then
         open_session                  the session's reader/writer/timer tasks
         nursery:                      control requests, forward streams, one listener task per exposed service
-          _serve_service            serve_tcp -> _handle_external (one per external connection): splice
+          _serve_service            serve_tcp -> Traffic.carry (one per external connection): open a stream, splice
+          Traffic.accept_streams    -> Traffic.answer (one per forward stream): dial the target, splice
 
 A client that reconnects with the same name takes over its predecessor at once: the old link's scope is cancelled,
 and its listeners are released before the new link binds them again (no "port already in use").
@@ -19,77 +20,27 @@ import errno
 import logging
 from collections.abc import Mapping
 from functools import partial
-from typing import Final
+from typing import ClassVar, Final
 
 import attrs
 import trio
 from trio_tunnel.proto import ErrorCode
 
-from .config import HostPort, ServerConfig, Timeouts
+from .config import HostPort, ServerConfig
 from .console import announce, format_hostport
-from .dial import DialError, dial, peer_address
-from .errors import HandshakeError, SessionClosedError, StreamOpenError
+from .dial import peer_address
+from .errors import HandshakeError, SessionClosedError
+from .handlers import FORWARD_WORDS, REVERSE_WORDS, Destination, Meta, Traffic
 from .lifecycle import Shutdown
-from .mux import MuxStream, Request, Role, Session, SessionConfig, open_session
-from .relay import splice
+from .mux import MuxStream, Request, Role, Session, open_session
 from .tcp import TcpStream, serve_tcp
+from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, session_config
 
-__all__ = ["FORWARD_ROUTE", "REPLACED", "run_server", "session_config"]
+__all__ = ["run_server"]
 
 logger: Final = logging.getLogger(__name__)
 
 MAX_REMEMBERED_PORTS: Final = 4096
-REPLACED: Final = "replaced"
-"""Start of the GOAWAY reason sent to a link that another client with the same name took over."""
-
-CLIENT_MAX_STREAMS: Final = 1 << 20
-"""Streams a client lets its server have open at once: in effect no limit of its own (see session_config)."""
-
-FORWARD_ROUTE: Final = "forward"
-"""Route of client-opened streams: "dial ``meta["host"]:meta["port"]`` for me" (``-L``)."""
-
-
-def session_config(timeouts: Timeouts, *, role: Role, max_streams: int = 1024) -> SessionConfig:
-    """The mux settings for a link, from the user's timeouts.
-
-    A stream open waits at least a second longer than the far side may spend dialing its target, so that when a
-    dial times out the far side's readable reason ("cannot connect to HOST:PORT: no answer within 10 s") arrives
-    before the opener's own, less specific, open timeout fires.
-
-    The protocol's defaults are for a peer we do not trust; here the peer is an authenticated trio-tunnel. The server
-    allows ``max_streams`` concurrent streams from a client (its -L connections) and keeps the protocol's rate limits
-    on OPEN and RST. The client accepts what its own server opens (one stream per external connection): it sets no
-    stream limit of its own (the server's ``max_connections_per_service`` bounds them) and does not rate-limit
-    them, so a burst of visitors is never cut short.
-    """
-    from trio_tunnel import proto
-
-    # Windows may grow to 16 MiB (protocol default 8): one stream then fills a 1 Gbit/s link at 50 ms RTT (a
-    # bandwidth-delay product of 6 MB, and WINDOW goes out at half a window). Growth still comes out of the
-    # per-session autotune budget, so memory stays bounded.
-    # A 32 KiB round-robin quantum (protocol default 16): many bulk streams move about 10% more with half the
-    # frames, and an interactive frame waits behind at most one 32 KiB turn per busy stream.
-    limits = proto.Limits(
-        open_timeout=max(timeouts.open, timeouts.connect + 1.0),
-        max_streams=max_streams,
-        max_window=16 * 1024 * 1024,
-        send_quantum=32 * 1024,
-    )
-    if role is Role.CLIENT:
-        # The server bounds what it opens (max_connections_per_service, per service); a stream cap here as well
-        # would silently hold every visitor beyond it, across all of the client's services, waiting for credit.
-        limits = attrs.evolve(
-            limits,
-            max_streams=CLIENT_MAX_STREAMS,
-            open_rate=proto.RateLimit(burst=1 << 30, rate=float(1 << 30)),
-            reset_rate=proto.RateLimit(burst=1 << 30, rate=float(1 << 30)),
-        )
-    return SessionConfig(
-        limits=limits,
-        handshake_timeout=timeouts.handshake,
-        keepalive_idle=timeouts.keepalive_idle,
-        keepalive_timeout=timeouts.keepalive_dead,
-    )
 
 
 @attrs.define(eq=False)
@@ -106,26 +57,15 @@ class _Link:
     replaced: bool = False
     accepting: list[trio.CancelScope] = attrs.field(factory=list)
     """One per exposed service: its accept loop (its connections live in the link's nursery)."""
-    active: int = 0
+    traffic: Traffic = attrs.field(factory=lambda: Traffic(logger))
     """External connections and forwards in flight (graceful shutdown waits for them)."""
-    idle: trio.Event = attrs.field(factory=trio.Event)
-
-    def begin(self) -> None:
-        self.active += 1
-
-    def end(self) -> None:
-        self.active -= 1
-        if not self.active:
-            self.idle.set()
 
     async def drain(self) -> None:
         """Stop accepting on the public ports, GOAWAY, wait for the work in flight, then end the link."""
         for scope in self.accepting:
             scope.cancel(reason="draining")
         self.session.go_away(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
-        while self.active:
-            event = self.idle = trio.Event()
-            await event.wait()
+        await self.traffic.drained()
         self.scope.cancel(reason="drained")
         await self.done.wait()
 
@@ -197,7 +137,13 @@ class _Server:
             with link.scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._control_loop, session, link, nursery)
-                    nursery.start_soon(self._forward_loop, session, link)
+                    nursery.start_soon(
+                        link.traffic.accept_streams,
+                        session,
+                        nursery,
+                        partial(self._route_forward, link),
+                        self.config.timeouts.connect,
+                    )
                     await session.wait_closed()
                     nursery.cancel_scope.cancel(reason="session closed")
         finally:
@@ -215,7 +161,7 @@ class _Server:
                 request = await session.receive_request()
             except SessionClosedError:
                 return
-            if request.kind == "expose":
+            if request.kind == EXPOSE:
                 await self._expose(session, link, request, nursery)
             else:
                 request.reply_error(ErrorCode.PROHIBITED, {"message": f"unknown request {request.kind!r}"})
@@ -281,8 +227,8 @@ class _Server:
     async def _serve_service(
         self, session: Session, link: _Link, name: str, listeners: list[trio.SocketListener], handlers: trio.Nursery
     ) -> None:
-        limiter = trio.CapacityLimiter(self.config.max_connections_per_service)
-        handler = partial(self._handle_external, session, link, name, limiter)  # a partial: no frame per connection
+        entrance = _Service(link, session, name, trio.CapacityLimiter(self.config.max_connections_per_service))
+        handler = partial(link.traffic.carry, entrance)  # a partial: no frame per connection
         accepting = trio.CancelScope()
         link.accepting.append(accepting)
         try:
@@ -293,73 +239,15 @@ class _Server:
                 await trio.aclose_forcefully(listener)
             link.services.pop(name, None)
 
-    async def _handle_external(
-        self, session: Session, link: _Link, name: str, limiter: trio.CapacityLimiter, external: TcpStream
-    ) -> None:
-        # ``external`` is ours to close on every path (the splice closes it too; closing twice is fine).
-        try:  # (not "async with": its bound __aexit__ would be held for the whole connection)
-            peer = peer_address(external)
-            try:
-                limiter.acquire_nowait()
-            except trio.WouldBlock:
-                logger.warning(
-                    "%s/%s: refused %s: %d connections already open (max_connections_per_service)",
-                    link.name,
-                    name,
-                    peer,
-                    limiter.total_tokens,
-                )
-                return
-            link.begin()
-            try:
-                try:
-                    stream = await session.open_stream(name, {"peer": peer})
-                except (StreamOpenError, SessionClosedError) as exc:
-                    logger.warning("%s/%s: closing %s: the client could not serve it: %s", link.name, name, peer, exc)
-                    return
-                started = trio.current_time()
-                result = await splice(external, stream)
-                logger.info(
-                    "%s/%s: %s closed after %.3f s: in %d bytes (%s), out %d bytes (%s)",
-                    link.name,
-                    name,
-                    peer,
-                    trio.current_time() - started,
-                    result.bytes_a_to_b,
-                    result.a_to_b,
-                    result.bytes_b_to_a,
-                    result.b_to_a,
-                )
-            finally:
-                limiter.release()
-                link.end()
-        finally:
-            await external.aclose()
-
     # ---------------------------------------------------------------------------------------- forward (-L)
 
-    async def _forward_loop(self, session: Session, link: _Link) -> None:
-        async with trio.open_nursery() as nursery:
-            while True:
-                try:
-                    stream = await session.accept_stream()
-                except SessionClosedError:
-                    return
-                link.begin()
-                nursery.start_soon(self._handle_forward, link, stream)
-
-    async def _handle_forward(self, link: _Link, stream: MuxStream) -> None:
-        try:
-            await self._forward(link, stream)
-        finally:
-            link.end()
-
-    async def _forward(self, link: _Link, stream: MuxStream) -> None:
+    def _route_forward(self, link: _Link, stream: MuxStream) -> Destination | None:
+        """Where a client's forward stream goes: a target the allowlist lets it reach, or nowhere (rejected)."""
         meta = stream.meta
         host, port, peer = meta.get("host"), meta.get("port"), meta.get("peer", "?")
         if stream.route != FORWARD_ROUTE or not isinstance(host, str) or type(port) is not int:
             stream.reject(ErrorCode.UNKNOWN_ROUTE, f"unknown route {stream.route!r}")
-            return
+            return None
         target = format_hostport(host, port)
         if not self.config.allow_targets.allows(host, port):
             logger.warning("%s: refused forward to %s for %s: not in --allow-target", link.name, target, peer)
@@ -367,24 +255,15 @@ class _Server:
                 ErrorCode.PROHIBITED,
                 f"target {target} is not allowed by the server (ask its operator to add --allow-target)",
             )
-            return
-        try:
-            upstream = await dial(host, port, timeout=self.config.timeouts.connect)
-        except DialError as exc:
-            logger.warning("%s: forward for %s failed: %s", link.name, peer, exc.reason)
-            stream.reject(exc.code, exc.reason)
-            return
-        stream.accept()
-        started = trio.current_time()
-        result = await splice(stream, upstream)
-        logger.info(
-            "%s: forward %s -> %s closed after %.3f s: out %d bytes, back %d bytes",
+            return None
+        return Destination(
+            host,
+            port,
             link.name,
-            peer,
-            target,
-            trio.current_time() - started,
-            result.bytes_a_to_b,
-            result.bytes_b_to_a,
+            "forward target",
+            FORWARD_WORDS,
+            who=f"forward {peer} -> {target}",
+            endings=False,
         )
 
     # -------------------------------------------------------------------------------------------- shutdown
@@ -394,6 +273,42 @@ class _Server:
         async with trio.open_nursery() as nursery:
             for link in list(self.links.values()):
                 nursery.start_soon(link.drain)
+
+
+@attrs.frozen(eq=False)
+class _Service:
+    """An exposed service's side of :meth:`Traffic.carry`: each external connection becomes a stream to the client,
+    at most ``limiter.total_tokens`` at a time (``max_connections_per_service``)."""
+
+    link: _Link
+    session: Session
+    route: str
+    limiter: trio.CapacityLimiter
+    other: ClassVar[str] = "client"
+    words: ClassVar[tuple[str, str]] = REVERSE_WORDS
+
+    @property
+    def label(self) -> str:
+        return f"{self.link.name}/{self.route}"
+
+    async def admit(self, peer: str) -> Session | None:
+        try:
+            self.limiter.acquire_nowait()
+        except trio.WouldBlock:
+            logger.warning(
+                "%s: refused %s: %d connections already open (max_connections_per_service)",
+                self.label,
+                peer,
+                self.limiter.total_tokens,
+            )
+            return None
+        return self.session
+
+    def meta(self, peer: str) -> Meta:
+        return {"peer": peer}
+
+    def release(self) -> None:
+        self.limiter.release()
 
 
 def _bind_error(host: str, port: int, exc: OSError) -> str:

@@ -10,7 +10,7 @@ import errno
 import random
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import attrs
@@ -25,7 +25,6 @@ from trio_tunnel.relay import (
     SpliceResult,
     SupportsReset,
     abort,
-    describe_connect_error,
     splice,
 )
 
@@ -499,51 +498,3 @@ async def test_abort_is_done_even_when_cancelled() -> None:
             await abort(ours)
         with pytest.raises(ConnectionResetError):
             await peer.socket.recv(1)
-
-
-# ------------------------------------------------------------------------------------------ describe_connect_error
-
-
-async def closed_port() -> int:
-    """A loopback port nobody listens on (bound, then closed)."""
-    sock = trio.socket.socket()
-    await sock.bind(("127.0.0.1", 0))
-    port: int = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
-async def test_describe_refused_connection() -> None:
-    with trio.fail_after(TIMEOUT):
-        port = await closed_port()
-        with pytest.raises(OSError) as info:
-            await trio.open_tcp_stream("127.0.0.1", port)
-    assert describe_connect_error(info.value) == (ErrorCode.CONNECT_FAILED, "connection refused")
-
-
-@pytest.mark.parametrize(
-    ("make", "expected"),
-    [
-        (
-            lambda: socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
-            (ErrorCode.NAME_NOT_FOUND, "name not found (Name or service not known)"),
-        ),
-        (lambda: OSError(errno.EHOSTUNREACH, "No route to host"), (ErrorCode.CONNECT_FAILED, "no route to host")),
-        (lambda: TimeoutError(errno.ETIMEDOUT, "Connection timed out"), (ErrorCode.CONNECT_TIMEOUT, "timed out")),
-        (lambda: OSError(errno.EACCES, "Permission denied"), (ErrorCode.CONNECT_FAILED, "permission denied")),
-    ],
-    ids=["name-not-found", "no-route", "timed-out", "other-errno"],
-)
-def test_describe_connect_errors(make: Callable[[], OSError], expected: tuple[ErrorCode, str]) -> None:
-    assert describe_connect_error(make()) == expected
-
-
-def test_describe_several_attempts_names_each_reason_once() -> None:
-    attempts = [
-        ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
-        OSError(errno.ENETUNREACH, "Network is unreachable"),
-        ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
-    ]
-    exc = OSError("all attempts to connect to example:80 failed")
-    exc.__cause__ = ExceptionGroup("all attempts", attempts)
-    assert describe_connect_error(exc) == (ErrorCode.CONNECT_FAILED, "connection refused; network unreachable")

@@ -1,0 +1,72 @@
+"""What the two ends of a trio-tunnel link agree on, above the mux protocol: route names, request kinds, the GOAWAY
+reason of a replaced link, and the mux settings both derive from the user's timeouts.
+
+Server and client both import these from here, so neither depends on the other's module.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import attrs
+
+from .config import Timeouts
+from .mux import Role, SessionConfig
+
+__all__ = ["CLIENT_MAX_STREAMS", "EXPOSE", "FORWARD_ROUTE", "REPLACED", "session_config"]
+
+FORWARD_ROUTE: Final = "forward"
+"""Route of client-opened streams: "dial ``meta["host"]:meta["port"]`` for me" (``-L``). Server-opened streams are
+routed by service name (``-R``)."""
+
+EXPOSE: Final = "expose"
+"""Control request kind: "bind a public port for my service" (body: ``name``, ``bind``, ``port``)."""
+
+REPLACED: Final = "replaced"
+"""Start of the GOAWAY reason sent to a link that another client with the same name took over."""
+
+CLIENT_MAX_STREAMS: Final = 1 << 20
+"""Streams a client lets its server have open at once: in effect no limit of its own (see session_config)."""
+
+
+def session_config(timeouts: Timeouts, *, role: Role, max_streams: int = 1024) -> SessionConfig:
+    """The mux settings for a link, from the user's timeouts.
+
+    A stream open waits at least a second longer than the far side may spend dialing its target, so that when a
+    dial times out the far side's readable reason ("cannot connect to HOST:PORT: no answer within 10 s") arrives
+    before the opener's own, less specific, open timeout fires.
+
+    The protocol's defaults are for a peer we do not trust; here the peer is an authenticated trio-tunnel. The server
+    allows ``max_streams`` concurrent streams from a client (its -L connections) and keeps the protocol's rate limits
+    on OPEN and RST. The client accepts what its own server opens (one stream per external connection): it sets no
+    stream limit of its own (the server's ``max_connections_per_service`` bounds them) and does not rate-limit
+    them, so a burst of visitors is never cut short.
+    """
+    from trio_tunnel import proto
+
+    # Windows may grow to 16 MiB (protocol default 8): one stream then fills a 1 Gbit/s link at 50 ms RTT (a
+    # bandwidth-delay product of 6 MB, and WINDOW goes out at half a window). Growth still comes out of the
+    # per-session autotune budget, so memory stays bounded.
+    # A 32 KiB round-robin quantum (protocol default 16): many bulk streams move about 10% more with half the
+    # frames, and an interactive frame waits behind at most one 32 KiB turn per busy stream.
+    limits = proto.Limits(
+        open_timeout=max(timeouts.open, timeouts.connect + 1.0),
+        max_streams=max_streams,
+        max_window=16 * 1024 * 1024,
+        send_quantum=32 * 1024,
+    )
+    if role is Role.CLIENT:
+        # The server bounds what it opens (max_connections_per_service, per service); a stream cap here as well
+        # would silently hold every visitor beyond it, across all of the client's services, waiting for credit.
+        limits = attrs.evolve(
+            limits,
+            max_streams=CLIENT_MAX_STREAMS,
+            open_rate=proto.RateLimit(burst=1 << 30, rate=float(1 << 30)),
+            reset_rate=proto.RateLimit(burst=1 << 30, rate=float(1 << 30)),
+        )
+    return SessionConfig(
+        limits=limits,
+        handshake_timeout=timeouts.handshake,
+        keepalive_idle=timeouts.keepalive_idle,
+        keepalive_timeout=timeouts.keepalive_dead,
+    )
