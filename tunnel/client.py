@@ -30,7 +30,7 @@ from .dial import DialError, dial
 from .errors import HandshakeError, NameTakenError, RequestError, SessionClosedError
 from .handlers import FORWARD_WORDS, Destination, Meta, Traffic
 from .lifecycle import Shutdown
-from .mux import MuxStream, Role, Session, open_session
+from .mux import MuxStream, Role, Session, open_session, unwrap_group
 from .tcp import serve_tcp
 from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, session_config
 
@@ -276,7 +276,7 @@ async def run_client(
     try:
         await _run_client(config, shutdown, rng or random.Random(), task_status)
     except BaseExceptionGroup as group:  # internal nurseries: surface the one real error
-        raise _unwrap_group(group) from None
+        raise unwrap_group(group) from None
 
 
 async def _run_client(
@@ -313,12 +313,3 @@ async def _run_client(
 async def _scoped(scope: trio.CancelScope, fn: Callable[..., Awaitable[None]], *args: object) -> None:
     with scope:
         await fn(*args)
-
-
-def _unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The single real exception inside a nursery's group (internal tasks never raise), else the group."""
-    leaves = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)] or list(group.exceptions)
-    if len(leaves) == 1:
-        leaf = leaves[0]
-        return _unwrap_group(leaf) if isinstance(leaf, BaseExceptionGroup) else leaf
-    return group

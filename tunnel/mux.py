@@ -41,7 +41,16 @@ from .session_types import Ended, PendingReply, Request, SessionConfig, SessionS
 from .stream import MuxStream
 from .tcp import TcpStream
 
-__all__ = ["MuxStream", "Request", "Role", "Session", "SessionConfig", "SessionStatistics", "open_session"]
+__all__ = [
+    "MuxStream",
+    "Request",
+    "Role",
+    "Session",
+    "SessionConfig",
+    "SessionStatistics",
+    "open_session",
+    "unwrap_group",
+]
 
 logger: Final = logging.getLogger(__name__)
 

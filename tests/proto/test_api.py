@@ -70,10 +70,13 @@ def test_limits_reject_unusable_values(kwargs: dict[str, int], message: str) -> 
 
 def test_proto_does_not_import_trio_sockets_or_a_clock() -> None:
     """Sans-I/O: importing trio_tunnel.proto pulls in no trio and no socket module (checked in a fresh interpreter)."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
     code = "import trio_tunnel.proto, sys; bad = {'trio', 'socket', 'asyncio'} & set(sys.modules); assert not bad, bad"
     root = Path(__file__).resolve().parents[2]
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+    # Without the suite's PYTHONPATH: its sitecustomize (the resolver guard) imports socket itself.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)
