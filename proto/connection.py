@@ -135,6 +135,8 @@ class Connection:
         tokens: the secrets the server accepts, any of them (rotation). Empty means no authentication
             (server only; the caller must have asked for that explicitly).
         random_bytes: source of nonces and session ids (injectable for deterministic tests).
+        channel_binding: what both HMAC transcripts bind the session to (docs/PROTOCOL.md 5.1): the SHA-256 of
+            the server's TLS certificate as this side knows it, or empty for a plaintext link. At most 255 bytes.
     """
 
     def __init__(
@@ -146,6 +148,7 @@ class Connection:
         token: bytes | None = None,
         tokens: Sequence[bytes] = (),
         random_bytes: Callable[[int], bytes] = os.urandom,
+        channel_binding: bytes = b"",
     ) -> None:
         self.role = role
         self.limits = limits if limits is not None else Limits()
@@ -157,6 +160,7 @@ class Connection:
             token=token,
             tokens=tokens,
             random_bytes=random_bytes,
+            binding=channel_binding,
         )
         self.state = ConnectionState.HANDSHAKE
         self.terminated: ConnectionTerminated | None = None

@@ -25,11 +25,12 @@ from .limits import ACCEPT_BACKLOG, Limits
 
 __all__ = ["AUTH_HMAC", "AUTH_NONE", "PROTOCOL_VERSION", "Handshake", "PeerLimits", "Step"]
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
+"""2: the HMAC transcripts end with the channel binding (docs/PROTOCOL.md 5.1). Version 1 had none."""
 AUTH_HMAC: Final = "hmac-sha256"
 AUTH_NONE: Final = "none"
-_CLIENT_LABEL: Final = b"trio-tunnel/1 client\x00"
-_SERVER_LABEL: Final = b"trio-tunnel/1 server\x00"
+_CLIENT_LABEL: Final = b"trio-tunnel/2 client\x00"
+_SERVER_LABEL: Final = b"trio-tunnel/2 server\x00"
 _MAX_USED_PAYLOAD: Final = 16 * 1024 * 1024
 """We cap the peer's declared frame payload at this (a bigger frame only costs memory, docs/PROTOCOL.md 5.3)."""
 
@@ -103,7 +104,11 @@ class Handshake:
         token: bytes | None,
         tokens: Sequence[bytes],
         random_bytes: Callable[[int], bytes],
+        binding: bytes = b"",
     ) -> None:
+        if len(binding) > 255:
+            raise ValueError("a channel binding is at most 255 bytes")
+        self._binding = binding
         self._client = client
         self._limits = limits
         self._name = name
@@ -184,7 +189,9 @@ class Handshake:
 
     def _transcript(self, label: bytes, extra: bytes = b"") -> bytes:
         name = (self._name if self._client else self.peer_name).encode()
-        return label + self._client_nonce + self._server_nonce + len(name).to_bytes(2, "big") + name + extra
+        binding = len(self._binding).to_bytes(1, "big") + self._binding
+        head = label + self._client_nonce + self._server_nonce
+        return head + len(name).to_bytes(2, "big") + name + binding + extra
 
     def _on_hello(self, hello: F.Hello) -> F.Frame:
         if len(hello.nonce) != F.NONCE_SIZE:
@@ -206,7 +213,13 @@ class Handshake:
                     matched = token
             if matched is None:
                 raise RemoteProtocolError(
-                    "authentication failed: the client's token is not one this server accepts",
+                    "authentication failed: the client's token is not one this server accepts"
+                    + (
+                        " (or a relay between client and server terminates TLS with a certificate of its own: the "
+                        "client's proof is bound to the certificate it saw)"
+                        if self._binding
+                        else ""
+                    ),
                     ErrorCode.AUTH,
                     auth_problem=AuthProblem.TOKEN_REJECTED,
                 )

@@ -10,8 +10,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,13 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_NORESOLVE), os.env
 import trio_tunnel_test_resolver  # noqa: E402
 
 trio_tunnel_test_resolver.install()
+
+# A server started without --state-dir keeps its key under $XDG_STATE_HOME (even as root): a folder of this run's,
+# never the machine's /var/lib/trio-tunnel or the user's own.
+_STATE_HOME = tempfile.mkdtemp(prefix="trio-tunnel-test-state-")
+atexit.register(shutil.rmtree, _STATE_HOME, True)
+os.environ["XDG_STATE_HOME"] = _STATE_HOME
+os.environ.pop("STATE_DIRECTORY", None)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

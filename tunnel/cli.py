@@ -28,6 +28,7 @@ from typing import Any, Final, NoReturn, Protocol, cast
 import attrs
 import trio
 from trio_tunnel import __version__
+from trio_tunnel.certs import default_state_dir, fingerprint_of_pem_file
 from trio_tunnel.client import run_client
 from trio_tunnel.config import (
     ClientConfig,
@@ -46,6 +47,7 @@ from trio_tunnel.config import (
 from trio_tunnel.demo import run_demo
 from trio_tunnel.errors import ConfigError, HandshakeError, NameTakenError, TunnelError
 from trio_tunnel.lifecycle import Shutdown
+from trio_tunnel.link import ServerTls
 from trio_tunnel.logsetup import LogFormat, configure_logging
 from trio_tunnel.mapper import run_map
 from trio_tunnel.server import run_server
@@ -231,6 +233,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="where -L clients may reach, e.g. 10.0.0.0/8:22,db.internal:5432,127.0.0.1:* "
         "(repeatable; default: nowhere)",
     )
+    tls = server.add_argument_group("TLS on the link (on by default)")
+    tls.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="a certificate (PEM, chain allowed) instead of the self-signed one",
+    )
+    tls.add_argument("--tls-key", metavar="FILE", help="the unencrypted private key (PEM) of --tls-cert")
+    tls.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where the server's own key and certificate are made and kept "
+        "(default $XDG_STATE_HOME/trio-tunnel, /var/lib/trio-tunnel for root)",
+    )
+    tls.add_argument(
+        "--print-fingerprint",
+        action="store_true",
+        help="print the fingerprint clients pin (sha256:...), making the key if needed, and exit",
+    )
+    tls.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        default=None,
+        help="no TLS: everything crosses the network readable and changeable (clients must say so too)",
+    )
     server.add_argument("--config", metavar="FILE", help="TOML file with a [server] table; flags override it")
     _add_logging_options(server, suffix="command")
 
@@ -259,6 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
         dest="locals",
         metavar="SPEC",
         help="forward a local port to a target the server dials: [NAME=][bind_address:]port:host:hostport (repeatable)",
+    )
+    tls = client.add_argument_group("TLS on the link (on by default)")
+    tls.add_argument(
+        "--server-fingerprint",
+        action="append",
+        metavar="sha256:...",
+        help="the server's key as 'trio-tunnel server' prints it (repeatable, for key rotation); "
+        "without it the certificate chain and host name are verified",
+    )
+    tls.add_argument("--tls-ca", metavar="FILE", help="CA certificates (PEM) to verify the server with")
+    tls.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        default=None,
+        help="no TLS: everything crosses the network readable and changeable (the server must say so too)",
     )
     client.add_argument("--config", metavar="FILE", help="TOML file with a [client] table; flags override it")
     _add_logging_options(client, suffix="command")
@@ -350,6 +391,10 @@ def _plan(args: argparse.Namespace, environ: Mapping[str, str]) -> _Plan:
             insecure_no_auth=args.insecure_no_auth,
             allow_ports=None if args.allow_ports is None else _flag("--allow-ports", PortSet.parse, args.allow_ports),
             allow_targets=None if targets is None else _flag("--allow-target", TargetAllowlist.parse, targets),
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            state_dir=args.state_dir,
+            insecure_plaintext=args.insecure_plaintext,
         )
         if not server.tokens:
             logger.warning(
@@ -368,6 +413,9 @@ def _plan(args: argparse.Namespace, environ: Mapping[str, str]) -> _Plan:
             name=args.name,
             remotes=[RemoteSpec.parse(text) for text in args.remotes],
             locals=[LocalSpec.parse(text) for text in args.locals],
+            server_fingerprint=_split_commas(args.server_fingerprint),
+            tls_ca=args.tls_ca,
+            insecure_plaintext=args.insecure_plaintext,
         )
         return _Plan(command, partial(run_client, client), client.timeouts.drain, client)
     if command == "map":
@@ -535,6 +583,24 @@ def _error(message: str) -> None:
     sys.stderr.flush()
 
 
+def _print_fingerprint(args: argparse.Namespace) -> int:
+    """``server --print-fingerprint``: the pin of --tls-cert, or of the server's own key (made if missing)."""
+    try:
+        if args.tls_cert is not None:
+            value = fingerprint_of_pem_file(args.tls_cert)
+        else:
+            value = ServerTls.from_state_dir(args.state_dir or default_state_dir()).fingerprint
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except OSError as exc:
+        _error(f"cannot make or read the server's key: {exc.strerror or exc}")
+        return EXIT_FAILURE
+    sys.stdout.write(value + "\n")
+    sys.stdout.flush()
+    return 0
+
+
 def run_cli(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None = None) -> int:
     """Parse ``argv``, run the command, and return the exit code (never raises, except SystemExit)."""
     try:
@@ -557,6 +623,8 @@ def _run_cli(argv: Sequence[str] | None, environ: Mapping[str, str]) -> int:
     )
     log_format = cast(LogFormat, getattr(args, "log_format_command", None) or args.log_format_global or "text")
     configure_logging(verbosity, log_format)
+    if getattr(args, "print_fingerprint", False):
+        return _print_fingerprint(args)
     try:
         plan = _plan(args, environ)
     except ConfigError as exc:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import ClassVar, Final
@@ -24,14 +25,17 @@ import attrs
 import trio
 from trio_tunnel.proto import ErrorCode
 
+from .certs import PinMismatchError
 from .config import ClientConfig, HostPort, LocalSpec, RemoteSpec
 from .console import announce, format_hostport
 from .dial import DialError, dial
-from .errors import HandshakeError, NameTakenError, RequestError, SessionClosedError
+from .errors import HandshakeError, LinkSecurityError, NameTakenError, RequestError, SessionClosedError
 from .handlers import FORWARD_WORDS, Destination, Meta, Traffic
 from .lifecycle import Shutdown
+from .link import PLAINTEXT_REFUSED, ClientTls, presented_fingerprint, secure_client_link
 from .mux import MuxStream, Role, Session, open_session, unwrap_group
-from .tcp import serve_tcp
+from .tcp import TcpStream, serve_tcp
+from .tls import TlsHandshakeError
 from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, session_config
 
 __all__ = ["Backoff", "run_client"]
@@ -77,8 +81,10 @@ class _Client:
     replaced_by_peer: bool = False
     exposed: dict[str, HostPort] = attrs.field(factory=dict)
     """Service name -> the public address the server bound for it on the current link."""
+    tls: ClientTls | None = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self.tls = client_tls(self.config)
         self.services = {spec.name: spec for spec in self.config.remotes}
         self.server = format_hostport(self.config.server.host, self.config.server.port)
         self.destinations = {
@@ -115,6 +121,39 @@ class _Client:
             self.status.started(dict(self.exposed))
             self.status = None
 
+    async def _secure(self, transport: TcpStream) -> tuple[trio.abc.Stream, bytes] | None:
+        """TLS (unless plaintext) on a new link, within the handshake timeout; None for a failure worth a retry.
+
+        Raises:
+            LinkSecurityError: the server's key or certificate is not the one configured, or it does not speak TLS.
+        """
+        cfg = self.config
+        try:
+            with trio.move_on_after(cfg.timeouts.handshake):
+                return await secure_client_link(transport, self.tls, cfg.server.host)
+            logger.warning(
+                "cannot reach the server: no TLS handshake with %s within %g s", self.server, cfg.timeouts.handshake
+            )
+        except PinMismatchError as exc:
+            raise LinkSecurityError(
+                f"refusing the server at {self.server}: {exc.verify_message} (--server-fingerprint)"
+            ) from None
+        except TlsHandshakeError as exc:
+            if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+                with trio.move_on_after(cfg.timeouts.handshake):
+                    presented = await presented_fingerprint(cfg.server.host, cfg.server.port)
+                raise LinkSecurityError(_unverified(self.server, exc, presented)) from None
+            if "does not speak TLS" in str(exc):
+                raise LinkSecurityError(
+                    f"{exc}: the server at {self.server} runs without TLS (--insecure-plaintext); add "
+                    "--insecure-plaintext to this client too, or remove it from the server"
+                ) from None
+            logger.warning("cannot reach the server: %s", exc)
+        except trio.BrokenResourceError as exc:
+            logger.warning("cannot reach the server: %s", exc)
+        await trio.aclose_forcefully(transport)
+        return None
+
     async def _one_link(self, backoff: Backoff) -> None:
         cfg = self.config
         try:
@@ -122,13 +161,18 @@ class _Client:
         except DialError as exc:
             logger.warning("cannot reach the server: %s", exc.reason)
             return
+        secured = await self._secure(transport)
+        if secured is None:
+            return
+        link, binding = secured
         try:
             async with open_session(
-                transport,
+                link,
                 role=Role.CLIENT,
                 config=session_config(cfg.timeouts, role=Role.CLIENT),
                 name=cfg.name,
                 token=cfg.token,
+                channel_binding=binding,
             ) as session:
                 announce(f"connected {self.server}")
                 logger.info("connected to %s as %r (session %s)", self.server, cfg.name, session.session_id)
@@ -137,6 +181,8 @@ class _Client:
         except HandshakeError as exc:
             if exc.code in FATAL_CODES:
                 raise
+            if exc.code == ErrorCode.PROHIBITED and PLAINTEXT_REFUSED in exc.reason:
+                raise LinkSecurityError(f"the server at {self.server} refused the session: {exc.reason}") from None
             logger.warning("the server refused the session: %s", exc)
             return
         announce(f"disconnected {reason}")
@@ -255,6 +301,25 @@ class _Forward:
 
     def release(self) -> None:
         pass
+
+
+def _unverified(server: str, exc: Exception, presented: str | None) -> str:
+    """The refusal of a certificate the client cannot verify, with the fingerprint it showed and the flag to add."""
+    cause = exc.__cause__
+    why = getattr(cause, "verify_message", None) or str(exc)
+    if presented is None:
+        return f"cannot verify the server at {server}: {why}; pin its key with --server-fingerprint sha256:..."
+    return (
+        f"cannot verify the server at {server} ({why}); it presented the key {presented}. Check that fingerprint "
+        f"on the server ('trio-tunnel server --print-fingerprint'), then add --server-fingerprint {presented}"
+    )
+
+
+def client_tls(config: ClientConfig) -> ClientTls | None:
+    """The client's TLS settings; None with ``insecure_plaintext``."""
+    if config.insecure_plaintext:
+        return None
+    return ClientTls.create(pins=config.server_fingerprint, ca_file=config.tls_ca)
 
 
 async def run_client(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+import tempfile
 from typing import Final
 
 import trio
@@ -17,6 +18,7 @@ from .client import run_client
 from .config import ClientConfig, HostPort, PortSet, RemoteSpec, ServerConfig
 from .console import announce, format_hostport
 from .lifecycle import Shutdown
+from .link import ServerTls
 from .server import run_server
 
 __all__ = ["fetch", "run_demo", "serve_page"]
@@ -78,17 +80,32 @@ async def run_demo(once: bool, shutdown: Shutdown) -> None:
     """
     token = secrets.token_bytes(24).hex().encode()
     announce("trio-tunnel demo: a web service, a server and a client, all in this process on 127.0.0.1")
+    with tempfile.TemporaryDirectory(prefix="trio-tunnel-demo-") as state_dir:
+        await _demo(once, shutdown, token, state_dir)
+    announce("demo finished")
+
+
+async def _demo(once: bool, shutdown: Shutdown, token: bytes, state_dir: str) -> None:
+    # The demo's server makes a throwaway key in a temporary state directory, and its client pins that key: TLS with
+    # a verified server, as a real first run does after copying the fingerprint.
+    identity = ServerTls.from_state_dir(state_dir)
     async with trio.open_nursery() as nursery:
         web = await nursery.start(serve_page)
         announce(f"  web service (stands for a machine behind NAT): http://{format_hostport(web.host, web.port)}/")
         server_cfg = ServerConfig(
-            listen=HostPort(host="127.0.0.1", port=0), tokens=(token,), allow_ports=PortSet.parse("1024-65535")
+            listen=HostPort(host="127.0.0.1", port=0),
+            tokens=(token,),
+            allow_ports=PortSet.parse("1024-65535"),
+            state_dir=state_dir,
         )
         server_shutdown = Shutdown(drain_timeout=shutdown.drain_timeout)
         client_shutdown = Shutdown(drain_timeout=shutdown.drain_timeout)
         link = await nursery.start(run_server, server_cfg, server_shutdown)
         spec = RemoteSpec.parse(f"web=127.0.0.1:0:{web.host}:{web.port}")
-        client_cfg = ClientConfig(server=link, token=token, name="demo", remotes=(spec,))
+        client_cfg = ClientConfig(
+            server=link, token=token, name="demo", remotes=(spec,), server_fingerprint=(identity.fingerprint,)
+        )
+        announce(f"  link: TLS 1.3, the client pins the server's key {identity.fingerprint}")
         exposed = await nursery.start(run_client, client_cfg, client_shutdown)
         public = exposed["web"]
         with trio.fail_after(10):
@@ -103,4 +120,3 @@ async def run_demo(once: bool, shutdown: Shutdown) -> None:
         client_shutdown.request()
         server_shutdown.request()
         nursery.cancel_scope.cancel(reason="demo finished")
-    announce("demo finished")

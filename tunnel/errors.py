@@ -10,6 +10,7 @@ from trio_tunnel.proto.errors import AuthProblem, ErrorCode, ProtocolError, code
 __all__ = [
     "ConfigError",
     "HandshakeError",
+    "LinkSecurityError",
     "NameTakenError",
     "RequestError",
     "SessionClosedError",
@@ -26,6 +27,11 @@ class TunnelError(Exception):
 
 class ConfigError(TunnelError):
     """A configuration problem: the message names the file or flag, the key, and the fix."""
+
+
+class LinkSecurityError(TunnelError):
+    """The link cannot be secured as configured (a key that is not the pinned one, a certificate that cannot be
+    verified, TLS on one side only): retrying cannot help. The message says what to check and which flag to use."""
 
 
 class _Coded(TunnelError):

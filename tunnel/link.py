@@ -50,6 +50,7 @@ from trio_tunnel.tcp import TcpStream, connect_tcp
 from trio_tunnel.tls import TlsHandshakeError, TlsStream
 
 __all__ = [
+    "PLAINTEXT_REFUSED",
     "ClientTls",
     "LinkMismatchError",
     "ServerTls",
@@ -61,6 +62,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+PLAINTEXT_REFUSED: Final = "this server requires TLS"
+"""How the REFUSE to a plaintext client begins; the client recognises it (retrying cannot help)."""
 
 TLS_HANDSHAKE_RECORD: Final = 0x16
 """The first byte of every TLS ClientHello (a handshake record)."""
@@ -107,11 +111,11 @@ class LinkMismatchError(Exception):
         self.client_tls = client_tls
         if client_tls:
             message = (
-                "it speaks TLS and this server runs with --insecure-plaintext; remove --insecure-plaintext here, "
-                "or add it to the client too"
+                "the client speaks TLS and this server runs with --insecure-plaintext; remove --insecure-plaintext "
+                "from the server, or add it to the client too"
             )
         else:
-            message = "it speaks plaintext and this server requires TLS; remove --insecure-plaintext from the client"
+            message = PLAINTEXT_REFUSED + "; remove --insecure-plaintext from the client"
         super().__init__(message)
 
 

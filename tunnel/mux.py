@@ -594,8 +594,12 @@ async def open_session(
     name: str = "",
     token: bytes | None = None,
     tokens: Sequence[bytes] = (),
+    channel_binding: bytes = b"",
 ) -> AsyncIterator[Session]:
     """Run a session over ``transport`` (which it then owns and closes) for the duration of the block.
+
+    ``channel_binding`` (from :mod:`trio_tunnel.link`) ties the HMAC handshake to the TLS certificate the link runs
+    over; both sides must pass what they know of the same certificate, or authentication fails.
 
     The handshake happens before the block is entered, bounded by ``config.handshake_timeout``. Leaving the block
     closes the session: a final GOAWAY is flushed (for at most ``config.close_timeout``), then the transport is
@@ -606,7 +610,9 @@ async def open_session(
         HandshakeError: the handshake failed (refused, wrong token, timeout, not a trio-tunnel peer).
     """
     config = config if config is not None else SessionConfig()
-    conn = proto.Connection(role, limits=config.limits, name=name, token=token, tokens=tokens)
+    conn = proto.Connection(
+        role, limits=config.limits, name=name, token=token, tokens=tokens, channel_binding=channel_binding
+    )
     session = Session(transport, conn, config)
     try:
         async with trio.open_nursery() as nursery:

@@ -26,14 +26,17 @@ import attrs
 import trio
 from trio_tunnel.proto import ErrorCode
 
+from .certs import default_state_dir
 from .config import HostPort, ServerConfig
 from .console import announce, format_hostport
 from .dial import peer_address
 from .errors import HandshakeError, SessionClosedError
 from .handlers import FORWARD_WORDS, REVERSE_WORDS, Destination, Meta, Traffic
 from .lifecycle import Shutdown
+from .link import LinkMismatchError, ServerTls, refuse_link, secure_server_link
 from .mux import MuxStream, Request, Role, Session, open_session
 from .tcp import TcpStream, serve_tcp
+from .tls import TlsHandshakeError
 from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, session_config
 
 __all__ = ["run_server"]
@@ -74,24 +77,46 @@ class _Link:
 class _Server:
     config: ServerConfig
     shutdown: Shutdown
+    tls: ServerTls | None
     links: dict[str, _Link] = attrs.field(factory=dict)
     last_ports: dict[tuple[str, str], int] = attrs.field(factory=dict)
     """(client, service) -> the port it had last, so a service exposed on port 0 keeps its port across reconnects."""
 
     # ---------------------------------------------------------------------------------------------- links
 
+    async def _secure(self, transport: TcpStream, peer: str) -> tuple[trio.abc.Stream, bytes] | None:
+        """TLS (or plaintext) on a new link, within the handshake timeout; None when the link is dropped here."""
+        try:
+            with trio.move_on_after(self.config.timeouts.handshake):
+                return await secure_server_link(transport, self.tls)
+            logger.info("dropped a connection from %s: no handshake within the handshake timeout", peer)
+        except LinkMismatchError as exc:
+            logger.warning("refused a client from %s: %s", peer, exc)
+            with trio.move_on_after(self.config.timeouts.handshake):
+                await refuse_link(transport, str(exc))
+            return None  # refuse_link closed it
+        except (TlsHandshakeError, trio.BrokenResourceError) as exc:
+            logger.info("dropped a connection from %s: %s", peer, exc)
+        await trio.aclose_forcefully(transport)
+        return None
+
     async def handle_link(self, transport: TcpStream) -> None:
         peer = peer_address(transport)
         cfg = self.config
+        secured = await self._secure(transport, peer)
+        if secured is None:
+            return
+        link, binding = secured
         try:
-            # open_session owns the transport once it runs; "async with" covers a cancellation before that.
+            # open_session owns the link once it runs; "async with" covers a cancellation before that.
             async with (
-                transport,
+                link,
                 open_session(
-                    transport,
+                    link,
                     role=Role.SERVER,
                     config=session_config(cfg.timeouts, role=Role.SERVER, max_streams=cfg.max_streams_per_client),
                     tokens=cfg.tokens,
+                    channel_binding=binding,
                 ) as session,
             ):
                 await self._run_link(session, peer)
@@ -322,6 +347,16 @@ def _bind_error(host: str, port: int, exc: OSError) -> str:
     return f"cannot listen on {where}: {exc.strerror or exc}"
 
 
+def server_tls(config: ServerConfig) -> ServerTls | None:
+    """The server's TLS identity: the operator's files, or its own key in the state directory (made on first
+    use); None with ``insecure_plaintext``. Raises ConfigError with one readable line."""
+    if config.insecure_plaintext:
+        return None
+    if config.tls_cert is not None and config.tls_key is not None:
+        return ServerTls.from_files(config.tls_cert, config.tls_key)
+    return ServerTls.from_state_dir(config.state_dir or default_state_dir())
+
+
 async def run_server(
     config: ServerConfig, shutdown: Shutdown, *, task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -332,8 +367,17 @@ async def run_server(
     Raises:
         OSError: the link port cannot be bound (address in use, permission denied, no such address).
     """
+    tls = server_tls(config)
     listeners = await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
-    server = _Server(config, shutdown)
+    server = _Server(config, shutdown, tls)
+    if tls is not None:
+        announce(f"fingerprint {tls.fingerprint}")
+        logger.info("TLS on the link; clients pin this server with --server-fingerprint %s", tls.fingerprint)
+    else:
+        logger.warning(
+            "the link is NOT encrypted (--insecure-plaintext): traffic and sessions can be read and taken over "
+            "by anyone on the path"
+        )
     addresses = []
     for listener in listeners:
         host, port = listener.socket.getsockname()[:2]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from tunnel_helpers import with_test_tls
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (not a package)
 import netns
@@ -129,14 +130,17 @@ async def test_a_reaches_c_through_server_on_b_and_client_on_a(abc: Topology, tm
             c_port = int(service.ready[1])
             await assert_separated(t, c_port)
 
-            server_argv = [str(TRIO_TUNNEL), "server", "--listen", f"{t.addr('B', 'A')}:0", "--token-file", str(token)]
-            server_argv += ["--allow-target", f"{t.addr('C')}:{c_port}"]
+            server_argv = ["server", "--listen", f"{t.addr('B', 'A')}:0", "--token-file", str(token)]
+            server_argv = [str(TRIO_TUNNEL), *with_test_tls(server_argv), "--allow-target", f"{t.addr('C')}:{c_port}"]
             async with t.serve("B", server_argv, ready=r"^listening (\S+):(\d+)$", stderr=server_stderr) as server:
                 assert server.ready is not None
                 link = f"{server.ready[1]}:{server.ready[2]}"
                 assert server.ready[1] == t.addr("B", "A")
 
-                client_argv = [str(TRIO_TUNNEL), "client", "--server", link, "--token-file", str(token)]
+                client_argv = [
+                    str(TRIO_TUNNEL),
+                    *with_test_tls(["client", "--server", link, "--token-file", str(token)]),
+                ]
                 client_argv += ["--name", "A", "-L", f"c=127.0.0.1:0:{t.addr('C')}:{c_port}"]
                 # not allowed by the server: B itself (reachable from B, but not in --allow-target)
                 client_argv += ["-L", f"b=127.0.0.1:0:{t.addr('B', 'C')}:{c_port}"]

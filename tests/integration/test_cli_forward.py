@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from tunnel_helpers import with_test_tls
 
 LOCALHOST = "127.0.0.1"
 TRIO_TUNNEL = Path(sys.executable).with_name("trio-tunnel")  # the console script installed in this venv
@@ -91,7 +92,11 @@ async def trio_tunnel(nursery: trio.Nursery, tmp_path: Path, *args: str) -> Asyn
     stderr_path = tmp_path / f"{args[0]}-{next(_serial)}.stderr"
     with stderr_path.open("wb") as stderr:
         process = await trio.lowlevel.open_process(
-            [str(TRIO_TUNNEL), *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, env=env
+            [str(TRIO_TUNNEL), *with_test_tls(args)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=env,
         )
     proc = Proc(process, stderr_path)
     nursery.start_soon(proc.pump)

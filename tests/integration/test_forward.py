@@ -25,7 +25,7 @@ from trio_tunnel.client import run_client
 from trio_tunnel.config import ClientConfig, HostPort, LocalSpec, ServerConfig, TargetAllowlist, Timeouts
 from trio_tunnel.lifecycle import Shutdown
 from trio_tunnel.server import run_server
-from tunnel_helpers import RecordWatch, exchange
+from tunnel_helpers import RecordWatch, exchange, tls_client, tls_server
 
 LOCALHOST = "127.0.0.1"
 TOKEN = b"forward-test-token-0123456789abcdef"
@@ -67,6 +67,7 @@ async def start_tunnel(
     """A server (``allow`` = its --allow-target; None = the default, deny all) and a client with ``-L specs``."""
     capsys.readouterr()
     server_config = ServerConfig(
+        **tls_server(),
         listen=HostPort(host=LOCALHOST, port=0),
         tokens=(TOKEN,),
         allow_targets=TargetAllowlist() if allow is None else TargetAllowlist.parse(allow),
@@ -74,6 +75,7 @@ async def start_tunnel(
     )
     link = await nursery.start(run_server, server_config, Shutdown(drain_timeout=1))
     client_config = ClientConfig(
+        **tls_client(),
         server=link,
         token=TOKEN,
         name="fwd",
@@ -565,6 +567,7 @@ async def test_forwarding_lines_name_the_bound_ports(capsys: pytest.CaptureFixtu
             link = await nursery.start(
                 run_server,
                 ServerConfig(
+                    **tls_server(),
                     listen=HostPort(host=LOCALHOST, port=0),
                     tokens=(TOKEN,),
                     allow_targets=TargetAllowlist.parse("127.0.0.1:*"),
@@ -574,7 +577,7 @@ async def test_forwarding_lines_name_the_bound_ports(capsys: pytest.CaptureFixtu
             specs = (LocalSpec.parse(f"one=127.0.0.1:0:127.0.0.1:{target}"), LocalSpec.parse(f"0:127.0.0.1:{target}"))
             await nursery.start(
                 run_client,
-                ClientConfig(server=link, token=TOKEN, name="lines", locals=specs),
+                ClientConfig(**tls_client(), server=link, token=TOKEN, name="lines", locals=specs),
                 Shutdown(drain_timeout=1),
             )
             lines = capsys.readouterr().out.splitlines()
@@ -602,6 +605,7 @@ async def test_ipv6_listener_and_target(capsys: pytest.CaptureFixture[str]) -> N
             link = await nursery.start(
                 run_server,
                 ServerConfig(
+                    **tls_server(),
                     listen=HostPort(host=LOCALHOST, port=0),
                     tokens=(TOKEN,),
                     allow_targets=TargetAllowlist.parse(f"[::1]:{target}"),
@@ -610,7 +614,9 @@ async def test_ipv6_listener_and_target(capsys: pytest.CaptureFixture[str]) -> N
             )
             spec = LocalSpec.parse(f"v6=[::1]:0:[::1]:{target}")
             await nursery.start(
-                run_client, ClientConfig(server=link, token=TOKEN, name="v6", locals=(spec,)), Shutdown()
+                run_client,
+                ClientConfig(**tls_client(), server=link, token=TOKEN, name="v6", locals=(spec,)),
+                Shutdown(),
             )
             (port,) = re.findall(r"^forwarding v6 \[::1\]:(\d+)$", capsys.readouterr().out, re.MULTILINE)
             stream = await trio.open_tcp_stream("::1", int(port))
@@ -636,6 +642,7 @@ async def test_local_connection_waits_for_the_link(capsys: pytest.CaptureFixture
             capsys.readouterr()
             spec = LocalSpec.parse(f"early=0:127.0.0.1:{echo}")
             config = ClientConfig(
+                **tls_client(),
                 server=HostPort(host=LOCALHOST, port=server_port),
                 token=TOKEN,
                 name="early",
@@ -651,6 +658,7 @@ async def test_local_connection_waits_for_the_link(capsys: pytest.CaptureFixture
             await nursery.start(
                 run_server,
                 ServerConfig(
+                    **tls_server(),
                     listen=HostPort(host=LOCALHOST, port=server_port),
                     tokens=(TOKEN,),
                     allow_targets=TargetAllowlist.parse(f"127.0.0.1:{echo}"),
@@ -674,6 +682,7 @@ async def test_no_link_closes_the_local_connection_after_the_connect_timeout(
             capsys.readouterr()
             spec = LocalSpec.parse("lonely=0:127.0.0.1:9")
             config = ClientConfig(
+                **tls_client(),
                 server=HostPort(host=LOCALHOST, port=dead),
                 token=TOKEN,
                 name="lonely",

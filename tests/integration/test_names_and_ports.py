@@ -9,6 +9,7 @@ from trio_tunnel.config import ClientConfig, HostPort, PortSet, RemoteSpec, Serv
 from trio_tunnel.errors import NameTakenError
 from trio_tunnel.lifecycle import Shutdown
 from trio_tunnel.server import run_server
+from tunnel_helpers import tls_client, tls_server
 
 TOKEN = b"names-and-ports-token-0123456789"
 FAST = Timeouts(reconnect_initial=0.05, reconnect_max=0.2)
@@ -38,7 +39,7 @@ async def echo_once(address: HostPort, payload: bytes = b"ping") -> bytes:
 
 def client_config(server: HostPort, service_port: int, name: str = "dup") -> ClientConfig:
     spec = RemoteSpec.parse(f"web=127.0.0.1:0:127.0.0.1:{service_port}")
-    return ClientConfig(server=server, token=TOKEN, name=name, remotes=(spec,), timeouts=FAST)
+    return ClientConfig(**tls_client(), server=server, token=TOKEN, name=name, remotes=(spec,), timeouts=FAST)
 
 
 async def test_second_live_client_with_the_same_name_wins_and_the_first_stops() -> None:
@@ -48,7 +49,10 @@ async def test_second_live_client_with_the_same_name_wins_and_the_first_stops() 
             server = await nursery.start(
                 run_server,
                 ServerConfig(
-                    listen=HostPort(host="127.0.0.1", port=0), tokens=(TOKEN,), allow_ports=PortSet.parse("1024-65535")
+                    **tls_server(),
+                    listen=HostPort(host="127.0.0.1", port=0),
+                    tokens=(TOKEN,),
+                    allow_ports=PortSet.parse("1024-65535"),
                 ),
                 Shutdown(),
             )
@@ -89,7 +93,10 @@ async def test_a_service_on_port_0_keeps_its_public_port_when_its_client_reconne
             server = await nursery.start(
                 run_server,
                 ServerConfig(
-                    listen=HostPort(host="127.0.0.1", port=0), tokens=(TOKEN,), allow_ports=PortSet.parse("1024-65535")
+                    **tls_server(),
+                    listen=HostPort(host="127.0.0.1", port=0),
+                    tokens=(TOKEN,),
+                    allow_ports=PortSet.parse("1024-65535"),
                 ),
                 Shutdown(),
             )

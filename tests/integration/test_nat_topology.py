@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from tunnel_helpers import with_test_tls
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (not a package)
 import netns
@@ -66,7 +67,7 @@ async def test_user_reaches_a_service_behind_nat_through_the_server(nat_topo: To
 
             async with t.serve(
                 "public",
-                [*CLI, "server", "--listen", "0.0.0.0:0", "--allow-ports", "8000-8999"],
+                [*CLI, *with_test_tls(["server", "--listen", "0.0.0.0:0", "--allow-ports", "8000-8999"])],
                 ready=r"^listening 0\.0\.0\.0:(\d+)$",
                 env=env,
                 stderr=server_err,
@@ -77,13 +78,17 @@ async def test_user_reaches_a_service_behind_nat_through_the_server(nat_topo: To
                     "inside",
                     [
                         *CLI,
-                        "client",
-                        "--server",
-                        f"{public}:{link_port}",
-                        "--name",
-                        "home",
-                        "-R",
-                        f"web=0.0.0.0:{PUBLIC_PORT}:127.0.0.1:{web_port}",
+                        *with_test_tls(
+                            [
+                                "client",
+                                "--server",
+                                f"{public}:{link_port}",
+                                "--name",
+                                "home",
+                                "-R",
+                                f"web=0.0.0.0:{PUBLIC_PORT}:127.0.0.1:{web_port}",
+                            ]
+                        ),
                     ],
                     ready=rf"^connected {re.escape(public)}:{link_port}$",
                     env=env,

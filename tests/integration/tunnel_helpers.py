@@ -10,22 +10,28 @@ Everything binds 127.0.0.1 with port 0 unless a test picks a port itself (:func:
 
 from __future__ import annotations
 
+import atexit
 import codecs
 import hashlib
 import io
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, suppress
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 import trio
+from trio_tunnel.certs import fingerprint_of_pem_file, load_or_create_identity
 from trio_tunnel.client import run_client
 from trio_tunnel.config import ClientConfig, HostPort, PortSet, RemoteSpec, ServerConfig, Timeouts
 from trio_tunnel.lifecycle import Shutdown
@@ -223,9 +229,31 @@ async def start_task(
     return running
 
 
+@cache
+def test_identity() -> tuple[str, str]:
+    """``(state_dir, fingerprint)`` of one server identity for the whole run: the suite runs over TLS, as users
+    do, without making a key per test. Removed when the run ends."""
+    state_dir = tempfile.mkdtemp(prefix="trio-tunnel-test-identity-")
+    atexit.register(shutil.rmtree, state_dir, True)
+    cert, _key = load_or_create_identity(Path(state_dir))
+    return state_dir, fingerprint_of_pem_file(cert)
+
+
+def tls_server() -> dict[str, Any]:
+    """``ServerConfig(**tls_server(), ...)``: the run's test identity."""
+    return {"state_dir": test_identity()[0]}
+
+
+def tls_client() -> dict[str, Any]:
+    """``ClientConfig(**tls_client(), ...)``: pinned to the run's test identity."""
+    return {"server_fingerprint": (test_identity()[1],)}
+
+
 def server_config(
     *, port: int = 0, tokens: Sequence[bytes] = (TOKEN,), allow_ports: str = "1024-65535", **kwargs: Any
 ) -> ServerConfig:
+    if not kwargs.get("insecure_plaintext") and "tls_cert" not in kwargs:
+        kwargs.setdefault("state_dir", test_identity()[0])
     return ServerConfig(
         listen=HostPort(host=LOCALHOST, port=port),
         tokens=tuple(tokens),
@@ -235,10 +263,22 @@ def server_config(
 
 
 def client_config(
-    server: HostPort, *remotes: str, name: str = "home", token: bytes | None = TOKEN, timeouts: Timeouts = FAST
+    server: HostPort,
+    *remotes: str,
+    name: str = "home",
+    token: bytes | None = TOKEN,
+    timeouts: Timeouts = FAST,
+    **kwargs: Any,
 ) -> ClientConfig:
+    if not kwargs.get("insecure_plaintext") and "tls_ca" not in kwargs:
+        kwargs.setdefault("server_fingerprint", (test_identity()[1],))
     return ClientConfig(
-        server=server, token=token, name=name, remotes=tuple(RemoteSpec.parse(r) for r in remotes), timeouts=timeouts
+        server=server,
+        token=token,
+        name=name,
+        remotes=tuple(RemoteSpec.parse(r) for r in remotes),
+        timeouts=timeouts,
+        **kwargs,
     )
 
 
@@ -466,10 +506,31 @@ class Cli:
         return code
 
 
+def with_test_tls(args: Sequence[str]) -> list[str]:
+    """A ``server`` or ``client`` command line with the run's test identity added (``--state-dir`` for the
+    server, ``--server-fingerprint`` for the client), unless it chooses its own TLS settings or plaintext. A
+    ``--config`` file is still given the flag: flags and files combine."""
+    own = {
+        "--insecure-plaintext",
+        "--state-dir",
+        "--tls-cert",
+        "--server-fingerprint",
+        "--tls-ca",
+        "--print-fingerprint",
+    }
+    if not args or args[0] not in ("server", "client") or own & set(args):
+        return list(args)
+    state_dir, pin = test_identity()
+    return [*args, *(["--state-dir", state_dir] if args[0] == "server" else ["--server-fingerprint", pin])]
+
+
 @asynccontextmanager
-async def cli(nursery: trio.Nursery, *args: str, env: dict[str, str] | None = None) -> AsyncIterator[Cli]:
-    """Run ``python -m trio_tunnel ARGS``; killed on exit if still running."""
-    argv = [*CLI, *args]
+async def cli(
+    nursery: trio.Nursery, *args: str, env: dict[str, str] | None = None, test_tls: bool = True
+) -> AsyncIterator[Cli]:
+    """Run ``python -m trio_tunnel ARGS``; killed on exit if still running. Over TLS with the run's test identity
+    unless the arguments choose their own TLS settings (or plaintext)."""
+    argv = [*CLI, *(with_test_tls(args) if test_tls else args)]
     full_env = {key: value for key, value in os.environ.items() if key != "TRIO_TUNNEL_TOKEN"}
     full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
     process = await trio.lowlevel.open_process(

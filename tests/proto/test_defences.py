@@ -21,6 +21,7 @@ from proto_helpers import (
     terminated,
 )
 from trio_tunnel.proto import (
+    PROTOCOL_VERSION,
     Connection,
     DataReceived,
     ErrorCode,
@@ -122,7 +123,7 @@ def test_malformed_frame_one_byte_at_a_time(header: bytes, payload: bytes, fragm
 
 def test_malformed_frame_during_the_handshake_gives_refuse_protocol() -> None:
     server = Connection(Role.SERVER, tokens=[b"t"])
-    events = server.receive_data(F.encode_preamble(1, 1) + raw_frame(b"\xc1"))
+    events = server.receive_data(F.encode_preamble(PROTOCOL_VERSION, PROTOCOL_VERSION) + raw_frame(b"\xc1"))
     end = terminated(events)
     assert end.code == ErrorCode.PROTOCOL and isinstance(end.error, RemoteProtocolError)
     (refuse,) = decode_all(server.data_to_send())
@@ -184,7 +185,9 @@ def test_extension_frames_are_ignored_during_the_handshake() -> None:
     assert pair.client.is_open and pair.server.is_open
 
 
-@pytest.mark.parametrize("frame", [F.Challenge(1, b"\x00" * 32, "none"), F.Welcome("s", {}, b""), F.Auth(b"")])
+@pytest.mark.parametrize(
+    "frame", [F.Challenge(PROTOCOL_VERSION, b"\x00" * 32, "none"), F.Welcome("s", {}, b""), F.Auth(b"")]
+)
 def test_handshake_frames_after_the_handshake_are_protocol(frame: F.Frame) -> None:
     pair = ConnectionPair()
     assert_protocol_error(pair.server, inject(pair.server, frame), fragment="after the handshake")

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from proto_helpers import ConnectionPair, assert_clean, decode_all, initial_streams_available
 from trio_tunnel.proto import (
+    PROTOCOL_VERSION,
     Connection,
     ConnectionTerminated,
     DataReceived,
@@ -308,7 +309,7 @@ def _recorded_client_stream() -> bytes:
     return b"".join(F.encode(f) for f in pair.taps[pair.client].frames)
 
 
-RECORDED = F.encode_preamble(1, 1) + _recorded_client_stream()
+RECORDED = F.encode_preamble(PROTOCOL_VERSION, PROTOCOL_VERSION) + _recorded_client_stream()
 
 
 def _server_events(chunks: list[bytes]) -> list[Event]:

@@ -35,13 +35,32 @@ from trio_tunnel.proto import (
 )
 from trio_tunnel.proto import frames as F
 
-
-def client(token: bytes | None = TOKEN, name: str = NAME, seed: int = 0x10, limits: Limits | None = None) -> Connection:
-    return Connection(Role.CLIENT, name=name, token=token, random_bytes=counter_random(seed), limits=limits)
+PREAMBLE = F.encode_preamble(PROTOCOL_VERSION, PROTOCOL_VERSION)
 
 
-def server(tokens: tuple[bytes, ...] = (TOKEN,), seed: int = 0x80, limits: Limits | None = None) -> Connection:
-    return Connection(Role.SERVER, tokens=tokens, random_bytes=counter_random(seed), limits=limits)
+def client(
+    token: bytes | None = TOKEN,
+    name: str = NAME,
+    seed: int = 0x10,
+    limits: Limits | None = None,
+    channel_binding: bytes = b"",
+) -> Connection:
+    return Connection(
+        Role.CLIENT,
+        name=name,
+        token=token,
+        random_bytes=counter_random(seed),
+        limits=limits,
+        channel_binding=channel_binding,
+    )
+
+
+def server(
+    tokens: tuple[bytes, ...] = (TOKEN,), seed: int = 0x80, limits: Limits | None = None, channel_binding: bytes = b""
+) -> Connection:
+    return Connection(
+        Role.SERVER, tokens=tokens, random_bytes=counter_random(seed), limits=limits, channel_binding=channel_binding
+    )
 
 
 def refusal(srv: Connection) -> F.Refuse:
@@ -79,7 +98,7 @@ def test_hmac_handshake_completes_on_both_sides() -> None:
 def test_client_sends_preamble_and_hello_first() -> None:
     cli = client()
     data = cli.data_to_send()
-    assert data[:8] == F.encode_preamble(PROTOCOL_VERSION, PROTOCOL_VERSION) == b"TTUN\x01\x01\x00\x00"
+    assert data[:8] == F.encode_preamble(PROTOCOL_VERSION, PROTOCOL_VERSION) == b"TTUN\x02\x02\x00\x00"
     (hello,) = decode_all(data, preamble=True)
     assert hello == F.Hello(NAME, bytes([0x10]) * 32, Limits().declared())
     assert not cli.wants_write
@@ -136,7 +155,7 @@ def test_handshake_survives_one_byte_at_a_time() -> None:
 
 def test_missing_peer_limits_take_conservative_defaults() -> None:
     srv = server()
-    srv.receive_data(F.encode_preamble(1, 1) + F.encode(F.Hello("n", b"\x01" * 32, {})))
+    srv.receive_data(PREAMBLE + F.encode(F.Hello("n", b"\x01" * 32, {})))
     assert srv.peer_limits == {}
     assert srv.peer_max_frame_payload == 16 * 1024
 
@@ -247,9 +266,31 @@ def test_auth_mac_is_hmac_sha256_over_the_transcript() -> None:
     (auth,) = decode_all(cli.data_to_send())
     name = b"edge-1"
     transcript = (
-        b"trio-tunnel/1 client\x00" + bytes([0x10]) * 32 + bytes([0x80]) * 32 + len(name).to_bytes(2, "big") + name
+        b"trio-tunnel/2 client\x00" + bytes([0x10]) * 32 + bytes([0x80]) * 32 + len(name).to_bytes(2, "big") + name
     )
-    assert auth.mac == hmac.new(TOKEN, transcript, hashlib.sha256).digest()
+    assert auth.mac == hmac.new(TOKEN, transcript + b"\x00", hashlib.sha256).digest()  # empty binding: plaintext
+
+
+def test_channel_binding_is_in_both_transcripts_and_must_agree() -> None:
+    """The same binding on both sides authenticates; a client that saw another certificate (a TLS-terminating
+    relay) fails with AUTH and a message that says so, although its token is right."""
+    binding = hashlib.sha256(b"the server's certificate").digest()
+    cli, srv = client(channel_binding=binding), server(channel_binding=binding)
+    srv.receive_data(cli.data_to_send())
+    cli.receive_data(srv.data_to_send())
+    (auth,) = decode_all(cli.data_to_send())
+    name = b"edge-1"
+    transcript = b"trio-tunnel/2 client\x00" + bytes([0x10]) * 32 + bytes([0x80]) * 32 + b"\x00\x06" + name
+    assert auth.mac == hmac.new(TOKEN, transcript + b"\x20" + binding, hashlib.sha256).digest()
+    srv.receive_data(F.encode(auth))
+    assert srv.state is ConnectionState.OPEN
+
+    relayed = hashlib.sha256(b"the relay's certificate").digest()
+    cli, srv = client(channel_binding=relayed), server(channel_binding=binding)
+    srv.receive_data(cli.data_to_send())
+    cli.receive_data(srv.data_to_send())
+    end = terminated(srv.receive_data(cli.data_to_send()))
+    assert end.code == ErrorCode.AUTH and "terminates TLS with a certificate of its own" in end.reason
 
 
 # ---------------------------------------------------------------------------------------------- preamble, versions
@@ -273,7 +314,7 @@ def test_partial_preamble_waits_silently() -> None:
     assert srv.state is ConnectionState.HANDSHAKE
 
 
-@pytest.mark.parametrize(("high", "low"), [(0, 0), (3, 2), (255, 2), (0, 1)])
+@pytest.mark.parametrize(("high", "low"), [(0, 0), (3, 3), (255, 3), (0, 1)])
 def test_wrong_version_range_gets_refuse_version(high: int, low: int) -> None:
     srv = server()
     end = terminated(srv.receive_data(F.encode_preamble(high, low) + F.encode(F.Hello("x", b"\x00" * 32, {}))))
@@ -286,8 +327,8 @@ def test_wrong_version_range_gets_refuse_version(high: int, low: int) -> None:
 def test_client_accepts_only_the_version_it_speaks() -> None:
     cli = client()
     cli.data_to_send()
-    end = terminated(cli.receive_data(F.encode(F.Challenge(2, b"\x01" * 32, "hmac-sha256"))))
-    assert end.code == ErrorCode.VERSION and "version 2" in end.reason
+    end = terminated(cli.receive_data(F.encode(F.Challenge(1, b"\x01" * 32, "hmac-sha256"))))
+    assert end.code == ErrorCode.VERSION and "version 1" in end.reason
 
 
 def test_refuse_reaches_the_client_as_a_readable_termination() -> None:
@@ -303,7 +344,7 @@ def test_refuse_reaches_the_client_as_a_readable_termination() -> None:
 
 def test_frame_before_hello_is_refused_with_protocol() -> None:
     srv = server()
-    end = terminated(srv.receive_data(F.encode_preamble(1, 1) + F.encode(F.Open(1, "web"))))
+    end = terminated(srv.receive_data(PREAMBLE + F.encode(F.Open(1, "web"))))
     assert end.code == ErrorCode.PROTOCOL
     refuse = refusal(srv)
     assert refuse.code == ErrorCode.PROTOCOL and "unexpected OPEN frame during the handshake" in refuse.message
@@ -352,7 +393,7 @@ def test_welcome_before_challenge_ends_the_client_with_protocol() -> None:
 
 def test_refuse_sent_to_a_server_is_protocol() -> None:
     srv = server()
-    srv.receive_data(F.encode_preamble(1, 1))
+    srv.receive_data(F.encode_preamble(PROTOCOL_VERSION, PROTOCOL_VERSION))
     end = terminated(srv.receive_data(F.encode(F.Refuse(0, "no"))))
     assert end.code == ErrorCode.PROTOCOL and "unexpected REFUSE" in refusal(srv).message
 
@@ -360,8 +401,8 @@ def test_refuse_sent_to_a_server_is_protocol() -> None:
 @pytest.mark.parametrize(
     ("challenge", "code", "fragment"),
     [
-        (F.Challenge(1, b"\x01" * 31, "hmac-sha256"), ErrorCode.PROTOCOL, "nonce must be 32 bytes"),
-        (F.Challenge(1, b"\x01" * 32, "rot13"), ErrorCode.AUTH, "unknown authentication method"),
+        (F.Challenge(PROTOCOL_VERSION, b"\x01" * 31, "hmac-sha256"), ErrorCode.PROTOCOL, "nonce must be 32 bytes"),
+        (F.Challenge(PROTOCOL_VERSION, b"\x01" * 32, "rot13"), ErrorCode.AUTH, "unknown authentication method"),
     ],
 )
 def test_bad_challenge_ends_the_client(challenge: F.Challenge, code: ErrorCode, fragment: str) -> None:
@@ -373,14 +414,14 @@ def test_bad_challenge_ends_the_client(challenge: F.Challenge, code: ErrorCode, 
 
 def test_hello_with_short_nonce_is_refused() -> None:
     srv = server()
-    terminated(srv.receive_data(F.encode_preamble(1, 1) + F.encode(F.Hello("n", b"\x01" * 31, {}))))
+    terminated(srv.receive_data(PREAMBLE + F.encode(F.Hello("n", b"\x01" * 31, {}))))
     assert "nonce must be 32 bytes" in refusal(srv).message
 
 
 @pytest.mark.parametrize("limits", [{"initial_window": 1023}, {"max_frame_payload": 10}, {"max_streams": 0}])
 def test_hello_with_unusable_limits_is_refused(limits: dict[str, int]) -> None:
     srv = server()
-    terminated(srv.receive_data(F.encode_preamble(1, 1) + F.encode(F.Hello("n", b"\x01" * 32, limits))))
+    terminated(srv.receive_data(PREAMBLE + F.encode(F.Hello("n", b"\x01" * 32, limits))))
     assert "peer limits too small" in refusal(srv).message
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from proto_helpers import decode_all, scripted_random
-from trio_tunnel.proto import Connection, ErrorCode, HandshakeComplete, Limits, Role
+from trio_tunnel.proto import PROTOCOL_VERSION, Connection, ErrorCode, HandshakeComplete, Limits, Role
 from trio_tunnel.proto import frames as F
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
@@ -70,7 +70,7 @@ FRAMES: dict[str, F.Frame] = {
     "ctrl-reply": F.CtrlReply(1, 0, {"port": 8080}),
     "refuse": F.Refuse(ErrorCode.AUTH, "authentication failed"),
     "hello": F.Hello("edge-1", CLIENT_NONCE, LIMITS),
-    "challenge": F.Challenge(1, SERVER_NONCE, "hmac-sha256"),
+    "challenge": F.Challenge(PROTOCOL_VERSION, SERVER_NONCE, "hmac-sha256"),
 }
 # Vectors whose expected frame needs the HMAC example (checked below, against a real handshake).
 HANDSHAKE_ONLY = {"auth", "welcome"}
@@ -119,8 +119,8 @@ def test_data_header_encoder_matches_the_data_vectors() -> None:
 
 def test_preamble_vector() -> None:
     raw = unhex(VECTORS["preamble"]["hex"])
-    assert raw == F.encode_preamble(1, 1)
-    assert F.parse_preamble(raw) == (1, 1)
+    assert raw == F.encode_preamble(PROTOCOL_VERSION, PROTOCOL_VERSION)
+    assert F.parse_preamble(raw) == (PROTOCOL_VERSION, PROTOCOL_VERSION) == (2, 2)
 
 
 # ---------------------------------------------------------------------------------------------- HMAC example
@@ -138,11 +138,14 @@ def test_hmac_example_is_self_consistent() -> None:
     ex = example()
     token = str(ex["token"]).encode()
     name = str(ex["client_name"]).encode()
-    client = b"trio-tunnel/1 client\x00" + ex["client_nonce"] + ex["server_nonce"] + len(name).to_bytes(2, "big")
     assert isinstance(ex["client_nonce"], bytes) and isinstance(ex["server_nonce"], bytes)
-    assert ex["client_transcript"] == client + name
-    assert ex["mac"] == hmac.new(token, client + name, hashlib.sha256).digest()
-    server = b"trio-tunnel/1 server\x00" + client[21:] + name + str(ex["session_id"]).encode()
+    binding = ex["channel_binding"]
+    assert isinstance(binding, bytes) and len(binding) == 32
+    tail = len(name).to_bytes(2, "big") + name + bytes([len(binding)]) + binding
+    client = b"trio-tunnel/2 client\x00" + ex["client_nonce"] + ex["server_nonce"] + tail
+    assert ex["client_transcript"] == client
+    assert ex["mac"] == hmac.new(token, client, hashlib.sha256).digest()
+    server = b"trio-tunnel/2 server\x00" + client[21:] + str(ex["session_id"]).encode()
     assert ex["server_transcript"] == server
     assert ex["proof"] == hmac.new(token, server, hashlib.sha256).digest()
 
@@ -153,11 +156,20 @@ def test_hmac_example_matches_a_real_handshake() -> None:
     assert ex["client_nonce"] == CLIENT_NONCE and ex["server_nonce"] == SERVER_NONCE
     token = str(ex["token"]).encode()
     assert token == TOKEN
+    binding = ex["channel_binding"]
+    assert isinstance(binding, bytes)
     client = Connection(
-        Role.CLIENT, name=str(ex["client_name"]), token=token, random_bytes=scripted_random(CLIENT_NONCE)
+        Role.CLIENT,
+        name=str(ex["client_name"]),
+        token=token,
+        random_bytes=scripted_random(CLIENT_NONCE),
+        channel_binding=binding,
     )
     server = Connection(
-        Role.SERVER, tokens=[b"an older token", token], random_bytes=scripted_random(SERVER_NONCE, SESSION_RANDOM)
+        Role.SERVER,
+        tokens=[b"an older token", token],
+        random_bytes=scripted_random(SERVER_NONCE, SESSION_RANDOM),
+        channel_binding=binding,
     )
 
     first = client.data_to_send()
