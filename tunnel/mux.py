@@ -40,6 +40,7 @@ from .errors import HandshakeError, RequestError, SessionClosedError, StreamOpen
 from .session_types import Ended, PendingReply, Request, SessionConfig, SessionStatistics
 from .stream import MuxStream
 from .tcp import TcpStream
+from .tls import TlsStream
 
 __all__ = [
     "MuxStream",
@@ -391,9 +392,10 @@ class Session:
 
     async def _writer(self) -> None:
         conn = self._conn
-        # A TcpStream takes the frames as they are (sendmsg); any other stream gets them joined.
+        # A TcpStream takes the frames as they are (sendmsg), a TlsStream into one SSL_write, both without an extra
+        # checkpoint per send; any other stream gets them joined.
         transport = self._transport
-        send_parts = transport.send_all_parts if isinstance(transport, TcpStream) else None
+        send_parts = transport.send_all_parts if isinstance(transport, TcpStream | TlsStream) else None
         try:
             while True:
                 await self._writer_event.wait()

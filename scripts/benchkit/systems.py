@@ -335,6 +335,10 @@ class TrioTunnel(System):
         exe = self._exe(opts)
         if not exe:
             raise SystemUnavailable(self.unavailable(opts) or "trio-tunnel not found")
+        plaintext = "--insecure-plaintext" in self.server_args
+        # Over TLS (the default) the server makes a throwaway key in a temporary state directory and the client pins
+        # it from the server's 'fingerprint' line, as a first run does.
+        tls_server = () if plaintext else ("--state-dir", tempfile.mkdtemp(prefix="bench-trio-tunnel-"))
         server = await group.start(
             f"{self.name}-server",
             [
@@ -347,9 +351,14 @@ class TrioTunnel(System):
                 "--allow-ports",
                 "1024-65535",
                 *self.server_args,
+                *tls_server,
                 *opts.tt_server_arg,
             ],
         )
+        tls_client: tuple[str, ...] = ()
+        if not plaintext:
+            pin = await server.wait_line(r"fingerprint (\S+)", opts.start_timeout)
+            tls_client = ("--server-fingerprint", pin.group(1))
         m = await server.wait_line(r"listening (\S+):(\d+)", opts.start_timeout)
         link: Addr = (m.group(1).strip("[]"), int(m.group(2)))
         if delay is not None:
@@ -366,6 +375,7 @@ class TrioTunnel(System):
                 "-R",
                 f"127.0.0.1:0:{sink_addr[0]}:{sink_addr[1]}",
                 *self.client_args,
+                *tls_client,
                 *opts.tt_client_arg,
             ],
         )
@@ -385,7 +395,8 @@ SYSTEM_LIST: tuple[System, ...] = (
     Direct(),
     Socat(),
     Ssh(),
-    TrioTunnel(),
+    TrioTunnel(),  # TLS, the default
+    TrioTunnel("trio-tunnel-plain", server_args=("--insecure-plaintext",), client_args=("--insecure-plaintext",)),
 )
 SYSTEMS: dict[str, System] = {s.name: s for s in SYSTEM_LIST}
 assert len(SYSTEMS) == len(SYSTEM_LIST), "system names must be unique"
