@@ -1,0 +1,291 @@
+"""The ``trio-tunnel`` command line's grammar: the argument parser, its help texts and examples.
+
+:mod:`trio_tunnel.cli` turns what this parses into configs and runs the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Final, NoReturn
+
+from trio_tunnel import __version__
+
+__all__ = ["EXIT_USAGE", "PROG", "TOKEN_ENV", "build_parser"]
+
+PROG: Final = "trio-tunnel"
+TOKEN_ENV: Final = "TRIO_TUNNEL_TOKEN"
+EXIT_USAGE: Final = 2
+
+
+_DESCRIPTION = """\
+Expose services behind NAT through a public server over one multiplexed TCP link (like ssh -R, frp or rathole),
+forward local ports to targets reachable from the server (like ssh -L), or relay one port to another (map).
+
+stdout carries one lifecycle line per event (listening, connected, exposed, forwarding, disconnected);
+logs go to stderr."""
+
+_MAIN_EPILOG = """\
+examples:
+  trio-tunnel demo                    # server, client and a web service on loopback; fetches a page through them
+  trio-tunnel server --token-file /etc/trio-tunnel/tokens --allow-ports 9000-9010
+  trio-tunnel client --server tunnel.example.com:7835 --token-file ~/.tunnel-token -R web=9000:127.0.0.1:80
+  trio-tunnel map 0.0.0.0:10022 192.168.0.10:22
+
+Run 'trio-tunnel COMMAND --help' for the options of a command.
+exit codes: 0 clean shutdown, 1 runtime failure, 2 usage or configuration error."""
+
+_SERVER_EPILOG = f"""\
+examples:
+  # make a token once; keep it out of the process list (--token is visible in ps)
+  python3 -c "import secrets; print(secrets.token_urlsafe(32))" > tokens && chmod 600 tokens
+  trio-tunnel server --listen 0.0.0.0:7835 --token-file tokens --allow-ports 9000-9010
+
+  # the same token from the environment; several tokens (comma-separated) allow rotation
+  {TOKEN_ENV}=... trio-tunnel server
+
+  # let -L clients reach SSH on 10.0.0.0/8 and one database by name
+  trio-tunnel server --token-file tokens --allow-target 10.0.0.0/8:22,db.internal:5432
+
+  # everything from a file ([server] table); flags override it
+  trio-tunnel server --config /etc/trio-tunnel/tunnel.toml
+
+  # the link is TLS: on first start the server makes its key (in --state-dir) and prints its fingerprint,
+  # which clients pin; this prints it again
+  trio-tunnel server --print-fingerprint
+
+  # a certificate from a CA (e.g. Let's Encrypt) instead: clients verify the chain and the host name
+  trio-tunnel server --token-file tokens --tls-cert fullchain.pem --tls-key privkey.pem
+
+stdout: 'fingerprint sha256:...' then 'listening HOST:PORT' once the server accepts clients."""
+
+_CLIENT_EPILOG = f"""\
+examples:
+  # expose local web, SSH and MySQL on the server's ports 9000, 9001, 9002; the fingerprint is the one the
+  # server printed (trio-tunnel server --print-fingerprint)
+  trio-tunnel client --server tunnel.example.com:7835 --token-file token --server-fingerprint sha256:... \\
+      -R web=9000:127.0.0.1:80 -R ssh=9001:127.0.0.1:22 -R mysql=9002:127.0.0.1:3306
+
+  # let the server pick a free port (see the 'exposed NAME HOST:PORT' line)
+  {TOKEN_ENV}=... trio-tunnel client --server tunnel.example.com:7835 -R 0:localhost:8080
+
+  # reach db.internal:5432 (seen from the server) at 127.0.0.1:15432 here
+  trio-tunnel client --server tunnel.example.com:7835 --token-file token -L db=15432:db.internal:5432
+
+  # services from a file ([client] table); -R/-L add to them, other flags override it
+  trio-tunnel client --config ~/.config/trio-tunnel.toml
+
+spec syntax (-R and -L): [NAME=][bind_address:]port:host:hostport; IPv6 in brackets, e.g. [::1]:8080.
+stdout: 'connected HOST:PORT', 'exposed NAME HOST:PORT', 'forwarding NAME HOST:PORT', 'disconnected REASON'."""
+
+_MAP_EPILOG = """\
+examples:
+  # B relays A's connections to C: on B, map port 10022 to SSH on 192.168.0.10
+  trio-tunnel map 0.0.0.0:10022 192.168.0.10:22
+
+  # any free port on loopback (see the 'listening HOST:PORT' line), with a shorter connect timeout
+  trio-tunnel map 127.0.0.1:0 example.com:80 --connect-timeout 3 --max-connections 100
+
+stdout: 'listening HOST:PORT' once the listener is bound."""
+
+_DEMO_EPILOG = """\
+examples:
+  trio-tunnel demo          # keeps running until Ctrl+C, so you can try the printed URL yourself
+  trio-tunnel demo --once   # exit after the check (0 when the page came through)"""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Argument parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line: ``trio-tunnel server: error: ... (see --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _add_logging_options(parser: argparse.ArgumentParser, *, suffix: str) -> None:
+    group = parser.add_argument_group("logging")
+    default: Any = 0 if suffix == "global" else argparse.SUPPRESS
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        dest=f"verbose_{suffix}",
+        default=default,
+        help="more log output: -v debug messages and tracebacks in the log, -vv tracebacks of errors on stderr",
+    )
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="count",
+        dest=f"quiet_{suffix}",
+        default=default,
+        help="less log output: -q warnings and errors, -qq errors only",
+    )
+    group.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        dest=f"log_format_{suffix}",
+        default=None if suffix == "global" else argparse.SUPPRESS,
+        help="log line format on stderr (default: text)",
+    )
+
+
+def _add_token_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "authentication",
+        f"Without --token/--token-file, tokens come from env {TOKEN_ENV} (comma-separated), else the config file.",
+    )
+    group.add_argument(
+        "--token",
+        action="append",
+        metavar="TOKEN",
+        help="a shared secret (repeatable; visible in the process list, prefer --token-file or the env)",
+    )
+    group.add_argument(
+        "--token-file",
+        action="append",
+        metavar="PATH",
+        help="file with tokens, one per line, '#' comments (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (also used to render ``--help``)."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog=PROG, description=_DESCRIPTION, epilog=_MAIN_EPILOG, formatter_class=formatter)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    _add_logging_options(parser, suffix="global")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    server = commands.add_parser(
+        "server",
+        help="accept clients and expose their services on public ports",
+        description="Accept tunnel clients and listen on public ports on their behalf.",
+        epilog=_SERVER_EPILOG,
+        formatter_class=formatter,
+    )
+    server.add_argument("--listen", metavar="HOST:PORT", help="where clients connect (default 0.0.0.0:7835)")
+    _add_token_options(server)
+    server.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        default=None,
+        help="run without any token: anyone who reaches the server may use it (not recommended)",
+    )
+    server.add_argument(
+        "--allow-ports",
+        metavar="SPEC",
+        help="ports clients may expose, e.g. 8000-8999,2222 (default 1024-65535)",
+    )
+    server.add_argument(
+        "--allow-target",
+        action="append",
+        metavar="SPEC",
+        help="where -L clients may reach, e.g. 10.0.0.0/8:22,db.internal:5432,127.0.0.1:* "
+        "(repeatable; default: nowhere)",
+    )
+    tls = server.add_argument_group("TLS on the link (on by default)")
+    tls.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="a certificate (PEM, chain allowed) instead of the self-signed one",
+    )
+    tls.add_argument("--tls-key", metavar="FILE", help="the unencrypted private key (PEM) of --tls-cert")
+    tls.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where the server's own key and certificate are made and kept "
+        "(default $XDG_STATE_HOME/trio-tunnel, /var/lib/trio-tunnel for root)",
+    )
+    tls.add_argument(
+        "--print-fingerprint",
+        action="store_true",
+        help="print the fingerprint clients pin (sha256:...), making the key if needed, and exit",
+    )
+    tls.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        default=None,
+        help="no TLS: everything crosses the network readable and changeable (clients must say so too)",
+    )
+    server.add_argument("--config", metavar="FILE", help="TOML file with a [server] table; flags override it")
+    _add_logging_options(server, suffix="command")
+
+    client = commands.add_parser(
+        "client",
+        help="connect to a server and expose local services (-R) or forward local ports (-L)",
+        description="Connect to a trio-tunnel server, keep the link up, and carry -R/-L connections over it.",
+        epilog=_CLIENT_EPILOG,
+        formatter_class=formatter,
+    )
+    client.add_argument("--server", metavar="HOST:PORT", help="the server to connect to")
+    _add_token_options(client)
+    client.add_argument("--name", metavar="NAME", help="this client's identity (default: the host name)")
+    client.add_argument(
+        "-R",
+        action="append",
+        default=[],
+        dest="remotes",
+        metavar="SPEC",
+        help="expose a local service on the server: [NAME=][bind_address:]port:host:hostport (repeatable)",
+    )
+    client.add_argument(
+        "-L",
+        action="append",
+        default=[],
+        dest="locals",
+        metavar="SPEC",
+        help="forward a local port to a target the server dials: [NAME=][bind_address:]port:host:hostport (repeatable)",
+    )
+    tls = client.add_argument_group("TLS on the link (on by default)")
+    tls.add_argument(
+        "--server-fingerprint",
+        action="append",
+        metavar="sha256:...",
+        help="the server's key as 'trio-tunnel server' prints it (repeatable, for key rotation); "
+        "without it the certificate chain and host name are verified",
+    )
+    tls.add_argument("--tls-ca", metavar="FILE", help="CA certificates (PEM) to verify the server with")
+    tls.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        default=None,
+        help="no TLS: everything crosses the network readable and changeable (the server must say so too)",
+    )
+    client.add_argument("--config", metavar="FILE", help="TOML file with a [client] table; flags override it")
+    _add_logging_options(client, suffix="command")
+
+    mapper = commands.add_parser(
+        "map",
+        help="relay a local port to a target (a plain TCP port mapper, no server)",
+        description="Listen on LISTEN and relay every connection to TARGET, with half-close and reset propagation.",
+        epilog=_MAP_EPILOG,
+        formatter_class=formatter,
+    )
+    mapper.add_argument("listen", nargs="?", metavar="LISTEN", help="HOST:PORT to listen on (PORT alone: 0.0.0.0)")
+    mapper.add_argument("target", nargs="?", metavar="TARGET", help="HOST:PORT to relay to")
+    mapper.add_argument(
+        "--connect-timeout", type=float, metavar="SECONDS", help="time allowed to reach TARGET (default 10)"
+    )
+    mapper.add_argument(
+        "--max-connections", type=int, metavar="N", help="concurrent relayed connections (default 1024)"
+    )
+    mapper.add_argument("--config", metavar="FILE", help="TOML file with a [map] table; arguments override it")
+    _add_logging_options(mapper, suffix="command")
+
+    demo = commands.add_parser(
+        "demo",
+        help="run a server, a client and a web service on loopback and fetch a page through the tunnel",
+        description="Everything on loopback in one process: shows a tunnel working in a few seconds.",
+        epilog=_DEMO_EPILOG,
+        formatter_class=formatter,
+    )
+    demo.add_argument("--once", action="store_true", help="exit after the check instead of running until Ctrl+C")
+    _add_logging_options(demo, suffix="command")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# From arguments to a config
