@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 from collections.abc import Mapping
 from functools import partial
 from typing import ClassVar, Final
@@ -30,7 +31,7 @@ from .certs import default_state_dir
 from .config import HostPort, ServerConfig
 from .console import announce, format_hostport
 from .dial import peer_address
-from .errors import HandshakeError, SessionClosedError
+from .errors import ConfigError, HandshakeError, SessionClosedError
 from .handlers import FORWARD_WORDS, REVERSE_WORDS, Destination, Meta, Traffic
 from .lifecycle import Shutdown
 from .link import LinkMismatchError, ServerTls, refuse_link, secure_server_link
@@ -99,6 +100,22 @@ class _Server:
             logger.info("dropped a connection from %s: %s", peer, exc)
         await trio.aclose_forcefully(transport)
         return None
+
+    async def reload_tls_on_sighup(self) -> None:
+        """Re-read --tls-cert/--tls-key on SIGHUP (a renewed certificate needs no restart). New links use the new
+        files; live links keep theirs. Files that cannot be used change nothing: the old ones stay, with one log
+        line saying why."""
+        cfg = self.config
+        assert cfg.tls_cert is not None and cfg.tls_key is not None
+        with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            async for _ in signals:
+                try:
+                    tls = ServerTls.from_files(cfg.tls_cert, cfg.tls_key)
+                except (ConfigError, OSError) as exc:
+                    logger.error("SIGHUP: kept the current TLS certificate: %s", exc)
+                    continue
+                self.tls = tls
+                logger.info("SIGHUP: reloaded the TLS certificate %s (fingerprint %s)", cfg.tls_cert, tls.fingerprint)
 
     async def handle_link(self, transport: TcpStream) -> None:
         peer = peer_address(transport)
@@ -395,6 +412,8 @@ async def run_server(
             acceptor.start_soon(
                 partial(serve_tcp, server.handle_link, listeners, handler_nursery=handlers, keepalive=False)
             )  # links have PING
+            if config.tls_cert is not None and config.tls_key is not None:
+                acceptor.start_soon(server.reload_tls_on_sighup)
             task_status.started(addresses[0])
             await shutdown.requested.wait()
             acceptor.cancel_scope.cancel(reason="shutting down: no new links")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import signal
 import stat
 from pathlib import Path
 
@@ -218,3 +219,68 @@ async def test_a_relay_that_terminates_tls_gets_no_session(tmp_path: Path) -> No
             assert len(refusals) == 1, server.stderr
             assert "terminates TLS with a certificate of its own" in refusals[0], refusals[0]
             nursery.cancel_scope.cancel()
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _replace(path: str, data: bytes) -> None:
+    """Write a file whole, as a certificate renewal tool does (a new file renamed over the old one)."""
+    with open(path + ".new", "wb") as f:
+        f.write(data)
+    os.replace(path + ".new", path)
+
+
+async def test_sighup_rereads_the_certificate_and_live_links_keep_going(tmp_path: Path) -> None:
+    """A renewed certificate (here: another key, so the pin changes) is taken on SIGHUP: new clients see it, the
+    client already connected keeps its link and its service; unusable files change nothing."""
+    ca = trustme.CA()
+    cert, key, _ca_file = _ca_files(tmp_path, ca, ca.issue_cert(LOCALHOST))
+    with trio.fail_after(40):
+        async with trio.open_nursery() as nursery:
+            service = await start_service(nursery, http_handler)
+            args = ["server", "--listen", f"{LOCALHOST}:0", "--tls-cert", cert, "--tls-key", key]
+            async with cli(nursery, *args, env=ENV) as server:
+                old_pin = (await server.expect(FINGERPRINT))[1]
+                port = int((await server.expect(rf"listening {HOSTPORT}"))[1])
+                spec = f"web={LOCALHOST}:0:{LOCALHOST}:{service.port}"
+                flags = ["--server", f"{LOCALHOST}:{port}", "--server-fingerprint", old_pin, "-R", spec]
+                async with cli(nursery, "client", *flags, env=ENV) as old_client:
+                    public = int((await old_client.expect(rf"exposed web {HOSTPORT}"))[1])
+
+                    _replace(key, b"not a key")
+                    server.process.send_signal(signal.SIGHUP)
+                    await server.expect_stderr("SIGHUP: kept the current TLS certificate")
+
+                    renewed = tmp_path / "renewed"
+                    renewed.mkdir()
+                    new_cert, new_key, _ = _ca_files(renewed, ca, ca.issue_cert(LOCALHOST))
+                    _replace(cert, _read(new_cert))
+                    _replace(key, _read(new_key))
+                    server.process.send_signal(signal.SIGHUP)
+                    new_pin = (
+                        await server.expect_stderr(r"SIGHUP: reloaded the TLS certificate \S+ \(fingerprint (\S+)\)")
+                    )[1]
+                    assert new_pin != old_pin
+
+                    (line,) = error_lines(
+                        await _refused_client(port, await free_port(), "--server-fingerprint", old_pin)
+                    )
+                    assert new_pin in line, line  # new links get the new certificate
+                    spec2 = f"web2={LOCALHOST}:0:{LOCALHOST}:{service.port}"
+                    flags2 = ["--server", f"{LOCALHOST}:{port}", "--server-fingerprint", new_pin, "-R", spec2]
+                    async with cli(nursery, "client", *flags2, "--name", "renewed", env=ENV) as new_client:
+                        public2 = int((await new_client.expect(rf"exposed web2 {HOSTPORT}"))[1])
+                        assert await http_get(public2, "/new") == ("HTTP/1.0 200 OK", b"hello from /new\n")
+                        new_client.interrupt()
+                        assert await new_client.wait() == 0
+                    # the link made before the reload is still the same one, and still serves
+                    assert await http_get(public, "/old") == ("HTTP/1.0 200 OK", b"hello from /old\n")
+                    assert "disconnected" not in " ".join(old_client.out.lines)
+                    old_client.interrupt()
+                    assert await old_client.wait() == 0
+                server.interrupt()
+                assert await server.wait() == 0
+            await service.stop()

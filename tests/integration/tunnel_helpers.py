@@ -457,6 +457,7 @@ class Cli:
         self.out = Stdout()
         self.err = bytearray()
         self.eof = trio.Event()
+        self._err_changed = trio.Event()
 
     async def _pump_stdout(self) -> None:
         assert self.process.stdout is not None
@@ -475,10 +476,20 @@ class Cli:
         with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
             while data := await self.process.stderr.receive_some(65536):
                 self.err += data
+                self._err_changed.set()
+                self._err_changed = trio.Event()
 
     @property
     def stderr(self) -> str:
         return self.err.decode(errors="replace")
+
+    async def expect_stderr(self, pattern: str) -> re.Match[str]:
+        """The first stderr line (so far or to come) in which ``pattern`` is found."""
+        while True:
+            for line in self.stderr.splitlines():
+                if m := re.search(pattern, line):
+                    return m
+            await self._err_changed.wait()
 
     async def expect(self, pattern: str) -> re.Match[str]:
         """The next stdout line that fully matches ``pattern``; fails if stdout ends first."""
