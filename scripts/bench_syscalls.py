@@ -80,15 +80,23 @@ def _parse_strace_summary(path: str) -> dict[str, int]:
     return counts
 
 
-async def measure(exe: str, echo_port: int, n: int) -> dict[str, int]:
+async def measure(exe: str, echo_port: int, n: int, link_mode: str = "tls") -> dict[str, int]:
+    """``link_mode``: ``tls`` (the default link, a throwaway key pinned by the client), ``plaintext``
+    (``--insecure-plaintext`` on both), or ``none`` (no link flags: a checkout from before TLS)."""
+    state_dir = tempfile.mkdtemp(prefix="bench-syscalls-")
+    server_flags = {"tls": ["--state-dir", state_dir], "plaintext": ["--insecure-plaintext"]}.get(link_mode, [])
+    client_flags = ["--insecure-plaintext"] if link_mode == "plaintext" else []
     server = await trio.lowlevel.open_process(
-        [exe, "server", "--listen", "127.0.0.1:0", "--token", TOKEN, "--allow-ports", "1024-65535"],
+        [exe, "server", "--listen", "127.0.0.1:0", "--token", TOKEN, "--allow-ports", "1024-65535", *server_flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
     client = None
     try:
         assert server.stdout is not None
+        if link_mode == "tls":
+            pin = await _line(server.stdout, r"fingerprint (\S+)")
+            client_flags = ["--server-fingerprint", pin.group(1)]
         link = await _line(server.stdout, r"listening (\S+):(\d+)")
         client = await trio.lowlevel.open_process(
             [
@@ -100,6 +108,7 @@ async def measure(exe: str, echo_port: int, n: int) -> dict[str, int]:
                 TOKEN,
                 "-R",
                 f"127.0.0.1:0:127.0.0.1:{echo_port}",
+                *client_flags,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -122,16 +131,17 @@ async def measure(exe: str, echo_port: int, n: int) -> dict[str, int]:
             if proc is not None:
                 proc.kill()
                 await proc.wait()
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
-async def main(exes: list[str], n: int) -> None:
+async def main(exes: list[str], n: int, link_mode: str) -> None:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     echo_port = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trio.serve_listeners, _echo, listeners)
         print(f"system calls per 64-byte round trip, server and client together ({n} round trips):")
         for exe in exes:
-            counts = await measure(exe, echo_port, n)
+            counts = await measure(exe, echo_port, n, link_mode)
             top = sorted(counts.items(), key=lambda kv: -kv[1])[:6]
             print(
                 f"  {exe}: total {sum(counts.values()) / n:.1f}; "
@@ -144,9 +154,15 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("exes", nargs="*", metavar="EXE", help="trio-tunnel executables (default: this checkout's)")
     ap.add_argument("--round-trips", type=int, default=1000, help="measured round trips (default 1000)")
+    ap.add_argument(
+        "--link",
+        choices=("tls", "plaintext", "none"),
+        default="tls",
+        help="the link: tls (default), plaintext (--insecure-plaintext), none (no flags: a checkout from before TLS)",
+    )
     args = ap.parse_args()
     if not shutil.which("strace"):
         sys.exit("bench_syscalls.py needs strace: apt-get install strace")
     default = REPO / ".venv" / "bin" / "trio-tunnel"
     exes = args.exes or [str(default) if os.access(default, os.X_OK) else "trio-tunnel"]
-    trio.run(main, exes, args.round_trips)
+    trio.run(main, exes, args.round_trips, args.link)

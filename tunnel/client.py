@@ -143,7 +143,7 @@ class _Client:
                 with trio.move_on_after(cfg.timeouts.handshake):
                     presented = await presented_fingerprint(cfg.server.host, cfg.server.port)
                 raise LinkSecurityError(_unverified(self.server, exc, presented)) from None
-            if "does not speak TLS" in str(exc):
+            if exc.plaintext_peer:
                 raise LinkSecurityError(
                     f"{exc}: the server at {self.server} runs without TLS (--insecure-plaintext); add "
                     "--insecure-plaintext to this client too, or remove it from the server"

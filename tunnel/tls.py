@@ -67,7 +67,10 @@ _PLAINTEXT_REASONS: Final = frozenset(
 
 class TlsHandshakeError(ssl.SSLError):
     """The TLS handshake failed. An :class:`ssl.SSLError` (so an ``OSError``, as connection failures are) with a
-    one-line message saying why; ``__cause__`` is the original error."""
+    one-line message saying why; ``__cause__`` is the original error. ``plaintext_peer`` is True when what came
+    back was not TLS at all (a peer that speaks plaintext)."""
+
+    plaintext_peer: bool = False
 
 
 # The helpers below catch "would block" outside the coroutines (see tcp.py on why): they return the data or the
@@ -130,7 +133,9 @@ def _handshake_error(exc: OSError, peer: str) -> TlsHandshakeError:
             why += " (both sides need TLS 1.3)"
     else:
         why = str(exc)
-    return TlsHandshakeError(f"TLS handshake with {peer} failed: {why}")
+    error = TlsHandshakeError(f"TLS handshake with {peer} failed: {why}")
+    error.plaintext_peer = isinstance(exc, ssl.SSLError) and (exc.reason or "") in _PLAINTEXT_REASONS
+    return error
 
 
 def _take_socket(transport: TcpStream | trio.SocketStream | socket.socket) -> socket.socket:

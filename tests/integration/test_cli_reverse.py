@@ -12,8 +12,8 @@ from tunnel_helpers import (
     CLI,
     LOCALHOST,
     TOKEN_TEXT,
-    Cli,
     cli,
+    error_lines,
     free_port,
     http_get,
     http_handler,
@@ -23,10 +23,6 @@ from tunnel_helpers import (
 
 ENV = {"TRIO_TUNNEL_TOKEN": TOKEN_TEXT}
 HOSTPORT = r"127\.0\.0\.1:(\d+)"
-
-
-def error_lines(proc: Cli) -> list[str]:
-    return [line for line in proc.stderr.splitlines() if line.startswith("trio-tunnel: error:")]
 
 
 @pytest.mark.parametrize("first", ["client", "server"], ids=["client stops first", "server stops first"])

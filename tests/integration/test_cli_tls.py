@@ -22,6 +22,7 @@ from tunnel_helpers import (
     TOKEN_TEXT,
     Cli,
     cli,
+    error_lines,
     free_port,
     http_get,
     http_handler,
@@ -32,10 +33,6 @@ from tunnel_helpers import (
 ENV = {"TRIO_TUNNEL_TOKEN": TOKEN_TEXT}
 HOSTPORT = r"127\.0\.0\.1:(\d+)"
 FINGERPRINT = r"fingerprint (sha256:[A-Za-z0-9+/]{43})"
-
-
-def error_lines(proc: Cli) -> list[str]:
-    return [line for line in proc.stderr.splitlines() if line.startswith("trio-tunnel: error:")]
 
 
 async def _refused_client(server_port: int, public: int, *flags: str) -> Cli:

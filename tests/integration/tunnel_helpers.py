@@ -517,6 +517,11 @@ class Cli:
         return code
 
 
+def error_lines(proc: Cli) -> list[str]:
+    """The CLI's error lines (``trio-tunnel: error: ...``) on a process's stderr."""
+    return [line for line in proc.stderr.splitlines() if line.startswith("trio-tunnel: error:")]
+
+
 def with_test_tls(args: Sequence[str]) -> list[str]:
     """A ``server`` or ``client`` command line with the run's test identity added (``--state-dir`` for the
     server, ``--server-fingerprint`` for the client), unless it chooses its own TLS settings or plaintext. A
