@@ -30,6 +30,8 @@ import trio
 from trio_tunnel.certs import default_state_dir, fingerprint_of_pem_file
 from trio_tunnel.client import run_client
 from trio_tunnel.config import (
+    DEFAULT_SERVER_PORT,
+    BindAllowlist,
     ClientConfig,
     LocalSpec,
     MapConfig,
@@ -117,11 +119,16 @@ def _plan(args: argparse.Namespace, environ: Mapping[str, str]) -> _Plan:
             config_file=args.config,
             listen=None
             if args.listen is None
-            else _flag("--listen", lambda t: parse_hostport(t, default_host="0.0.0.0"), args.listen),
+            else _flag(
+                "--listen",
+                lambda t: parse_hostport(t, default_host="0.0.0.0", default_port=DEFAULT_SERVER_PORT),
+                args.listen,
+            ),
             tokens=_tokens_from(args, environ),
             insecure_no_auth=args.insecure_no_auth,
             allow_ports=None if args.allow_ports is None else _flag("--allow-ports", PortSet.parse, args.allow_ports),
             allow_targets=None if targets is None else _flag("--allow-target", TargetAllowlist.parse, targets),
+            allow_bind=None if args.allow_bind is None else _flag("--allow-bind", BindAllowlist.parse, args.allow_bind),
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             state_dir=args.state_dir,
@@ -139,7 +146,11 @@ def _plan(args: argparse.Namespace, environ: Mapping[str, str]) -> _Plan:
             config_file=args.config,
             server=None
             if args.server is None
-            else _flag("--server", lambda t: parse_hostport(t, allow_zero=False), args.server),
+            else _flag(
+                "--server",
+                lambda t: parse_hostport(t, allow_zero=False, default_port=DEFAULT_SERVER_PORT),
+                args.server,
+            ),
             tokens=_tokens_from(args, environ),
             name=args.name,
             remotes=[RemoteSpec.parse(text) for text in args.remotes],
@@ -147,6 +158,7 @@ def _plan(args: argparse.Namespace, environ: Mapping[str, str]) -> _Plan:
             server_fingerprint=_split_commas(args.server_fingerprint),
             tls_ca=args.tls_ca,
             insecure_plaintext=args.insecure_plaintext,
+            exit_on_refusal=args.exit_on_refusal,
         )
         return _Plan(command, partial(run_client, client), client.timeouts.drain, client)
     if command == "map":

@@ -25,8 +25,10 @@ import attrs
 import trio
 from trio_tunnel.proto import ErrorCode
 
+from . import notify
 from .certs import PinMismatchError
 from .config import ClientConfig, HostPort, LocalSpec, RemoteSpec
+from .config.binds import bind_name_warnings
 from .console import announce, format_hostport
 from .dial import DialError, dial
 from .errors import HandshakeError, LinkSecurityError, NameTakenError, RequestError, SessionClosedError
@@ -34,6 +36,7 @@ from .handlers import FORWARD_WORDS, Destination, Meta, Traffic
 from .lifecycle import Shutdown
 from .link import PLAINTEXT_REFUSED, ClientTls, presented_fingerprint, secure_client_link
 from .mux import MuxStream, Role, Session, open_session, unwrap_group
+from .refusal import ServiceRefusedError, can_heal, reason_word
 from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
 from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, session_config
@@ -82,8 +85,13 @@ class _Client:
     exposed: dict[str, HostPort] = attrs.field(factory=dict)
     """Service name -> the public address the server bound for it on the current link."""
     tls: ClientTls | None = attrs.field(init=False)
+    refused: dict[str, str] = attrs.field(factory=dict)
+    """Service name -> the reason of its last ``refused`` line on the current link (a retry prints no repeat)."""
+    ready_sent: bool = False
 
     def __attrs_post_init__(self) -> None:
+        for warning in bind_name_warnings(self.config.remotes):
+            logger.warning("%s", warning)
         self.tls = client_tls(self.config)
         self.services = {spec.name: spec for spec in self.config.remotes}
         self.server = format_hostport(self.config.server.host, self.config.server.port)
@@ -194,7 +202,7 @@ class _Client:
     async def _serve_link(self, session: Session) -> str:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.traffic.accept_streams, session, nursery, self._route, self.config.timeouts.connect)
-            await self._register(session)
+            await self._register(session, nursery)
             self._set_session(session)
             self._started()
             with trio.CancelScope() as watch:
@@ -222,28 +230,82 @@ class _Client:
         with trio.move_on_after(self.shutdown.drain_timeout):
             await self.traffic.drained()
 
-    async def _register(self, session: Session) -> None:
+    async def _register(self, session: Session, nursery: trio.Nursery) -> None:
         self.exposed.clear()
+        self.refused.clear()
         for spec in self.services.values():
             try:
-                reply = await session.request(
-                    EXPOSE, {"name": spec.name, "bind": spec.bind_host, "port": spec.bind_port}
-                )
-            except RequestError as exc:
-                logger.error("the server refused to expose %s: %s", spec.name, exc)
-                continue
+                code = await self._expose(session, spec)
             except SessionClosedError:
                 return
-            bound = HostPort(host=str(reply["host"]), port=int(reply["port"]))
-            self.exposed[spec.name] = bound
-            address = format_hostport(bound.host, bound.port)
-            announce(f"exposed {spec.name} {address}")
-            logger.info(
-                "exposed %s (local %s) on the server at %s",
-                spec.name,
-                format_hostport(spec.target_host, spec.target_port),
-                address,
-            )
+            if code is not None and can_heal(code):
+                nursery.start_soon(self._retry_expose, session, spec)
+        self._maybe_ready()
+
+    async def _retry_expose(self, session: Session, spec: RemoteSpec) -> None:
+        """Ask again for a service whose refusal may heal (its port in use), with the reconnect backoff, until the
+        server binds it, refuses it for good, or the link ends (the next link asks afresh)."""
+        cfg = self.config.timeouts
+        backoff = Backoff(cfg.reconnect_initial, cfg.reconnect_max, cfg.reconnect_jitter, self.rng)
+        while True:
+            delay = backoff.next_delay()
+            logger.info("asking the server again to expose %s in %.1f s", spec.name, delay)
+            with trio.move_on_after(delay):
+                await self.shutdown.requested.wait()
+            if self.shutdown.requested.is_set():
+                return
+            try:
+                code = await self._expose(session, spec)
+            except SessionClosedError:
+                return
+            if code is None or not can_heal(code):
+                self._maybe_ready()
+                return
+
+    def _maybe_ready(self) -> None:
+        """READY=1 for systemd once every service is exposed (at once for a client without -R)."""
+        if not self.ready_sent and len(self.exposed) == len(self.services):
+            self.ready_sent = True
+            notify.ready()
+
+    def _refused(self, spec: RemoteSpec, exc: RequestError) -> None:
+        """A refusal: ``refused NAME REASON`` once per reason and link, and the end of the run if so configured."""
+        reason = reason_word(exc.code)
+        if self.refused.get(spec.name) != reason:
+            self.refused[spec.name] = reason
+            announce(f"refused {spec.name} {reason}")
+            retry = " (asking again with the reconnect backoff)" if can_heal(exc.code) else ""
+            logger.error("the server refused to expose %s: %s%s", spec.name, exc, retry)
+        else:
+            logger.info("the server still refuses to expose %s: %s", spec.name, exc)
+        if self.config.exit_on_refusal:
+            message = exc.body.get("message") if isinstance(exc.body, dict) else exc.body
+            raise ServiceRefusedError(spec.name, exc.code, str(message or ""))
+
+    async def _expose(self, session: Session, spec: RemoteSpec) -> int | None:
+        """One EXPOSE request: None when the server bound the service, else its refusal's error code.
+
+        Raises:
+            SessionClosedError: the link ended meanwhile.
+            ServiceRefusedError: a refusal with ``exit_on_refusal``.
+        """
+        try:
+            reply = await session.request(EXPOSE, {"name": spec.name, "bind": spec.bind_host, "port": spec.bind_port})
+        except RequestError as exc:
+            self._refused(spec, exc)
+            return exc.code
+        self.refused.pop(spec.name, None)
+        bound = HostPort(host=str(reply["host"]), port=int(reply["port"]))
+        self.exposed[spec.name] = bound
+        address = format_hostport(bound.host, bound.port)
+        announce(f"exposed {spec.name} {address}")
+        logger.info(
+            "exposed %s (local %s) on the server at %s",
+            spec.name,
+            format_hostport(spec.target_host, spec.target_port),
+            address,
+        )
+        return None
 
     # ---------------------------------------------------------------------------------------- reverse (-R)
 

@@ -2,12 +2,14 @@
 
 Logs go to stderr; stdout carries only these lines (documented in README, "Lifecycle lines"):
 ``listening HOST:PORT``, ``connected HOST:PORT``, ``exposed NAME HOST:PORT``, ``forwarding NAME HOST:PORT``,
-``disconnected REASON``.
+``disconnected REASON``, ``refused NAME REASON``. Under systemd each line is also the unit's ``STATUS=``.
 """
 
 from __future__ import annotations
 
 import sys
+
+from . import notify
 
 __all__ = ["announce", "format_hostport"]
 
@@ -21,3 +23,4 @@ def announce(line: str) -> None:
     """Print one lifecycle line to stdout and flush it."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+    notify.status(line)

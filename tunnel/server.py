@@ -27,8 +27,10 @@ import attrs
 import trio
 from trio_tunnel.proto import ErrorCode
 
+from . import notify
 from .certs import default_state_dir
-from .config import HostPort, ServerConfig
+from .config import BindAllowlist, HostPort, ServerConfig
+from .config.binds import bind_refusal
 from .console import announce, format_hostport
 from .dial import peer_address
 from .errors import ConfigError, HandshakeError, SessionClosedError
@@ -82,6 +84,11 @@ class _Server:
     links: dict[str, _Link] = attrs.field(factory=dict)
     last_ports: dict[tuple[str, str], int] = attrs.field(factory=dict)
     """(client, service) -> the port it had last, so a service exposed on port 0 keeps its port across reconnects."""
+    allow_bind: BindAllowlist = attrs.field(init=False)
+    """The bind addresses clients may ask for (the default resolved against our listening address)."""
+
+    def __attrs_post_init__(self) -> None:
+        self.allow_bind = self.config.allow_bind.effective(self.config.listen.host)
 
     # ---------------------------------------------------------------------------------------------- links
 
@@ -223,10 +230,15 @@ class _Server:
                 {"message": f"port {port} is not allowed by the server (--allow-ports {self.config.allow_ports})"},
             )
             return
+        if not self.allow_bind.allows(bind):
+            logger.warning("client %r: refused to expose %s on %r: not in --allow-bind", link.name, name, bind)
+            request.reply_error(ErrorCode.PROHIBITED, {"message": bind_refusal(bind, self.allow_bind)})
+            return
         try:
             listeners = await self._bind(bind, port, self.last_ports.get((link.name, name)))
         except OSError as exc:
-            request.reply_error(ErrorCode.CONNECT_FAILED, {"message": _bind_error(bind, port, exc)})
+            code = ErrorCode.ADDRESS_IN_USE if exc.errno == errno.EADDRINUSE else ErrorCode.CONNECT_FAILED
+            request.reply_error(code, {"message": _bind_error(bind, port, exc)})
             return
         host, bound = listeners[0].socket.getsockname()[:2]
         self._remember(link.name, name, int(bound))
@@ -414,6 +426,7 @@ async def run_server(
             )  # links have PING
             if config.tls_cert is not None and config.tls_key is not None:
                 acceptor.start_soon(server.reload_tls_on_sighup)
+            notify.ready()
             task_status.started(addresses[0])
             await shutdown.requested.wait()
             acceptor.cancel_scope.cancel(reason="shutting down: no new links")

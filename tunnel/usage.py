@@ -75,7 +75,8 @@ examples:
   trio-tunnel client --config ~/.config/trio-tunnel.toml
 
 spec syntax (-R and -L): [NAME=][bind_address:]port:host:hostport; IPv6 in brackets, e.g. [::1]:8080.
-stdout: 'connected HOST:PORT', 'exposed NAME HOST:PORT', 'forwarding NAME HOST:PORT', 'disconnected REASON'."""
+stdout: 'connected HOST:PORT', 'exposed NAME HOST:PORT', 'forwarding NAME HOST:PORT', 'disconnected REASON',
+'refused NAME REASON' (e.g. address_in_use, retried with the reconnect backoff; prohibited)."""
 
 _MAP_EPILOG = """\
 examples:
@@ -166,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_SERVER_EPILOG,
         formatter_class=formatter,
     )
-    server.add_argument("--listen", metavar="HOST:PORT", help="where clients connect (default 0.0.0.0:7835)")
+    server.add_argument(
+        "--listen", metavar="HOST:PORT", help="where clients connect (default 0.0.0.0:7835; HOST alone: port 7835)"
+    )
     _add_token_options(server)
     server.add_argument(
         "--insecure-no-auth",
@@ -185,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="where -L clients may reach, e.g. 10.0.0.0/8:22,db.internal:5432,127.0.0.1:* "
         "(repeatable; default: nowhere)",
+    )
+    server.add_argument(
+        "--allow-bind",
+        action="append",
+        metavar="ADDRS",
+        help="addresses clients may ask the server to listen on for -R, e.g. 0.0.0.0,192.0.2.7 or '*' for any "
+        "(repeatable; default: 0.0.0.0, :: and the --listen address)",
     )
     tls = server.add_argument_group("TLS on the link (on by default)")
     tls.add_argument(
@@ -220,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_CLIENT_EPILOG,
         formatter_class=formatter,
     )
-    client.add_argument("--server", metavar="HOST:PORT", help="the server to connect to")
+    client.add_argument("--server", metavar="HOST:PORT", help="the server to connect to (HOST alone: port 7835)")
     _add_token_options(client)
     client.add_argument("--name", metavar="NAME", help="this client's identity (default: the host name)")
     client.add_argument(
@@ -238,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="locals",
         metavar="SPEC",
         help="forward a local port to a target the server dials: [NAME=][bind_address:]port:host:hostport (repeatable)",
+    )
+    client.add_argument(
+        "--exit-on-refusal",
+        action="store_true",
+        default=None,
+        help="exit 1 when the server refuses a service (default: retry a port in use, carry on without others)",
     )
     tls = client.add_argument_group("TLS on the link (on by default)")
     tls.add_argument(

@@ -545,7 +545,7 @@ def test_toml_unknown_key_suggests_the_closest(tmp_path: Path) -> None:
         ("[sever]\n", "sever: unknown table; did you mean [server]?"),
         ("[server.timeouts]\nhandshak = 3\n", "server.timeouts.handshak: unknown key; did you mean 'handshake'?"),
         ("[client]\n", "no [server] table in this file"),
-        ("[server]\nlisten = 'nope'\n", "server.listen: invalid address 'nope': missing ':PORT'"),
+        ("[server]\nlisten = 'nope:'\n", "server.listen: invalid address 'nope:': the port is missing"),
         ("[server]\nlisten = true\n", 'server.listen: expected "HOST:PORT", got the boolean true'),
         ("[server]\ntokens = 'abc'\n", "server.tokens: expected a list of strings, got 'abc'"),
         ("[server]\ntoken = ' '\n", "server.token: "),

@@ -92,8 +92,11 @@ class HostPort:
         return cls(host=hp.host, port=hp.port)
 
 
-def parse_hostport(text: str, *, default_host: str = "127.0.0.1", allow_zero: bool = True) -> HostPort:
-    """Parse ``HOST:PORT``, ``[IPv6]:PORT``, ``:PORT`` or ``PORT`` (the last two use ``default_host``).
+def parse_hostport(
+    text: str, *, default_host: str = "127.0.0.1", allow_zero: bool = True, default_port: int | None = None
+) -> HostPort:
+    """Parse ``HOST:PORT``, ``[IPv6]:PORT``, ``:PORT`` or ``PORT`` (the last two use ``default_host``); with a
+    ``default_port``, also ``HOST`` and ``[IPv6]`` alone.
 
     Raises:
         ConfigError: the message shows ``text`` and the expected syntax.
@@ -108,9 +111,12 @@ def parse_hostport(text: str, *, default_host: str = "127.0.0.1", allow_zero: bo
             host, rest = text[1:end], text[end + 1 :]
             if ":" not in host:
                 raise ValueError("brackets are only for IPv6 addresses")
-            if not rest.startswith(":"):
+            if not rest and default_port is not None:
+                port_text = str(default_port)
+            elif not rest.startswith(":"):
                 raise ValueError("expected ':PORT' after ']'")
-            port_text = rest[1:]
+            else:
+                port_text = rest[1:]
         elif text.count(":") > 1:
             raise ValueError("an IPv6 address must be written in brackets, e.g. '[::1]:8080'")
         elif ":" in text:
@@ -118,6 +124,8 @@ def parse_hostport(text: str, *, default_host: str = "127.0.0.1", allow_zero: bo
             host = host or default_host
         elif _PORT_RE.fullmatch(text) or not text:
             host, port_text = default_host, text
+        elif default_port is not None:
+            host, port_text = text, str(default_port)
         else:
             raise ValueError("missing ':PORT'")
         problem = _host_problem(host)
@@ -130,7 +138,13 @@ def parse_hostport(text: str, *, default_host: str = "127.0.0.1", allow_zero: bo
 
 
 def hostport_key(
-    *, default_host: str, allow_zero: bool, name: str | None = None, spread: tuple[str, str] | None = None, **kw: Any
+    *,
+    default_host: str,
+    allow_zero: bool,
+    name: str | None = None,
+    spread: tuple[str, str] | None = None,
+    default_port: int | None = None,
+    **kw: Any,
 ) -> dict[str, Any]:
     """Field metadata: a ``"HOST:PORT"`` (or bare port number) TOML key, parsed as :func:`parse_hostport` does."""
 
@@ -139,7 +153,7 @@ def hostport_key(
             value = str(value)
         if not isinstance(value, str):
             raise ValueError(f'expected "HOST:PORT", got {describe(value)}')
-        return parse_hostport(value, default_host=default_host, allow_zero=allow_zero)
+        return parse_hostport(value, default_host=default_host, allow_zero=allow_zero, default_port=default_port)
 
     return toml(name=name, parse=parse, spread=spread, **kw)
 

@@ -22,6 +22,7 @@ from trio_tunnel.certs import parse_fingerprint
 from trio_tunnel.errors import ConfigError
 
 from .addresses import DEFAULT_SERVER_PORT, HostPort, LocalSpec, RemoteSpec, hostport_key
+from .binds import BIND_KEY, BindAllowlist
 from .fields import BOOLEAN, FRACTION, build, count, dedupe, describe, seconds, to_tuple, toml
 from .policy import PORTS_KEY, TARGETS_KEY, PortSet, TargetAllowlist
 from .tokens import _TOKEN_HINT, CLIENT_NAME, default_client_name, logger
@@ -117,9 +118,9 @@ class ServerConfig:
 
     listen: HostPort = attrs.field(
         factory=lambda: HostPort(host="0.0.0.0", port=DEFAULT_SERVER_PORT),
-        metadata=hostport_key(default_host="0.0.0.0", allow_zero=True),
+        metadata=hostport_key(default_host="0.0.0.0", allow_zero=True, default_port=DEFAULT_SERVER_PORT),
     )
-    """Where clients connect; default 0.0.0.0:7835."""
+    """Where clients connect; default 0.0.0.0:7835 (a host alone: port 7835)."""
     tokens: tuple[bytes, ...] = attrs.field(
         default=(), converter=to_tuple, validator=_tokens_rule, metadata=toml(read=read_tokens, **_TOKEN_KEYS)
     )
@@ -131,6 +132,8 @@ class ServerConfig:
     """Ports clients may expose; default 1024-65535, and 0 ("pick one")."""
     allow_targets: TargetAllowlist = attrs.field(factory=TargetAllowlist, metadata=TARGETS_KEY)
     """Where -L clients may make the server dial; default nowhere."""
+    allow_bind: BindAllowlist = attrs.field(factory=BindAllowlist, metadata=BIND_KEY)
+    """Bind addresses clients may ask for; default (empty) 0.0.0.0, :: and ``listen``'s host; ``*`` any."""
     max_streams_per_client: int = count(256)
     """Concurrent streams one client session may have open."""
     max_connections_per_service: int = count(1024)
@@ -164,6 +167,7 @@ class ServerConfig:
         insecure_no_auth: bool | None = None,
         allow_ports: PortSet | None = None,
         allow_targets: TargetAllowlist | None = None,
+        allow_bind: BindAllowlist | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
         state_dir: str | None = None,
@@ -184,6 +188,7 @@ class ServerConfig:
                     "insecure_no_auth": insecure_no_auth,
                     "allow_ports": allow_ports,
                     "allow_targets": allow_targets,
+                    "allow_bind": allow_bind,
                     "tls_cert": tls_cert,
                     "tls_key": tls_key,
                     "state_dir": state_dir,
@@ -218,8 +223,10 @@ class ServerConfig:
 class ClientConfig:
     """``trio-tunnel client`` (``[client]``)."""
 
-    server: HostPort = attrs.field(metadata=hostport_key(default_host="127.0.0.1", allow_zero=False))
-    """The server to dial."""
+    server: HostPort = attrs.field(
+        metadata=hostport_key(default_host="127.0.0.1", allow_zero=False, default_port=DEFAULT_SERVER_PORT)
+    )
+    """The server to dial (a host alone: port 7835)."""
     name: str = CLIENT_NAME.field(factory=default_client_name, metadata=toml(rule=CLIENT_NAME))
     """The client's identity: a reconnecting client with the same name takes over its stale predecessor."""
     token: bytes | None = attrs.field(default=None, metadata=toml(read=_first_token, **_TOKEN_KEYS))
@@ -242,6 +249,8 @@ class ClientConfig:
     """CA certificates (PEM) to verify the server's certificate with, instead of the system's store."""
     insecure_plaintext: bool = BOOLEAN.field(default=False, metadata=toml(rule=BOOLEAN))
     """No TLS on the link (the server must say so too): every byte crosses the network readable and changeable."""
+    exit_on_refusal: bool = BOOLEAN.field(default=False, metadata=toml(rule=BOOLEAN))
+    """End the client (exit 1) when the server refuses a service, instead of retrying or carrying on without it."""
 
     def __attrs_post_init__(self) -> None:
         if self.server.port == 0:
@@ -267,6 +276,7 @@ class ClientConfig:
         server_fingerprint: Sequence[str] | None = None,
         tls_ca: str | None = None,
         insecure_plaintext: bool | None = None,
+        exit_on_refusal: bool | None = None,
     ) -> Self:
         """The config file (if any) merged with command-line values.
 
@@ -288,7 +298,9 @@ class ClientConfig:
                 fields["server_fingerprint"] = _fingerprints(list(server_fingerprint))
             except ValueError as exc:
                 raise ConfigError(f"--server-fingerprint: {exc}") from None
-        fields.update(_given({"tls_ca": tls_ca, "insecure_plaintext": insecure_plaintext}))
+        fields.update(
+            _given({"tls_ca": tls_ca, "insecure_plaintext": insecure_plaintext, "exit_on_refusal": exit_on_refusal})
+        )
         if fields.get("insecure_plaintext") and (fields.get("server_fingerprint") or fields.get("tls_ca")):
             raise ConfigError(
                 "--insecure-plaintext turns TLS off, so --server-fingerprint/--tls-ca would not be checked; "
