@@ -29,6 +29,7 @@ import attrs
 import trio
 from trio_tunnel.certs import default_state_dir, fingerprint_of_pem_file
 from trio_tunnel.client import run_client
+from trio_tunnel.completion import script as completion_script
 from trio_tunnel.config import (
     DEFAULT_SERVER_PORT,
     BindAllowlist,
@@ -358,6 +359,9 @@ def _run_cli(argv: Sequence[str] | None, environ: Mapping[str, str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command == "completion":
+        sys.stdout.write(completion_script(args.shell, parser))
+        return EXIT_OK
     verbosity = (
         args.verbose_global
         + getattr(args, "verbose_command", 0)

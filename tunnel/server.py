@@ -108,14 +108,18 @@ class _Server:
         await trio.aclose_forcefully(transport)
         return None
 
-    async def reload_tls_on_sighup(self) -> None:
+    async def reload_tls_on_sighup(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Re-read --tls-cert/--tls-key on SIGHUP (a renewed certificate needs no restart). New links use the new
         files; live links keep theirs. Files that cannot be used change nothing: the old ones stay, with one log
-        line saying why."""
+        line saying why. Without such files SIGHUP only says so: the signal's default action would end the server,
+        and ``systemctl reload`` (the unit's ExecReload) must never do that."""
         cfg = self.config
-        assert cfg.tls_cert is not None and cfg.tls_key is not None
         with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            task_status.started()  # from here on a SIGHUP is ours (READY=1 waits for this)
             async for _ in signals:
+                if cfg.tls_cert is None or cfg.tls_key is None:
+                    logger.info("SIGHUP: nothing to reload (only --tls-cert/--tls-key files are re-read)")
+                    continue
                 try:
                     tls = ServerTls.from_files(cfg.tls_cert, cfg.tls_key)
                 except (ConfigError, OSError) as exc:
@@ -424,8 +428,7 @@ async def run_server(
             acceptor.start_soon(
                 partial(serve_tcp, server.handle_link, listeners, handler_nursery=handlers, keepalive=False)
             )  # links have PING
-            if config.tls_cert is not None and config.tls_key is not None:
-                acceptor.start_soon(server.reload_tls_on_sighup)
+            await acceptor.start(server.reload_tls_on_sighup)
             notify.ready()
             task_status.started(addresses[0])
             await shutdown.requested.wait()

@@ -9,6 +9,7 @@ import argparse
 from typing import Any, Final, NoReturn
 
 from trio_tunnel import __version__
+from trio_tunnel.completion import SHELLS
 
 __all__ = ["EXIT_USAGE", "PROG", "TOKEN_ENV", "build_parser"]
 
@@ -92,6 +93,13 @@ _DEMO_EPILOG = """\
 examples:
   trio-tunnel demo          # keeps running until Ctrl+C, so you can try the printed URL yourself
   trio-tunnel demo --once   # exit after the check (0 when the page came through)"""
+
+
+_COMPLETION_EPILOG = """\
+examples:
+  source <(trio-tunnel completion bash)      # this shell only; add the line to ~/.bashrc to keep it
+  trio-tunnel completion bash > ~/.local/share/bash-completion/completions/trio-tunnel
+  trio-tunnel completion zsh > "${fpath[1]}/_trio-tunnel"   # then start a new zsh (compinit)"""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -300,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--once", action="store_true", help="exit after the check instead of running until Ctrl+C")
     _add_logging_options(demo, suffix="command")
+
+    completion = commands.add_parser(
+        "completion",
+        help="print a shell completion script for bash or zsh",
+        description="Print a completion script for SHELL, made from this version's options.",
+        epilog=_COMPLETION_EPILOG,
+        formatter_class=formatter,
+    )
+    completion.add_argument("shell", choices=SHELLS, help="bash or zsh")
     return parser
 
 
