@@ -123,3 +123,12 @@ def test_toml_server_alone_takes_the_default_port(tmp_path: Path) -> None:
     assert (config.server.host, config.server.port) == ("tunnel.example.com", 7835)
     assert config.exit_on_refusal
     assert not ClientConfig.from_sources(config_file=path, exit_on_refusal=False).exit_on_refusal
+
+
+def test_the_documented_address_in_use_reply_vector() -> None:
+    """docs/PROTOCOL.md, section 9: the CTRL_REPLY refusing a port in use."""
+    from trio_tunnel.proto.frames import CtrlReply, encode
+
+    vector = "00 05 00 00 00 10 94 0b 00 01 16 81 a7 6d 65 73 73 61 67 65 a6 69 6e 20 75 73 65"
+    assert encode(CtrlReply(1, ErrorCode.ADDRESS_IN_USE, {"message": "in use"})) == bytes.fromhex(vector)
+    assert vector in (Path(__file__).parents[2] / "docs" / "PROTOCOL.md").read_text()
