@@ -27,6 +27,7 @@ from typing import Any, Final, NoReturn, Protocol, cast
 
 import attrs
 import trio
+from trio_tunnel import notify
 from trio_tunnel.certs import default_state_dir, fingerprint_of_pem_file
 from trio_tunnel.client import run_client
 from trio_tunnel.completion import script as completion_script
@@ -222,6 +223,7 @@ async def _watch_signals(
                     shutdown.drain_timeout,
                 )
                 shutdown.request()
+                notify.stopping()
                 cancel_scope.deadline = min(
                     cancel_scope.deadline, trio.current_time() + shutdown.drain_timeout + DRAIN_GRACE
                 )

@@ -22,7 +22,7 @@ _DESCRIPTION = """\
 Expose services behind NAT through a public server over one multiplexed TCP link (like ssh -R, frp or rathole),
 forward local ports to targets reachable from the server (like ssh -L), or relay one port to another (map).
 
-stdout carries one lifecycle line per event (listening, connected, exposed, forwarding, disconnected);
+stdout carries one lifecycle line per event (listening, connected, exposed, forwarding, disconnected, refused);
 logs go to stderr."""
 
 _MAIN_EPILOG = """\

@@ -60,6 +60,7 @@ async def test_server_and_client_under_a_service_manager(tmp_path: Path) -> None
                     assert datagrams[ready - 1] == f"STATUS=exposed web 0.0.0.0:{public}"
                     assert await http_get(public, "/") == ("HTTP/1.0 200 OK", b"hello from /\n")
                     client.interrupt()
+                    await _wait_for(datagrams, changed, "STOPPING=1")  # the drain has begun
                     assert await client.wait() == 0
                 assert server.process.returncode is None  # the SIGHUP did not end it
                 server.interrupt()
