@@ -132,3 +132,19 @@ def test_the_documented_address_in_use_reply_vector() -> None:
     vector = "00 05 00 00 00 10 94 0b 00 01 16 81 a7 6d 65 73 73 61 67 65 a6 69 6e 20 75 73 65"
     assert encode(CtrlReply(1, ErrorCode.ADDRESS_IN_USE, {"message": "in use"})) == bytes.fromhex(vector)
     assert vector in (Path(__file__).parents[2] / "docs" / "PROTOCOL.md").read_text()
+
+
+def test_the_command_line_takes_a_host_alone_and_the_new_flags() -> None:
+    from trio_tunnel.cli import _plan
+    from trio_tunnel.usage import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["client", "--server", "tunnel.example.com", "-R", "9000:h:80", "--exit-on-refusal"])
+    client = _plan(args, {"TRIO_TUNNEL_TOKEN": "0123456789abcdef0123"}).config
+    assert isinstance(client, ClientConfig)
+    assert (client.server.host, client.server.port, client.exit_on_refusal) == ("tunnel.example.com", 7835, True)
+    args = parser.parse_args(["server", "--listen", "192.0.2.7", "--allow-bind", "192.0.2.7", "--allow-bind", "::1"])
+    server = _plan(args, {"TRIO_TUNNEL_TOKEN": "0123456789abcdef0123"}).config
+    assert isinstance(server, ServerConfig)
+    assert (server.listen.host, server.listen.port) == ("192.0.2.7", 7835)
+    assert server.allow_bind.hosts == ("192.0.2.7", "::1")
