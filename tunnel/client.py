@@ -36,7 +36,7 @@ from .handlers import FORWARD_WORDS, Destination, Meta, Traffic
 from .lifecycle import Shutdown
 from .link import PLAINTEXT_REFUSED, ClientTls, presented_fingerprint, secure_client_link
 from .mux import MuxStream, Role, Session, open_session, unwrap_group
-from .refusal import ServiceRefusedError, can_heal, reason_word
+from .refusal import Refusals, can_heal
 from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
 from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, session_config
@@ -85,14 +85,14 @@ class _Client:
     exposed: dict[str, HostPort] = attrs.field(factory=dict)
     """Service name -> the public address the server bound for it on the current link."""
     tls: ClientTls | None = attrs.field(init=False)
-    refused: dict[str, str] = attrs.field(factory=dict)
-    """Service name -> the reason of its last ``refused`` line on the current link (a retry prints no repeat)."""
+    refusals: Refusals = attrs.field(init=False)
     ready_sent: bool = False
 
     def __attrs_post_init__(self) -> None:
         for warning in bind_name_warnings(self.config.remotes):
             logger.warning("%s", warning)
         self.tls = client_tls(self.config)
+        self.refusals = Refusals(self.config.exit_on_refusal, logger)
         self.services = {spec.name: spec for spec in self.config.remotes}
         self.server = format_hostport(self.config.server.host, self.config.server.port)
         self.destinations = {
@@ -232,7 +232,7 @@ class _Client:
 
     async def _register(self, session: Session, nursery: trio.Nursery) -> None:
         self.exposed.clear()
-        self.refused.clear()
+        self.refusals.new_link()
         for spec in self.services.values():
             try:
                 code = await self._expose(session, spec)
@@ -268,20 +268,6 @@ class _Client:
             self.ready_sent = True
             notify.ready()
 
-    def _refused(self, spec: RemoteSpec, exc: RequestError) -> None:
-        """A refusal: ``refused NAME REASON`` once per reason and link, and the end of the run if so configured."""
-        reason = reason_word(exc.code)
-        if self.refused.get(spec.name) != reason:
-            self.refused[spec.name] = reason
-            announce(f"refused {spec.name} {reason}")
-            retry = " (asking again with the reconnect backoff)" if can_heal(exc.code) else ""
-            logger.error("the server refused to expose %s: %s%s", spec.name, exc, retry)
-        else:
-            logger.info("the server still refuses to expose %s: %s", spec.name, exc)
-        if self.config.exit_on_refusal:
-            message = exc.body.get("message") if isinstance(exc.body, dict) else exc.body
-            raise ServiceRefusedError(spec.name, exc.code, str(message or ""))
-
     async def _expose(self, session: Session, spec: RemoteSpec) -> int | None:
         """One EXPOSE request: None when the server bound the service, else its refusal's error code.
 
@@ -292,9 +278,9 @@ class _Client:
         try:
             reply = await session.request(EXPOSE, {"name": spec.name, "bind": spec.bind_host, "port": spec.bind_port})
         except RequestError as exc:
-            self._refused(spec, exc)
+            self.refusals.refused(spec.name, exc)
             return exc.code
-        self.refused.pop(spec.name, None)
+        self.refusals.exposed(spec.name)
         bound = HostPort(host=str(reply["host"]), port=int(reply["port"]))
         self.exposed[spec.name] = bound
         address = format_hostport(bound.host, bound.port)
@@ -398,6 +384,7 @@ async def run_client(
 
     Raises:
         HandshakeError: the server refused the token or speaks an incompatible version (retrying cannot help).
+        ServiceRefusedError: the server refused a service and ``config.exit_on_refusal`` is set.
         OSError: a ``-L`` listener cannot be bound.
     """
     try:
