@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import random
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import ClassVar, Final
 
@@ -30,13 +30,15 @@ from .config import ClientConfig, HostPort, LocalSpec, RemoteSpec
 from .console import announce, format_hostport
 from .dial import DialError, dial
 from .errors import HandshakeError, LinkSecurityError, NameTakenError, RequestError, SessionClosedError
+from .forwards import ForwardSet, ForwardSlot
 from .handlers import FORWARD_WORDS, Destination, Meta, Traffic
 from .lifecycle import Shutdown
 from .link import PLAINTEXT_REFUSED, ClientTls, presented_fingerprint, secure_client_link
 from .mux import MuxStream, Role, Session, open_session, unwrap_group
+from .reload import reload_on_signals, sighup_receiver
 from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
-from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, session_config
+from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, UNEXPOSE, session_config
 
 __all__ = ["Backoff", "run_client"]
 
@@ -82,15 +84,27 @@ class _Client:
     exposed: dict[str, HostPort] = attrs.field(factory=dict)
     """Service name -> the public address the server bound for it on the current link."""
     tls: ClientTls | None = attrs.field(init=False)
+    registry: trio.Lock = attrs.field(factory=trio.Lock)
+    """Held while services are registered on a new link or changed by a reload: one at a time."""
+    relink_pending: bool = False
+    """A reload changed the link's settings: the current link (if any) ends and a new one starts at once."""
+    link_watch: trio.CancelScope | None = None
 
     def __attrs_post_init__(self) -> None:
-        self.tls = client_tls(self.config)
-        self.services = {spec.name: spec for spec in self.config.remotes}
-        self.server = format_hostport(self.config.server.host, self.config.server.port)
-        self.destinations = {
-            spec.name: Destination(spec.target_host, spec.target_port, spec.name, "local service")
-            for spec in self.config.remotes
-        }
+        self.set_config(self.config, client_tls(self.config))
+
+    def set_config(self, config: ClientConfig, tls: ClientTls | None) -> None:
+        """Take ``config`` (at start, and when a reload commits): the next link, registration and dial use it."""
+        self.config, self.tls = config, tls
+        self.services = {spec.name: spec for spec in config.remotes}
+        self.server = format_hostport(config.server.host, config.server.port)
+        self.destinations = {spec.name: destination(spec) for spec in config.remotes}
+
+    def relink(self) -> None:
+        """End the current link (its connections too) and make a new one with the current config at once."""
+        self.relink_pending = True
+        if self.link_watch is not None:
+            self.link_watch.cancel(reason="reconnecting with a new configuration")
 
     def _set_session(self, session: Session | None) -> None:
         self.session = session
@@ -110,6 +124,8 @@ class _Client:
             await self._one_link(backoff)
             if self.shutdown.requested.is_set():
                 break
+            if self.relink_pending:
+                continue
             delay = backoff.next_delay()
             logger.info("reconnecting to %s in %.1f s", self.server, delay)
             with trio.move_on_after(delay):
@@ -156,6 +172,7 @@ class _Client:
 
     async def _one_link(self, backoff: Backoff) -> None:
         cfg = self.config
+        self.relink_pending = False
         try:
             transport = await dial(cfg.server.host, cfg.server.port, timeout=cfg.timeouts.connect)
         except DialError as exc:
@@ -198,6 +215,9 @@ class _Client:
             self._set_session(session)
             self._started()
             with trio.CancelScope() as watch:
+                self.link_watch = watch
+                if self.relink_pending:  # a reload changed the link while this one was being made
+                    watch.cancel(reason="reconnecting with a new configuration")
 
                 async def on_shutdown() -> None:
                     await self.shutdown.requested.wait()
@@ -205,6 +225,7 @@ class _Client:
 
                 nursery.start_soon(on_shutdown)
                 await session.wait_closed()
+            self.link_watch = None
             self._set_session(None)
             self.replaced_by_peer = session.close_code == ErrorCode.PROHIBITED and session.close_reason.startswith(
                 REPLACED
@@ -212,6 +233,9 @@ class _Client:
             if self.shutdown.requested.is_set():
                 await self._drain(session)
                 reason = "shutting down"
+            elif self.relink_pending and not session.closed:
+                reason = "reconnecting with a new configuration"
+                session.go_away(ErrorCode.NO_ERROR, f"the client is {reason}")
             else:
                 reason = session.close_reason or "link closed"
             nursery.cancel_scope.cancel(reason=f"link ended: {reason}")
@@ -223,27 +247,43 @@ class _Client:
             await self.traffic.drained()
 
     async def _register(self, session: Session) -> None:
-        self.exposed.clear()
-        for spec in self.services.values():
-            try:
-                reply = await session.request(
-                    EXPOSE, {"name": spec.name, "bind": spec.bind_host, "port": spec.bind_port}
-                )
-            except RequestError as exc:
-                logger.error("the server refused to expose %s: %s", spec.name, exc)
-                continue
-            except SessionClosedError:
-                return
-            bound = HostPort(host=str(reply["host"]), port=int(reply["port"]))
-            self.exposed[spec.name] = bound
-            address = format_hostport(bound.host, bound.port)
-            announce(f"exposed {spec.name} {address}")
-            logger.info(
-                "exposed %s (local %s) on the server at %s",
-                spec.name,
-                format_hostport(spec.target_host, spec.target_port),
-                address,
-            )
+        async with self.registry:
+            self.exposed.clear()
+            for spec in self.services.values():
+                try:
+                    await self.expose_one(session, spec)
+                except RequestError as exc:
+                    logger.error("the server refused to expose %s: %s", spec.name, exc)
+                    continue
+                except SessionClosedError:
+                    return
+
+    async def expose_one(self, session: Session, spec: RemoteSpec) -> None:
+        """Ask the server for ``spec``'s public port; prints ``exposed NAME HOST:PORT``.
+
+        Raises:
+            RequestError: the server refused (port not allowed, in use, ...).
+            SessionClosedError: the link ended first.
+        """
+        reply = await session.request(EXPOSE, {"name": spec.name, "bind": spec.bind_host, "port": spec.bind_port})
+        bound = HostPort(host=str(reply["host"]), port=int(reply["port"]))
+        self.exposed[spec.name] = bound
+        address = format_hostport(bound.host, bound.port)
+        announce(f"exposed {spec.name} {address}")
+        logger.info(
+            "exposed %s (local %s) on the server at %s",
+            spec.name,
+            format_hostport(spec.target_host, spec.target_port),
+            address,
+        )
+
+    async def unexpose_one(self, session: Session, name: str) -> None:
+        """Ask the server to release ``name``'s public port (its open connections carry on); prints ``unexposed
+        NAME``. Raises RequestError (e.g. a server too old to know UNEXPOSE) or SessionClosedError."""
+        await session.request(UNEXPOSE, {"name": name})
+        self.exposed.pop(name, None)
+        announce(f"unexposed {name}")
+        logger.info("unexposed %s: the server released its public port", name)
 
     # ---------------------------------------------------------------------------------------- reverse (-R)
 
@@ -257,10 +297,10 @@ class _Client:
     # ---------------------------------------------------------------------------------------- forward (-L)
 
     async def serve_forward(
-        self, spec: LocalSpec, listeners: list[trio.SocketListener], handlers: trio.Nursery
+        self, slot: ForwardSlot, listeners: list[trio.SocketListener], handlers: trio.Nursery
     ) -> None:
         try:
-            await serve_tcp(partial(self.traffic.carry, _Forward(self, spec)), listeners, handler_nursery=handlers)
+            await serve_tcp(partial(self.traffic.carry, _Forward(self, slot)), listeners, handler_nursery=handlers)
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
@@ -280,10 +320,14 @@ class _Forward:
     which dials ``spec``'s target for it."""
 
     client: _Client
-    spec: LocalSpec
+    slot: ForwardSlot
     route: ClassVar[str] = FORWARD_ROUTE
     other: ClassVar[str] = "server"
     words: ClassVar[tuple[str, str]] = FORWARD_WORDS
+
+    @property
+    def spec(self) -> LocalSpec:
+        return self.slot.spec
 
     @property
     def label(self) -> str:
@@ -315,6 +359,11 @@ def _unverified(server: str, exc: Exception, presented: str | None) -> str:
     )
 
 
+def destination(spec: RemoteSpec) -> Destination:
+    """Where the server's streams for service ``spec`` go: its local target."""
+    return Destination(spec.target_host, spec.target_port, spec.name, "local service")
+
+
 def client_tls(config: ClientConfig) -> ClientTls | None:
     """The client's TLS settings; None with ``insecure_plaintext``."""
     if config.insecure_plaintext:
@@ -327,6 +376,7 @@ async def run_client(
     shutdown: Shutdown,
     *,
     rng: random.Random | None = None,
+    reload: Callable[[], ClientConfig] | None = None,
     task_status: trio.TaskStatus[dict[str, HostPort]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the client until ``shutdown`` is requested (then drain for at most ``shutdown.drain_timeout``).
@@ -334,47 +384,52 @@ async def run_client(
     ``task_status.started(exposed)`` fires once the first link is up and its services are registered, with the
     public address the server bound for each service that it accepted (empty if shut down before connecting).
 
+    With ``reload`` (the CLI reads its command line and files again; raises ConfigError), SIGHUP applies the new
+    config on the live link (:func:`trio_tunnel.client_reload.apply_client_reload`); without it, SIGHUP is not
+    handled here.
+
     Raises:
         HandshakeError: the server refused the token or speaks an incompatible version (retrying cannot help).
         OSError: a ``-L`` listener cannot be bound.
     """
     try:
-        await _run_client(config, shutdown, rng or random.Random(), task_status)
+        with sighup_receiver(reload is not None) as hups:
+            await _run_client(config, shutdown, rng or random.Random(), reload, hups, task_status)
     except BaseExceptionGroup as group:  # internal nurseries: surface the one real error
         raise unwrap_group(group) from None
 
 
 async def _run_client(
-    config: ClientConfig, shutdown: Shutdown, rng: random.Random, task_status: trio.TaskStatus[dict[str, HostPort]]
+    config: ClientConfig,
+    shutdown: Shutdown,
+    rng: random.Random,
+    reload: Callable[[], ClientConfig] | None,
+    hups: AsyncIterator[int] | None,
+    task_status: trio.TaskStatus[dict[str, HostPort]],
 ) -> None:
+    from .client_reload import apply_client_reload
+
     client = _Client(config, shutdown, rng)
     async with trio.open_nursery() as handlers:  # -L connections: they outlive the accept loops, for the drain
         async with trio.open_nursery() as nursery:
-            accepting: list[trio.CancelScope] = []  # one per -L: a CancelScope can enter only one with block
+            forwards = ForwardSet(client.serve_forward, nursery, handlers)
             for spec in config.locals:
-                listeners = await trio.open_tcp_listeners(spec.bind_port, host=spec.bind_host)
-                host, port = listeners[0].socket.getsockname()[:2]
-                announce(f"forwarding {spec.name} {format_hostport(str(host), int(port))}")
-                logger.info(
-                    "forwarding %s to %s through the server",
-                    format_hostport(str(host), int(port)),
-                    format_hostport(spec.target_host, spec.target_port),
-                )
-                accepting.append(scope := trio.CancelScope())
-                nursery.start_soon(_scoped, scope, client.serve_forward, spec, listeners, handlers)
+                forwards.start(await forwards.bind(spec))
+            reloading = trio.CancelScope()
 
             async def stop_accepting() -> None:
                 await shutdown.requested.wait()
-                for scope in accepting:
-                    scope.cancel(reason="shutting down")
+                reloading.cancel(reason="shutting down")
+                forwards.stop_all()
+
+            async def reload_on_sighup(signals: AsyncIterator[int], load: Callable[[], ClientConfig]) -> None:
+                with reloading:
+                    await reload_on_signals(signals, load, partial(apply_client_reload, client, forwards))
 
             nursery.start_soon(stop_accepting)
+            if hups is not None and reload is not None:
+                nursery.start_soon(reload_on_sighup, hups, reload)
             exposed = await nursery.start(client.link_loop)
             task_status.started(exposed)
         handlers.cancel_scope.cancel(reason="client shut down")
     logger.info("client stopped")
-
-
-async def _scoped(scope: trio.CancelScope, fn: Callable[..., Awaitable[None]], *args: object) -> None:
-    with scope:
-        await fn(*args)

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
-import signal
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from functools import partial
 from typing import ClassVar, Final
 
@@ -36,9 +35,10 @@ from .handlers import FORWARD_WORDS, REVERSE_WORDS, Destination, Meta, Traffic
 from .lifecycle import Shutdown
 from .link import LinkMismatchError, ServerTls, refuse_link, secure_server_link
 from .mux import MuxStream, Request, Role, Session, open_session
+from .reload import ReloadError, one_line, plan_server, reload_on_signals, sighup_receiver
 from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
-from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, session_config
+from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, UNEXPOSE, session_config
 
 __all__ = ["run_server"]
 
@@ -63,6 +63,8 @@ class _Link:
     """One per exposed service: its accept loop (its connections live in the link's nursery)."""
     traffic: Traffic = attrs.field(factory=lambda: Traffic(logger))
     """External connections and forwards in flight (graceful shutdown waits for them)."""
+    exposures: dict[str, _Exposure] = attrs.field(factory=dict)
+    """Service name -> its listener, for UNEXPOSE and reloads."""
 
     async def drain(self) -> None:
         """Stop accepting on the public ports, GOAWAY, wait for the work in flight, then end the link."""
@@ -72,6 +74,17 @@ class _Link:
         await self.traffic.drained()
         self.scope.cancel(reason="drained")
         await self.done.wait()
+
+
+@attrs.define(eq=False)
+class _Exposure:
+    """One exposed service's public port: cancelling ``scope`` releases it (``closed`` is set once it is closed);
+    the connections already accepted carry on in the link's nursery."""
+
+    port: int
+    limiter: trio.CapacityLimiter
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    closed: trio.Event = attrs.field(factory=trio.Event)
 
 
 @attrs.define(eq=False)
@@ -101,21 +114,47 @@ class _Server:
         await trio.aclose_forcefully(transport)
         return None
 
-    async def reload_tls_on_sighup(self) -> None:
-        """Re-read --tls-cert/--tls-key on SIGHUP (a renewed certificate needs no restart). New links use the new
-        files; live links keep theirs. Files that cannot be used change nothing: the old ones stay, with one log
-        line saying why."""
-        cfg = self.config
-        assert cfg.tls_cert is not None and cfg.tls_key is not None
-        with trio.open_signal_receiver(signal.SIGHUP) as signals:
-            async for _ in signals:
-                try:
-                    tls = ServerTls.from_files(cfg.tls_cert, cfg.tls_key)
-                except (ConfigError, OSError) as exc:
-                    logger.error("SIGHUP: kept the current TLS certificate: %s", exc)
-                    continue
-                self.tls = tls
-                logger.info("SIGHUP: reloaded the TLS certificate %s (fingerprint %s)", cfg.tls_cert, tls.fingerprint)
+    async def reload(self, new: ServerConfig) -> None:
+        """Apply a re-read config (SIGHUP): new tokens, allowed ports and targets, limits, timeouts and TLS files.
+        A client whose token was removed is disconnected; a service on a port no longer allowed is released (its
+        open connections carry on); everything else is untouched.
+
+        Raises:
+            ReloadError: the new config cannot be used (then nothing has changed).
+        """
+        plan = plan_server(self.config, new)
+        tls = self.tls
+        if plan.tls_files:
+            assert new.tls_cert is not None and new.tls_key is not None
+            try:
+                tls = ServerTls.from_files(new.tls_cert, new.tls_key)
+            except (ConfigError, OSError) as exc:
+                logger.error("SIGHUP: kept the current TLS certificate: %s", exc)
+                raise ReloadError(one_line(exc)) from None
+        # Nothing below can fail or checkpoint: the new config takes effect all at once.
+        self.config, self.tls = new, tls
+        if plan.tls_files and tls is not None:
+            logger.info("SIGHUP: reloaded the TLS certificate %s (fingerprint %s)", new.tls_cert, tls.fingerprint)
+        for link in list(self.links.values()):
+            if not plan.keeps_token(link.session.peer_token):
+                logger.warning(
+                    "client %r from %s: its token was removed on reload; disconnecting it", link.name, link.peer
+                )
+                link.session.go_away(ErrorCode.AUTH, "the server no longer accepts this client's token")
+                link.scope.cancel(reason="its token was removed")
+                continue
+            for name, exposure in link.exposures.items():
+                exposure.limiter.total_tokens = new.max_connections_per_service
+                if not plan.keeps_port(exposure.port):
+                    logger.warning(
+                        "client %r: released %s on port %d: the port is no longer allowed (allow_ports %s)",
+                        link.name,
+                        name,
+                        exposure.port,
+                        new.allow_ports,
+                    )
+                    exposure.scope.cancel(reason="port no longer allowed")
+        logger.info("SIGHUP: reloaded the configuration (%s)", plan.summary())
 
     async def handle_link(self, transport: TcpStream) -> None:
         peer = peer_address(transport)
@@ -205,6 +244,8 @@ class _Server:
                 return
             if request.kind == EXPOSE:
                 await self._expose(session, link, request, nursery)
+            elif request.kind == UNEXPOSE:
+                await self._unexpose(link, request)
             else:
                 request.reply_error(ErrorCode.PROHIBITED, {"message": f"unknown request {request.kind!r}"})
 
@@ -232,9 +273,25 @@ class _Server:
         self._remember(link.name, name, int(bound))
         address = format_hostport(str(host), int(bound))
         link.services[name] = address
+        limiter = trio.CapacityLimiter(self.config.max_connections_per_service)
+        exposure = link.exposures[name] = _Exposure(int(bound), limiter)
         logger.info("client %r: exposing %s on %s", link.name, name, address)
-        nursery.start_soon(self._serve_service, session, link, name, listeners, nursery)
+        nursery.start_soon(self._serve_service, session, link, name, listeners, nursery, exposure)
         request.reply({"host": str(host), "port": int(bound)})
+
+    async def _unexpose(self, link: _Link, request: Request) -> None:
+        """Release a service's public port (the client's reload removed or changed it); open connections carry on.
+        The reply comes once the port is closed, so the client may expose a service on it again at once."""
+        body = request.body if isinstance(request.body, Mapping) else {}
+        name = body.get("name")
+        exposure = link.exposures.get(name) if isinstance(name, str) else None
+        if exposure is None:
+            request.reply_error(ErrorCode.UNKNOWN_ROUTE, {"message": f"service {name!r} is not exposed"})
+            return
+        exposure.scope.cancel(reason="unexposed by the client")
+        await exposure.closed.wait()
+        logger.info("client %r: unexposed %s (port %d); its open connections carry on", link.name, name, exposure.port)
+        request.reply({})
 
     def _remember(self, client: str, service: str, port: int) -> None:
         key = (client, service)
@@ -267,11 +324,17 @@ class _Server:
     # ---------------------------------------------------------------------------------------- reverse (-R)
 
     async def _serve_service(
-        self, session: Session, link: _Link, name: str, listeners: list[trio.SocketListener], handlers: trio.Nursery
+        self,
+        session: Session,
+        link: _Link,
+        name: str,
+        listeners: list[trio.SocketListener],
+        handlers: trio.Nursery,
+        exposure: _Exposure,
     ) -> None:
-        entrance = _Service(link, session, name, trio.CapacityLimiter(self.config.max_connections_per_service))
+        entrance = _Service(link, session, name, exposure.limiter)
         handler = partial(link.traffic.carry, entrance)  # a partial: no frame per connection
-        accepting = trio.CancelScope()
+        accepting = exposure.scope
         link.accepting.append(accepting)
         try:
             with accepting:
@@ -280,6 +343,10 @@ class _Server:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
             link.services.pop(name, None)
+            link.accepting.remove(accepting)
+            if link.exposures.get(name) is exposure:
+                del link.exposures[name]
+            exposure.closed.set()
 
     # ---------------------------------------------------------------------------------------- forward (-L)
 
@@ -375,15 +442,34 @@ def server_tls(config: ServerConfig) -> ServerTls | None:
 
 
 async def run_server(
-    config: ServerConfig, shutdown: Shutdown, *, task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED
+    config: ServerConfig,
+    shutdown: Shutdown,
+    *,
+    reload: Callable[[], ServerConfig] | None = None,
+    task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve client links until ``shutdown`` is requested, then drain for at most ``shutdown.drain_timeout``.
 
     Prints ``listening HOST:PORT`` once per listening address; ``task_status.started`` gets the first one.
 
+    On SIGHUP, ``reload()`` (the CLI reads its command line and files again; raises ConfigError) is applied: see
+    :meth:`_Server.reload`. Without ``reload``, SIGHUP re-reads ``tls_cert``/``tls_key`` if they are set, and is
+    not handled otherwise (so a library caller keeps its own SIGHUP).
+
     Raises:
         OSError: the link port cannot be bound (address in use, permission denied, no such address).
     """
+    with sighup_receiver(reload is not None or config.tls_cert is not None) as hups:
+        await _run_server(config, shutdown, reload, hups, task_status)
+
+
+async def _run_server(
+    config: ServerConfig,
+    shutdown: Shutdown,
+    reload: Callable[[], ServerConfig] | None,
+    hups: AsyncIterator[int] | None,
+    task_status: trio.TaskStatus[HostPort],
+) -> None:
     tls = server_tls(config)
     listeners = await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
     server = _Server(config, shutdown, tls)
@@ -412,8 +498,8 @@ async def run_server(
             acceptor.start_soon(
                 partial(serve_tcp, server.handle_link, listeners, handler_nursery=handlers, keepalive=False)
             )  # links have PING
-            if config.tls_cert is not None and config.tls_key is not None:
-                acceptor.start_soon(server.reload_tls_on_sighup)
+            if hups is not None:
+                acceptor.start_soon(reload_on_signals, hups, reload or (lambda: server.config), server.reload)
             task_status.started(addresses[0])
             await shutdown.requested.wait()
             acceptor.cancel_scope.cancel(reason="shutting down: no new links")
