@@ -135,6 +135,7 @@ class _Server:
         self.config, self.tls = new, tls
         if plan.tls_files and tls is not None:
             logger.info("SIGHUP: reloaded the TLS certificate %s (fingerprint %s)", new.tls_cert, tls.fingerprint)
+        released: list[_Exposure] = []
         for link in list(self.links.values()):
             if not plan.keeps_token(link.session.peer_token):
                 logger.warning(
@@ -154,6 +155,9 @@ class _Server:
                         new.allow_ports,
                     )
                     exposure.scope.cancel(reason="port no longer allowed")
+                    released.append(exposure)
+        for exposure in released:  # "reloaded" means the ports are closed
+            await exposure.closed.wait()
         logger.info("SIGHUP: reloaded the configuration (%s)", plan.summary())
 
     async def handle_link(self, transport: TcpStream) -> None:
