@@ -44,7 +44,9 @@ async def apply_client_reload(client: _Client, forwards: ForwardSet, new: Client
     Raises:
         ReloadError, ConfigError: ``new`` cannot be applied; nothing has changed.
     """
-    plan = plan_client(client.config, new)
+    exposed = {name: (bound.host, bound.port) for name, bound in client.exposed.items()}
+    listening = {name: (bound.host, bound.port) for name, bound in forwards.running.items()}
+    plan = plan_client(client.config, new).pinned(exposed, listening)
     logger.info("SIGHUP: %s", plan.summary())
     tls = client_tls(new) if plan.relink else client.tls  # a bad CA file fails here, before anything changed
     undo: list[Undo] = []

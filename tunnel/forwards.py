@@ -34,9 +34,15 @@ class ForwardSlot:
 class BoundForward:
     slot: ForwardSlot
     listeners: list[trio.SocketListener]
-    address: str
+    host: str
+    port: int
+    """Where it listens (the port actually bound)."""
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     closed: trio.Event = attrs.field(factory=trio.Event)
+
+    @property
+    def address(self) -> str:
+        return format_hostport(self.host, self.port)
 
 
 Serve = Callable[[ForwardSlot, list[trio.SocketListener], trio.Nursery], Awaitable[None]]
@@ -57,7 +63,7 @@ class ForwardSet:
         """Listen for ``spec`` (not serving yet). Raises OSError (address in use, ...)."""
         listeners = await trio.open_tcp_listeners(spec.bind_port, host=spec.bind_host)
         host, port = listeners[0].socket.getsockname()[:2]
-        return BoundForward(ForwardSlot(spec), listeners, format_hostport(str(host), int(port)))
+        return BoundForward(ForwardSlot(spec), listeners, str(host), int(port))
 
     @staticmethod
     async def discard(bound: BoundForward) -> None:

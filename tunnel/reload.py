@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Final, TypeVar
 
@@ -86,6 +86,21 @@ class ClientPlan:
     @property
     def forwards_changed(self) -> bool:
         return bool(self.forward or self.unforward or self.reforward or self.retarget_forwards)
+
+    def pinned(self, exposed: Mapping[str, tuple[str, int]], listening: Mapping[str, tuple[str, int]]) -> ClientPlan:
+        """This plan, where a service or forward whose new address is the one it has now (say a ``remote_port = 0``
+        now written as the port it got) is retargeted in place instead of registered or bound again.
+
+        ``exposed``/``listening``: name -> (host, port) actually bound on the server / here."""
+        keep_r = [(was, now) for was, now in self.reexpose if exposed.get(was.name) == _public(now)]
+        keep_l = [(was, now) for was, now in self.reforward if listening.get(was.name) == _listen(now)]
+        return attrs.evolve(
+            self,
+            reexpose=tuple(pair for pair in self.reexpose if pair not in keep_r),
+            retarget=self.retarget + tuple(now for _was, now in keep_r),
+            reforward=tuple(pair for pair in self.reforward if pair not in keep_l),
+            retarget_forwards=self.retarget_forwards + tuple(now for _was, now in keep_l),
+        )
 
     def summary(self) -> str:
         """One line for the log: what the reload does."""

@@ -291,3 +291,47 @@ async def test_server_reload_releases_a_port_no_longer_allowed_and_refuses_what_
                 server.interrupt()
                 assert await server.wait() == 0, server.stderr
             nursery.cancel_scope.cancel()
+
+
+async def test_forwards_change_on_sighup_and_a_new_name_makes_a_new_link(tmp_path: Path) -> None:
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            web = await start_service(nursery, http_handler)
+            args = ["server", "--listen", f"{LOCALHOST}:0", "--allow-target", f"{LOCALHOST}:{web.port}"]
+            async with cli(nursery, *args, env=ENV) as server:
+                server_port = int((await server.expect(rf"listening {HOSTPORT}"))[1])
+                config = tmp_path / "client.toml"
+                forwards = {"f": f"{LOCALHOST}:0", "g": f"{LOCALHOST}:0"}
+                config.write_text(client_toml(server_port, {}, forwards).replace(":9", f":{web.port}"))
+                async with cli(nursery, "client", "--config", str(config), env=ENV) as client:
+                    ports = {}
+                    for _ in range(2):
+                        match = await client.expect(rf"forwarding (\S+) {HOSTPORT}")
+                        ports[match[1]] = int(match[2])
+                    await client.expect(rf"connected {LOCALHOST}:{server_port}")
+                    assert await http_get(ports["g"], "/g") == ("HTTP/1.0 200 OK", b"hello from /g\n")
+
+                    forwards = {"f": f"{LOCALHOST}:{ports['f']}", "h": f"{LOCALHOST}:0"}
+                    config.write_text(client_toml(server_port, {}, forwards).replace(":9", f":{web.port}"))
+                    lines = await reload(client)
+                    assert len(lines) == 3, (lines, client.stderr)
+                    h_port = int(lines[1].rpartition(":")[2])
+                    assert lines == ["unforwarded g", f"forwarding h {LOCALHOST}:{h_port}", "reloaded"]
+                    assert not await is_listening(ports["g"])
+                    assert await http_get(h_port, "/h") == ("HTTP/1.0 200 OK", b"hello from /h\n")
+                    assert await http_get(ports["f"], "/f") == ("HTTP/1.0 200 OK", b"hello from /f\n")
+                    assert not any(line.startswith("disconnected") for line in client.out.lines)
+
+                    # The client's name defines the link: a new one reconnects (the forwards keep their ports).
+                    config.write_text(config.read_text().replace('name = "home"', 'name = "renamed"'))
+                    client.process.send_signal(signal.SIGHUP)
+                    await client.expect("reloaded")
+                    await client.expect("disconnected reconnecting with a new configuration")
+                    await client.expect(rf"connected {LOCALHOST}:{server_port}")
+                    await server.expect_stderr("client 'renamed' connected")
+                    assert await http_get(h_port, "/renamed") == ("HTTP/1.0 200 OK", b"hello from /renamed\n")
+                    client.interrupt()
+                    assert await client.wait() == 0, client.stderr
+                server.interrupt()
+                assert await server.wait() == 0, server.stderr
+            nursery.cancel_scope.cancel()

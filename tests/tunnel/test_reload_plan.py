@@ -133,3 +133,14 @@ def test_tls_files_are_read_again_when_set() -> None:
 def test_one_line() -> None:
     assert one_line(ValueError("two\nlines  here")) == "two lines here"
     assert one_line(OSError(errno.ENOENT, "No such file or directory", "x.toml")) == "No such file or directory: x.toml"
+
+
+def test_writing_down_the_port_a_service_got_changes_nothing_on_the_wire() -> None:
+    """``remote_port = 0`` (or ``listen = ":0"``) rewritten as the port it got: retargeted in place, not bound again."""
+    old = client("a=0:127.0.0.1:80", "b=0:127.0.0.1:81", locals=("f=0:db:1", "g=0:db:2"))
+    new = client("a=41000:127.0.0.1:80", "b=41001:127.0.0.1:81", locals=("f=127.0.0.1:42000:db:1", "g=42001:db:2"))
+    plan = plan_client(old, new).pinned(
+        {"a": ("0.0.0.0", 41000), "b": ("0.0.0.0", 40999)}, {"f": ("127.0.0.1", 42000), "g": ("127.0.0.1", 1)}
+    )
+    assert names(plan.retarget) == ["a"] and names(new for _old, new in plan.reexpose) == ["b"]
+    assert names(plan.retarget_forwards) == ["f"] and names(new for _old, new in plan.reforward) == ["g"]
