@@ -2,7 +2,8 @@
 
 Logs go to stderr; stdout carries only these lines (documented in README, "Lifecycle lines"):
 ``listening HOST:PORT``, ``connected HOST:PORT``, ``exposed NAME HOST:PORT``, ``forwarding NAME HOST:PORT``,
-``disconnected REASON``.
+``disconnected REASON``, and after a SIGHUP ``unexposed NAME``, ``unforwarded NAME``, ``reloaded``,
+``reload-failed REASON``.
 """
 
 from __future__ import annotations

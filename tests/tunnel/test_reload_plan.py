@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import errno
+import re
+from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 from trio_tunnel.config import ClientConfig, HostPort, LocalSpec, PortSet, RemoteSpec, ServerConfig, Timeouts
+from trio_tunnel.proto import frames as F
 from trio_tunnel.reload import ReloadError, one_line, plan_client, plan_server
+from trio_tunnel.wire import UNEXPOSE
 
 SERVER = HostPort(host="127.0.0.1", port=7835)
 
@@ -144,3 +148,11 @@ def test_writing_down_the_port_a_service_got_changes_nothing_on_the_wire() -> No
     )
     assert names(plan.retarget) == ["a"] and names(new for _old, new in plan.reexpose) == ["b"]
     assert names(plan.retarget_forwards) == ["f"] and names(new for _old, new in plan.reforward) == ["g"]
+
+
+def test_the_unexpose_request_bytes_in_the_protocol_document() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
+    request = F.encode(F.Ctrl(3, UNEXPOSE, {"name": "c"})).hex()
+    reply = F.encode(F.CtrlReply(3, 0, {})).hex()
+    shown = {"".join(match.split()) for match in re.findall(r"`([0-9a-f ]{20,})`", doc)}
+    assert request in shown and reply in shown
