@@ -45,6 +45,7 @@ __all__ = ["run_server"]
 logger: Final = logging.getLogger(__name__)
 
 MAX_REMEMBERED_PORTS: Final = 4096
+TOKEN_REMOVED: Final = "the server no longer accepts this client's token"
 
 
 @attrs.define(eq=False)
@@ -141,7 +142,7 @@ class _Server:
                 logger.warning(
                     "client %r from %s: its token was removed on reload; disconnecting it", link.name, link.peer
                 )
-                link.session.go_away(ErrorCode.AUTH, "the server no longer accepts this client's token")
+                link.session.go_away(ErrorCode.AUTH, TOKEN_REMOVED)
                 link.scope.cancel(reason="its token was removed")
                 continue
             for name, exposure in link.exposures.items():
@@ -190,6 +191,9 @@ class _Server:
         name = session.peer_name
         if self.shutdown.requested.is_set():
             session.go_away(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+            return
+        if self.config.tokens and session.peer_token not in self.config.tokens:  # removed by a reload meanwhile
+            session.go_away(ErrorCode.AUTH, TOKEN_REMOVED)
             return
         old = self.links.get(name)
         if old is None and len(self.links) >= self.config.max_clients:
