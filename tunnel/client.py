@@ -7,6 +7,7 @@ Structure (every task has an owner):
       _Client.link_loop        dial -> open_session -> register services -> serve, until the link ends; back off
         nursery per link:      Traffic.accept_streams -> Traffic.answer (one per external connection): dial, splice
       _Client.serve_forward    serve_tcp -> Traffic.carry (one per local connection): a stream to the server, splice
+      reload_on_signals        SIGHUP: client_reload.apply_client_reload changes services and forwards on the live link
 
 Readable, final failures (a refused token, an incompatible server) end the process: retrying cannot fix them.
 Everything else (server down, link lost, keepalive timeout) is retried.

@@ -3,7 +3,7 @@ stream to the client (``-R``), and dial allowed targets for the client's forward
 
 Structure (every task has an owner):
 
-    run_server                      nursery: link listener, shutdown watcher
+    run_server                      nursery: link listener, shutdown watcher, SIGHUP (_Server.reload)
       _Server.handle_link(tcp)      one per client link: handshake, then
         open_session                  the session's reader/writer/timer tasks
         nursery:                      control requests, forward streams, one listener task per exposed service
