@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from functools import partial
 from typing import ClassVar, Final
 
@@ -39,7 +39,7 @@ from .mux import MuxStream, Role, Session, open_session, unwrap_group
 from .reload import reload_on_signals, sighup_receiver
 from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
-from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, UNEXPOSE, session_config
+from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, UNEXPOSE, UNEXPOSED, session_config
 
 __all__ = ["Backoff", "run_client"]
 
@@ -212,6 +212,7 @@ class _Client:
     async def _serve_link(self, session: Session) -> str:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.traffic.accept_streams, session, nursery, self._route, self.config.timeouts.connect)
+            nursery.start_soon(self._control_loop, session)
             await self._register(session)
             self._set_session(session)
             self._started()
@@ -285,6 +286,22 @@ class _Client:
         self.exposed.pop(name, None)
         announce(f"unexposed {name}")
         logger.info("unexposed %s: the server released its public port", name)
+
+    async def _control_loop(self, session: Session) -> None:
+        """The server's requests: the notice that it released a service's port (its reload no longer allows it)."""
+        while True:
+            try:
+                request = await session.receive_request()
+            except SessionClosedError:
+                return
+            body = request.body if isinstance(request.body, Mapping) else {}
+            name = body.get("name")
+            if request.kind == UNEXPOSED and isinstance(name, str):
+                if self.exposed.pop(name, None) is not None:
+                    announce(f"unexposed {name}")
+                    logger.warning("the server released %s: %s", name, body.get("reason") or "no reason given")
+            else:
+                request.reply_error(ErrorCode.PROHIBITED, {"message": f"unknown request {request.kind!r}"})
 
     # ---------------------------------------------------------------------------------------- reverse (-R)
 

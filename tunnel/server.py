@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import suppress
 from functools import partial
 from typing import ClassVar, Final
 
@@ -38,7 +39,7 @@ from .mux import MuxStream, Request, Role, Session, open_session
 from .reload import ReloadError, one_line, plan_server, reload_on_signals, sighup_receiver
 from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
-from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, UNEXPOSE, session_config
+from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, UNEXPOSE, UNEXPOSED, session_config
 
 __all__ = ["run_server"]
 
@@ -157,6 +158,9 @@ class _Server:
                     )
                     exposure.scope.cancel(reason="port no longer allowed")
                     released.append(exposure)
+                    why = f"port {exposure.port} is no longer allowed by the server (allow_ports {new.allow_ports})"
+                    with suppress(SessionClosedError):
+                        link.session.notify(UNEXPOSED, {"name": name, "reason": why})
         for exposure in released:  # "reloaded" means the ports are closed
             await exposure.closed.wait()
         logger.info("SIGHUP: reloaded the configuration (%s)", plan.summary())

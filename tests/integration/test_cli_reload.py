@@ -284,6 +284,8 @@ async def test_server_reload_releases_a_port_no_longer_allowed_and_refuses_what_
                     assert await reload(server) == ["reloaded"]
                     await server.expect_stderr(f"released x on port {x_port}: the port is no longer allowed")
                     assert not await is_listening(x_port)
+                    await client.expect("unexposed x")  # the server tells the client
+                    await client.expect_stderr(f"the server released x: port {x_port} is no longer allowed")
                     assert await http_get(y_port, "/y") == ("HTTP/1.0 200 OK", b"hello from /y\n")
                     assert not any(line.startswith("disconnected") for line in client.out.lines)
                     client.interrupt()
