@@ -90,6 +90,7 @@ class _Client:
     relink_pending: bool = False
     """A reload changed the link's settings: the current link (if any) ends and a new one starts at once."""
     link_watch: trio.CancelScope | None = None
+    """The link's serving scope, or the backoff wait between links: :meth:`relink` cancels it."""
 
     def __attrs_post_init__(self) -> None:
         self.set_config(self.config, client_tls(self.config))
@@ -129,8 +130,9 @@ class _Client:
                 continue
             delay = backoff.next_delay()
             logger.info("reconnecting to %s in %.1f s", self.server, delay)
-            with trio.move_on_after(delay):
+            with trio.move_on_after(delay) as self.link_watch:  # a reload's relink() ends the wait too
                 await self.shutdown.requested.wait()
+            self.link_watch = None
         self._started()
 
     def _started(self) -> None:

@@ -337,3 +337,35 @@ async def test_forwards_change_on_sighup_and_a_new_name_makes_a_new_link(tmp_pat
                 server.interrupt()
                 assert await server.wait() == 0, server.stderr
             nursery.cancel_scope.cancel()
+
+
+async def test_a_new_server_address_is_dialled_at_once_even_during_a_long_backoff(tmp_path: Path) -> None:
+    with trio.fail_after(40):
+        async with trio.open_nursery() as nursery:
+            web = await start_service(nursery, http_handler)
+            args = ["server", "--listen", f"{LOCALHOST}:0", "--allow-ports", "1024-65535"]
+            async with cli(nursery, *args, env=ENV) as server:
+                server_port = int((await server.expect(rf"listening {HOSTPORT}"))[1])
+                config = tmp_path / "client.toml"
+                # Nobody listens at the first address; a minute between attempts.
+                slow = "[client.timeouts]\nreconnect_initial = 60\nreconnect_max = 60\n"
+                text = client_toml(await free_port(), {"a": (web.port, 0)}).replace(
+                    "\n[client.expose", f"\n{slow}[client.expose", 1
+                )
+                config.write_text(text)
+                async with cli(nursery, "client", "--config", str(config), env=ENV) as client:
+                    await client.expect_stderr("reconnecting to .* in")
+                    config.write_text(
+                        client_toml(server_port, {"a": (web.port, 0)}).replace(
+                            "\n[client.expose", f"\n{slow}[client.expose", 1
+                        )
+                    )
+                    assert await reload(client) == ["reloaded"]
+                    await client.expect(rf"connected {LOCALHOST}:{server_port}")
+                    a_port = (await exposed(client, 1))["a"]
+                    assert await http_get(a_port, "/a") == ("HTTP/1.0 200 OK", b"hello from /a\n")
+                    client.interrupt()
+                    assert await client.wait() == 0, client.stderr
+                server.interrupt()
+                assert await server.wait() == 0, server.stderr
+            nursery.cancel_scope.cancel()
