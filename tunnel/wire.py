@@ -25,7 +25,7 @@ EXPOSE: Final = "expose"
 UNEXPOSE: Final = "unexpose"
 """Control request kind: "release the public port of my service" (body: ``name``; reply: ``{}``). Sent by a client
 whose config reload removed or changed a service; the service's open connections carry on. A server that does not
-know it answers PROHIBITED ("unknown request"), and the client then reconnects instead."""
+know it answers PROHIBITED ("unknown request"), and the client's reload fails, changing nothing."""
 
 UNEXPOSED: Final = "unexposed"
 """Control notification from the server (no reply): "I released the public port of your service" (body: ``name``,
