@@ -166,7 +166,7 @@ class ServerPlan:
     tokens_removed: int = 0
     tokens_added: int = 0
     tls_files: bool = False
-    """Re-read the TLS certificate and key (``tls_cert`` is set in the new config)."""
+    """Re-read the TLS certificate and key (``tls_cert`` is set in either config; dropped: the server's own key)."""
 
     def keeps_token(self, token: bytes | None) -> bool:
         """Whether a live link that authenticated with ``token`` (None: no authentication) may stay."""
@@ -202,7 +202,7 @@ def plan_server(old: ServerConfig, new: ServerConfig) -> ServerPlan:
         new=new,
         tokens_removed=len(old_tokens - new_tokens),
         tokens_added=len(new_tokens - old_tokens),
-        tls_files=new.tls_cert is not None,
+        tls_files=new.tls_cert is not None or old.tls_cert is not None,
     )
 
 

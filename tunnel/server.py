@@ -127,16 +127,16 @@ class _Server:
         plan = plan_server(self.config, new)
         tls = self.tls
         if plan.tls_files:
-            assert new.tls_cert is not None and new.tls_key is not None
             try:
-                tls = ServerTls.from_files(new.tls_cert, new.tls_key)
+                tls = server_tls(new)  # the files, or (tls_cert dropped) the server's own key in state_dir
             except (ConfigError, OSError) as exc:
                 logger.error("SIGHUP: kept the current TLS certificate: %s", exc)
                 raise ReloadError(one_line(exc)) from None
         # Nothing below can fail or checkpoint: the new config takes effect all at once.
         self.config, self.tls = new, tls
         if plan.tls_files and tls is not None:
-            logger.info("SIGHUP: reloaded the TLS certificate %s (fingerprint %s)", new.tls_cert, tls.fingerprint)
+            where = new.tls_cert or "of the server's own key"
+            logger.info("SIGHUP: reloaded the TLS certificate %s (fingerprint %s)", where, tls.fingerprint)
         released: list[_Exposure] = []
         for link in list(self.links.values()):
             if not plan.keeps_token(link.session.peer_token):

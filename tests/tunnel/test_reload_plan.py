@@ -131,6 +131,7 @@ def test_server_settings_that_need_a_restart_fail_the_reload(change: dict[str, A
 
 def test_tls_files_are_read_again_when_set() -> None:
     assert plan_server(server(), server(tls_cert="c.pem", tls_key="k.pem")).tls_files
+    assert plan_server(server(tls_cert="c.pem", tls_key="k.pem"), server()).tls_files, "back to the own key"
     assert not plan_server(server(), server()).tls_files
 
 
