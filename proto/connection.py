@@ -193,6 +193,11 @@ class Connection:
         return self._hs.peer_name
 
     @property
+    def peer_token(self) -> bytes | None:
+        """The token the client authenticated with (server side; None without authentication or before it)."""
+        return self._hs.matched_token
+
+    @property
     def peer_limits(self) -> dict[str, int]:
         """The limits map the peer declared, as it sent it ({} until the handshake has it)."""
         return self._hs.peer_limits

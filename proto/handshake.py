@@ -129,6 +129,12 @@ class Handshake:
         self.authenticated = False
 
     @property
+    def matched_token(self) -> bytes | None:
+        """Server side: the accepted token the client proved it knows (None without authentication). A server that
+        reloads its token list checks live sessions against it."""
+        return self._matched_token
+
+    @property
     def done(self) -> bool:
         return self.step is Step.DONE
 

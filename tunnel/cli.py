@@ -23,7 +23,7 @@ import sys
 import traceback
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from functools import partial
-from typing import Any, Final, NoReturn, Protocol, cast
+from typing import Any, Final, NoReturn, Protocol, TypeVar, cast
 
 import attrs
 import trio
@@ -59,6 +59,8 @@ from trio_tunnel.usage import EXIT_USAGE, PROG, TOKEN_ENV, build_parser
 __all__ = ["build_parser", "main", "run_cli"]
 
 logger = logging.getLogger(__name__)
+
+C = TypeVar("C", ServerConfig, ClientConfig)
 
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
@@ -142,7 +144,8 @@ def _plan(args: argparse.Namespace, environ: Mapping[str, str]) -> _Plan:
                 server.listen,
                 " and reach the allowed targets" if server.allow_targets else "",
             )
-        return _Plan(command, partial(run_server, server), server.timeouts.drain, server)
+        reload_server = partial(_reload, ServerConfig, args, environ)
+        return _Plan(command, partial(run_server, server, reload=reload_server), server.timeouts.drain, server)
     if command == "client":
         client = ClientConfig.from_sources(
             config_file=args.config,
@@ -162,7 +165,8 @@ def _plan(args: argparse.Namespace, environ: Mapping[str, str]) -> _Plan:
             insecure_plaintext=args.insecure_plaintext,
             exit_on_refusal=args.exit_on_refusal,
         )
-        return _Plan(command, partial(run_client, client), client.timeouts.drain, client)
+        reload_client = partial(_reload, ClientConfig, args, environ)
+        return _Plan(command, partial(run_client, client, reload=reload_client), client.timeouts.drain, client)
     if command == "map":
         if args.config is None and (args.listen is None or args.target is None):
             raise ConfigError("map needs LISTEN and TARGET, e.g. trio-tunnel map 0.0.0.0:10022 192.168.0.10:22")
@@ -185,6 +189,14 @@ def _plan(args: argparse.Namespace, environ: Mapping[str, str]) -> _Plan:
     if command == "demo":
         return _Plan(command, partial(_start_demo, bool(args.once)), Timeouts().drain)
     raise AssertionError(f"unhandled command {command!r}")
+
+
+def _reload(kind: type[C], args: argparse.Namespace, environ: Mapping[str, str]) -> C:
+    """SIGHUP: the same command line read again, with the files it names (``--config``, ``--token-file``, the TLS
+    files) as they are now. Raises ConfigError."""
+    config = _plan(args, environ).config
+    assert isinstance(config, kind)
+    return config
 
 
 async def _start_demo(once: bool, shutdown: Shutdown, *, task_status: trio.TaskStatus[Any]) -> None:

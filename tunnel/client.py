@@ -7,6 +7,7 @@ Structure (every task has an owner):
       _Client.link_loop        dial -> open_session -> register services -> serve, until the link ends; back off
         nursery per link:      Traffic.accept_streams -> Traffic.answer (one per external connection): dial, splice
       _Client.serve_forward    serve_tcp -> Traffic.carry (one per local connection): a stream to the server, splice
+      reload_on_signals        SIGHUP: client_reload.apply_client_reload changes services and forwards on the live link
 
 Readable, final failures (a refused token, an incompatible server) end the process: retrying cannot fix them.
 Everything else (server down, link lost, keepalive timeout) is retried.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from functools import partial
 from typing import ClassVar, Final
 
@@ -32,14 +33,16 @@ from .config.binds import bind_name_warnings
 from .console import announce, format_hostport
 from .dial import DialError, dial
 from .errors import HandshakeError, LinkSecurityError, NameTakenError, RequestError, SessionClosedError
+from .forwards import ForwardSet, ForwardSlot
 from .handlers import FORWARD_WORDS, Destination, Meta, Traffic
 from .lifecycle import Shutdown
 from .link import PLAINTEXT_REFUSED, ClientTls, presented_fingerprint, secure_client_link
 from .mux import MuxStream, Role, Session, open_session, unwrap_group
 from .refusal import Refusals, can_heal
+from .reload import reload_on_signals, sighup_receiver
 from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
-from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, session_config
+from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, UNEXPOSE, UNEXPOSED, session_config
 
 __all__ = ["Backoff", "run_client"]
 
@@ -87,18 +90,32 @@ class _Client:
     tls: ClientTls | None = attrs.field(init=False)
     refusals: Refusals = attrs.field(init=False)
     ready_sent: bool = False
+    registry: trio.Lock = attrs.field(factory=trio.Lock)
+    """Held while services are registered on a new link or changed by a reload: one at a time."""
+    relink_pending: bool = False
+    """A reload changed the link's settings: the current link (if any) ends and a new one starts at once."""
+    link_watch: trio.CancelScope | None = None
+    """The link's serving scope, or the backoff wait between links: :meth:`relink` cancels it."""
 
     def __attrs_post_init__(self) -> None:
-        for warning in bind_name_warnings(self.config.remotes):
-            logger.warning("%s", warning)
-        self.tls = client_tls(self.config)
         self.refusals = Refusals(self.config.exit_on_refusal, logger)
-        self.services = {spec.name: spec for spec in self.config.remotes}
-        self.server = format_hostport(self.config.server.host, self.config.server.port)
-        self.destinations = {
-            spec.name: Destination(spec.target_host, spec.target_port, spec.name, "local service")
-            for spec in self.config.remotes
-        }
+        self.set_config(self.config, client_tls(self.config))
+
+    def set_config(self, config: ClientConfig, tls: ClientTls | None) -> None:
+        """Take ``config`` (at start, and when a reload commits): the next link, registration and dial use it."""
+        for warning in bind_name_warnings(config.remotes):
+            logger.warning("%s", warning)
+        self.config, self.tls = config, tls
+        self.refusals.exit_on_refusal = config.exit_on_refusal
+        self.services = {spec.name: spec for spec in config.remotes}
+        self.server = format_hostport(config.server.host, config.server.port)
+        self.destinations = {spec.name: destination(spec) for spec in config.remotes}
+
+    def relink(self) -> None:
+        """End the current link (its connections too) and make a new one with the current config at once."""
+        self.relink_pending = True
+        if self.link_watch is not None:
+            self.link_watch.cancel(reason="reconnecting with a new configuration")
 
     def _set_session(self, session: Session | None) -> None:
         self.session = session
@@ -118,10 +135,13 @@ class _Client:
             await self._one_link(backoff)
             if self.shutdown.requested.is_set():
                 break
+            if self.relink_pending:
+                continue
             delay = backoff.next_delay()
             logger.info("reconnecting to %s in %.1f s", self.server, delay)
-            with trio.move_on_after(delay):
+            with trio.move_on_after(delay) as self.link_watch:  # a reload's relink() ends the wait too
                 await self.shutdown.requested.wait()
+            self.link_watch = None
         self._started()
 
     def _started(self) -> None:
@@ -164,6 +184,7 @@ class _Client:
 
     async def _one_link(self, backoff: Backoff) -> None:
         cfg = self.config
+        self.relink_pending = False
         try:
             transport = await dial(cfg.server.host, cfg.server.port, timeout=cfg.timeouts.connect)
         except DialError as exc:
@@ -202,10 +223,14 @@ class _Client:
     async def _serve_link(self, session: Session) -> str:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.traffic.accept_streams, session, nursery, self._route, self.config.timeouts.connect)
+            nursery.start_soon(self._control_loop, session)
             await self._register(session, nursery)
             self._set_session(session)
             self._started()
             with trio.CancelScope() as watch:
+                self.link_watch = watch
+                if self.relink_pending:  # a reload changed the link while this one was being made
+                    watch.cancel(reason="reconnecting with a new configuration")
 
                 async def on_shutdown() -> None:
                     await self.shutdown.requested.wait()
@@ -213,6 +238,7 @@ class _Client:
 
                 nursery.start_soon(on_shutdown)
                 await session.wait_closed()
+            self.link_watch = None
             self._set_session(None)
             self.replaced_by_peer = session.close_code == ErrorCode.PROHIBITED and session.close_reason.startswith(
                 REPLACED
@@ -220,6 +246,9 @@ class _Client:
             if self.shutdown.requested.is_set():
                 await self._drain(session)
                 reason = "shutting down"
+            elif self.relink_pending and not session.closed:
+                reason = "reconnecting with a new configuration"
+                session.go_away(ErrorCode.NO_ERROR, f"the client is {reason}")
             else:
                 reason = session.close_reason or "link closed"
             nursery.cancel_scope.cancel(reason=f"link ended: {reason}")
@@ -231,20 +260,24 @@ class _Client:
             await self.traffic.drained()
 
     async def _register(self, session: Session, nursery: trio.Nursery) -> None:
-        self.exposed.clear()
-        self.refusals.new_link()
-        for spec in self.services.values():
-            try:
-                code = await self._expose(session, spec)
-            except SessionClosedError:
-                return
-            if code is not None and can_heal(code):
-                nursery.start_soon(self._retry_expose, session, spec)
+        async with self.registry:
+            self.exposed.clear()
+            self.refusals.new_link()
+            for spec in self.services.values():
+                try:
+                    await self.expose_one(session, spec)
+                except RequestError as exc:
+                    self.refusals.refused(spec.name, exc)  # raises ServiceRefusedError with exit_on_refusal
+                    if can_heal(exc.code):
+                        nursery.start_soon(self._retry_expose, session, spec)
+                except SessionClosedError:
+                    return
         self._maybe_ready()
 
     async def _retry_expose(self, session: Session, spec: RemoteSpec) -> None:
         """Ask again for a service whose refusal may heal (its port in use), with the reconnect backoff, until the
-        server binds it, refuses it for good, or the link ends (the next link asks afresh)."""
+        server binds it, refuses it for good, a reload changes or removes it, or the link ends (the next link asks
+        afresh)."""
         cfg = self.config.timeouts
         backoff = Backoff(cfg.reconnect_initial, cfg.reconnect_max, cfg.reconnect_jitter, self.rng)
         while True:
@@ -254,13 +287,19 @@ class _Client:
                 await self.shutdown.requested.wait()
             if self.shutdown.requested.is_set():
                 return
-            try:
-                code = await self._expose(session, spec)
-            except SessionClosedError:
-                return
-            if code is None or not can_heal(code):
-                self._maybe_ready()
-                return
+            async with self.registry:
+                if self.services.get(spec.name) != spec or spec.name in self.exposed:
+                    return  # a reload changed or removed it, and registered what it needed
+                try:
+                    await self.expose_one(session, spec)
+                except RequestError as exc:
+                    self.refusals.refused(spec.name, exc)
+                    if can_heal(exc.code):
+                        continue
+                except SessionClosedError:
+                    return
+            self._maybe_ready()
+            return
 
     def _maybe_ready(self) -> None:
         """READY=1 for systemd once every service is exposed (at once for a client without -R)."""
@@ -268,18 +307,14 @@ class _Client:
             self.ready_sent = True
             notify.ready()
 
-    async def _expose(self, session: Session, spec: RemoteSpec) -> int | None:
-        """One EXPOSE request: None when the server bound the service, else its refusal's error code.
+    async def expose_one(self, session: Session, spec: RemoteSpec) -> None:
+        """Ask the server for ``spec``'s public port; prints ``exposed NAME HOST:PORT``.
 
         Raises:
-            SessionClosedError: the link ended meanwhile.
-            ServiceRefusedError: a refusal with ``exit_on_refusal``.
+            RequestError: the server refused (port not allowed, in use, ...).
+            SessionClosedError: the link ended first.
         """
-        try:
-            reply = await session.request(EXPOSE, {"name": spec.name, "bind": spec.bind_host, "port": spec.bind_port})
-        except RequestError as exc:
-            self.refusals.refused(spec.name, exc)
-            return exc.code
+        reply = await session.request(EXPOSE, {"name": spec.name, "bind": spec.bind_host, "port": spec.bind_port})
         self.refusals.exposed(spec.name)
         bound = HostPort(host=str(reply["host"]), port=int(reply["port"]))
         self.exposed[spec.name] = bound
@@ -291,7 +326,30 @@ class _Client:
             format_hostport(spec.target_host, spec.target_port),
             address,
         )
-        return None
+
+    async def unexpose_one(self, session: Session, name: str) -> None:
+        """Ask the server to release ``name``'s public port (its open connections carry on); prints ``unexposed
+        NAME``. Raises RequestError (e.g. a server too old to know UNEXPOSE) or SessionClosedError."""
+        await session.request(UNEXPOSE, {"name": name})
+        self.exposed.pop(name, None)
+        announce(f"unexposed {name}")
+        logger.info("unexposed %s: the server released its public port", name)
+
+    async def _control_loop(self, session: Session) -> None:
+        """The server's requests: the notice that it released a service's port (its reload no longer allows it)."""
+        while True:
+            try:
+                request = await session.receive_request()
+            except SessionClosedError:
+                return
+            body = request.body if isinstance(request.body, Mapping) else {}
+            name = body.get("name")
+            if request.kind == UNEXPOSED and isinstance(name, str):
+                if self.exposed.pop(name, None) is not None:
+                    announce(f"unexposed {name}")
+                    logger.warning("the server released %s: %s", name, body.get("reason") or "no reason given")
+            else:
+                request.reply_error(ErrorCode.PROHIBITED, {"message": f"unknown request {request.kind!r}"})
 
     # ---------------------------------------------------------------------------------------- reverse (-R)
 
@@ -305,10 +363,10 @@ class _Client:
     # ---------------------------------------------------------------------------------------- forward (-L)
 
     async def serve_forward(
-        self, spec: LocalSpec, listeners: list[trio.SocketListener], handlers: trio.Nursery
+        self, slot: ForwardSlot, listeners: list[trio.SocketListener], handlers: trio.Nursery
     ) -> None:
         try:
-            await serve_tcp(partial(self.traffic.carry, _Forward(self, spec)), listeners, handler_nursery=handlers)
+            await serve_tcp(partial(self.traffic.carry, _Forward(self, slot)), listeners, handler_nursery=handlers)
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
@@ -328,10 +386,14 @@ class _Forward:
     which dials ``spec``'s target for it."""
 
     client: _Client
-    spec: LocalSpec
+    slot: ForwardSlot
     route: ClassVar[str] = FORWARD_ROUTE
     other: ClassVar[str] = "server"
     words: ClassVar[tuple[str, str]] = FORWARD_WORDS
+
+    @property
+    def spec(self) -> LocalSpec:
+        return self.slot.spec
 
     @property
     def label(self) -> str:
@@ -363,6 +425,11 @@ def _unverified(server: str, exc: Exception, presented: str | None) -> str:
     )
 
 
+def destination(spec: RemoteSpec) -> Destination:
+    """Where the server's streams for service ``spec`` go: its local target."""
+    return Destination(spec.target_host, spec.target_port, spec.name, "local service")
+
+
 def client_tls(config: ClientConfig) -> ClientTls | None:
     """The client's TLS settings; None with ``insecure_plaintext``."""
     if config.insecure_plaintext:
@@ -375,6 +442,7 @@ async def run_client(
     shutdown: Shutdown,
     *,
     rng: random.Random | None = None,
+    reload: Callable[[], ClientConfig] | None = None,
     task_status: trio.TaskStatus[dict[str, HostPort]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the client until ``shutdown`` is requested (then drain for at most ``shutdown.drain_timeout``).
@@ -382,48 +450,53 @@ async def run_client(
     ``task_status.started(exposed)`` fires once the first link is up and its services are registered, with the
     public address the server bound for each service that it accepted (empty if shut down before connecting).
 
+    With ``reload`` (the CLI reads its command line and files again; raises ConfigError), SIGHUP applies the new
+    config on the live link (:func:`trio_tunnel.client_reload.apply_client_reload`); without it, SIGHUP is not
+    handled here.
+
     Raises:
         HandshakeError: the server refused the token or speaks an incompatible version (retrying cannot help).
         ServiceRefusedError: the server refused a service and ``config.exit_on_refusal`` is set.
         OSError: a ``-L`` listener cannot be bound.
     """
     try:
-        await _run_client(config, shutdown, rng or random.Random(), task_status)
+        with sighup_receiver(reload is not None) as hups:
+            await _run_client(config, shutdown, rng or random.Random(), reload, hups, task_status)
     except BaseExceptionGroup as group:  # internal nurseries: surface the one real error
         raise unwrap_group(group) from None
 
 
 async def _run_client(
-    config: ClientConfig, shutdown: Shutdown, rng: random.Random, task_status: trio.TaskStatus[dict[str, HostPort]]
+    config: ClientConfig,
+    shutdown: Shutdown,
+    rng: random.Random,
+    reload: Callable[[], ClientConfig] | None,
+    hups: AsyncIterator[int] | None,
+    task_status: trio.TaskStatus[dict[str, HostPort]],
 ) -> None:
+    from .client_reload import apply_client_reload
+
     client = _Client(config, shutdown, rng)
     async with trio.open_nursery() as handlers:  # -L connections: they outlive the accept loops, for the drain
         async with trio.open_nursery() as nursery:
-            accepting: list[trio.CancelScope] = []  # one per -L: a CancelScope can enter only one with block
+            forwards = ForwardSet(client.serve_forward, nursery, handlers)
             for spec in config.locals:
-                listeners = await trio.open_tcp_listeners(spec.bind_port, host=spec.bind_host)
-                host, port = listeners[0].socket.getsockname()[:2]
-                announce(f"forwarding {spec.name} {format_hostport(str(host), int(port))}")
-                logger.info(
-                    "forwarding %s to %s through the server",
-                    format_hostport(str(host), int(port)),
-                    format_hostport(spec.target_host, spec.target_port),
-                )
-                accepting.append(scope := trio.CancelScope())
-                nursery.start_soon(_scoped, scope, client.serve_forward, spec, listeners, handlers)
+                forwards.start(await forwards.bind(spec))
+            reloading = trio.CancelScope()
 
             async def stop_accepting() -> None:
                 await shutdown.requested.wait()
-                for scope in accepting:
-                    scope.cancel(reason="shutting down")
+                reloading.cancel(reason="shutting down")
+                forwards.stop_all()
+
+            async def reload_on_sighup(signals: AsyncIterator[int], load: Callable[[], ClientConfig]) -> None:
+                with reloading:
+                    await reload_on_signals(signals, load, partial(apply_client_reload, client, forwards))
 
             nursery.start_soon(stop_accepting)
+            if hups is not None and reload is not None:
+                nursery.start_soon(reload_on_sighup, hups, reload)
             exposed = await nursery.start(client.link_loop)
             task_status.started(exposed)
         handlers.cancel_scope.cancel(reason="client shut down")
     logger.info("client stopped")
-
-
-async def _scoped(scope: trio.CancelScope, fn: Callable[..., Awaitable[None]], *args: object) -> None:
-    with scope:
-        await fn(*args)

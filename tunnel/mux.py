@@ -111,6 +111,12 @@ class Session:
         return self._dead is not None
 
     @property
+    def peer_token(self) -> bytes | None:
+        """Server side: the token this client authenticated with (None without authentication), so that a reload
+        which removes the token can end exactly the sessions that used it."""
+        return self._conn.peer_token
+
+    @property
     def close_reason(self) -> str:
         return self._dead.reason if self._dead is not None else ""
 

@@ -3,7 +3,7 @@ stream to the client (``-R``), and dial allowed targets for the client's forward
 
 Structure (every task has an owner):
 
-    run_server                      nursery: link listener, shutdown watcher
+    run_server                      nursery: link listener, shutdown watcher, SIGHUP (_Server.reload)
       _Server.handle_link(tcp)      one per client link: handshake, then
         open_session                  the session's reader/writer/timer tasks
         nursery:                      control requests, forward streams, one listener task per exposed service
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import errno
 import logging
-import signal
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import suppress
 from functools import partial
 from typing import ClassVar, Final
 
@@ -38,15 +38,17 @@ from .handlers import FORWARD_WORDS, REVERSE_WORDS, Destination, Meta, Traffic
 from .lifecycle import Shutdown
 from .link import LinkMismatchError, ServerTls, refuse_link, secure_server_link
 from .mux import MuxStream, Request, Role, Session, open_session
+from .reload import ReloadError, one_line, plan_server, reload_on_signals, sighup_receiver
 from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
-from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, session_config
+from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, UNEXPOSE, UNEXPOSED, session_config
 
 __all__ = ["run_server"]
 
 logger: Final = logging.getLogger(__name__)
 
 MAX_REMEMBERED_PORTS: Final = 4096
+TOKEN_REMOVED: Final = "the server no longer accepts this client's token"
 
 
 @attrs.define(eq=False)
@@ -65,6 +67,8 @@ class _Link:
     """One per exposed service: its accept loop (its connections live in the link's nursery)."""
     traffic: Traffic = attrs.field(factory=lambda: Traffic(logger))
     """External connections and forwards in flight (graceful shutdown waits for them)."""
+    exposures: dict[str, _Exposure] = attrs.field(factory=dict)
+    """Service name -> its listener, for UNEXPOSE and reloads."""
 
     async def drain(self) -> None:
         """Stop accepting on the public ports, GOAWAY, wait for the work in flight, then end the link."""
@@ -74,6 +78,17 @@ class _Link:
         await self.traffic.drained()
         self.scope.cancel(reason="drained")
         await self.done.wait()
+
+
+@attrs.define(eq=False)
+class _Exposure:
+    """One exposed service's public port: cancelling ``scope`` releases it (``closed`` is set once it is closed);
+    the connections already accepted carry on in the link's nursery."""
+
+    port: int
+    limiter: trio.CapacityLimiter
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    closed: trio.Event = attrs.field(factory=trio.Event)
 
 
 @attrs.define(eq=False)
@@ -108,25 +123,54 @@ class _Server:
         await trio.aclose_forcefully(transport)
         return None
 
-    async def reload_tls_on_sighup(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Re-read --tls-cert/--tls-key on SIGHUP (a renewed certificate needs no restart). New links use the new
-        files; live links keep theirs. Files that cannot be used change nothing: the old ones stay, with one log
-        line saying why. Without such files SIGHUP only says so: the signal's default action would end the server,
-        and ``systemctl reload`` (the unit's ExecReload) must never do that."""
-        cfg = self.config
-        with trio.open_signal_receiver(signal.SIGHUP) as signals:
-            task_status.started()  # from here on a SIGHUP is ours (READY=1 waits for this)
-            async for _ in signals:
-                if cfg.tls_cert is None or cfg.tls_key is None:
-                    logger.info("SIGHUP: nothing to reload (only --tls-cert/--tls-key files are re-read)")
-                    continue
-                try:
-                    tls = ServerTls.from_files(cfg.tls_cert, cfg.tls_key)
-                except (ConfigError, OSError) as exc:
-                    logger.error("SIGHUP: kept the current TLS certificate: %s", exc)
-                    continue
-                self.tls = tls
-                logger.info("SIGHUP: reloaded the TLS certificate %s (fingerprint %s)", cfg.tls_cert, tls.fingerprint)
+    async def reload(self, new: ServerConfig) -> None:
+        """Apply a re-read config (SIGHUP): new tokens, allowed ports and targets, limits, timeouts and TLS files.
+        A client whose token was removed is disconnected; a service on a port no longer allowed is released (its
+        open connections carry on); everything else is untouched.
+
+        Raises:
+            ReloadError: the new config cannot be used (then nothing has changed).
+        """
+        plan = plan_server(self.config, new)
+        tls = self.tls
+        if plan.tls_files:
+            try:
+                tls = server_tls(new)  # the files, or (tls_cert dropped) the server's own key in state_dir
+            except (ConfigError, OSError) as exc:
+                logger.error("SIGHUP: kept the current TLS certificate: %s", exc)
+                raise ReloadError(one_line(exc)) from None
+        # Nothing below can fail or checkpoint: the new config takes effect all at once.
+        self.config, self.tls = new, tls
+        if plan.tls_files and tls is not None:
+            where = new.tls_cert or "of the server's own key"
+            logger.info("SIGHUP: reloaded the TLS certificate %s (fingerprint %s)", where, tls.fingerprint)
+        released: list[_Exposure] = []
+        for link in list(self.links.values()):
+            if not plan.keeps_token(link.session.peer_token):
+                logger.warning(
+                    "client %r from %s: its token was removed on reload; disconnecting it", link.name, link.peer
+                )
+                link.session.go_away(ErrorCode.AUTH, TOKEN_REMOVED)
+                link.scope.cancel(reason="its token was removed")
+                continue
+            for name, exposure in link.exposures.items():
+                exposure.limiter.total_tokens = new.max_connections_per_service
+                if not plan.keeps_port(exposure.port):
+                    logger.warning(
+                        "client %r: released %s on port %d: the port is no longer allowed (allow_ports %s)",
+                        link.name,
+                        name,
+                        exposure.port,
+                        new.allow_ports,
+                    )
+                    exposure.scope.cancel(reason="port no longer allowed")
+                    released.append(exposure)
+                    why = f"port {exposure.port} is no longer allowed by the server (allow_ports {new.allow_ports})"
+                    with suppress(SessionClosedError):
+                        link.session.notify(UNEXPOSED, {"name": name, "reason": why})
+        for exposure in released:  # "reloaded" means the ports are closed
+            await exposure.closed.wait()
+        logger.info("SIGHUP: reloaded the configuration (%s)", plan.summary())
 
     async def handle_link(self, transport: TcpStream) -> None:
         peer = peer_address(transport)
@@ -158,6 +202,9 @@ class _Server:
         name = session.peer_name
         if self.shutdown.requested.is_set():
             session.go_away(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+            return
+        if self.config.tokens and session.peer_token not in self.config.tokens:  # removed by a reload meanwhile
+            session.go_away(ErrorCode.AUTH, TOKEN_REMOVED)
             return
         old = self.links.get(name)
         if old is None and len(self.links) >= self.config.max_clients:
@@ -216,6 +263,8 @@ class _Server:
                 return
             if request.kind == EXPOSE:
                 await self._expose(session, link, request, nursery)
+            elif request.kind == UNEXPOSE:
+                await self._unexpose(link, request)
             else:
                 request.reply_error(ErrorCode.PROHIBITED, {"message": f"unknown request {request.kind!r}"})
 
@@ -248,9 +297,25 @@ class _Server:
         self._remember(link.name, name, int(bound))
         address = format_hostport(str(host), int(bound))
         link.services[name] = address
+        limiter = trio.CapacityLimiter(self.config.max_connections_per_service)
+        exposure = link.exposures[name] = _Exposure(int(bound), limiter)
         logger.info("client %r: exposing %s on %s", link.name, name, address)
-        nursery.start_soon(self._serve_service, session, link, name, listeners, nursery)
+        nursery.start_soon(self._serve_service, session, link, name, listeners, nursery, exposure)
         request.reply({"host": str(host), "port": int(bound)})
+
+    async def _unexpose(self, link: _Link, request: Request) -> None:
+        """Release a service's public port (the client's reload removed or changed it); open connections carry on.
+        The reply comes once the port is closed, so the client may expose a service on it again at once."""
+        body = request.body if isinstance(request.body, Mapping) else {}
+        name = body.get("name")
+        exposure = link.exposures.get(name) if isinstance(name, str) else None
+        if exposure is None:
+            request.reply_error(ErrorCode.UNKNOWN_ROUTE, {"message": f"service {name!r} is not exposed"})
+            return
+        exposure.scope.cancel(reason="unexposed by the client")
+        await exposure.closed.wait()
+        logger.info("client %r: unexposed %s (port %d); its open connections carry on", link.name, name, exposure.port)
+        request.reply({})
 
     def _remember(self, client: str, service: str, port: int) -> None:
         key = (client, service)
@@ -283,11 +348,17 @@ class _Server:
     # ---------------------------------------------------------------------------------------- reverse (-R)
 
     async def _serve_service(
-        self, session: Session, link: _Link, name: str, listeners: list[trio.SocketListener], handlers: trio.Nursery
+        self,
+        session: Session,
+        link: _Link,
+        name: str,
+        listeners: list[trio.SocketListener],
+        handlers: trio.Nursery,
+        exposure: _Exposure,
     ) -> None:
-        entrance = _Service(link, session, name, trio.CapacityLimiter(self.config.max_connections_per_service))
+        entrance = _Service(link, session, name, exposure.limiter)
         handler = partial(link.traffic.carry, entrance)  # a partial: no frame per connection
-        accepting = trio.CancelScope()
+        accepting = exposure.scope
         link.accepting.append(accepting)
         try:
             with accepting:
@@ -296,6 +367,10 @@ class _Server:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
             link.services.pop(name, None)
+            link.accepting.remove(accepting)
+            if link.exposures.get(name) is exposure:
+                del link.exposures[name]
+            exposure.closed.set()
 
     # ---------------------------------------------------------------------------------------- forward (-L)
 
@@ -391,15 +466,34 @@ def server_tls(config: ServerConfig) -> ServerTls | None:
 
 
 async def run_server(
-    config: ServerConfig, shutdown: Shutdown, *, task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED
+    config: ServerConfig,
+    shutdown: Shutdown,
+    *,
+    reload: Callable[[], ServerConfig] | None = None,
+    task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve client links until ``shutdown`` is requested, then drain for at most ``shutdown.drain_timeout``.
 
     Prints ``listening HOST:PORT`` once per listening address; ``task_status.started`` gets the first one.
 
+    On SIGHUP, ``reload()`` (the CLI reads its command line and files again; raises ConfigError) is applied: see
+    :meth:`_Server.reload`. Without ``reload``, SIGHUP re-reads ``tls_cert``/``tls_key`` if they are set, and is
+    not handled otherwise (so a library caller keeps its own SIGHUP).
+
     Raises:
         OSError: the link port cannot be bound (address in use, permission denied, no such address).
     """
+    with sighup_receiver(reload is not None or config.tls_cert is not None) as hups:
+        await _run_server(config, shutdown, reload, hups, task_status)
+
+
+async def _run_server(
+    config: ServerConfig,
+    shutdown: Shutdown,
+    reload: Callable[[], ServerConfig] | None,
+    hups: AsyncIterator[int] | None,
+    task_status: trio.TaskStatus[HostPort],
+) -> None:
     tls = server_tls(config)
     listeners = await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
     server = _Server(config, shutdown, tls)
@@ -428,8 +522,9 @@ async def run_server(
             acceptor.start_soon(
                 partial(serve_tcp, server.handle_link, listeners, handler_nursery=handlers, keepalive=False)
             )  # links have PING
-            await acceptor.start(server.reload_tls_on_sighup)
-            notify.ready()
+            if hups is not None:
+                acceptor.start_soon(reload_on_signals, hups, reload or (lambda: server.config), server.reload)
+            notify.ready()  # SIGHUP has been ours since before the first stdout line (sighup_receiver)
             task_status.started(addresses[0])
             await shutdown.requested.wait()
             acceptor.cancel_scope.cancel(reason="shutting down: no new links")

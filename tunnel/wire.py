@@ -13,7 +13,7 @@ import attrs
 from .config import Timeouts
 from .mux import Role, SessionConfig
 
-__all__ = ["CLIENT_MAX_STREAMS", "EXPOSE", "FORWARD_ROUTE", "REPLACED", "session_config"]
+__all__ = ["CLIENT_MAX_STREAMS", "EXPOSE", "FORWARD_ROUTE", "REPLACED", "UNEXPOSE", "UNEXPOSED", "session_config"]
 
 FORWARD_ROUTE: Final = "forward"
 """Route of client-opened streams: "dial ``meta["host"]:meta["port"]`` for me" (``-L``). Server-opened streams are
@@ -21,6 +21,15 @@ routed by service name (``-R``)."""
 
 EXPOSE: Final = "expose"
 """Control request kind: "bind a public port for my service" (body: ``name``, ``bind``, ``port``)."""
+
+UNEXPOSE: Final = "unexpose"
+"""Control request kind: "release the public port of my service" (body: ``name``; reply: ``{}``). Sent by a client
+whose config reload removed or changed a service; the service's open connections carry on. A server that does not
+know it answers PROHIBITED ("unknown request"), and the client's reload fails, changing nothing."""
+
+UNEXPOSED: Final = "unexposed"
+"""Control notification from the server (no reply): "I released the public port of your service" (body: ``name``,
+``reason``), when a server reload no longer allows its port. A client that does not know it ignores it."""
 
 REPLACED: Final = "replaced"
 """Start of the GOAWAY reason sent to a link that another client with the same name took over."""

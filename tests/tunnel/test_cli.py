@@ -216,7 +216,7 @@ def describe(config):
         out["locals"] = [str(r) for r in config.locals]
     return out
 
-async def run(config, shutdown, *, task_status=trio.TASK_STATUS_IGNORED):
+async def run(config, shutdown, *, reload=None, task_status=trio.TASK_STATUS_IGNORED):
     if mode == "bind":
         listeners = await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
         task_status.started(None)
