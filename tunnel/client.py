@@ -82,6 +82,8 @@ class _Client:
     exposed: dict[str, HostPort] = attrs.field(factory=dict)
     """Service name -> the public address the server bound for it on the current link."""
     tls: ClientTls | None = attrs.field(init=False)
+    on_session: Callable[[Session | None], object] | None = None
+    """Told each link's session once its services are registered, and None when it ends (trio_tunnel.testing)."""
 
     def __attrs_post_init__(self) -> None:
         self.tls = client_tls(self.config)
@@ -96,6 +98,8 @@ class _Client:
         self.session = session
         self.session_changed.set()
         self.session_changed = trio.Event()
+        if self.on_session is not None:
+            self.on_session(session)
 
     # ------------------------------------------------------------------------------------------ the link
 
@@ -327,27 +331,34 @@ async def run_client(
     shutdown: Shutdown,
     *,
     rng: random.Random | None = None,
+    on_session: Callable[[Session | None], object] | None = None,
     task_status: trio.TaskStatus[dict[str, HostPort]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the client until ``shutdown`` is requested (then drain for at most ``shutdown.drain_timeout``).
 
     ``task_status.started(exposed)`` fires once the first link is up and its services are registered, with the
     public address the server bound for each service that it accepted (empty if shut down before connecting).
+    ``on_session`` (if given) is called with each link's session once its services are registered, and with None
+    when that link ends: how :mod:`trio_tunnel.testing` knows when a link is back, without polling.
 
     Raises:
         HandshakeError: the server refused the token or speaks an incompatible version (retrying cannot help).
         OSError: a ``-L`` listener cannot be bound.
     """
     try:
-        await _run_client(config, shutdown, rng or random.Random(), task_status)
+        await _run_client(config, shutdown, rng or random.Random(), task_status, on_session)
     except BaseExceptionGroup as group:  # internal nurseries: surface the one real error
         raise unwrap_group(group) from None
 
 
 async def _run_client(
-    config: ClientConfig, shutdown: Shutdown, rng: random.Random, task_status: trio.TaskStatus[dict[str, HostPort]]
+    config: ClientConfig,
+    shutdown: Shutdown,
+    rng: random.Random,
+    task_status: trio.TaskStatus[dict[str, HostPort]],
+    on_session: Callable[[Session | None], object] | None = None,
 ) -> None:
-    client = _Client(config, shutdown, rng)
+    client = _Client(config, shutdown, rng, on_session=on_session)
     async with trio.open_nursery() as handlers:  # -L connections: they outlive the accept loops, for the drain
         async with trio.open_nursery() as nursery:
             accepting: list[trio.CancelScope] = []  # one per -L: a CancelScope can enter only one with block
