@@ -215,10 +215,15 @@ class Tunnel:
         session = self.client.session
         if session is None:
             return 0
-        # Session keeps its streams private; this is the one place outside mux that needs to enumerate them.
+        # What an RST from the server does, at both layers: the connection state sends RST (so the server resets the
+        # external connection) and the stream object fails its waiters as after the peer's RST (so the client's
+        # splice resets the connection to the local service). Session keeps its streams private and these two calls
+        # are its internal stream interface: the testing harness is the one user outside mux and stream.
         streams = list(session._streams.values())
+        reason = "reset by the test (Tunnel.reset_streams)"
         for stream in streams:
-            stream.on_reset(ErrorCode.CONN_RESET, "reset by the test (Tunnel.reset_streams)")
+            session.stream_reset(stream.stream_id, ErrorCode.CONN_RESET, reason)
+            stream.on_reset(ErrorCode.CONN_RESET, reason)
         return len(streams)
 
 

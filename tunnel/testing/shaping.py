@@ -72,6 +72,8 @@ class _Pipe:
     server: trio.SocketStream
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     cut: bool = False
+    paused: bool = False
+    """Stalled by ``pause(existing_only=True)``."""
     free_at: list[float] = attrs.field(factory=lambda: [-math.inf, -math.inf])
     """Per direction (0: to the server, 1: to the client): when the simulated wire is free again."""
 
@@ -123,15 +125,23 @@ class Link:
             raise ValueError(f"bandwidth needs bytes_per_second > 0 (or None: unlimited), got {bytes_per_second!r}")
         self._rate = None if bytes_per_second is None else float(bytes_per_second)
 
-    def pause(self) -> None:
-        """Stall the link: nothing is forwarded either way (what is in flight stays there) until :meth:`resume`."""
-        if not self._paused:
+    def pause(self, *, existing_only: bool = False) -> None:
+        """Stall the link: nothing is forwarded either way (what is in flight stays there, no FIN, no RST) until
+        :meth:`resume`. The client's reconnects stall too, unless ``existing_only``: then only the connections
+        open now stall, as when a NAT box forgets them, and a reconnect gets through."""
+        if existing_only:
+            for pipe in self._pipes:
+                pipe.paused = True
+        else:
             self._paused = True
+        if self._resumed.is_set():
             self._resumed = trio.Event()
 
     def resume(self) -> None:
         """Forward again, starting with what was held while paused."""
         self._paused = False
+        for pipe in self._pipes:
+            pipe.paused = False
         self._resumed.set()
 
     def cut(self) -> int:
@@ -164,7 +174,7 @@ class Link:
             latency=self._latency,
             jitter=self._jitter,
             bandwidth=self._rate,
-            paused=self._paused,
+            paused=self._paused or any(pipe.paused for pipe in self._pipes),
         )
 
     async def wait_idle(self) -> None:
@@ -245,7 +255,7 @@ class Link:
         async with queue:
             async for due, data in queue:
                 await trio.sleep_until(due)
-                await self._unpaused()
+                await self._unpaused(pipe)
                 if data is None:  # the source was reset: reset the destination too, after what came before
                     self._abort_pipe(pipe)
                     return
@@ -266,13 +276,13 @@ class Link:
                 finish = max(trio.current_time(), pipe.free_at[way]) + size / rate
                 pipe.free_at[way] = finish
                 await trio.sleep_until(finish)
-                await self._unpaused()
+                await self._unpaused(pipe)
             await dst.send_all(data[:size])
             self._bytes[way] += size
             data = data[size:]
 
-    async def _unpaused(self) -> None:
-        while self._paused:
+    async def _unpaused(self, pipe: _Pipe) -> None:
+        while self._paused or pipe.paused:
             await self._resumed.wait()
 
     @staticmethod
