@@ -23,6 +23,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._fixtures import TunnelFactory
     from .harness import (
         TEST_TIMEOUTS,
         Local,
@@ -46,6 +47,7 @@ __all__ = [
     "Tunnel",
     "TunnelCheckError",
     "TunnelClient",
+    "TunnelFactory",
     "TunnelServer",
     "TunnelStatistics",
     "open_tunnel",
@@ -56,6 +58,7 @@ __all__ = [
 _HOMES = {
     **dict.fromkeys(["Identity", "throwaway_identity"], "identity"),
     **dict.fromkeys(["Link", "LinkStatistics"], "shaping"),
+    "TunnelFactory": "_fixtures",
 }
 
 
