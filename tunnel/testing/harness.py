@@ -54,7 +54,7 @@ leaving the block may wait for connections the test left open). Any field can be
 STOP_MARGIN: Final = 5.0
 """Seconds beyond the drain time that an end may take to stop before it counts as leaked."""
 
-Local: TypeAlias = "int | tuple[str, int] | Callable[[], Awaitable[trio.abc.Stream]]"
+Local: TypeAlias = int | tuple[str, int] | Callable[[], Awaitable[trio.abc.Stream]]
 """What a tunnel exposes: a port on 127.0.0.1, a ``(host, port)``, or a factory of streams (called for each
 tunnelled connection; say ``functools.partial(trio.open_unix_socket, path)``)."""
 
