@@ -272,3 +272,19 @@ async def test_options_go_to_the_right_end_and_unknown_ones_are_refused() -> Non
                 async with open_tunnel(port, no_such_thing=1):
                     pass
             nursery.cancel_scope.cancel()
+
+
+async def test_an_end_that_does_not_stop_is_reported(autojump_clock: trio.testing.MockClock) -> None:
+    """The leak check itself: an end whose task never ends after its shutdown request is named, after its drain
+    time and the margin (virtual seconds here), instead of hanging the test."""
+    from trio_tunnel.lifecycle import Shutdown
+    from trio_tunnel.testing.harness import STOP_MARGIN, _stop
+
+    problems: list[str] = []
+    shutdown = Shutdown(drain_timeout=2)
+    with trio.fail_after(60):
+        started = trio.current_time()
+        await _stop("client", shutdown, trio.Event(), problems)
+    assert shutdown.requested.is_set()
+    assert trio.current_time() - started == 2 + STOP_MARGIN
+    assert problems == [f"the client did not stop within {2 + STOP_MARGIN:g} s of its shutdown"]

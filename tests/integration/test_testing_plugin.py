@@ -85,3 +85,45 @@ def test_without_pytest_trio_the_plugin_adds_nothing() -> None:
     fixtures, modules = run.stdout.splitlines()
     assert fixtures == "[]"
     assert modules == "[]", modules
+
+
+FAILING = """
+import logging
+
+import pytest
+import trio
+
+
+async def serve_nothing(stream):
+    await stream.aclose()
+
+
+@pytest.mark.trio
+async def test_an_error_is_logged_while_the_tunnel_runs(trio_tunnel, nursery):
+    listeners = await nursery.start(trio.serve_tcp, serve_nothing, 0)
+    await trio_tunnel(listeners[0].socket.getsockname()[1])
+    logging.getLogger("trio_tunnel.server").error("a swallowed error")
+
+
+@pytest.mark.trio
+async def test_the_server_fixture_checks_too(tunnel_server):
+    logging.getLogger("trio_tunnel.server").error("another one")
+"""
+
+
+def test_a_failed_check_fails_the_test_through_the_fixture(tmp_path: Path) -> None:
+    """Without trio_mode (the ``trio`` marker instead): a swallowed error fails the test. (pytest-trio runs a Trio
+    fixture's teardown inside the test's own Trio run, so it is reported as the test's failure, not an error.)"""
+    (tmp_path / "test_failing.py").write_text(FAILING)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "trio_mode=false", "test_failing.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "2 failed" in run.stdout, run.stdout
+    assert "TunnelCheckError: leaving the tunnel: error logged: trio_tunnel.server: a swallowed error" in run.stdout
+    assert "TunnelCheckError: leaving the tunnel: error logged: trio_tunnel.server: another one" in run.stdout

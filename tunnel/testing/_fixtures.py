@@ -3,8 +3,8 @@
 Both are function-scoped Trio fixtures: pytest-trio runs each in a task of its own that lives as long as the test,
 so a tunnel opened from the test (``await trio_tunnel(port)``) is started *in the fixture's nursery*, not the
 test's, and outlives nothing it should not. A tunnel's failure while the test runs (an end raised) cancels the
-test with that error; a failed check on leaving (:class:`~trio_tunnel.testing.TunnelCheckError`) is reported as
-the fixture's teardown error.
+test with that error; a failed check on leaving (:class:`~trio_tunnel.testing.TunnelCheckError`) fails the test
+too (pytest-trio runs the teardown of Trio fixtures inside the test's Trio run).
 """
 
 from __future__ import annotations
