@@ -11,7 +11,12 @@ import importlib.metadata
 import re
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
+
+import trio
+from trio_tunnel.testing import TunnelServer
+from tunnel_helpers import cli, hostport, read_all
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SECTION = "## Testing with trio-tunnel"
@@ -127,3 +132,22 @@ def test_a_failed_check_fails_the_test_through_the_fixture(tmp_path: Path) -> No
     assert "2 failed" in run.stdout, run.stdout
     assert "TunnelCheckError: leaving the tunnel: error logged: trio_tunnel.server: a swallowed error" in run.stdout
     assert "TunnelCheckError: leaving the tunnel: error logged: trio_tunnel.server: another one" in run.stdout
+
+
+async def test_the_cli_joins_the_tunnel_server(tunnel_server: TunnelServer, nursery: trio.Nursery) -> None:
+    """``client_args()`` is what ``trio-tunnel client`` needs to join (address, token, pin)."""
+
+    async def hello(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(b"hello from the service")
+
+    with trio.fail_after(30):
+        listeners = await nursery.start(partial(trio.serve_tcp, hello, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        async with cli(
+            nursery, "client", *tunnel_server.client_args(), "-R", f"svc=127.0.0.1:0:127.0.0.1:{port}", test_tls=False
+        ) as proc:
+            public = hostport(await proc.expect(r"exposed svc (\S+)"))
+            assert await read_all(await trio.open_tcp_stream(*public)) == b"hello from the service"
+            proc.interrupt()
+            assert await proc.wait() == 0, proc.stderr

@@ -122,9 +122,9 @@ class TunnelServer:
         """The ``trio-tunnel client`` flags that reach this server (add ``-R ...``); the token is on the command
         line, which is fine for a throwaway one."""
         args = ["--server", f"{self.address[0]}:{self.address[1]}", "--token", self.token.decode()]
-        if self.fingerprint is None:
+        if self.config.insecure_plaintext:
             return [*args, "--insecure-plaintext"]
-        return [*args, "--server-fingerprint", self.fingerprint]
+        return [*args, "--server-fingerprint", self.fingerprint] if self.fingerprint else args
 
 
 def _timeouts(fields: dict[str, Any], options: dict[str, Any]) -> Timeouts:
