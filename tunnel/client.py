@@ -96,6 +96,8 @@ class _Client:
     """A reload changed the link's settings: the current link (if any) ends and a new one starts at once."""
     link_watch: trio.CancelScope | None = None
     """The link's serving scope, or the backoff wait between links: :meth:`relink` cancels it."""
+    on_session: Callable[[Session | None], object] | None = None
+    """Told each link's session once its services are registered, and None when it ends (trio_tunnel.testing)."""
 
     def __attrs_post_init__(self) -> None:
         self.refusals = Refusals(self.config.exit_on_refusal, logger)
@@ -121,6 +123,8 @@ class _Client:
         self.session = session
         self.session_changed.set()
         self.session_changed = trio.Event()
+        if self.on_session is not None:
+            self.on_session(session)
 
     # ------------------------------------------------------------------------------------------ the link
 
@@ -443,12 +447,15 @@ async def run_client(
     *,
     rng: random.Random | None = None,
     reload: Callable[[], ClientConfig] | None = None,
+    on_session: Callable[[Session | None], object] | None = None,
     task_status: trio.TaskStatus[dict[str, HostPort]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the client until ``shutdown`` is requested (then drain for at most ``shutdown.drain_timeout``).
 
     ``task_status.started(exposed)`` fires once the first link is up and its services are registered, with the
     public address the server bound for each service that it accepted (empty if shut down before connecting).
+    ``on_session`` (if given) is called with each link's session once its services are registered, and with None
+    when that link ends: how :mod:`trio_tunnel.testing` knows when a link is back, without polling.
 
     With ``reload`` (the CLI reads its command line and files again; raises ConfigError), SIGHUP applies the new
     config on the live link (:func:`trio_tunnel.client_reload.apply_client_reload`); without it, SIGHUP is not
@@ -461,7 +468,7 @@ async def run_client(
     """
     try:
         with sighup_receiver(reload is not None) as hups:
-            await _run_client(config, shutdown, rng or random.Random(), reload, hups, task_status)
+            await _run_client(config, shutdown, rng or random.Random(), reload, hups, task_status, on_session)
     except BaseExceptionGroup as group:  # internal nurseries: surface the one real error
         raise unwrap_group(group) from None
 
@@ -473,10 +480,11 @@ async def _run_client(
     reload: Callable[[], ClientConfig] | None,
     hups: AsyncIterator[int] | None,
     task_status: trio.TaskStatus[dict[str, HostPort]],
+    on_session: Callable[[Session | None], object] | None = None,
 ) -> None:
     from .client_reload import apply_client_reload
 
-    client = _Client(config, shutdown, rng)
+    client = _Client(config, shutdown, rng, on_session=on_session)
     async with trio.open_nursery() as handlers:  # -L connections: they outlive the accept loops, for the drain
         async with trio.open_nursery() as nursery:
             forwards = ForwardSet(client.serve_forward, nursery, handlers)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import pytest
 import trio
 from trio_tunnel.client import run_client
-from trio_tunnel.config import ClientConfig, HostPort, PortSet, RemoteSpec, ServerConfig, Timeouts
+from trio_tunnel.config import ClientConfig, HostPort, Timeouts
 from trio_tunnel.errors import NameTakenError
 from trio_tunnel.lifecycle import Shutdown
-from trio_tunnel.server import run_server
-from tunnel_helpers import tls_client, tls_server
+from trio_tunnel.testing import TunnelServer
 
-TOKEN = b"names-and-ports-token-0123456789"
 FAST = Timeouts(reconnect_initial=0.05, reconnect_max=0.2)
 
 
@@ -37,45 +35,34 @@ async def echo_once(address: HostPort, payload: bytes = b"ping") -> bytes:
     return got
 
 
-def client_config(server: HostPort, service_port: int, name: str = "dup") -> ClientConfig:
-    spec = RemoteSpec.parse(f"web=127.0.0.1:0:127.0.0.1:{service_port}")
-    return ClientConfig(**tls_client(), server=server, token=TOKEN, name=name, remotes=(spec,), timeouts=FAST)
+def client_config(server: TunnelServer, service_port: int, name: str = "dup") -> ClientConfig:
+    return server.client_config(f"web=127.0.0.1:0:127.0.0.1:{service_port}", name=name, timeouts=FAST)
 
 
-async def test_second_live_client_with_the_same_name_wins_and_the_first_stops() -> None:
+async def test_second_live_client_with_the_same_name_wins_and_the_first_stops(
+    tunnel_server: TunnelServer, nursery: trio.Nursery
+) -> None:
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            service = await nursery.start(echo_service)
-            server = await nursery.start(
-                run_server,
-                ServerConfig(
-                    **tls_server(),
-                    listen=HostPort(host="127.0.0.1", port=0),
-                    tokens=(TOKEN,),
-                    allow_ports=PortSet.parse("1024-65535"),
-                ),
-                Shutdown(),
-            )
-            first_error: list[NameTakenError] = []
-            first_up = trio.Event()
-            first_done = trio.Event()
+        service = await nursery.start(echo_service)
+        first_error: list[NameTakenError] = []
+        first_up = trio.Event()
+        first_done = trio.Event()
 
-            async def first() -> None:
-                with pytest.raises(NameTakenError) as info:
-                    await run_client(client_config(server, service), Shutdown(), task_status=_set_on_start(first_up))
-                first_error.append(info.value)
-                first_done.set()
+        async def first() -> None:
+            with pytest.raises(NameTakenError) as info:
+                await run_client(client_config(tunnel_server, service), Shutdown(), task_status=_set_on_start(first_up))
+            first_error.append(info.value)
+            first_done.set()
 
-            nursery.start_soon(first)
-            await first_up.wait()
-            second = Shutdown()
-            exposed = await nursery.start(run_client, client_config(server, service), second)
-            assert await echo_once(exposed["web"]) == b"ping"
-            await first_done.wait()  # the first client ends by itself; it does not fight for the name
-            assert "another client named 'dup'" in first_error[0].reason
-            assert "--name" in first_error[0].reason
-            assert await echo_once(exposed["web"], b"still the second") == b"still the second"
-            nursery.cancel_scope.cancel()
+        nursery.start_soon(first)
+        await first_up.wait()
+        second = Shutdown()
+        exposed = await nursery.start(run_client, client_config(tunnel_server, service), second)
+        assert await echo_once(exposed["web"]) == b"ping"
+        await first_done.wait()  # the first client ends by itself; it does not fight for the name
+        assert "another client named 'dup'" in first_error[0].reason
+        assert "--name" in first_error[0].reason
+        assert await echo_once(exposed["web"], b"still the second") == b"still the second"
 
 
 def _set_on_start(event: trio.Event) -> trio.TaskStatus[object]:
@@ -86,27 +73,19 @@ def _set_on_start(event: trio.Event) -> trio.TaskStatus[object]:
     return Status()  # type: ignore[return-value]
 
 
-async def test_a_service_on_port_0_keeps_its_public_port_when_its_client_reconnects() -> None:
+async def test_a_service_on_port_0_keeps_its_public_port_when_its_client_reconnects(
+    tunnel_server: TunnelServer, nursery: trio.Nursery
+) -> None:
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            service = await nursery.start(echo_service)
-            server = await nursery.start(
-                run_server,
-                ServerConfig(
-                    **tls_server(),
-                    listen=HostPort(host="127.0.0.1", port=0),
-                    tokens=(TOKEN,),
-                    allow_ports=PortSet.parse("1024-65535"),
-                ),
-                Shutdown(),
-            )
-            ports = []
-            for _ in range(3):
-                shutdown = Shutdown(drain_timeout=1)
-                async with trio.open_nursery() as client_nursery:
-                    exposed = await client_nursery.start(run_client, client_config(server, service, "sticky"), shutdown)
-                    assert await echo_once(exposed["web"]) == b"ping"
-                    ports.append(exposed["web"].port)
-                    shutdown.request()
-            assert ports[0] == ports[1] == ports[2] != 0
-            nursery.cancel_scope.cancel()
+        service = await nursery.start(echo_service)
+        ports = []
+        for _ in range(3):
+            shutdown = Shutdown(drain_timeout=1)
+            async with trio.open_nursery() as client_nursery:
+                exposed = await client_nursery.start(
+                    run_client, client_config(tunnel_server, service, "sticky"), shutdown
+                )
+                assert await echo_once(exposed["web"]) == b"ping"
+                ports.append(exposed["web"].port)
+                shutdown.request()
+        assert ports[0] == ports[1] == ports[2] != 0

@@ -20,6 +20,7 @@ import pytest
 import trio
 from trio_tunnel.config import PortSet
 from trio_tunnel.errors import HandshakeError
+from trio_tunnel.testing import TunnelFactory
 from tunnel_helpers import (
     FAST,
     LOCALHOST,
@@ -229,51 +230,52 @@ async def sized_handler(stream: trio.SocketStream) -> None:
         await stream.send_all(digest.digest())
 
 
-async def test_200_concurrent_connections_verified_by_sha256(stdout: Stdout, logs: LogWatch) -> None:
+async def test_200_concurrent_connections_verified_by_sha256(
+    trio_tunnel: TunnelFactory, nursery: trio.Nursery, logs: LogWatch
+) -> None:
     count = 200
     rng = random.Random(200)
     sizes = [(rng.randint(0, 512 * KiB), rng.randint(0, 512 * KiB)) for _ in range(count)]
     sizes[0], sizes[1] = (0, 0), (512 * KiB, 512 * KiB)  # the extremes, always
     verified: list[int] = []
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            service = await start_service(nursery, sized_handler)
-            tunnel = await open_tunnel(nursery, stdout, service.port, name="bulk")
-            all_connected = trio.Event()
-            connected = 0
+        service = await start_service(nursery, sized_handler)
+        tunnel = await trio_tunnel(service.port, name="bulk")
+        all_connected = trio.Event()
+        connected = 0
 
-            async def user(i: int, n_in: int, n_out: int) -> None:
-                nonlocal connected
-                request = random.Random(-i).randbytes(n_in)
-                stream = await trio.open_tcp_stream(LOCALHOST, tunnel.public)
-                connected += 1
-                if connected == count:
-                    all_connected.set()
-                await all_connected.wait()  # all 200 open at once before any byte moves
-                async with stream, trio.open_nursery() as inner:
+        async def user(i: int, n_in: int, n_out: int) -> None:
+            nonlocal connected
+            request = random.Random(-i).randbytes(n_in)
+            stream = await trio.open_tcp_stream(*tunnel.public_address)
+            connected += 1
+            if connected == count:
+                all_connected.set()
+            await all_connected.wait()  # all 200 open at once before any byte moves
+            async with stream, trio.open_nursery() as inner:
 
-                    async def send() -> None:
-                        await stream.send_all(HEADER.pack(n_in, n_out, i) + request)
-                        await stream.send_eof()
+                async def send() -> None:
+                    await stream.send_all(HEADER.pack(n_in, n_out, i) + request)
+                    await stream.send_eof()
 
-                    inner.start_soon(send)
-                    reply = await read_all(stream)
-                assert len(reply) == n_out + 32, (i, n_in, n_out, len(reply))
-                assert sha256(reply[:n_out]) == sha256(answer_bytes(i, n_out)), f"connection {i}: answer corrupted"
-                assert reply[n_out:] == sha256(request), f"connection {i}: request corrupted"
-                verified.append(i)
+                inner.start_soon(send)
+                reply = await read_all(stream)
+            assert len(reply) == n_out + 32, (i, n_in, n_out, len(reply))
+            assert sha256(reply[:n_out]) == sha256(answer_bytes(i, n_out)), f"connection {i}: answer corrupted"
+            assert reply[n_out:] == sha256(request), f"connection {i}: request corrupted"
+            verified.append(i)
 
-            async with trio.open_nursery() as users:
-                for i, (n_in, n_out) in enumerate(sizes):
-                    users.start_soon(user, i, n_in, n_out)
-            assert sorted(verified) == list(range(count))
-            assert service.accepted == count
-            assert not logs.matching("refused|could not serve|cannot serve", logging.WARNING)
-            await tunnel.stop()
-            await service.stop()
+        async with trio.open_nursery() as users:
+            for i, (n_in, n_out) in enumerate(sizes):
+                users.start_soon(user, i, n_in, n_out)
+        assert sorted(verified) == list(range(count))
+        assert service.accepted == count
+        assert not logs.matching("refused|could not serve|cannot serve", logging.WARNING)
 
 
-async def test_half_close_user_sends_eof_then_reads_the_full_reply(stdout: Stdout) -> None:
+async def test_half_close_user_sends_eof_then_reads_the_full_reply(
+    trio_tunnel: TunnelFactory, nursery: trio.Nursery
+) -> None:
     """The user sends a request and shuts down writing; the service reads to EOF, then answers at length."""
     answers: dict[bytes, int] = {}
 
@@ -285,23 +287,22 @@ async def test_half_close_user_sends_eof_then_reads_the_full_reply(stdout: Stdou
             await stream.send_all(reply)
 
     with trio.fail_after(15):
-        async with trio.open_nursery() as nursery:
-            service = await start_service(nursery, until_eof_handler)
-            tunnel = await open_tunnel(nursery, stdout, service.port, name="eof")
-            for size in (0, 1, 100 * KiB):
-                request = random.Random(size).randbytes(size)
-                stream = await trio.open_tcp_stream(LOCALHOST, tunnel.public)
-                async with stream:
-                    await stream.send_all(request)
-                    await stream.send_eof()
-                    reply = await read_all(stream)
-                assert reply == hashlib.sha256(request).digest() * (32 * KiB)
-                assert answers.pop(request) == size
-            await tunnel.stop()
-            await service.stop()
+        service = await start_service(nursery, until_eof_handler)
+        tunnel = await trio_tunnel(service.port, name="eof")
+        for size in (0, 1, 100 * KiB):
+            request = random.Random(size).randbytes(size)
+            stream = await trio.open_tcp_stream(*tunnel.public_address)
+            async with stream:
+                await stream.send_all(request)
+                await stream.send_eof()
+                reply = await read_all(stream)
+            assert reply == hashlib.sha256(request).digest() * (32 * KiB)
+            assert answers.pop(request) == size
 
 
-async def test_half_close_service_sends_eof_first_then_keeps_reading(stdout: Stdout) -> None:
+async def test_half_close_service_sends_eof_first_then_keeps_reading(
+    trio_tunnel: TunnelFactory, nursery: trio.Nursery
+) -> None:
     """The other direction: the service sends a banner and shuts down writing; the user reads to EOF and only then
     sends its data, which the service still receives in full."""
     received_send, received = trio.open_memory_channel[bytes](1)
@@ -313,19 +314,16 @@ async def test_half_close_service_sends_eof_first_then_keeps_reading(stdout: Std
             await received_send.send(await read_all(stream))
 
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            service = await start_service(nursery, banner_then_listen)
-            tunnel = await open_tunnel(nursery, stdout, service.port, name="banner")
-            stream = await trio.open_tcp_stream(LOCALHOST, tunnel.public)
-            async with stream:
-                assert await read_all(stream) == b"banner " * 1000
-                payload = random.Random(7).randbytes(300 * KiB)
-                await stream.send_all(payload)  # after EOF from the far side: the connection must still carry it
-                await stream.send_eof()
-                assert await received.receive() == payload
-                assert await stream.receive_some(1) == b""
-            await tunnel.stop()
-            await service.stop()
+        service = await start_service(nursery, banner_then_listen)
+        tunnel = await trio_tunnel(service.port, name="banner")
+        stream = await trio.open_tcp_stream(*tunnel.public_address)
+        async with stream:
+            assert await read_all(stream) == b"banner " * 1000
+            payload = random.Random(7).randbytes(300 * KiB)
+            await stream.send_all(payload)  # after EOF from the far side: the connection must still carry it
+            await stream.send_eof()
+            assert await received.receive() == payload
+            assert await stream.receive_some(1) == b""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -592,7 +590,9 @@ async def test_port_not_allowed_or_taken_is_refused_readably_other_services_work
             await service.stop()
 
 
-async def test_more_than_1024_connections_open_at_once_over_one_link(stdout: Stdout, logs: LogWatch) -> None:
+async def test_more_than_1024_connections_open_at_once_over_one_link(
+    trio_tunnel: TunnelFactory, nursery: trio.Nursery, logs: LogWatch
+) -> None:
     """The server's per-service limit is the only cap on concurrent connections: the client used to allow its server
     1024 streams, so visitor 1025 waited for stream credit until it timed out, whatever max_connections_per_service
     said. 1100 connections held open at once, each answering through the tunnel."""
@@ -604,21 +604,18 @@ async def test_more_than_1024_connections_open_at_once_over_one_link(stdout: Std
                 await stream.send_all(data)
 
     with trio.fail_after(90):
-        async with trio.open_nursery() as nursery:
-            service = await start_service(nursery, hold)
-            tunnel = await open_tunnel(nursery, stdout, service.port, name="many", max_connections_per_service=2000)
-            streams: list[trio.SocketStream] = []
-            try:
-                for i in range(count):
-                    stream = await trio.open_tcp_stream(LOCALHOST, tunnel.public)
-                    streams.append(stream)
-                    message = b"%d" % i
-                    await stream.send_all(message)
-                    assert await read_exactly(stream, len(message)) == message, f"connection {i}"
-                assert service.accepted == count
-            finally:
-                for stream in streams:
-                    await stream.aclose()
-            assert not logs.matching("refused|could not serve|cannot serve", logging.WARNING)
-            await tunnel.stop()
-            await service.stop()
+        service = await start_service(nursery, hold)
+        tunnel = await trio_tunnel(service.port, name="many", max_connections_per_service=2000)
+        streams: list[trio.SocketStream] = []
+        try:
+            for i in range(count):
+                stream = await trio.open_tcp_stream(*tunnel.public_address)
+                streams.append(stream)
+                message = b"%d" % i
+                await stream.send_all(message)
+                assert await read_exactly(stream, len(message)) == message, f"connection {i}"
+            assert service.accepted == count
+        finally:
+            for stream in streams:
+                await stream.aclose()
+        assert not logs.matching("refused|could not serve|cannot serve", logging.WARNING)
