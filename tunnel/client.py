@@ -36,7 +36,8 @@ from .link import PLAINTEXT_REFUSED, ClientTls, presented_fingerprint, secure_cl
 from .mux import MuxStream, Role, Session, open_session, unwrap_group
 from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
-from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, session_config
+from .udp import UdpSocket, bind_udp, serve_udp_forward
+from .wire import EXPOSE, EXPOSE_UDP, FORWARD_ROUTE, REPLACED, session_config
 
 __all__ = ["Backoff", "run_client"]
 
@@ -88,7 +89,9 @@ class _Client:
         self.services = {spec.name: spec for spec in self.config.remotes}
         self.server = format_hostport(self.config.server.host, self.config.server.port)
         self.destinations = {
-            spec.name: Destination(spec.target_host, spec.target_port, spec.name, "local service")
+            spec.name: Destination(
+                spec.target_host, spec.target_port, spec.name, "local service", udp=spec.protocol == "udp"
+            )
             for spec in self.config.remotes
         }
 
@@ -225,10 +228,11 @@ class _Client:
     async def _register(self, session: Session) -> None:
         self.exposed.clear()
         for spec in self.services.values():
+            body = {"name": spec.name, "bind": spec.bind_host, "port": spec.bind_port}
+            if spec.protocol == "udp":
+                body["idle_timeout"] = spec.idle_timeout
             try:
-                reply = await session.request(
-                    EXPOSE, {"name": spec.name, "bind": spec.bind_host, "port": spec.bind_port}
-                )
+                reply = await session.request(EXPOSE_UDP if spec.protocol == "udp" else EXPOSE, body)
             except RequestError as exc:
                 logger.error("the server refused to expose %s: %s", spec.name, exc)
                 continue
@@ -236,7 +240,7 @@ class _Client:
                 return
             bound = HostPort(host=str(reply["host"]), port=int(reply["port"]))
             self.exposed[spec.name] = bound
-            address = format_hostport(bound.host, bound.port)
+            address = format_hostport(bound.host, bound.port) + spec.suffix
             announce(f"exposed {spec.name} {address}")
             logger.info(
                 "exposed %s (local %s) on the server at %s",
@@ -252,6 +256,9 @@ class _Client:
         destination = self.destinations.get(stream.route)
         if destination is None:
             stream.reject(ErrorCode.UNKNOWN_ROUTE, f"this client exposes no service {stream.route!r}")
+        elif not destination.udp and stream.meta.get("dgram") is not None:
+            stream.reject(ErrorCode.PROTOCOL, f"{stream.route}: a TCP service, and the stream carries datagrams")
+            return None
         return destination
 
     # ---------------------------------------------------------------------------------------- forward (-L)
@@ -264,6 +271,9 @@ class _Client:
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
+
+    async def serve_udp_forward(self, spec: LocalSpec, udp: UdpSocket) -> None:
+        await serve_udp_forward(self.current_session, spec, udp, logger)
 
     async def current_session(self) -> Session | None:
         """The link's session; while there is none, wait for one for at most the connect timeout."""
@@ -352,6 +362,14 @@ async def _run_client(
         async with trio.open_nursery() as nursery:
             accepting: list[trio.CancelScope] = []  # one per -L: a CancelScope can enter only one with block
             for spec in config.locals:
+                if spec.protocol == "udp":
+                    udp = await bind_udp(spec.bind_host, spec.bind_port)
+                    address = format_hostport(*udp.local)
+                    announce(f"forwarding {spec.name} {address}/udp")
+                    logger.info("forwarding %s/udp to %s/udp through the server", address, spec.target)
+                    accepting.append(scope := trio.CancelScope())
+                    nursery.start_soon(_scoped, scope, client.serve_udp_forward, spec, udp)
+                    continue
                 listeners = await trio.open_tcp_listeners(spec.bind_port, host=spec.bind_host)
                 host, port = listeners[0].socket.getsockname()[:2]
                 announce(f"forwarding {spec.name} {format_hostport(str(host), int(port))}")

@@ -26,6 +26,7 @@ from typing import ClassVar, Final
 import attrs
 import trio
 from trio_tunnel.proto import ErrorCode
+from trio_tunnel.proto.datagram import FlowBudget, FlowGate
 
 from .certs import default_state_dir
 from .config import HostPort, ServerConfig
@@ -38,7 +39,8 @@ from .link import LinkMismatchError, ServerTls, refuse_link, secure_server_link
 from .mux import MuxStream, Request, Role, Session, open_session
 from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
-from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, session_config
+from .udp import DEFAULT_IDLE, bind_udp_in, serve_udp_service
+from .wire import EXPOSE, EXPOSE_UDP, FORWARD_ROUTE, FORWARD_UDP_ROUTE, REPLACED, session_config
 
 __all__ = ["run_server"]
 
@@ -63,6 +65,8 @@ class _Link:
     """One per exposed service: its accept loop (its connections live in the link's nursery)."""
     traffic: Traffic = attrs.field(factory=lambda: Traffic(logger))
     """External connections and forwards in flight (graceful shutdown waits for them)."""
+    udp_flows: FlowBudget = attrs.field(factory=lambda: FlowBudget(4096))
+    """UDP flows of all this client's UDP services (``max_flows_per_client``)."""
 
     async def drain(self) -> None:
         """Stop accepting on the public ports, GOAWAY, wait for the work in flight, then end the link."""
@@ -155,7 +159,7 @@ class _Server:
             )
             session.go_away(ErrorCode.ENHANCE_YOUR_CALM, "the server has too many clients")
             return
-        link = _Link(name, peer, session)
+        link = _Link(name, peer, session, udp_flows=FlowBudget(self.config.max_flows_per_client))
         self.links[name] = link
         try:
             if old is not None:
@@ -203,12 +207,14 @@ class _Server:
                 request = await session.receive_request()
             except SessionClosedError:
                 return
-            if request.kind == EXPOSE:
-                await self._expose(session, link, request, nursery)
+            if request.kind in (EXPOSE, EXPOSE_UDP):
+                await self._expose(session, link, request, nursery, udp=request.kind == EXPOSE_UDP)
             else:
                 request.reply_error(ErrorCode.PROHIBITED, {"message": f"unknown request {request.kind!r}"})
 
-    async def _expose(self, session: Session, link: _Link, request: Request, nursery: trio.Nursery) -> None:
+    async def _expose(
+        self, session: Session, link: _Link, request: Request, nursery: trio.Nursery, *, udp: bool = False
+    ) -> None:
         body = request.body if isinstance(request.body, Mapping) else {}
         name, bind, port = body.get("name"), body.get("bind", "0.0.0.0"), body.get("port")
         if not isinstance(name, str) or not isinstance(bind, str) or type(port) is not int or not 0 <= port < 65536:
@@ -217,23 +223,43 @@ class _Server:
         if name in link.services:
             request.reply_error(ErrorCode.PROHIBITED, {"message": f"service {name!r} is already exposed"})
             return
-        if port not in self.config.allow_ports:
+        ports, suffix = (self.config.allow_ports.udp, "/udp") if udp else (self.config.allow_ports, "")
+        if port not in ports:
             request.reply_error(
                 ErrorCode.PROHIBITED,
-                {"message": f"port {port} is not allowed by the server (--allow-ports {self.config.allow_ports})"},
+                {
+                    "message": f"port {port}{suffix} is not allowed by the server "
+                    f"(--allow-ports {self.config.allow_ports or '(none)'})"
+                },
             )
             return
+        previous = self.last_ports.get((link.name, name))
         try:
-            listeners = await self._bind(bind, port, self.last_ports.get((link.name, name)))
+            if udp:
+                socket = await bind_udp_in(bind, port, ports, ports.allows_any_unprivileged, previous)
+                host, bound = socket.local
+            else:
+                listeners = await self._bind(bind, port, previous)
+                host, bound = listeners[0].socket.getsockname()[:2]
         except OSError as exc:
             request.reply_error(ErrorCode.CONNECT_FAILED, {"message": _bind_error(bind, port, exc)})
             return
-        host, bound = listeners[0].socket.getsockname()[:2]
         self._remember(link.name, name, int(bound))
-        address = format_hostport(str(host), int(bound))
+        address = format_hostport(str(host), int(bound)) + suffix
         link.services[name] = address
         logger.info("client %r: exposing %s on %s", link.name, name, address)
-        nursery.start_soon(self._serve_service, session, link, name, listeners, nursery)
+        if udp:
+            asked = body.get("idle_timeout")
+            idle = DEFAULT_IDLE
+            if isinstance(asked, int | float) and not isinstance(asked, bool) and 0 < asked < 86400:
+                idle = float(asked)
+            gate = FlowGate(self.config.max_flows_per_service, budget=link.udp_flows)
+            link.accepting.append(accepting := trio.CancelScope())
+            nursery.start_soon(
+                serve_udp_service, session, socket, f"{link.name}/{name}", name, gate, idle, accepting, logger
+            )
+        else:
+            nursery.start_soon(self._serve_service, session, link, name, listeners, nursery)
         request.reply({"host": str(host), "port": int(bound)})
 
     def _remember(self, client: str, service: str, port: int) -> None:
@@ -287,11 +313,12 @@ class _Server:
         """Where a client's forward stream goes: a target the allowlist lets it reach, or nowhere (rejected)."""
         meta = stream.meta
         host, port, peer = meta.get("host"), meta.get("port"), meta.get("peer", "?")
-        if stream.route != FORWARD_ROUTE or not isinstance(host, str) or type(port) is not int:
+        udp = stream.route == FORWARD_UDP_ROUTE
+        if not (udp or stream.route == FORWARD_ROUTE) or not isinstance(host, str) or type(port) is not int:
             stream.reject(ErrorCode.UNKNOWN_ROUTE, f"unknown route {stream.route!r}")
             return None
-        target = format_hostport(host, port)
-        if not self.config.allow_targets.allows(host, port):
+        target = format_hostport(host, port) + ("/udp" if udp else "")
+        if not self.config.allow_targets.allows(host, port, "udp" if udp else "tcp"):
             logger.warning("%s: refused forward to %s for %s: not in --allow-target", link.name, target, peer)
             stream.reject(
                 ErrorCode.PROHIBITED,
@@ -306,6 +333,7 @@ class _Server:
             FORWARD_WORDS,
             who=f"forward {peer} -> {target}",
             endings=False,
+            udp=udp,
         )
 
     # -------------------------------------------------------------------------------------------- shutdown

@@ -85,7 +85,10 @@ examples:
   # any free port on loopback (see the 'listening HOST:PORT' line), with a shorter connect timeout
   trio-tunnel map 127.0.0.1:0 example.com:80 --connect-timeout 3 --max-connections 100
 
-stdout: 'listening HOST:PORT' once the listener is bound."""
+  # UDP: DNS on 10.0.0.2 reachable on port 5353 here (each source gets its own socket to the target)
+  trio-tunnel map --udp 0.0.0.0:5353 10.0.0.2:53
+
+stdout: 'listening HOST:PORT' (for UDP 'listening HOST:PORT/udp') once the listener is bound."""
 
 _DEMO_EPILOG = """\
 examples:
@@ -271,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mapper.add_argument(
         "--max-connections", type=int, metavar="N", help="concurrent relayed connections (default 1024)"
+    )
+    mapper.add_argument(
+        "--udp", action="store_true", default=None, help="relay UDP datagrams (also: a /udp suffix on TARGET)"
     )
     mapper.add_argument("--config", metavar="FILE", help="TOML file with a [map] table; arguments override it")
     _add_logging_options(mapper, suffix="command")
