@@ -71,10 +71,13 @@ examples:
   # reach db.internal:5432 (seen from the server) at 127.0.0.1:15432 here
   trio-tunnel client --server tunnel.example.com:7835 --token-file token -L db=15432:db.internal:5432
 
+  # a DNS server behind NAT, on the server's UDP port 5353 (the server needs --allow-ports 5353/udp)
+  trio-tunnel client --server tunnel.example.com:7835 --token-file token -R dns=5353:127.0.0.1:53/udp
+
   # services from a file ([client] table); -R/-L add to them, other flags override it
   trio-tunnel client --config ~/.config/trio-tunnel.toml
 
-spec syntax (-R and -L): [NAME=][bind_address:]port:host:hostport; IPv6 in brackets, e.g. [::1]:8080.
+spec syntax (-R and -L): [NAME=][bind_address:]port:host:hostport[/udp]; IPv6 in brackets, e.g. [::1]:8080.
 stdout: 'connected HOST:PORT', 'exposed NAME HOST:PORT', 'forwarding NAME HOST:PORT', 'disconnected REASON'."""
 
 _MAP_EPILOG = """\
@@ -180,14 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument(
         "--allow-ports",
         metavar="SPEC",
-        help="ports clients may expose, e.g. 8000-8999,2222 (default 1024-65535)",
+        help="ports clients may expose, e.g. 8000-8999,2222,5353/udp (default 1024-65535; UDP only when listed "
+        "with /udp)",
     )
     server.add_argument(
         "--allow-target",
         action="append",
         metavar="SPEC",
-        help="where -L clients may reach, e.g. 10.0.0.0/8:22,db.internal:5432,127.0.0.1:* "
-        "(repeatable; default: nowhere)",
+        help="where -L clients may reach, e.g. 10.0.0.0/8:22,db.internal:5432,127.0.0.1:*,10.0.0.2:53/udp "
+        "(repeatable; default: nowhere; a rule without /udp is TCP only)",
     )
     tls = server.add_argument_group("TLS on the link (on by default)")
     tls.add_argument(

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
+from trio_tunnel.proto import frames as F
 from trio_tunnel.proto.datagram import (
+    DGRAM_META,
+    IDLE_META,
     MAX_DATAGRAM,
     Admission,
     BurstLog,
@@ -109,3 +115,53 @@ def test_burst_log_writes_one_line_per_burst() -> None:
     assert [log.note(t) for t in (0.1, 1.0, 9.9)] == [0, 0, 0]
     assert log.note(10.0) == 4  # the three held back and this one
     assert log.note(10.5) == 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# docs/PROTOCOL.md, section 17.1
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
+DOC_FRAMES = {
+    "three-in-one-frame": F.Data(2, bytes.fromhex("0002686900000003000102")),
+    "open-udp-flow": F.Open(2, "dns", {"peer": "203.0.113.7:40000", DGRAM_META: True, IDLE_META: 60000}),
+    "open-udp-forward": F.Open(
+        1,
+        "forward-udp",
+        {
+            "host": "10.0.0.2",
+            "port": 53,
+            "name": "resolver",
+            "peer": "127.0.0.1:5555",
+            DGRAM_META: True,
+            IDLE_META: 60000,
+        },
+    ),
+}
+
+
+def _doc_vectors() -> dict[str, dict[str, str]]:
+    vectors: dict[str, dict[str, str]] = {}
+    for block in re.findall(r"^```datagram\n(.*?)^```", DOC.read_text(encoding="utf-8"), flags=re.DOTALL | re.M):
+        fields: dict[str, str] = {}
+        key = ""
+        for line in block.splitlines():
+            if line[:1].isspace():
+                fields[key] += line.strip()
+                continue
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+        vectors[fields["name"]] = fields
+    return vectors
+
+
+def test_the_document_vectors() -> None:
+    vectors = _doc_vectors()
+    assert set(vectors) == {"datagram-hi", "datagram-empty", *DOC_FRAMES}
+    for name, fields in vectors.items():
+        if "payloads" in fields:
+            payloads = [b"" if p.strip() == "-" else bytes.fromhex(p) for p in fields["payloads"].split("|")]
+            wire = bytes.fromhex(fields["bytes"].replace(" ", ""))
+            assert b"".join(map(encode_datagram, payloads)) == wire, name
+            assert DatagramDecoder(MAX_DATAGRAM).feed(wire) == payloads, name
+        if "hex" in fields:
+            assert F.encode(DOC_FRAMES[name]).hex() == fields["hex"].replace(" ", ""), name
