@@ -121,8 +121,10 @@ class DatagramQueue:
     """A flow's datagrams waiting for the link: bounded in count and in bytes. :meth:`push` refuses (the caller drops
     and counts) rather than grow, so a slow flow never holds more than ``max_bytes``."""
 
-    max_count: int = 64
-    max_bytes: int = 256 * 1024
+    max_count: int = 256
+    """A socket read of a burst hands over up to 64 at once (tunnel/udp.py), so room for a few bursts."""
+    max_bytes: int = 128 * 1024
+    """With the count, what one flow may hold: 1024 flows on a service hold at most 128 MiB."""
     _items: deque[bytes] = attrs.field(factory=deque, alias="_items")
     nbytes: int = 0
 

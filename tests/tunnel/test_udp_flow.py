@@ -97,13 +97,14 @@ async def test_a_full_queue_drops_and_counts_without_blocking_other_flows(
             await trio.testing.wait_all_tasks_blocked()
             blocked.offer(b"first")  # taken by the sender, which then waits for credit forever
             await trio.testing.wait_all_tasks_blocked()
-            for _ in range(100):
-                blocked.offer(b"x" * 10)  # offer never waits: queued (64 at most) or dropped
+            room = blocked.queue.max_count
+            for _ in range(room + 36):
+                blocked.offer(b"x" * 10)  # offer never waits: queued (max_count at most) or dropped
             for index in range(100):  # meanwhile another flow moves everything it is given
                 free.offer(bytes([index]))
                 if index % 10 == 9:
                     await trio.testing.wait_all_tasks_blocked()
-            assert blocked.stats.dropped_full == 100 - 64 and len(blocked.queue) == 64
+            assert blocked.stats.dropped_full == 36 and len(blocked.queue) == room
             assert moving.sent == [bytes([index]) for index in range(100)] and free.stats.dropped == 0
             nursery.cancel_scope.cancel()
 
