@@ -36,7 +36,8 @@ from .link import PLAINTEXT_REFUSED, ClientTls, presented_fingerprint, secure_cl
 from .mux import MuxStream, Role, Session, open_session, unwrap_group
 from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
-from .udp import UdpSocket, bind_udp, serve_udp_forward
+from .udp import serve_udp_forward
+from .udpsocket import UdpSocket, bind_udp
 from .wire import EXPOSE, EXPOSE_UDP, FORWARD_ROUTE, REPLACED, session_config
 
 __all__ = ["Backoff", "run_client"]

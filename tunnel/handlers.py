@@ -141,7 +141,7 @@ class Traffic:
             if destination is None:
                 return
             if destination.udp:
-                await answer_stream(stream, destination, self.log)
+                await answer_stream(stream, destination, self.log, dial_timeout)
                 return
             peer = stream.meta.get("peer", "?")
             try:

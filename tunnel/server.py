@@ -39,7 +39,8 @@ from .link import LinkMismatchError, ServerTls, refuse_link, secure_server_link
 from .mux import MuxStream, Request, Role, Session, open_session
 from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
-from .udp import DEFAULT_IDLE, bind_udp_in, serve_udp_service
+from .udp import DEFAULT_IDLE, serve_udp_service
+from .udpsocket import bind_udp_in
 from .wire import EXPOSE, EXPOSE_UDP, FORWARD_ROUTE, FORWARD_UDP_ROUTE, REPLACED, session_config
 
 __all__ = ["run_server"]

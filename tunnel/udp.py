@@ -20,6 +20,9 @@ buffer (as for TCP); a flow's task alone waits for stream credit, and while it w
 datagrams are dropped. Datagrams to a UDP socket are sent without waiting; a full socket buffer drops them (UDP
 semantics) and counts them.
 
+Sockets (read in bursts, written without waiting) are :mod:`trio_tunnel.udpsocket`; the framing and the admission
+rules, sans-I/O, :mod:`trio_tunnel.proto.datagram`.
+
 Each flow ends with one INFO line: ``LABEL: udp PEER closed after 1.2 s (idle): in 3 datagrams (120 bytes),
 out 3 datagrams (400 bytes)``, plus ``, dropped N`` when any were dropped. Flows are not drained at shutdown: UDP
 has no end of stream to wait for.
@@ -27,12 +30,9 @@ has no end of stream to wait for.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
 import math
-import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import attrs
@@ -52,9 +52,9 @@ from trio_tunnel.proto.datagram import (
 )
 
 from .console import announce, format_hostport
-from .dial import describe_connect_error
 from .errors import SessionClosedError, StreamOpenError
 from .stream import MuxStream
+from .udpsocket import ConnectError, UdpSocket, bind_udp, connect_udp
 from .wire import FORWARD_UDP_ROUTE
 
 if TYPE_CHECKING:
@@ -66,147 +66,29 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_IDLE",
     "Flow",
-    "LinkOpener",
     "FlowStats",
+    "LinkOpener",
+    "Pipe",
+    "SocketPipe",
     "StreamPipe",
     "UdpEntrance",
-    "UdpSocket",
     "answer_datagrams",
     "answer_stream",
-    "bind_udp",
-    "connect_udp",
     "datagram_meta",
     "flow_idle",
+    "run_map_udp",
+    "serve_udp_forward",
+    "serve_udp_service",
 ]
 
 DEFAULT_IDLE: Final = 60.0
 """Seconds a flow lives without a datagram in either direction."""
-RECEIVE_SIZE: Final = 65536
-"""Enough for any UDP payload."""
-RECEIVE_BATCH: Final = 64
-"""Datagrams taken from a socket per scheduling pass: a burst costs one pass of the Trio scheduler, not one each."""
-SOCKET_BUFFER: Final = 1024 * 1024
-"""Receive buffer asked for each UDP socket (the kernel caps it at net.core.rmem_max): room for a burst while the
-process is busy, instead of the default ~200 KiB (a few hundred small datagrams)."""
 DEFAULT_MAX_FLOWS: Final = 1024
 """Flows on one client-side ``-L`` UDP listener (the server's services use ``max_flows_per_service``)."""
 
 
 class PipeBroken(Exception):
     """The far side of a flow is gone (stream reset, refused, session lost)."""
-
-
-# ------------------------------------------------------------------------------------------------------ sockets
-
-
-@attrs.define(eq=False)
-class UdpSocket:
-    """A non-blocking UDP socket: awaited receives (Trio), sends that never wait (a full buffer drops)."""
-
-    raw: socket.socket
-    sock: trio.socket.SocketType = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self.raw.setblocking(False)
-        with contextlib.suppress(OSError):
-            self.raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-        self.sock = trio.socket.from_stdlib_socket(self.raw)
-
-    async def receive_batch(self) -> list[tuple[bytes, Any]]:
-        """The datagrams waiting (at least one, at most :data:`RECEIVE_BATCH`), with their sources. ICMP errors
-        reported on a connected socket (an earlier send found no listener) are skipped: UDP goes on."""
-        raw = self.raw
-        batch: list[tuple[bytes, Any]] = []
-        while True:
-            try:
-                while len(batch) < RECEIVE_BATCH:
-                    batch.append(raw.recvfrom(RECEIVE_SIZE))
-            except (BlockingIOError, ConnectionRefusedError, ConnectionResetError):
-                pass
-            if batch:
-                await trio.lowlevel.checkpoint()
-                return batch
-            await trio.lowlevel.wait_readable(raw)
-
-    @property
-    def local(self) -> tuple[str, int]:
-        host, port = self.raw.getsockname()[:2]
-        return str(host), int(port)
-
-    def send_nowait(self, data: bytes, address: Any = None) -> bool:
-        """Send one datagram (to ``address``, or the connected peer); False when it was dropped (the socket's buffer
-        is full, or an earlier ICMP error is reported now)."""
-        try:
-            if address is None:
-                self.raw.send(data)
-            else:
-                self.raw.sendto(data, address)
-        except OSError:
-            return False
-        return True
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-async def bind_udp(host: str, port: int) -> UdpSocket:
-    """A UDP socket bound to ``host:port`` (port 0: any free port). Raises OSError (gaierror for a bad name)."""
-    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
-    family, kind, proto, _, address = infos[0]
-    raw = socket.socket(family, kind, proto)
-    try:
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        raw.bind(address)
-    except OSError:
-        raw.close()
-        raise
-    return UdpSocket(raw)
-
-
-async def bind_udp_in(host: str, port: int, ports: Iterable[int], any_port: bool, previous: int | None) -> UdpSocket:
-    """Bind a UDP service port as the server binds TCP ones: ``previous`` (a reconnect keeps its port) if it is still
-    free, else ``port``; port 0 inside a restricted set takes the first free port of the set."""
-    allowed = list(ports) if not any_port else None
-    if not port and previous is not None and (allowed is None or previous in allowed):
-        try:
-            return await bind_udp(host, previous)
-        except OSError:
-            pass
-    if port or allowed is None:
-        return await bind_udp(host, port)
-    last: OSError | None = None
-    for candidate in allowed:
-        try:
-            return await bind_udp(host, candidate)
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            last = exc
-    raise last or OSError(errno.EADDRINUSE, "no free UDP port in the allowed set")
-
-
-class ConnectError(Exception):
-    def __init__(self, code: ErrorCode, detail: str) -> None:
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
-
-
-async def connect_udp(host: str, port: int) -> UdpSocket:
-    """A UDP socket connected to ``host:port`` (so only its replies reach it). Raises ConnectError."""
-    try:
-        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        family, kind, proto, _, address = infos[0]
-        raw = socket.socket(family, kind, proto)
-        try:
-            raw.connect(address)  # UDP: no packet, only the kernel's choice of route and source port
-        except OSError:
-            raw.close()
-            raise
-    except OSError as exc:
-        code, detail = describe_connect_error(exc)
-        raise ConnectError(code, detail) from exc
-    return UdpSocket(raw)
 
 
 def datagram_meta(idle: float) -> dict[str, str | int | bool | None]:
@@ -528,16 +410,23 @@ async def answer_datagrams(
     words: tuple[str, str],
     max_receive: int,
     max_send: int,
+    dial_timeout: float,
 ) -> None:
     """Serve a datagram stream: a UDP socket connected to ``host:port`` of its own, datagrams both ways until the
     flow idles out or the opener ends it. A target that cannot be used rejects the stream with the reason."""
     peer = str(stream.meta.get("peer", "?"))
     try:
-        udp = await connect_udp(host, port)
-    except ConnectError as exc:
-        reason = f"{what}: cannot use {format_hostport(host, port)}/udp: {exc.detail}"
+        with trio.fail_after(dial_timeout):  # only a name lookup can take time
+            udp = await connect_udp(host, port)
+    except (ConnectError, trio.TooSlowError) as exc:
+        code, detail = (
+            (exc.code, exc.detail)
+            if isinstance(exc, ConnectError)
+            else (ErrorCode.CONNECT_TIMEOUT, f"no address within {dial_timeout:g} s")
+        )
+        reason = f"{what}: cannot use {format_hostport(host, port)}/udp: {detail}"
         log.warning("%s: cannot serve udp %s: %s", label, peer, reason)
-        stream.reject(exc.code, f"{label}: {reason}")
+        stream.reject(code, f"{label}: {reason}")
         return
     stream.accept()
     # The opener's idle timeout, a little longer here: the opener (which sees the source) decides when a flow ends.
@@ -575,11 +464,6 @@ async def _feed(udp: UdpSocket, flow: Flow) -> None:
             flow.offer(data)
 
 
-def datagram_limits(ours: int, peers: int) -> tuple[int, int]:
-    """(largest datagram we accept, largest we send) over a link with these DATA payload limits."""
-    return max_datagram(ours), max_datagram(peers)
-
-
 # ------------------------------------------------------------------------------------------------ over a link
 
 
@@ -614,7 +498,7 @@ class LinkOpener:
         return StreamPipe(stream, max_datagram(ours), max_datagram(peers))
 
 
-async def answer_stream(stream: MuxStream, destination: Destination, log: logging.Logger) -> None:
+async def answer_stream(stream: MuxStream, destination: Destination, log: logging.Logger, dial_timeout: float) -> None:
     """:meth:`trio_tunnel.handlers.Traffic.answer` for a datagram stream (``destination.udp``)."""
     if stream.meta.get(DGRAM_META) is not True:
         stream.reject(ErrorCode.PROTOCOL, f"{destination.label}: this is a UDP service, the stream is not datagrams")
@@ -630,6 +514,7 @@ async def answer_stream(stream: MuxStream, destination: Destination, log: loggin
         words=destination.words,
         max_receive=max_datagram(ours),
         max_send=max_datagram(peers),
+        dial_timeout=dial_timeout,
     )
 
 
