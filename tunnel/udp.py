@@ -43,6 +43,7 @@ from trio_tunnel.proto.datagram import (
     IDLE_META,
     MAX_DATAGRAM,
     Admission,
+    BurstLog,
     DatagramDecoder,
     DatagramError,
     DatagramQueue,
@@ -482,20 +483,30 @@ class LinkOpener:
     log: logging.Logger
     idle: float
 
+    failures: BurstLog = attrs.field(factory=BurstLog)
+    """Flows that could not be opened (no link, no stream): one line per burst, since every datagram from a new
+    source tries again."""
+
     async def __call__(self, peer: str) -> Pipe | None:
         session = await self.session()
         if session is None:
-            self.log.warning("%s: dropping udp %s: no link to the %s", self.label, peer, self.other)
+            self._failed(peer, f"no link to the {self.other}")
             return None
         try:
             stream = await session.open_stream(
                 self.route, {**self.meta, "peer": peer, **datagram_meta(self.idle)}, wait_accepted=False
             )
         except (StreamOpenError, SessionClosedError) as exc:
-            self.log.warning("%s: dropping udp %s: the %s could not serve it: %s", self.label, peer, self.other, exc)
+            self._failed(peer, f"the {self.other} could not serve it: {exc}")
             return None
         ours, peers = session.frame_limits
         return StreamPipe(stream, max_datagram(ours), max_datagram(peers))
+
+    def _failed(self, peer: str, why: str) -> None:
+        reported = self.failures.note(trio.current_time())
+        if reported:
+            more = f" ({reported - 1} more flows since the last such line)" if reported > 1 else ""
+            self.log.warning("%s: dropping udp %s: %s%s", self.label, peer, why, more)
 
 
 async def answer_stream(stream: MuxStream, destination: Destination, log: logging.Logger, dial_timeout: float) -> None:

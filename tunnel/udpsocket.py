@@ -86,7 +86,7 @@ async def bind_udp(host: str, port: int) -> UdpSocket:
     family, kind, proto, _, address = infos[0]
     raw = socket.socket(family, kind, proto)
     try:
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # No SO_REUSEADDR: for UDP on Linux it would let a second socket bind the same port and split its traffic.
         raw.bind(address)
     except OSError:
         raw.close()

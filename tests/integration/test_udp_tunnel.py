@@ -355,3 +355,26 @@ async def test_map_udp_cli(stdout: Stdout) -> None:
                 proc.interrupt()
                 assert await proc.wait() == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_a_udp_port_in_use_is_refused_not_shared(stdout: Stdout, logs: LogWatch) -> None:
+    """A second service on a bound UDP port is refused (no SO_REUSEADDR: the kernel would split the datagrams)."""
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            service = await udp_service(nursery)
+            probe = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            await probe.bind((LOCALHOST, 0))
+            port = probe.getsockname()[1]
+            probe.close()
+            spec = f"dns={LOCALHOST}:{port}:{LOCALHOST}:{service.port}/udp"
+            srv, _first, (_host, public) = await reverse_udp(nursery, stdout, service.port, spec=spec)
+            assert public == port
+            other = attrs.evolve(client_config(srv.value, name="other"), remotes=(RemoteSpec.parse(spec),))
+            second = await start_client(nursery, other)
+            assert second.value == {}
+            await logs.wait_for(
+                rf"refused to expose dns: .*cannot listen on {LOCALHOST}:{port}: address already in use"
+            )
+            sock = await udp_client(LOCALHOST, port)
+            assert await ask(sock, b"mine", lambda a: a == b"mine") == b"mine"
+            nursery.cancel_scope.cancel()
