@@ -378,3 +378,19 @@ async def test_a_udp_port_in_use_is_refused_not_shared(stdout: Stdout, logs: Log
             sock = await udp_client(LOCALHOST, port)
             assert await ask(sock, b"mine", lambda a: a == b"mine") == b"mine"
             nursery.cancel_scope.cancel()
+
+
+async def test_dns_through_local_forward_over_ipv6(stdout: Stdout, logs: LogWatch) -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            try:
+                dns = await udp_service(nursery, dns_reply, host="::1")
+            except OSError as exc:
+                pytest.skip(f"no ::1: {exc}")
+            _srv, _client, (host, port) = await forward_udp(nursery, stdout, dns.port, f"[::1]:{dns.port}/udp", "::1")
+            assert host.strip("[]") == "::1"
+            sock = await udp_client("::1", port)
+            answer = await ask(sock, dns_query(0x66, "v6.example"), lambda a: a[:2] == b"\x00\x66")
+            assert answer.endswith(socket.inet_aton("192.0.2.53"))
+            assert next(iter(dns.sources))[0] == "::1"
+            nursery.cancel_scope.cancel()
