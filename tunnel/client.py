@@ -235,7 +235,9 @@ class _Client:
             try:
                 reply = await session.request(EXPOSE_UDP if spec.protocol == "udp" else EXPOSE, body)
             except RequestError as exc:
-                logger.error("the server refused to expose %s: %s", spec.name, exc)
+                older = spec.protocol == "udp" and EXPOSE_UDP in str(exc)  # "unknown request 'expose-udp'"
+                hint = " (the server is older and carries no UDP: upgrade it)" if older else ""
+                logger.error("the server refused to expose %s: %s%s", spec.name, exc, hint)
                 continue
             except SessionClosedError:
                 return

@@ -394,3 +394,21 @@ async def test_dns_through_local_forward_over_ipv6(stdout: Stdout, logs: LogWatc
             assert answer.endswith(socket.inet_aton("192.0.2.53"))
             assert next(iter(dns.sources))[0] == "::1"
             nursery.cancel_scope.cancel()
+
+
+async def test_a_server_without_udp_refuses_instead_of_binding_tcp(
+    stdout: Stdout, logs: LogWatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older server does not know the request kind ``expose-udp``: it refuses (it never binds a TCP port for a
+    UDP service), and the client says why."""
+    import trio_tunnel.server
+
+    monkeypatch.setattr(trio_tunnel.server, "EXPOSE_UDP", "a-kind-this-server-does-not-know")
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            srv = await start_server(nursery, allow_ports=UDP_PORTS)
+            remote = RemoteSpec.parse(f"dns={LOCALHOST}:0:{LOCALHOST}:53/udp")
+            client = await start_client(nursery, attrs.evolve(client_config(srv.value), remotes=(remote,)))
+            assert client.value == {}
+            await logs.wait_for(r"refused to expose dns: .*unknown request 'expose-udp' \(the server is older")
+            nursery.cancel_scope.cancel()
