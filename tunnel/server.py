@@ -230,15 +230,15 @@ class _Server:
                 ErrorCode.PROHIBITED,
                 {
                     "message": f"port {port}{suffix} is not allowed by the server "
-                    f"(--allow-ports {self.config.allow_ports or '(none)'})"
+                    f"(--allow-ports {str(self.config.allow_ports) or '(none)'})"
                 },
             )
             return
         previous = self.last_ports.get((link.name, name))
         try:
             if udp:
-                socket = await bind_udp_in(bind, port, ports, ports.allows_any_unprivileged, previous)
-                host, bound = socket.local
+                udp_socket = await bind_udp_in(bind, port, ports, ports.allows_any_unprivileged, previous)
+                host, bound = udp_socket.local
             else:
                 listeners = await self._bind(bind, port, previous)
                 host, bound = listeners[0].socket.getsockname()[:2]
@@ -257,7 +257,7 @@ class _Server:
             gate = FlowGate(self.config.max_flows_per_service, budget=link.udp_flows)
             link.accepting.append(accepting := trio.CancelScope())
             nursery.start_soon(
-                serve_udp_service, session, socket, f"{link.name}/{name}", name, gate, idle, accepting, logger
+                serve_udp_service, session, udp_socket, f"{link.name}/{name}", name, gate, idle, accepting, logger
             )
         else:
             nursery.start_soon(self._serve_service, session, link, name, listeners, nursery)
