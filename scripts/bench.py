@@ -53,6 +53,10 @@ are: direct -> the sink; socat -> the socat listener and its forked children; ss
 ssh client; trio-tunnel -> server plus client. Cells show medians over the repeats (3 full, 1 with --quick).
 Each system's values are also given as ratios to ``direct`` and to ``ssh``.
 
+UDP (``--udp``, a run of its own; ``scripts/benchkit/udp.py`` describes it): 64-byte request/response p50/p99 and
+rate/loss at a fixed offered load (``--udp-rate``, default 10,000 datagrams/s) for ``direct``, ``socat`` UDP and
+trio-tunnel ``-R .../udp``, with trio-tunnel's TCP round trip beside it.
+
 Exit status: 0 when every measured cell passed verification (skipped systems are fine), 1 when any cell FAILED.
 
 The code is the package ``scripts/benchkit/``: ``systems.py`` (how each system is started; SYSTEM_LIST is the

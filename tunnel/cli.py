@@ -47,6 +47,7 @@ from trio_tunnel.config import (
     parse_token_list,
     read_token_file,
 )
+from trio_tunnel.config.addresses import split_protocol
 from trio_tunnel.demo import run_demo
 from trio_tunnel.errors import ConfigError, HandshakeError, NameTakenError, TunnelError
 from trio_tunnel.lifecycle import Shutdown
@@ -174,16 +175,18 @@ def _plan(args: argparse.Namespace, environ: Mapping[str, str]) -> _Plan:
             raise ConfigError(f"--connect-timeout: expected seconds > 0, got {args.connect_timeout}")
         if args.max_connections is not None and args.max_connections < 1:
             raise ConfigError(f"--max-connections: expected a count >= 1, got {args.max_connections}")
+        listen, listen_protocol = split_protocol(args.listen) if args.listen is not None else (None, "tcp")
+        target, target_protocol = split_protocol(args.target) if args.target is not None else (None, "tcp")
+        udp = args.udp or "udp" in (listen_protocol, target_protocol)
         mapping = MapConfig.from_sources(
             config_file=args.config,
             listen=None
-            if args.listen is None
-            else _flag("LISTEN", lambda t: parse_hostport(t, default_host="0.0.0.0"), args.listen),
-            target=None
-            if args.target is None
-            else _flag("TARGET", lambda t: parse_hostport(t, allow_zero=False), args.target),
+            if listen is None
+            else _flag("LISTEN", lambda t: parse_hostport(t, default_host="0.0.0.0"), listen),
+            target=None if target is None else _flag("TARGET", lambda t: parse_hostport(t, allow_zero=False), target),
             connect_timeout=args.connect_timeout,
             max_connections=args.max_connections,
+            protocol="udp" if udp else None,
         )
         return _Plan(command, partial(run_map, mapping), mapping.drain_timeout, mapping)
     if command == "demo":

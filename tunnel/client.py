@@ -42,7 +42,9 @@ from .refusal import Refusals, can_heal
 from .reload import reload_on_signals, sighup_receiver
 from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
-from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, UNEXPOSE, UNEXPOSED, session_config
+from .udp import serve_udp_forward
+from .udpsocket import UdpSocket
+from .wire import EXPOSE, EXPOSE_UDP, FORWARD_ROUTE, REPLACED, UNEXPOSE, UNEXPOSED, session_config
 
 __all__ = ["Backoff", "run_client"]
 
@@ -318,11 +320,19 @@ class _Client:
             RequestError: the server refused (port not allowed, in use, ...).
             SessionClosedError: the link ended first.
         """
-        reply = await session.request(EXPOSE, {"name": spec.name, "bind": spec.bind_host, "port": spec.bind_port})
+        body = {"name": spec.name, "bind": spec.bind_host, "port": spec.bind_port}
+        if spec.protocol == "udp":
+            body["idle_timeout"] = spec.idle_timeout
+        try:
+            reply = await session.request(EXPOSE_UDP if spec.protocol == "udp" else EXPOSE, body)
+        except RequestError as exc:
+            if spec.protocol == "udp" and EXPOSE_UDP in str(exc):  # "unknown request 'expose-udp'"
+                logger.error("the server is older and carries no UDP: upgrade it to expose %s", spec.name)
+            raise
         self.refusals.exposed(spec.name)
         bound = HostPort(host=str(reply["host"]), port=int(reply["port"]))
         self.exposed[spec.name] = bound
-        address = format_hostport(bound.host, bound.port)
+        address = format_hostport(bound.host, bound.port) + spec.suffix
         announce(f"exposed {spec.name} {address}")
         logger.info(
             "exposed %s (local %s) on the server at %s",
@@ -362,6 +372,9 @@ class _Client:
         destination = self.destinations.get(stream.route)
         if destination is None:
             stream.reject(ErrorCode.UNKNOWN_ROUTE, f"this client exposes no service {stream.route!r}")
+        elif not destination.udp and stream.meta.get("dgram") is not None:
+            stream.reject(ErrorCode.PROTOCOL, f"{stream.route}: a TCP service, and the stream carries datagrams")
+            return None
         return destination
 
     # ---------------------------------------------------------------------------------------- forward (-L)
@@ -374,6 +387,9 @@ class _Client:
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
+
+    async def serve_udp_forward(self, spec: LocalSpec, udp: UdpSocket) -> None:
+        await serve_udp_forward(self.current_session, spec, udp, logger)
 
     async def current_session(self) -> Session | None:
         """The link's session; while there is none, wait for one for at most the connect timeout."""
@@ -431,7 +447,7 @@ def _unverified(server: str, exc: Exception, presented: str | None) -> str:
 
 def destination(spec: RemoteSpec) -> Destination:
     """Where the server's streams for service ``spec`` go: its local target."""
-    return Destination(spec.target_host, spec.target_port, spec.name, "local service")
+    return Destination(spec.target_host, spec.target_port, spec.name, "local service", udp=spec.protocol == "udp")
 
 
 def client_tls(config: ClientConfig) -> ClientTls | None:
@@ -487,7 +503,7 @@ async def _run_client(
     client = _Client(config, shutdown, rng, on_session=on_session)
     async with trio.open_nursery() as handlers:  # -L connections: they outlive the accept loops, for the drain
         async with trio.open_nursery() as nursery:
-            forwards = ForwardSet(client.serve_forward, nursery, handlers)
+            forwards = ForwardSet(client.serve_forward, nursery, handlers, serve_udp=client.serve_udp_forward)
             for spec in config.locals:
                 forwards.start(await forwards.bind(spec))
             reloading = trio.CancelScope()

@@ -16,6 +16,7 @@ import trio
 
 from .config import LocalSpec
 from .console import announce, format_hostport
+from .udpsocket import UdpSocket, bind_udp
 
 __all__ = ["BoundForward", "ForwardSet", "ForwardSlot"]
 
@@ -39,13 +40,16 @@ class BoundForward:
     """Where it listens (the port actually bound)."""
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     closed: trio.Event = attrs.field(factory=trio.Event)
+    udp: UdpSocket | None = None
+    """A ``/udp`` forward's socket (then ``listeners`` is empty)."""
 
     @property
     def address(self) -> str:
-        return format_hostport(self.host, self.port)
+        return format_hostport(self.host, self.port) + ("/udp" if self.udp is not None else "")
 
 
 Serve = Callable[[ForwardSlot, list[trio.SocketListener], trio.Nursery], Awaitable[None]]
+ServeUdp = Callable[[LocalSpec, UdpSocket], Awaitable[None]]
 
 
 @attrs.define(eq=False)
@@ -56,11 +60,17 @@ class ForwardSet:
     serve: Serve
     nursery: trio.Nursery
     handlers: trio.Nursery
+    serve_udp: ServeUdp | None = None
+    """Runs a ``/udp`` forward on its socket (closing it at the end); its flows live inside it."""
     running: dict[str, BoundForward] = attrs.field(factory=dict)
 
     @staticmethod
     async def bind(spec: LocalSpec) -> BoundForward:
         """Listen for ``spec`` (not serving yet). Raises OSError (address in use, ...)."""
+        if spec.protocol == "udp":
+            udp = await bind_udp(spec.bind_host, spec.bind_port)
+            host, port = udp.local[:2]
+            return BoundForward(ForwardSlot(spec), [], str(host), int(port), udp=udp)
         listeners = await trio.open_tcp_listeners(spec.bind_port, host=spec.bind_host)
         host, port = listeners[0].socket.getsockname()[:2]
         return BoundForward(ForwardSlot(spec), listeners, str(host), int(port))
@@ -68,6 +78,8 @@ class ForwardSet:
     @staticmethod
     async def discard(bound: BoundForward) -> None:
         """Close a bound forward that was never started."""
+        if bound.udp is not None:
+            bound.udp.close()
         for listener in bound.listeners:
             await trio.aclose_forcefully(listener)
 
@@ -76,15 +88,24 @@ class ForwardSet:
         self.running[spec.name] = bound
         announce(f"forwarding {spec.name} {bound.address}")
         logger.info(
-            "forwarding %s to %s through the server", bound.address, format_hostport(spec.target_host, spec.target_port)
+            "forwarding %s to %s%s through the server",
+            bound.address,
+            format_hostport(spec.target_host, spec.target_port),
+            "/udp" if bound.udp is not None else "",
         )
         self.nursery.start_soon(self._run, bound)
 
     async def _run(self, bound: BoundForward) -> None:
         try:
             with bound.scope:
-                await self.serve(bound.slot, bound.listeners, self.handlers)
+                if bound.udp is not None:
+                    assert self.serve_udp is not None, "a /udp forward needs serve_udp"
+                    await self.serve_udp(bound.slot.spec, bound.udp)
+                else:
+                    await self.serve(bound.slot, bound.listeners, self.handlers)
         finally:
+            if bound.udp is not None:
+                bound.udp.close()
             bound.closed.set()
 
     async def stop(self, name: str, *, quiet: bool = False) -> None:

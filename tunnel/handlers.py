@@ -33,6 +33,7 @@ from .errors import SessionClosedError, StreamOpenError
 from .mux import MuxStream, Session
 from .relay import SpliceResult, splice
 from .tcp import TcpStream
+from .udp import answer_stream
 
 __all__ = ["FORWARD_WORDS", "REVERSE_WORDS", "Destination", "Entrance", "Meta", "Route", "Traffic"]
 
@@ -60,6 +61,8 @@ class Destination:
     """How the closed line names the connection (default: its peer, from the stream's ``meta["peer"]``)."""
     endings: bool = True
     """Whether the closed line says how each direction ended ("(eof)"); the server's forward line never did."""
+    udp: bool = False
+    """A UDP target: the stream carries datagrams to a connected UDP socket (:mod:`trio_tunnel.udp`)."""
 
 
 Route = Callable[[MuxStream], Destination | None]
@@ -136,6 +139,9 @@ class Traffic:
         try:
             destination = route(stream)
             if destination is None:
+                return
+            if destination.udp:
+                await answer_stream(stream, destination, self.log, dial_timeout)
                 return
             peer = stream.meta.get("peer", "?")
             try:

@@ -32,6 +32,7 @@ from trio_tunnel.lifecycle import Shutdown
 from trio_tunnel.proto.errors import ErrorCode
 from trio_tunnel.relay import Ending, Splice, abort
 from trio_tunnel.tcp import TcpStream, serve_tcp
+from trio_tunnel.udp import run_map_udp
 
 __all__ = ["run_map", "serve_map"]
 
@@ -52,6 +53,9 @@ async def run_map(
     Raises:
         OSError: when the listening address cannot be bound.
     """
+    if config.protocol == "udp":
+        await run_map_udp(config, shutdown, task_status=task_status)
+        return
     listeners = await trio.open_tcp_listeners(config.listen.port, host=config.listen.host or None)
     bound = [_sockname(listener) for listener in listeners]
     async with trio.open_nursery() as nursery:

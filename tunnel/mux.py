@@ -260,6 +260,11 @@ class Session:
             self._wake_writer()
             self._credit_changed()
 
+    @property
+    def frame_limits(self) -> tuple[int, int]:
+        """(ours, the peer's) largest DATA payload: a datagram stream keeps each datagram within one."""
+        return self._conn.limits.max_frame_payload, self._conn.peer_max_frame_payload
+
     def statistics(self) -> SessionStatistics:
         return SessionStatistics(
             session_id=self.session_id,

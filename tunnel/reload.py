@@ -92,8 +92,16 @@ class ClientPlan:
         now written as the port it got) is retargeted in place instead of registered or bound again.
 
         ``exposed``/``listening``: name -> (host, port) actually bound on the server / here."""
-        keep_r = [(was, now) for was, now in self.reexpose if exposed.get(was.name) == _public(now)]
-        keep_l = [(was, now) for was, now in self.reforward if listening.get(was.name) == _listen(now)]
+        keep_r = [
+            (was, now)
+            for was, now in self.reexpose
+            if exposed.get(was.name) == _public(now)[:2] and _public(was)[2:] == _public(now)[2:]
+        ]
+        keep_l = [
+            (was, now)
+            for was, now in self.reforward
+            if listening.get(was.name) == _listen(now)[:2] and _listen(was)[2:] == _listen(now)[2:]
+        ]
         return attrs.evolve(
             self,
             reexpose=tuple(pair for pair in self.reexpose if pair not in keep_r),
@@ -122,12 +130,18 @@ class ClientPlan:
         return "; ".join(parts) or "no change to the link, services or forwards"
 
 
-def _public(spec: RemoteSpec) -> tuple[str, int]:
-    return spec.bind_host, spec.bind_port
+def _public(spec: RemoteSpec) -> tuple[object, ...]:
+    """What the server holds for a service: a change here registers it again. (A UDP flow's idle timeout is the
+    server's to apply, so it is part of it; the local target is the client's alone.)"""
+    return spec.bind_host, spec.bind_port, spec.protocol, spec.idle_timeout if spec.protocol == "udp" else None
 
 
-def _listen(spec: LocalSpec) -> tuple[str, int]:
-    return spec.bind_host, spec.bind_port
+def _listen(spec: LocalSpec) -> tuple[object, ...]:
+    """What a running forward holds: a change here binds it again. A TCP forward reads its target per connection,
+    so a new target alone is applied in place; a UDP forward's flows carry theirs, so any change restarts it."""
+    if spec.protocol == "udp":
+        return spec.bind_host, spec.bind_port, spec.protocol, spec.target_host, spec.target_port, spec.idle_timeout
+    return spec.bind_host, spec.bind_port, spec.protocol
 
 
 def plan_client(old: ClientConfig, new: ClientConfig) -> ClientPlan:
@@ -173,10 +187,10 @@ class ServerPlan:
         tokens = self.new.tokens
         return not tokens or token in tokens
 
-    def keeps_port(self, port: int) -> bool:
+    def keeps_port(self, port: int, *, udp: bool = False) -> bool:
         """Whether a live service bound to ``port`` is still allowed (one exposed on "any port" too: the port it
-        got must be in the new set)."""
-        return port in self.new.allow_ports
+        got must be in the new set; a UDP service's in the set's ``/udp`` ports)."""
+        return port in (self.new.allow_ports.udp if udp else self.new.allow_ports)
 
     def summary(self) -> str:
         parts = []

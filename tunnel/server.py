@@ -26,6 +26,7 @@ from typing import ClassVar, Final
 import attrs
 import trio
 from trio_tunnel.proto import ErrorCode
+from trio_tunnel.proto.datagram import FlowBudget, FlowGate
 
 from . import notify
 from .certs import default_state_dir
@@ -41,7 +42,9 @@ from .mux import MuxStream, Request, Role, Session, open_session
 from .reload import ReloadError, one_line, plan_server, reload_on_signals, sighup_receiver
 from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
-from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, UNEXPOSE, UNEXPOSED, session_config
+from .udp import DEFAULT_IDLE, serve_udp_service
+from .udpsocket import UdpSocket, bind_udp_in
+from .wire import EXPOSE, EXPOSE_UDP, FORWARD_ROUTE, FORWARD_UDP_ROUTE, REPLACED, UNEXPOSE, UNEXPOSED, session_config
 
 __all__ = ["run_server"]
 
@@ -69,6 +72,8 @@ class _Link:
     """External connections and forwards in flight (graceful shutdown waits for them)."""
     exposures: dict[str, _Exposure] = attrs.field(factory=dict)
     """Service name -> its listener, for UNEXPOSE and reloads."""
+    udp_flows: FlowBudget = attrs.field(factory=lambda: FlowBudget(4096))
+    """UDP flows of all this client's UDP services (``max_flows_per_client``)."""
 
     async def drain(self) -> None:
         """Stop accepting on the public ports, GOAWAY, wait for the work in flight, then end the link."""
@@ -89,6 +94,7 @@ class _Exposure:
     limiter: trio.CapacityLimiter
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     closed: trio.Event = attrs.field(factory=trio.Event)
+    udp: bool = False
 
 
 @attrs.define(eq=False)
@@ -155,7 +161,7 @@ class _Server:
                 continue
             for name, exposure in link.exposures.items():
                 exposure.limiter.total_tokens = new.max_connections_per_service
-                if not plan.keeps_port(exposure.port):
+                if not plan.keeps_port(exposure.port, udp=exposure.udp):
                     logger.warning(
                         "client %r: released %s on port %d: the port is no longer allowed (allow_ports %s)",
                         link.name,
@@ -213,7 +219,7 @@ class _Server:
             )
             session.go_away(ErrorCode.ENHANCE_YOUR_CALM, "the server has too many clients")
             return
-        link = _Link(name, peer, session)
+        link = _Link(name, peer, session, udp_flows=FlowBudget(self.config.max_flows_per_client))
         self.links[name] = link
         try:
             if old is not None:
@@ -261,14 +267,16 @@ class _Server:
                 request = await session.receive_request()
             except SessionClosedError:
                 return
-            if request.kind == EXPOSE:
-                await self._expose(session, link, request, nursery)
+            if request.kind in (EXPOSE, EXPOSE_UDP):
+                await self._expose(session, link, request, nursery, udp=request.kind == EXPOSE_UDP)
             elif request.kind == UNEXPOSE:
                 await self._unexpose(link, request)
             else:
                 request.reply_error(ErrorCode.PROHIBITED, {"message": f"unknown request {request.kind!r}"})
 
-    async def _expose(self, session: Session, link: _Link, request: Request, nursery: trio.Nursery) -> None:
+    async def _expose(
+        self, session: Session, link: _Link, request: Request, nursery: trio.Nursery, *, udp: bool = False
+    ) -> None:
         body = request.body if isinstance(request.body, Mapping) else {}
         name, bind, port = body.get("name"), body.get("bind", "0.0.0.0"), body.get("port")
         if not isinstance(name, str) or not isinstance(bind, str) or type(port) is not int or not 0 <= port < 65536:
@@ -277,30 +285,47 @@ class _Server:
         if name in link.services:
             request.reply_error(ErrorCode.PROHIBITED, {"message": f"service {name!r} is already exposed"})
             return
-        if port not in self.config.allow_ports:
+        ports, suffix = (self.config.allow_ports.udp, "/udp") if udp else (self.config.allow_ports, "")
+        if port not in ports:
             request.reply_error(
                 ErrorCode.PROHIBITED,
-                {"message": f"port {port} is not allowed by the server (--allow-ports {self.config.allow_ports})"},
+                {
+                    "message": f"port {port}{suffix} is not allowed by the server "
+                    f"(--allow-ports {str(self.config.allow_ports) or '(none)'})"
+                },
             )
             return
         if not self.allow_bind.allows(bind):
             logger.warning("client %r: refused to expose %s on %r: not in --allow-bind", link.name, name, bind)
             request.reply_error(ErrorCode.PROHIBITED, {"message": bind_refusal(bind, self.allow_bind)})
             return
+        previous = self.last_ports.get((link.name, name))
         try:
-            listeners = await self._bind(bind, port, self.last_ports.get((link.name, name)))
+            if udp:
+                udp_socket = await bind_udp_in(bind, port, ports, ports.allows_any_unprivileged, previous)
+                host, bound = udp_socket.local
+            else:
+                listeners = await self._bind(bind, port, previous)
+                host, bound = listeners[0].socket.getsockname()[:2]
         except OSError as exc:
             code = ErrorCode.ADDRESS_IN_USE if exc.errno == errno.EADDRINUSE else ErrorCode.CONNECT_FAILED
             request.reply_error(code, {"message": _bind_error(bind, port, exc)})
             return
-        host, bound = listeners[0].socket.getsockname()[:2]
         self._remember(link.name, name, int(bound))
-        address = format_hostport(str(host), int(bound))
+        address = format_hostport(str(host), int(bound)) + suffix
         link.services[name] = address
         limiter = trio.CapacityLimiter(self.config.max_connections_per_service)
-        exposure = link.exposures[name] = _Exposure(int(bound), limiter)
+        exposure = link.exposures[name] = _Exposure(int(bound), limiter, udp=udp)
         logger.info("client %r: exposing %s on %s", link.name, name, address)
-        nursery.start_soon(self._serve_service, session, link, name, listeners, nursery, exposure)
+        if udp:
+            asked = body.get("idle_timeout")
+            idle = DEFAULT_IDLE
+            if isinstance(asked, int | float) and not isinstance(asked, bool) and 0 < asked < 86400:
+                idle = float(asked)
+            gate = FlowGate(self.config.max_flows_per_service, budget=link.udp_flows)
+            nursery.start_soon(self._serve_udp_service, session, link, name, udp_socket, gate, idle, exposure)
+        else:
+            nursery.start_soon(self._serve_service, session, link, name, listeners, nursery, exposure)
         request.reply({"host": str(host), "port": int(bound)})
 
     async def _unexpose(self, link: _Link, request: Request) -> None:
@@ -372,17 +397,41 @@ class _Server:
                 del link.exposures[name]
             exposure.closed.set()
 
+    async def _serve_udp_service(
+        self,
+        session: Session,
+        link: _Link,
+        name: str,
+        udp_socket: UdpSocket,
+        gate: FlowGate,
+        idle: float,
+        exposure: _Exposure,
+    ) -> None:
+        """A ``-R .../udp`` service until unexposed, drained or its link ends (the socket is closed by then)."""
+        accepting = exposure.scope
+        link.accepting.append(accepting)
+        try:
+            await serve_udp_service(session, udp_socket, f"{link.name}/{name}", name, gate, idle, accepting, logger)
+        finally:
+            udp_socket.close()
+            link.services.pop(name, None)
+            link.accepting.remove(accepting)
+            if link.exposures.get(name) is exposure:
+                del link.exposures[name]
+            exposure.closed.set()
+
     # ---------------------------------------------------------------------------------------- forward (-L)
 
     def _route_forward(self, link: _Link, stream: MuxStream) -> Destination | None:
         """Where a client's forward stream goes: a target the allowlist lets it reach, or nowhere (rejected)."""
         meta = stream.meta
         host, port, peer = meta.get("host"), meta.get("port"), meta.get("peer", "?")
-        if stream.route != FORWARD_ROUTE or not isinstance(host, str) or type(port) is not int:
+        udp = stream.route == FORWARD_UDP_ROUTE
+        if not (udp or stream.route == FORWARD_ROUTE) or not isinstance(host, str) or type(port) is not int:
             stream.reject(ErrorCode.UNKNOWN_ROUTE, f"unknown route {stream.route!r}")
             return None
-        target = format_hostport(host, port)
-        if not self.config.allow_targets.allows(host, port):
+        target = format_hostport(host, port) + ("/udp" if udp else "")
+        if not self.config.allow_targets.allows(host, port, "udp" if udp else "tcp"):
             logger.warning("%s: refused forward to %s for %s: not in --allow-target", link.name, target, peer)
             stream.reject(
                 ErrorCode.PROHIBITED,
@@ -397,6 +446,7 @@ class _Server:
             FORWARD_WORDS,
             who=f"forward {peer} -> {target}",
             endings=False,
+            udp=udp,
         )
 
     # -------------------------------------------------------------------------------------------- shutdown

@@ -129,6 +129,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
     def __repr__(self) -> str:
         return f"<MuxStream {self.stream_id} {self.route!r}>"
 
+    @property
+    def session(self) -> Session:
+        """The session the stream belongs to."""
+        return self._session
+
     # ------------------------------------------------------------------------------------------ open handshake
 
     async def wait_accepted(self) -> None:

@@ -72,10 +72,13 @@ examples:
   # reach db.internal:5432 (seen from the server) at 127.0.0.1:15432 here
   trio-tunnel client --server tunnel.example.com:7835 --token-file token -L db=15432:db.internal:5432
 
+  # a DNS server behind NAT, on the server's UDP port 5353 (the server needs --allow-ports 5353/udp)
+  trio-tunnel client --server tunnel.example.com:7835 --token-file token -R dns=5353:127.0.0.1:53/udp
+
   # services from a file ([client] table); -R/-L add to them, other flags override it
   trio-tunnel client --config ~/.config/trio-tunnel.toml
 
-spec syntax (-R and -L): [NAME=][bind_address:]port:host:hostport; IPv6 in brackets, e.g. [::1]:8080.
+spec syntax (-R and -L): [NAME=][bind_address:]port:host:hostport[/udp]; IPv6 in brackets, e.g. [::1]:8080.
 stdout: 'connected HOST:PORT', 'exposed NAME HOST:PORT', 'forwarding NAME HOST:PORT', 'disconnected REASON',
 'refused NAME REASON' (e.g. address_in_use, retried with the reconnect backoff; prohibited)."""
 
@@ -87,7 +90,10 @@ examples:
   # any free port on loopback (see the 'listening HOST:PORT' line), with a shorter connect timeout
   trio-tunnel map 127.0.0.1:0 example.com:80 --connect-timeout 3 --max-connections 100
 
-stdout: 'listening HOST:PORT' once the listener is bound."""
+  # UDP: DNS on 10.0.0.2 reachable on port 5353 here (each source gets its own socket to the target)
+  trio-tunnel map --udp 0.0.0.0:5353 10.0.0.2:53
+
+stdout: 'listening HOST:PORT' (for UDP 'listening HOST:PORT/udp') once the listener is bound."""
 
 _DEMO_EPILOG = """\
 examples:
@@ -188,14 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument(
         "--allow-ports",
         metavar="SPEC",
-        help="ports clients may expose, e.g. 8000-8999,2222 (default 1024-65535)",
+        help="ports clients may expose, e.g. 8000-8999,2222,5353/udp (default 1024-65535; UDP only when listed "
+        "with /udp)",
     )
     server.add_argument(
         "--allow-target",
         action="append",
         metavar="SPEC",
-        help="where -L clients may reach, e.g. 10.0.0.0/8:22,db.internal:5432,127.0.0.1:* "
-        "(repeatable; default: nowhere)",
+        help="where -L clients may reach, e.g. 10.0.0.0/8:22,db.internal:5432,127.0.0.1:*,10.0.0.2:53/udp "
+        "(repeatable; default: nowhere; a rule without /udp is TCP only)",
     )
     server.add_argument(
         "--allow-bind",
@@ -295,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mapper.add_argument(
         "--max-connections", type=int, metavar="N", help="concurrent relayed connections (default 1024)"
+    )
+    mapper.add_argument(
+        "--udp", action="store_true", default=None, help="relay UDP datagrams (also: a /udp suffix on TARGET)"
     )
     mapper.add_argument("--config", metavar="FILE", help="TOML file with a [map] table; arguments override it")
     _add_logging_options(mapper, suffix="command")

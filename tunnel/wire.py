@@ -13,7 +13,17 @@ import attrs
 from .config import Timeouts
 from .mux import Role, SessionConfig
 
-__all__ = ["CLIENT_MAX_STREAMS", "EXPOSE", "FORWARD_ROUTE", "REPLACED", "UNEXPOSE", "UNEXPOSED", "session_config"]
+__all__ = [
+    "CLIENT_MAX_STREAMS",
+    "EXPOSE",
+    "EXPOSE_UDP",
+    "FORWARD_ROUTE",
+    "FORWARD_UDP_ROUTE",
+    "REPLACED",
+    "UNEXPOSE",
+    "UNEXPOSED",
+    "session_config",
+]
 
 FORWARD_ROUTE: Final = "forward"
 """Route of client-opened streams: "dial ``meta["host"]:meta["port"]`` for me" (``-L``). Server-opened streams are
@@ -30,6 +40,15 @@ know it answers PROHIBITED ("unknown request"), and the client's reload fails, c
 UNEXPOSED: Final = "unexposed"
 """Control notification from the server (no reply): "I released the public port of your service" (body: ``name``,
 ``reason``), when a server reload no longer allows its port. A client that does not know it ignores it."""
+
+FORWARD_UDP_ROUTE: Final = "forward-udp"
+"""Route of client-opened datagram streams (``-L .../udp``): "send these datagrams to ``meta["host"]:meta["port"]``
+over UDP". A route of its own, not ``forward`` with a flag, so a server without UDP refuses it (UNKNOWN_ROUTE)
+instead of dialling TCP."""
+
+EXPOSE_UDP: Final = "expose-udp"
+"""Control request kind: "bind a public UDP port for my service" (body as :data:`EXPOSE`, plus ``idle_timeout``).
+A kind of its own so that a server without UDP refuses it instead of binding a TCP port."""
 
 REPLACED: Final = "replaced"
 """Start of the GOAWAY reason sent to a link that another client with the same name took over."""

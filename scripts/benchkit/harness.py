@@ -21,6 +21,8 @@ from .procs import SystemUnavailable, process_group
 from .report import SystemReport, any_failed, build_document, machine_info, write_outputs
 from .suite import Config, Log, describe_error, metrics_for, rate_tag, run_delay, run_suite
 from .systems import SYSTEMS, System, start_sink
+from .udp import add_arguments as add_udp_arguments
+from .udp import run_udp_bench, serve_udp_sink_main
 from .wire import raise_nofile, serve_sink_main
 from .workloads import bulk_helper_main
 
@@ -238,6 +240,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--budget", type=float, help="overall time budget in seconds (default 840, --quick 150)")
     ap.add_argument("--silent", action="store_true", help="no progress on stderr")
+    add_udp_arguments(ap)
     # internal helper modes
     ap.add_argument("--serve-sink", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bulk-helper", metavar="HOST:PORT", help=argparse.SUPPRESS)
@@ -253,12 +256,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_sink:
         return serve_sink_main()
+    if args.serve_udp_sink:
+        return serve_udp_sink_main()
     if args.bulk_helper:
         host, _, port = args.bulk_helper.rpartition(":")
         return bulk_helper_main((host, int(port)), args.helper_seconds, args.helper_seed)
     raise_nofile()
     try:
-        return trio.run(amain, args)
+        return trio.run(run_udp_bench if args.udp else amain, args)
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130

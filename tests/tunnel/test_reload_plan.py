@@ -157,3 +157,26 @@ def test_the_unexpose_request_bytes_in_the_protocol_document() -> None:
     reply = F.encode(F.CtrlReply(3, 0, {})).hex()
     shown = {"".join(match.split()) for match in re.findall(r"`([0-9a-f ]{20,})`", doc)}
     assert request in shown and reply in shown
+
+
+def test_udp_changes_the_server_or_a_forward_holds_register_again() -> None:
+    """A UDP service's protocol and idle timeout are the server's to apply, and a UDP forward's flows carry their
+    target: a change to either is registered or bound again; a TCP forward's new target alone is applied in place."""
+    old = client("a=9000:127.0.0.1:53/udp", "b=9001:127.0.0.1:80", locals=("f=5353:10.0.0.2:53/udp", "g=8080:db:80"))
+    new = client(
+        "a=9000:127.0.0.1:54/udp", "b=9001:127.0.0.1:80/udp", locals=("f=5353:10.0.0.3:53/udp", "g=8080:db:81")
+    )
+    plan = plan_client(old, new)
+    assert names(plan.retarget) == ["a"]  # the client's own target: in place
+    assert names(now for _was, now in plan.reexpose) == ["b"]  # tcp -> udp
+    assert names(now for _was, now in plan.reforward) == ["f"]
+    assert names(plan.retarget_forwards) == ["g"]
+    longer = client("a=9000:127.0.0.1:53/udp", locals=("f=5353:10.0.0.2:53/udp",))
+    longer = attrs.evolve(longer, remotes=(attrs.evolve(longer.remotes[0], idle_timeout=120.0),))
+    plan = plan_client(client("a=9000:127.0.0.1:53/udp", locals=("f=5353:10.0.0.2:53/udp",)), longer)
+    assert names(now for _was, now in plan.reexpose) == ["a"]
+    # the port a 0 got, written down, still changes nothing for a UDP forward
+    pinned = plan_client(client(locals=("f=0:10.0.0.2:53/udp",)), client(locals=("f=5353:10.0.0.2:53/udp",))).pinned(
+        {}, {"f": ("127.0.0.1", 5353)}
+    )
+    assert not pinned.reforward and names(pinned.retarget_forwards) == ["f"]

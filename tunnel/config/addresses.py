@@ -11,7 +11,7 @@ import attrs
 from trio_tunnel.console import format_hostport
 from trio_tunnel.errors import ConfigError
 
-from .fields import ANY_PORT, REAL_PORT, Rule, describe, toml
+from .fields import ANY_PORT, REAL_PORT, Rule, describe, seconds, toml
 
 DEFAULT_SERVER_PORT: Final = 7835
 """The server's default listening port."""
@@ -19,8 +19,8 @@ DEFAULT_SERVER_PORT: Final = 7835
 MAX_SERVICE_NAME_LENGTH: Final = 128
 """Longest service name (an -R/-L ``NAME``); it travels as a stream route (at most 255 bytes)."""
 
-_REMOTE_SYNTAX: Final = "[NAME=][bind_address:]port:host:hostport, e.g. 'web=9000:127.0.0.1:80'"
-_LOCAL_SYNTAX: Final = "[NAME=][bind_address:]port:host:hostport, e.g. 'db=15432:db.internal:5432'"
+_REMOTE_SYNTAX: Final = "[NAME=][bind_address:]port:host:hostport[/udp], e.g. 'web=9000:127.0.0.1:80'"
+_LOCAL_SYNTAX: Final = "[NAME=][bind_address:]port:host:hostport[/udp], e.g. 'db=15432:db.internal:5432'"
 _HOSTPORT_SYNTAX: Final = "HOST:PORT, [IPv6]:PORT or PORT, e.g. '127.0.0.1:8080'"
 
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
@@ -200,6 +200,29 @@ SERVICE_NAME: Final = Rule(
 """An -R/-L service name (the ``NAME=`` prefix, or the table name in ``[client.expose.NAME]``)."""
 
 
+PROTOCOL: Final = Rule(
+    types=(str,),
+    expected='"tcp" or "udp"',
+    plain='{name} must be "tcp" or "udp", got {value!r}',
+    wrong_type='{name} must be "tcp" or "udp", got {value!r}',
+    problem=lambda value: None if value in ("tcp", "udp") else "no",
+)
+"""What a service carries: TCP connections (the default) or UDP datagrams (a ``/udp`` suffix on a spec)."""
+
+UDP_IDLE_DEFAULT: Final = 60.0
+"""Seconds a UDP flow lives without a datagram either way (``idle_timeout``)."""
+
+
+def split_protocol(text: str) -> tuple[str, str]:
+    """``"53/udp"`` -> ``("53", "udp")``; without a suffix (or with ``/tcp``) the protocol is TCP."""
+    stripped = text.strip()
+    lowered = stripped.lower()
+    for protocol in ("udp", "tcp"):
+        if lowered.endswith("/" + protocol):
+            return stripped[: -len(protocol) - 1], protocol
+    return stripped, "tcp"
+
+
 def _parse_forward(text: str, *, default_bind: str, syntax: str, kind: str) -> dict[str, Any]:
     original = text
     try:
@@ -207,6 +230,7 @@ def _parse_forward(text: str, *, default_bind: str, syntax: str, kind: str) -> d
         if "=" in text:
             name, text = text.split("=", 1)
             SERVICE_NAME.check(name, name="name")
+        text, protocol = split_protocol(text)
         fields = _split_fields(text.strip())
         if len(fields) == 3:
             bind_host = default_bind
@@ -235,6 +259,8 @@ def _parse_forward(text: str, *, default_bind: str, syntax: str, kind: str) -> d
     }
     if name is not None:
         fields_out["name"] = name
+    if protocol == "udp":
+        fields_out["protocol"] = protocol
     return fields_out
 
 
@@ -242,7 +268,8 @@ _Spec = TypeVar("_Spec", bound="_ForwardSpec")
 
 
 def _default_service_name(spec: _ForwardSpec) -> str:
-    return format_hostport(spec.target_host, spec.target_port)
+    name = format_hostport(spec.target_host, spec.target_port)
+    return f"{name}-udp" if spec.protocol == "udp" else name
 
 
 def _name_field() -> Any:
@@ -266,6 +293,8 @@ class _ForwardSpec:
     bind_port: int
     target_host: str
     target_port: int
+    protocol: str
+    idle_timeout: float
 
     @classmethod
     def parse(cls, text: str) -> Self:
@@ -280,16 +309,16 @@ class _ForwardSpec:
     def check_unique(cls, specs: Sequence[_ForwardSpec]) -> None:
         """Raise ValueError when two specs share a name, or a fixed listening address."""
         names: set[str] = set()
-        binds: set[tuple[str, int]] = set()
+        binds: set[tuple[str, int, str]] = set()
         for spec in specs:
             if spec.name in names:
                 raise ValueError(
                     f"two {cls.FLAG} services are named {spec.name!r}; give them distinct names with the NAME= prefix"
                 )
             names.add(spec.name)
-            if spec.bind_port and (spec.bind_host, spec.bind_port) in binds:
-                raise ValueError(f"two {cls.FLAG} services listen on {spec.bind}")
-            binds.add((spec.bind_host, spec.bind_port))
+            if spec.bind_port and (spec.bind_host, spec.bind_port, spec.protocol) in binds:
+                raise ValueError(f"two {cls.FLAG} services listen on {spec.bind}{spec.suffix}")
+            binds.add((spec.bind_host, spec.bind_port, spec.protocol))
 
     @classmethod
     def merge(cls, from_file: Sequence[_Spec], from_flags: Sequence[_Spec]) -> tuple[_Spec, ...]:
@@ -313,9 +342,14 @@ class _ForwardSpec:
         """What each accepted connection is connected to."""
         return HostPort(host=self.target_host, port=self.target_port)
 
+    @property
+    def suffix(self) -> str:
+        """``/udp`` for a UDP service, else empty: how lifecycle lines and messages mark UDP."""
+        return "/udp" if self.protocol == "udp" else ""
+
     def __str__(self) -> str:
         bind = format_hostport(self.bind_host, self.bind_port)
-        return f"{self.name}={bind}:{format_hostport(self.target_host, self.target_port)}"
+        return f"{self.name}={bind}:{format_hostport(self.target_host, self.target_port)}{self.suffix}"
 
 
 @final
@@ -345,8 +379,13 @@ class RemoteSpec(_ForwardSpec):
     """Server-side port; 0 = the server picks a free port within its allowed ports."""
     bind_host: str = HOST.field(default="0.0.0.0", metadata=toml(name="bind", rule=HOST))
     """Server-side listening address; default all IPv4 interfaces."""
+    protocol: str = PROTOCOL.field(default="tcp", metadata=toml(rule=PROTOCOL))
+    """``"udp"``: a UDP service (``-R ...:53/udp``); each flow is one stream on the link."""
+    idle_timeout: float = seconds(UDP_IDLE_DEFAULT)
+    """UDP only: a flow ends after this many seconds without a datagram either way."""
     name: str = _name_field()
-    """The service's name (``exposed NAME HOST:PORT``); default ``target_host:target_port``."""
+    """The service's name (``exposed NAME HOST:PORT``); default ``target_host:target_port`` (``-udp`` appended for
+    a UDP service)."""
 
 
 @final
@@ -382,5 +421,10 @@ class LocalSpec(_ForwardSpec):
         )
     )
     target_port: int = REAL_PORT.field()
+    protocol: str = PROTOCOL.field(default="tcp", metadata=toml(rule=PROTOCOL))
+    """``"udp"``: a UDP forward (``-L ...:53/udp``); each flow is one stream on the link."""
+    idle_timeout: float = seconds(UDP_IDLE_DEFAULT)
+    """UDP only: a flow ends after this many seconds without a datagram either way."""
     name: str = _name_field()
-    """The forward's name (``forwarding NAME HOST:PORT``); default ``target_host:target_port``."""
+    """The forward's name (``forwarding NAME HOST:PORT``); default ``target_host:target_port`` (``-udp`` appended
+    for a UDP forward)."""

@@ -21,7 +21,7 @@ import attrs
 from trio_tunnel.certs import parse_fingerprint
 from trio_tunnel.errors import ConfigError
 
-from .addresses import DEFAULT_SERVER_PORT, HostPort, LocalSpec, RemoteSpec, hostport_key
+from .addresses import DEFAULT_SERVER_PORT, PROTOCOL, UDP_IDLE_DEFAULT, HostPort, LocalSpec, RemoteSpec, hostport_key
 from .binds import BIND_KEY, BindAllowlist
 from .fields import BOOLEAN, FRACTION, build, count, dedupe, describe, seconds, to_tuple, toml
 from .policy import PORTS_KEY, TARGETS_KEY, PortSet, TargetAllowlist
@@ -140,6 +140,10 @@ class ServerConfig:
     """Concurrent external connections to one exposed service; more are refused at accept."""
     max_clients: int = count(1024)
     """Concurrent client sessions (including ones still in the handshake)."""
+    max_flows_per_service: int = count(1024)
+    """Concurrent UDP flows (sources) on one exposed UDP service; datagrams from more are dropped."""
+    max_flows_per_client: int = count(4096)
+    """Concurrent UDP flows over one client's link, all its UDP services together."""
     tls_cert: str | None = _path("tls_cert")
     """The server's certificate (PEM; a chain: the server's first) for the link; with ``tls_key``. None: the
     server's own key and self-signed certificate in ``state_dir``, made on first start."""
@@ -334,6 +338,10 @@ class MapConfig:
     """Concurrent relayed connections; a connection beyond the cap is closed at once, with a warning."""
     drain_timeout: float = seconds(10.0)
     """Graceful shutdown: how long relayed connections may continue after Ctrl+C."""
+    protocol: str = PROTOCOL.field(default="tcp", metadata=toml(rule=PROTOCOL))
+    """``"udp"``: relay UDP datagrams (``map --udp``), one flow per source, ``max_connections`` flows at most."""
+    idle_timeout: float = seconds(UDP_IDLE_DEFAULT)
+    """UDP only: a flow ends after this many seconds without a datagram either way."""
 
     def __attrs_post_init__(self) -> None:
         if self.target.port == 0:
@@ -353,6 +361,7 @@ class MapConfig:
         target: HostPort | None = None,
         connect_timeout: float | None = None,
         max_connections: int | None = None,
+        protocol: str | None = None,
     ) -> Self:
         """The config file (if any) with the given values overriding it (``None`` = not given).
 
@@ -367,6 +376,7 @@ class MapConfig:
                     "target": target,
                     "connect_timeout": connect_timeout,
                     "max_connections": max_connections,
+                    "protocol": protocol,
                 }
             )
         )

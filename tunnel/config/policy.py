@@ -9,7 +9,7 @@ from typing import Any, Final, Self, final
 import attrs
 from trio_tunnel.errors import ConfigError
 
-from .addresses import _host_problem, _parse_port
+from .addresses import _host_problem, _parse_port, split_protocol
 from .fields import REAL_PORT, describe, to_tuple, toml
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -90,6 +90,9 @@ class PortSet:
     ranges: tuple[tuple[int, int], ...] = attrs.field(
         default=((1024, 65535),), converter=_merge_ranges, validator=_check_ranges
     )
+    udp_ranges: tuple[tuple[int, int], ...] = attrs.field(default=(), converter=_merge_ranges, validator=_check_ranges)
+    """UDP ports (entries written ``53/udp``); none by default, so nobody's UDP is opened by surprise. The other
+    methods are about TCP; :attr:`udp` is the UDP set as a PortSet of its own."""
 
     @classmethod
     def default(cls) -> Self:
@@ -108,7 +111,17 @@ class PortSet:
             items = _spec_items(spec)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc} (expected e.g. '8000-8999,2222')") from None
-        return cls(ranges=[_parse_port_range(item, where=where, for_targets=False) for item in items])
+        tcp: list[tuple[int, int]] = []
+        udp: list[tuple[int, int]] = []
+        for item in items:
+            ports, protocol = split_protocol(item)
+            (udp if protocol == "udp" else tcp).append(_parse_port_range(ports, where=where, for_targets=False))
+        return cls(ranges=tcp, udp_ranges=udp)
+
+    @property
+    def udp(self) -> PortSet:
+        """The UDP ports, as a set of their own (its ``ranges``)."""
+        return PortSet(ranges=self.udp_ranges)
 
     @property
     def allows_any_unprivileged(self) -> bool:
@@ -131,7 +144,9 @@ class PortSet:
         return sum(high - low + 1 for low, high in self.ranges)
 
     def __str__(self) -> str:
-        return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in self.ranges)
+        tcp = [str(low) if low == high else f"{low}-{high}" for low, high in self.ranges]
+        udp = [(str(low) if low == high else f"{low}-{high}") + "/udp" for low, high in self.udp_ranges]
+        return ",".join(tcp + udp)
 
 
 def _normalize_name(host: str) -> str:
@@ -162,6 +177,8 @@ class TargetRule:
     """Set for a name rule: lower case, without a trailing dot."""
     port_low: int = REAL_PORT.field()
     port_high: int = REAL_PORT.field()
+    protocol: str = "tcp"
+    """``udp`` for a rule written ``HOST:PORTS/udp``; a bare rule allows TCP only."""
 
     def __attrs_post_init__(self) -> None:
         if (self.network is None) == (self.hostname is None):
@@ -178,7 +195,7 @@ class TargetRule:
         """
         where = f"invalid target rule {text!r}"
         example = "expected HOST:PORT, CIDR:PORT, HOST:* or HOST:LOW-HIGH, e.g. '10.0.0.0/8:22' or 'db.internal:5432'"
-        text = text.strip()
+        text, protocol = split_protocol(text)
         if text.startswith("["):
             end = text.find("]")
             if end < 0 or not text[end + 1 :].startswith(":"):
@@ -210,11 +227,11 @@ class TargetRule:
             if problem:
                 raise ConfigError(f"{where}: {problem}; {example}")
             hostname = _normalize_name(host)
-        return cls(network=network, hostname=hostname, port_low=port_low, port_high=port_high)
+        return cls(network=network, hostname=hostname, port_low=port_low, port_high=port_high, protocol=protocol)
 
-    def matches(self, host: str, port: int) -> bool:
+    def matches(self, host: str, port: int, protocol: str = "tcp") -> bool:
         """See :meth:`TargetAllowlist.allows`."""
-        if not self.port_low <= port <= self.port_high:
+        if protocol != self.protocol or not self.port_low <= port <= self.port_high:
             return False
         address = _as_ip(host)
         if self.network is not None:
@@ -234,6 +251,8 @@ class TargetRule:
             if self.port_low == self.port_high
             else f"{self.port_low}-{self.port_high}"
         )
+        if self.protocol == "udp":
+            ports += "/udp"
         if self.network is not None:
             net = self.network
             host = str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
@@ -272,9 +291,10 @@ class TargetAllowlist:
             raise ConfigError(f"invalid target list {spec!r}: {exc}") from None
         return cls(rules=[TargetRule.parse(item) for item in items])
 
-    def allows(self, host: str, port: int) -> bool:
-        """True when some rule allows dialling ``host:port`` (host as the client wrote it)."""
-        return any(rule.matches(host, port) for rule in self.rules)
+    def allows(self, host: str, port: int, protocol: str = "tcp") -> bool:
+        """True when some rule allows dialling ``host:port`` over ``protocol`` (host as the client wrote it; a rule
+        without ``/udp`` allows TCP only)."""
+        return any(rule.matches(host, port, protocol) for rule in self.rules)
 
     def __bool__(self) -> bool:
         return bool(self.rules)
