@@ -133,6 +133,11 @@ class Handshake:
         return self.step is Step.DONE
 
     @property
+    def matched_token(self) -> bytes | None:
+        """Server side: the token the client authenticated with (None without authentication)."""
+        return self._matched_token
+
+    @property
     def can_refuse(self) -> bool:
         """A server may answer with REFUSE once the client proved, by its preamble, that it speaks the protocol."""
         return not self._client and self.step is not Step.AWAIT_PREAMBLE

@@ -29,7 +29,7 @@ from .certs import PinMismatchError
 from .config import ClientConfig, HostPort, LocalSpec, RemoteSpec
 from .console import announce, format_hostport
 from .dial import DialError, dial
-from .errors import HandshakeError, LinkSecurityError, NameTakenError, RequestError, SessionClosedError
+from .errors import HandshakeError, LinkSecurityError, RequestError, SessionClosedError
 from .handlers import FORWARD_WORDS, Destination, Meta, Traffic
 from .lifecycle import Shutdown
 from .link import PLAINTEXT_REFUSED, ClientTls, presented_fingerprint, secure_client_link
@@ -43,6 +43,9 @@ __all__ = ["Backoff", "run_client"]
 logger: Final = logging.getLogger(__name__)
 
 FATAL_CODES: Final = frozenset({ErrorCode.AUTH, ErrorCode.VERSION})
+REFUSAL_CODES: Final = frozenset({ErrorCode.NAME_IN_USE, ErrorCode.ENHANCE_YOUR_CALM})
+"""A session the server ends with one of these right after the handshake was refused (name in use, server full):
+retried, with the backoff growing."""
 
 
 @attrs.define
@@ -176,8 +179,10 @@ class _Client:
             ) as session:
                 announce(f"connected {self.server}")
                 logger.info("connected to %s as %r (session %s)", self.server, cfg.name, session.session_id)
-                backoff.reset()
                 reason = await self._serve_link(session)
+                refused = session.close_code in REFUSAL_CODES and not self.shutdown.requested.is_set()
+                if not refused:
+                    backoff.reset()
         except HandshakeError as exc:
             if exc.code in FATAL_CODES:
                 raise
@@ -186,17 +191,22 @@ class _Client:
             logger.warning("the server refused the session: %s", exc)
             return
         announce(f"disconnected {reason}")
-        logger.info("disconnected from %s: %s", self.server, reason)
-        if self.replaced_by_peer:
-            # Another live client took our name: reconnecting would take it back, and so on forever.
-            raise NameTakenError(ErrorCode.PROHIBITED, reason)
+        if refused:
+            logger.warning("the server refused the session: %s", reason)
+        elif self.replaced_by_peer:
+            # The server found this link stale and gave the name to a newcomer. Reconnecting is safe: if that one
+            # is alive, the server refuses us (NAME_IN_USE) and we retry with a growing backoff; we never exit.
+            logger.warning("replaced on the server: %s; reconnecting", reason)
+        else:
+            logger.info("disconnected from %s: %s", self.server, reason)
 
     async def _serve_link(self, session: Session) -> str:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.traffic.accept_streams, session, nursery, self._route, self.config.timeouts.connect)
             await self._register(session)
             self._set_session(session)
-            self._started()
+            if session.close_code not in REFUSAL_CODES:  # refused (name in use, server full): not up yet
+                self._started()
             with trio.CancelScope() as watch:
 
                 async def on_shutdown() -> None:

@@ -10,8 +10,9 @@ Structure (every task has an owner):
           _serve_service            serve_tcp -> Traffic.carry (one per external connection): open a stream, splice
           Traffic.accept_streams    -> Traffic.answer (one per forward stream): dial the target, splice
 
-A client that reconnects with the same name takes over its predecessor at once: the old link's scope is cancelled,
-and its listeners are released before the new link binds them again (no "port already in use").
+A client that reconnects with the same name takes over its predecessor if that one is stale (it does not answer a
+PING within ``takeover_probe``; see :mod:`trio_tunnel.takeover`): the old link's scope is cancelled, and its
+listeners are released before the new link binds them again (no "port already in use"). A live holder keeps its name.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import ClassVar, Final
 
@@ -32,10 +33,13 @@ from .config import HostPort, ServerConfig
 from .console import announce, format_hostport
 from .dial import peer_address
 from .errors import ConfigError, HandshakeError, SessionClosedError
+from .guard import Admission, HandshakeCaps, raise_nofile_limit, source_of
 from .handlers import FORWARD_WORDS, REVERSE_WORDS, Destination, Meta, Traffic
 from .lifecycle import Shutdown
 from .link import LinkMismatchError, ServerTls, refuse_link, secure_server_link
 from .mux import MuxStream, Request, Role, Session, open_session
+from .takeover import judge
+from .tally import Tally
 from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
 from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, session_config
@@ -82,22 +86,28 @@ class _Server:
     links: dict[str, _Link] = attrs.field(factory=dict)
     last_ports: dict[tuple[str, str], int] = attrs.field(factory=dict)
     """(client, service) -> the port it had last, so a service exposed on port 0 keeps its port across reconnects."""
+    admission: Admission = attrs.field(factory=lambda: Admission(HandshakeCaps.sized(1024)))
+    """Connections still in the handshake (max_handshakes, max_handshakes_per_ip)."""
+    refusals: Tally = attrs.field(factory=lambda: Tally(logger, "handshakes"))
+    """Refused and failed handshakes, one line per source and window."""
 
     # ---------------------------------------------------------------------------------------------- links
 
-    async def _secure(self, transport: TcpStream, peer: str) -> tuple[trio.abc.Stream, bytes] | None:
-        """TLS (or plaintext) on a new link, within the handshake timeout; None when the link is dropped here."""
+    async def _secure(self, transport: TcpStream, peer: str, source: str) -> tuple[trio.abc.Stream, bytes] | None:
+        """TLS (or plaintext) on a new link, within the handshake timeout; None when the link is dropped here.
+        Failures are logged through :attr:`refusals`; a peer that does not speak TLS (a scanner) only at DEBUG."""
+        note = self.refusals.note
         try:
             with trio.move_on_after(self.config.timeouts.handshake):
                 return await secure_server_link(transport, self.tls)
-            logger.info("dropped a connection from %s: no handshake within the handshake timeout", peer)
+            note(source, logging.INFO, "dropped a connection from %s: no handshake within the handshake timeout", peer)
         except LinkMismatchError as exc:
-            logger.warning("refused a client from %s: %s", peer, exc)
+            note(source, logging.WARNING, "refused a client from %s: %s", peer, exc)
             with trio.move_on_after(self.config.timeouts.handshake):
                 await refuse_link(transport, str(exc))
             return None  # refuse_link closed it
         except (TlsHandshakeError, trio.BrokenResourceError) as exc:
-            logger.info("dropped a connection from %s: %s", peer, exc)
+            note(source, logging.DEBUG, "dropped a connection from %s: %s", peer, exc)
         await trio.aclose_forcefully(transport)
         return None
 
@@ -118,9 +128,39 @@ class _Server:
                 logger.info("SIGHUP: reloaded the TLS certificate %s (fingerprint %s)", cfg.tls_cert, tls.fingerprint)
 
     async def handle_link(self, transport: TcpStream) -> None:
+        """Admit the connection (:mod:`trio_tunnel.guard`), then run it as a link until it ends."""
         peer = peer_address(transport)
+        source = source_of(transport.socket)
+        ticket = self.admission.admit(source)
+        if ticket is None:
+            self.refusals.note(
+                source,
+                logging.WARNING,
+                "refused a connection from %s: %d handshakes from that address already in progress "
+                "(max_handshakes_per_ip)",
+                peer,
+                self.admission.caps.per_ip,
+            )
+            await trio.aclose_forcefully(transport)
+            return
+        with ticket.scope:
+            try:
+                await self._handle_link(transport, peer, source, ticket.release)
+            finally:
+                ticket.release()
+        if ticket.scope.cancelled_caught:
+            self.refusals.note(
+                source,
+                logging.INFO,
+                "dropped a connection from %s still in the handshake: %d handshakes in progress, a newer one "
+                "took its place (max_handshakes)",
+                peer,
+                self.admission.caps.total,
+            )
+
+    async def _handle_link(self, transport: TcpStream, peer: str, source: str, admitted: Callable[[], None]) -> None:
         cfg = self.config
-        secured = await self._secure(transport, peer)
+        secured = await self._secure(transport, peer, source)
         if secured is None:
             return
         link, binding = secured
@@ -136,19 +176,29 @@ class _Server:
                     channel_binding=binding,
                 ) as session,
             ):
+                admitted()  # authenticated: no longer a handshake (nor displaceable)
                 await self._run_link(session, peer)
         except HandshakeError as exc:
             if exc.silent:
-                logger.debug("dropped a connection from %s that does not speak trio-tunnel", peer)
+                self.refusals.note(
+                    source, logging.DEBUG, "dropped a connection from %s that does not speak trio-tunnel", peer
+                )
             else:
-                logger.warning("refused a client from %s: %s", peer, exc)
+                self.refusals.note(source, logging.WARNING, "refused a client from %s: %s", peer, exc)
 
     async def _run_link(self, session: Session, peer: str) -> None:
         name = session.peer_name
         if self.shutdown.requested.is_set():
             session.go_away(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
             return
-        old = self.links.get(name)
+        while (old := self.links.get(name)) is not None:
+            verdict = await judge(name, old.session, old.peer, session, self.config.timeouts.takeover_probe)
+            if not verdict.take:
+                logger.warning("refused client %r from %s: %s", name, peer, verdict.reason.split(". ")[0])
+                session.go_away(ErrorCode.NAME_IN_USE, verdict.reason)
+                return
+            if self.links.get(name) is old:  # else another newcomer replaced it while we probed: judge again
+                break
         if old is None and len(self.links) >= self.config.max_clients:
             logger.warning(
                 "refused client %r from %s: %d clients already connected (max_clients)", name, peer, len(self.links)
@@ -385,8 +435,17 @@ async def run_server(
         OSError: the link port cannot be bound (address in use, permission denied, no such address).
     """
     tls = server_tls(config)
+    before, nofile = raise_nofile_limit()
     listeners = await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
-    server = _Server(config, shutdown, tls)
+    caps = HandshakeCaps.sized(nofile, total=config.max_handshakes, per_ip=config.max_handshakes_per_ip)
+    server = _Server(config, shutdown, tls, admission=Admission(caps))
+    logger.info(
+        "descriptor limit %d%s; at most %d connections in the handshake, %d per address",
+        nofile,
+        f" (raised from {before})" if nofile != before else "",
+        caps.total,
+        caps.per_ip,
+    )
     if tls is not None:
         announce(f"fingerprint {tls.fingerprint}")
         logger.info("TLS on the link; clients pin this server with --server-fingerprint %s", tls.fingerprint)
@@ -414,6 +473,7 @@ async def run_server(
             )  # links have PING
             if config.tls_cert is not None and config.tls_key is not None:
                 acceptor.start_soon(server.reload_tls_on_sighup)
+            handlers.start_soon(server.refusals.run)
             task_status.started(addresses[0])
             await shutdown.requested.wait()
             acceptor.cancel_scope.cancel(reason="shutting down: no new links")

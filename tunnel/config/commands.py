@@ -22,7 +22,7 @@ from trio_tunnel.certs import parse_fingerprint
 from trio_tunnel.errors import ConfigError
 
 from .addresses import DEFAULT_SERVER_PORT, HostPort, LocalSpec, RemoteSpec, hostport_key
-from .fields import BOOLEAN, FRACTION, build, count, dedupe, describe, seconds, to_tuple, toml
+from .fields import BOOLEAN, FRACTION, build, count, dedupe, describe, optional_count, seconds, to_tuple, toml
 from .policy import PORTS_KEY, TARGETS_KEY, PortSet, TargetAllowlist
 from .tokens import _TOKEN_HINT, CLIENT_NAME, default_client_name, logger
 from .toml import Section, load_section, path_reader, read_fields, read_tokens
@@ -54,6 +54,9 @@ class Timeouts:
     """... up to this cap."""
     reconnect_jitter: float = FRACTION.field(default=0.2, metadata=toml(rule=FRACTION))
     """Client: each delay is multiplied by a random factor in [1 - jitter, 1 + jitter]; 0 <= jitter < 1."""
+    takeover_probe: float = seconds(3.0)
+    """Server: when a client connects with a name a session already holds, how long that session has to answer a
+    PING. If it answers, the newcomer is refused (NAME_IN_USE); if not, it is stale and the newcomer takes over."""
 
     def __attrs_post_init__(self) -> None:
         if self.keepalive_dead <= self.keepalive_idle:
@@ -136,7 +139,13 @@ class ServerConfig:
     max_connections_per_service: int = count(1024)
     """Concurrent external connections to one exposed service; more are refused at accept."""
     max_clients: int = count(1024)
-    """Concurrent client sessions (including ones still in the handshake)."""
+    """Concurrent authenticated client sessions (connections still in the handshake count against
+    ``max_handshakes`` instead: strangers must not be able to fill the places of clients)."""
+    max_handshakes: int | None = optional_count()
+    """Connections still in the handshake, in all; None: a quarter of the descriptor limit, at most 4,096
+    (:mod:`trio_tunnel.guard`). At the cap a new connection displaces the oldest handshake."""
+    max_handshakes_per_ip: int | None = optional_count()
+    """Connections still in the handshake from one source address; None: ``max_handshakes`` / 8, at least 2."""
     tls_cert: str | None = _path("tls_cert")
     """The server's certificate (PEM; a chain: the server's first) for the link; with ``tls_key``. None: the
     server's own key and self-signed certificate in ``state_dir``, made on first start."""
