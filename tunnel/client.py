@@ -309,7 +309,7 @@ class _Forward:
         spec = self.spec
         return {"host": spec.target_host, "port": spec.target_port, "peer": peer, "name": spec.name}
 
-    def release(self) -> None:
+    def release(self, peer: str) -> None:
         pass
 
 

@@ -155,22 +155,26 @@ class AcceptTrouble:
     one when accepting works again), not once per failed accept."""
 
     where: str
+    log: logging.Logger = logger
+    """The accept loop's logger (``trio_tunnel.tcp``)."""
     failures: int = 0
     started: float = 0.0
     delay: float = ACCEPT_RETRY_FIRST
+    errno_name: str = ""
 
     def failed(self, exc: OSError) -> float:
         """Seconds to wait before accepting again."""
         if not self.failures:
             self.started = trio.current_time()
             self.delay = ACCEPT_RETRY_FIRST
-            logger.error(
+            self.errno_name = str(errno.errorcode.get(exc.errno or 0, exc.errno))
+            self.log.error(
                 "accept on %s failed: %s (%s); retrying in %g s, then less often until descriptors are free "
                 "again (one line per burst; raise the descriptor limit, or lower max_handshakes and "
                 "max_connections_per_service)",
                 self.where,
                 exc.strerror,
-                errno.errorcode.get(exc.errno or 0, exc.errno),
+                self.errno_name,
                 self.delay,
             )
         else:
@@ -180,10 +184,11 @@ class AcceptTrouble:
 
     def accepted(self) -> None:
         if self.failures:
-            logger.warning(
-                "accept on %s works again after %d failed attempts over %.1f s",
+            self.log.warning(
+                "accept on %s works again after %d failed attempts (%s) over %.1f s",
                 self.where,
                 self.failures,
+                self.errno_name,
                 trio.current_time() - self.started,
             )
             self.failures = 0

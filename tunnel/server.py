@@ -90,6 +90,10 @@ class _Server:
     """Connections still in the handshake (max_handshakes, max_handshakes_per_ip)."""
     refusals: Tally = attrs.field(factory=lambda: Tally(logger, "handshakes"))
     """Refused and failed handshakes, one line per source and window."""
+    visitors: Tally = attrs.field(factory=lambda: Tally(logger, "connections"))
+    """External connections refused at a public port (a service's caps), one line per source and window."""
+    opens: Tally = attrs.field(factory=lambda: Tally(logger, "stream opens"))
+    """Forward streams refused (target not allowed), one line per client and window."""
 
     # ---------------------------------------------------------------------------------------------- links
 
@@ -267,6 +271,16 @@ class _Server:
         if name in link.services:
             request.reply_error(ErrorCode.PROHIBITED, {"message": f"service {name!r} is already exposed"})
             return
+        if len(link.services) >= self.config.max_ports_per_client:
+            limit = self.config.max_ports_per_client
+            logger.warning(
+                "client %r: refused to expose %s: %d services already (max_ports_per_client)", link.name, name, limit
+            )
+            request.reply_error(
+                ErrorCode.ENHANCE_YOUR_CALM,
+                {"message": f"this client already exposes {limit} services, the server's limit (max_ports_per_client)"},
+            )
+            return
         if port not in self.config.allow_ports:
             request.reply_error(
                 ErrorCode.PROHIBITED,
@@ -319,7 +333,11 @@ class _Server:
     async def _serve_service(
         self, session: Session, link: _Link, name: str, listeners: list[trio.SocketListener], handlers: trio.Nursery
     ) -> None:
-        entrance = _Service(link, session, name, trio.CapacityLimiter(self.config.max_connections_per_service))
+        cfg = self.config
+        per_ip = cfg.max_connections_per_ip or max(1, cfg.max_connections_per_service // 4)
+        entrance = _Service(
+            link, session, name, trio.CapacityLimiter(cfg.max_connections_per_service), per_ip, self.visitors
+        )
         handler = partial(link.traffic.carry, entrance)  # a partial: no frame per connection
         accepting = trio.CancelScope()
         link.accepting.append(accepting)
@@ -342,7 +360,14 @@ class _Server:
             return None
         target = format_hostport(host, port)
         if not self.config.allow_targets.allows(host, port):
-            logger.warning("%s: refused forward to %s for %s: not in --allow-target", link.name, target, peer)
+            self.opens.note(
+                f"client {link.name!r}",
+                logging.WARNING,
+                "%s: refused forward to %s for %s: not in --allow-target",
+                link.name,
+                target,
+                peer,
+            )
             stream.reject(
                 ErrorCode.PROHIBITED,
                 f"target {target} is not allowed by the server (ask its operator to add --allow-target)",
@@ -376,6 +401,11 @@ class _Service:
     session: Session
     route: str
     limiter: trio.CapacityLimiter
+    per_ip: int
+    """max_connections_per_ip"""
+    refusals: Tally
+    sources: dict[str, int] = attrs.field(factory=dict)
+    """Source address -> its connections open now."""
     other: ClassVar[str] = "client"
     words: ClassVar[tuple[str, str]] = REVERSE_WORDS
 
@@ -384,23 +414,49 @@ class _Service:
         return f"{self.link.name}/{self.route}"
 
     async def admit(self, peer: str) -> Session | None:
+        source = _host_of(peer)
+        held = self.sources.get(source, 0)
+        if held >= self.per_ip:
+            self.refusals.note(
+                source,
+                logging.WARNING,
+                "%s: refused %s: %d connections already open from that address (max_connections_per_ip)",
+                self.label,
+                peer,
+                held,
+            )
+            return None
         try:
             self.limiter.acquire_nowait()
         except trio.WouldBlock:
-            logger.warning(
+            self.refusals.note(
+                source,
+                logging.WARNING,
                 "%s: refused %s: %d connections already open (max_connections_per_service)",
                 self.label,
                 peer,
                 self.limiter.total_tokens,
             )
             return None
+        self.sources[source] = held + 1
         return self.session
 
     def meta(self, peer: str) -> Meta:
         return {"peer": peer}
 
-    def release(self) -> None:
+    def release(self, peer: str) -> None:
         self.limiter.release()
+        source = _host_of(peer)
+        left = self.sources.get(source, 1) - 1
+        if left > 0:
+            self.sources[source] = left
+        else:
+            self.sources.pop(source, None)
+
+
+def _host_of(peer: str) -> str:
+    """``HOST`` of ``HOST:PORT`` or ``[V6]:PORT`` (what the per-address caps count)."""
+    return peer.rpartition(":")[0].strip("[]") or peer
 
 
 def _bind_error(host: str, port: int, exc: OSError) -> str:
@@ -473,7 +529,8 @@ async def run_server(
             )  # links have PING
             if config.tls_cert is not None and config.tls_key is not None:
                 acceptor.start_soon(server.reload_tls_on_sighup)
-            handlers.start_soon(server.refusals.run)
+            for tally in (server.refusals, server.visitors, server.opens):
+                handlers.start_soon(tally.run)
             task_status.started(addresses[0])
             await shutdown.requested.wait()
             acceptor.cancel_scope.cancel(reason="shutting down: no new links")

@@ -392,7 +392,7 @@ async def _accept_loop(
         _set_stream_options(listener.socket)
         if keepalive:
             set_keepalive(listener.socket)
-    trouble = AcceptTrouble(_name(listener))
+    trouble = AcceptTrouble(_name(listener), logger)
     while True:
         try:
             if inherit:

@@ -115,7 +115,7 @@ async def test_accept_trouble_logs_once_per_burst_and_backs_off(
     trouble.accepted()
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2, messages
-    assert "EMFILE" in messages[0] and "after 100 failed attempts over" in messages[1]
+    assert "EMFILE" in messages[0] and "after 100 failed attempts (EMFILE) over" in messages[1]
 
 
 @pytest.fixture

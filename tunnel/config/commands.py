@@ -141,6 +141,11 @@ class ServerConfig:
     max_clients: int = count(1024)
     """Concurrent authenticated client sessions (connections still in the handshake count against
     ``max_handshakes`` instead: strangers must not be able to fill the places of clients)."""
+    max_ports_per_client: int = count(64)
+    """Services (public ports) one client session may expose."""
+    max_connections_per_ip: int | None = optional_count()
+    """Concurrent external connections to one exposed service from one source address; None:
+    ``max_connections_per_service`` / 4, so that one host cannot hold every slot of a service."""
     max_handshakes: int | None = optional_count()
     """Connections still in the handshake, in all; None: a quarter of the descriptor limit, at most 4,096
     (:mod:`trio_tunnel.guard`). At the cap a new connection displaces the oldest handshake."""
