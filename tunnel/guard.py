@@ -22,6 +22,7 @@ The rules (sizes in docs/CONFIG.md, ``max_handshakes`` and ``max_handshakes_per_
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import resource
 import socket
@@ -31,7 +32,7 @@ from typing import Final
 import attrs
 import trio
 
-__all__ = ["AcceptTrouble", "Admission", "HandshakeCaps", "Ticket", "raise_nofile_limit", "source_of"]
+__all__ = ["AcceptTrouble", "Admission", "HandshakeCaps", "Ticket", "address_key", "raise_nofile_limit", "source_of"]
 
 logger: Final = logging.getLogger(__name__)
 
@@ -45,11 +46,25 @@ MIN_PER_IP: Final = 2
 
 
 def source_of(sock: socket.socket) -> str:
-    """The source address of a connection (no port): what the per-address caps count. ``?`` once it is gone."""
+    """The source of a connection as the per-address caps count it (:func:`address_key`); ``?`` once it is gone."""
     try:
-        return str(sock.getpeername()[0])
+        return address_key(str(sock.getpeername()[0]))
     except OSError:
         return "?"
+
+
+def address_key(host: str) -> str:
+    """What one "address" is for the per-address caps: an IPv4 address, or an IPv6 /64 (one host usually has a
+    whole /64 to pick addresses from; counting /128s would give a flooder 2**64 shares)."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 def raise_nofile_limit() -> tuple[int, int]:

@@ -33,7 +33,7 @@ from .config import HostPort, ServerConfig
 from .console import announce, format_hostport
 from .dial import peer_address
 from .errors import ConfigError, HandshakeError, SessionClosedError
-from .guard import Admission, HandshakeCaps, raise_nofile_limit, source_of
+from .guard import Admission, HandshakeCaps, address_key, raise_nofile_limit, source_of
 from .handlers import FORWARD_WORDS, REVERSE_WORDS, Destination, Meta, Traffic
 from .lifecycle import Shutdown
 from .link import LinkMismatchError, ServerTls, refuse_link, secure_server_link
@@ -455,8 +455,8 @@ class _Service:
 
 
 def _host_of(peer: str) -> str:
-    """``HOST`` of ``HOST:PORT`` or ``[V6]:PORT`` (what the per-address caps count)."""
-    return peer.rpartition(":")[0].strip("[]") or peer
+    """What the per-address caps count for ``HOST:PORT`` or ``[V6]:PORT`` (:func:`~trio_tunnel.guard.address_key`)."""
+    return address_key(peer.rpartition(":")[0].strip("[]") or peer)
 
 
 def _bind_error(host: str, port: int, exc: OSError) -> str:

@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 from trio_tunnel.config import HostPort
-from trio_tunnel.guard import AcceptTrouble, Admission, HandshakeCaps, raise_nofile_limit
+from trio_tunnel.guard import AcceptTrouble, Admission, HandshakeCaps, address_key, raise_nofile_limit
 from tunnel_helpers import (
     CLI,
     LOCALHOST,
@@ -230,3 +230,11 @@ async def test_legitimate_client_works_during_a_flood_at_a_low_descriptor_limit(
             await newcomer.stop()
             await client.stop()
             service.scope.cancel()
+
+
+def test_an_ipv6_host_counts_as_its_64() -> None:
+    assert address_key("2001:db8:1:2:aaaa::1") == address_key("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
+    assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
+    assert address_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert address_key("192.0.2.7") == "192.0.2.7"
+    assert address_key("fe80::1%eth0") == "fe80::/64"
