@@ -374,7 +374,10 @@ class Connection:
         hs = self._hs
         reply = hs.receive(frame)
         if reply is not None:
-            self._out.control.append(reply)
+            # Raw, ahead of every queue: a GOAWAY (urgent) the application sends right after the handshake must
+            # not overtake the WELCOME, nor a close drop it (drop_control keeps raw bytes).
+            self._out.raw_out.append(F.encode(reply))
+            self._out.frames_sent += 1
         if hs.done:
             self._table.local_credit = hs.peer.max_streams
             self.state = ConnectionState.OPEN

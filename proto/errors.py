@@ -54,6 +54,8 @@ class ErrorCode(enum.IntEnum):
     SHUTTING_DOWN = 18
     NAME_NOT_FOUND = 19
     """A forward target's host name did not resolve."""
+    NAME_IN_USE = 20
+    """The client name is held by a live session (or bound to another token): retry later, or pick another name."""
     ADDRESS_IN_USE = 22
     """A listening address (an exposed service's port) is taken; asking again later may succeed."""
 

@@ -76,6 +76,9 @@ class Limits:
     # --- local: rate limits (token buckets) ---
     open_rate: RateLimit = RateLimit(burst=400, rate=200.0)
     """OPEN frames received (each may cost a dial)."""
+    open_flood_grace: float = 5.0
+    """Seconds of OPENs refused past ``open_rate`` without a 1 s pause, after which the peer is disconnected
+    (ENHANCE_YOUR_CALM): a burst is refused in part, a flood ends the session (:mod:`.flood`)."""
     reset_rate: RateLimit = RateLimit(burst=200, rate=20.0)
     """RST and OPEN_ERR frames received (rapid reset, CVE-2023-44487)."""
     ping_rate: RateLimit = RateLimit(burst=50, rate=10.0)

@@ -30,6 +30,7 @@ from .events import (
     StreamReset,
     WindowUpdated,
 )
+from .flood import FloodWatch
 from .flow import TokenBucket, next_window
 from .handshake import Handshake
 from .limits import Limits
@@ -95,6 +96,7 @@ class StreamTable:
         "next_sid",
         "now",
         "open_bucket",
+        "open_flood",
         "pending",
         "reset_bucket",
         "streams",
@@ -135,6 +137,7 @@ class StreamTable:
         self.deadlines: dict[int, float] = {}
         self.budget_used = 0
         self.open_bucket = TokenBucket(limits.open_rate)
+        self.open_flood = FloodWatch(limits.open_flood_grace)
         self.reset_bucket = TokenBucket(limits.reset_rate)
         self.empty_bucket = TokenBucket(limits.empty_rate)
         self.data_received = 0
@@ -314,6 +317,13 @@ class StreamTable:
             )
         self.highest_peer_sid = sid
         if not self.open_bucket.take(self.now):
+            if self.time_given and self.open_flood.refused(self.now):
+                rate = self.limits.open_rate.rate
+                raise RemoteProtocolError(
+                    f"{self.open_flood.count:,} stream opens refused past the rate limit ({rate:g}/s) in "
+                    f"{self.limits.open_flood_grace:g} s: disconnecting a flood",
+                    ErrorCode.ENHANCE_YOUR_CALM,
+                )
             # Refuse the open, keep the session: a burst of legitimate connections must not cut every other one.
             self._refuse_open(sid, ErrorCode.ENHANCE_YOUR_CALM, "too many OPENs: slow down")
             return

@@ -32,7 +32,7 @@ from .config import ClientConfig, HostPort, LocalSpec, RemoteSpec
 from .config.binds import bind_name_warnings
 from .console import announce, format_hostport
 from .dial import DialError, dial
-from .errors import HandshakeError, LinkSecurityError, NameTakenError, RequestError, SessionClosedError
+from .errors import HandshakeError, LinkSecurityError, RequestError, SessionClosedError
 from .forwards import ForwardSet, ForwardSlot
 from .handlers import FORWARD_WORDS, Destination, Meta, Traffic
 from .lifecycle import Shutdown
@@ -51,6 +51,9 @@ __all__ = ["Backoff", "run_client"]
 logger: Final = logging.getLogger(__name__)
 
 FATAL_CODES: Final = frozenset({ErrorCode.AUTH, ErrorCode.VERSION})
+REFUSAL_CODES: Final = frozenset({ErrorCode.NAME_IN_USE, ErrorCode.ENHANCE_YOUR_CALM})
+"""A session the server ends with one of these right after the handshake was refused (name in use, server full):
+retried, with the backoff growing."""
 
 
 @attrs.define
@@ -211,8 +214,10 @@ class _Client:
             ) as session:
                 announce(f"connected {self.server}")
                 logger.info("connected to %s as %r (session %s)", self.server, cfg.name, session.session_id)
-                backoff.reset()
                 reason = await self._serve_link(session)
+                refused = session.close_code in REFUSAL_CODES and not self.shutdown.requested.is_set()
+                if not refused:
+                    backoff.reset()
         except HandshakeError as exc:
             if exc.code in FATAL_CODES:
                 raise
@@ -221,10 +226,14 @@ class _Client:
             logger.warning("the server refused the session: %s", exc)
             return
         announce(f"disconnected {reason}")
-        logger.info("disconnected from %s: %s", self.server, reason)
-        if self.replaced_by_peer:
-            # Another live client took our name: reconnecting would take it back, and so on forever.
-            raise NameTakenError(ErrorCode.PROHIBITED, reason)
+        if refused:
+            logger.warning("the server refused the session: %s", reason)
+        elif self.replaced_by_peer:
+            # The server found this link stale and gave the name to a newcomer. Reconnecting is safe: if that one
+            # is alive, the server refuses us (NAME_IN_USE) and we retry with a growing backoff; we never exit.
+            logger.warning("replaced on the server: %s; reconnecting", reason)
+        else:
+            logger.info("disconnected from %s: %s", self.server, reason)
 
     async def _serve_link(self, session: Session) -> str:
         async with trio.open_nursery() as nursery:
@@ -232,7 +241,8 @@ class _Client:
             nursery.start_soon(self._control_loop, session)
             await self._register(session, nursery)
             self._set_session(session)
-            self._started()
+            if session.close_code not in REFUSAL_CODES:  # refused (name in use, server full): not up yet
+                self._started()
             with trio.CancelScope() as watch:
                 self.link_watch = watch
                 if self.relink_pending:  # a reload changed the link while this one was being made
@@ -429,7 +439,7 @@ class _Forward:
         spec = self.spec
         return {"host": spec.target_host, "port": spec.target_port, "peer": peer, "name": spec.name}
 
-    def release(self) -> None:
+    def release(self, peer: str) -> None:
         pass
 
 

@@ -92,8 +92,8 @@ class Entrance(Protocol):
 
     def meta(self, peer: str) -> Meta: ...
 
-    def release(self) -> None:
-        """The connection that :meth:`admit` let in has ended."""
+    def release(self, peer: str) -> None:
+        """The connection from ``peer`` that :meth:`admit` let in has ended."""
         ...
 
 
@@ -184,7 +184,7 @@ class Traffic:
                     result = await splice(conn, stream)
                     self._closed(entrance.label, peer, started, result, entrance.words, True)
                 finally:
-                    entrance.release()
+                    entrance.release(peer)
             finally:
                 self.end()
         finally:

@@ -151,6 +151,8 @@ async def secure_server_link(stream: TcpStream, tls: ServerTls | None) -> tuple[
             raise LinkMismatchError(client_tls=True)
         return stream, b""
     if first != TLS_HANDSHAKE_RECORD:
+        if first != F.MAGIC[0]:  # neither TLS nor a plaintext trio-tunnel client: a scanner, worth no answer
+            raise TlsHandshakeError("neither TLS nor trio-tunnel (a scanner?)")
         raise LinkMismatchError(client_tls=False)
     secured = await TlsStream.handshake(stream, tls.context, server_side=True, local_certificate=tls.certificate)
     return secured, channel_binding(tls.certificate)

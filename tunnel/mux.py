@@ -96,6 +96,8 @@ class Session:
         self._ping_sent = False
         self._silent = False
         self._timer_wake_at = 0.0
+        self._rx_waiter: trio.Event | None = None
+        """Set by the reader on the next inbound bytes (for :meth:`probe`)."""
         self.peer_name = ""
         self.session_id = ""
         self.authenticated = False
@@ -128,6 +130,27 @@ class Session:
     async def wait_closed(self) -> None:
         """Return when the session is over."""
         await self._closed_event.wait()
+
+    @property
+    def going_away(self) -> bool:
+        """True once either side sent GOAWAY (or the session is over)."""
+        return not self._conn.can_open_streams
+
+    async def probe(self) -> None:
+        """Send a PING and return when the peer next shows it is alive: any inbound byte counts (a busy peer's PONG
+        may queue behind its data). The caller bounds the wait with a cancel scope.
+
+        Raises:
+            SessionClosedError: the session is (or gets) over.
+        """
+        self._check_alive()
+        if self._rx_waiter is None:
+            self._rx_waiter = trio.Event()
+        waiter = self._rx_waiter
+        self._conn.ping(now=trio.current_time())
+        self._wake_writer()
+        await waiter.wait()
+        self._check_alive()
 
     async def open_stream(
         self, route: str, meta: Mapping[str, str | int | bool | None] | None = None, *, wait_accepted: bool = True
@@ -393,6 +416,9 @@ class Session:
             return
         self._last_rx = now = trio.current_time()
         self._ping_sent = False
+        if self._rx_waiter is not None:
+            self._rx_waiter.set()
+            self._rx_waiter = None
         self._dispatch(self._conn.receive_data(data, now=now))
         if self._conn.wants_write:
             self._wake_writer()
@@ -433,7 +459,9 @@ class Session:
                             else:
                                 await transport.send_all(b"".join(parts))
                         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                            self._die(ErrorCode.INTERNAL, f"connection lost while writing ({exc.__cause__ or exc})")
+                            reason = f"connection lost while writing ({exc.__cause__ or exc})"
+                            await self._last_words()
+                            self._die(ErrorCode.INTERNAL, reason)
                             return
                     if scope.cancelled_caught:
                         self._die(
@@ -449,6 +477,14 @@ class Session:
             self._writing = False
             self._writer_done.set()
             self._flushed_event.set()  # nothing more will be flushed: do not keep _shutdown waiting
+
+    async def _last_words(self) -> None:
+        """A write failed because the peer closed: what it sent before closing (a GOAWAY saying why: "name in use",
+        "too many clients", "shutting down") may still be unread. Give the reader up to ``close_timeout`` to reach
+        it, so the session ends with the peer's reason rather than a broken pipe."""
+        if self._dead is None and self._handshake_done.is_set():
+            with trio.move_on_after(self._config.close_timeout):
+                await self._closed_event.wait()
 
     async def _timers(self) -> None:
         cfg = self._config
@@ -576,10 +612,14 @@ class Session:
         self._credit_changed()
         self._request_event.set()
         self._timer_event.set()
+        if self._rx_waiter is not None:
+            self._rx_waiter.set()
         for pending in self._replies.values():
             pending.event.set()
         self._closed_event.set()
-        level = logging.DEBUG if code in (ErrorCode.NO_ERROR, ErrorCode.SHUTTING_DOWN) else logging.INFO
+        # A failed handshake is reported once, by the caller (HandshakeError); here only at DEBUG.
+        quiet = code in (ErrorCode.NO_ERROR, ErrorCode.SHUTTING_DOWN) or not self._handshake_done.is_set()
+        level = logging.DEBUG if quiet else logging.INFO
         logger.log(level, "%s: closed: %s (%s)", self, reason, proto.code_name(code))
 
     async def _shutdown(self, code: ErrorCode, reason: str) -> None:

@@ -10,8 +10,9 @@ Structure (every task has an owner):
           _serve_service            serve_tcp -> Traffic.carry (one per external connection): open a stream, splice
           Traffic.accept_streams    -> Traffic.answer (one per forward stream): dial the target, splice
 
-A client that reconnects with the same name takes over its predecessor at once: the old link's scope is cancelled,
-and its listeners are released before the new link binds them again (no "port already in use").
+A client that reconnects with the same name takes over its predecessor if that one is stale (it does not answer a
+PING within ``takeover_probe``; see :mod:`trio_tunnel.takeover`): the old link's scope is cancelled, and its
+listeners are released before the new link binds them again (no "port already in use"). A live holder keeps its name.
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ from .config.binds import bind_refusal
 from .console import announce, format_hostport
 from .dial import peer_address
 from .errors import ConfigError, HandshakeError, SessionClosedError
+from .guard import Admission, HandshakeCaps, address_key, raise_nofile_limit, source_of
 from .handlers import FORWARD_WORDS, REVERSE_WORDS, Destination, Meta, Traffic
 from .lifecycle import Shutdown
 from .link import LinkMismatchError, ServerTls, refuse_link, secure_server_link
 from .mux import MuxStream, Request, Role, Session, open_session
 from .reload import ReloadError, one_line, plan_server, reload_on_signals, sighup_receiver
+from .takeover import judge
+from .tally import Tally
 from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
 from .udp import DEFAULT_IDLE, serve_udp_service
@@ -105,6 +109,14 @@ class _Server:
     links: dict[str, _Link] = attrs.field(factory=dict)
     last_ports: dict[tuple[str, str], int] = attrs.field(factory=dict)
     """(client, service) -> the port it had last, so a service exposed on port 0 keeps its port across reconnects."""
+    admission: Admission = attrs.field(factory=lambda: Admission(HandshakeCaps.sized(1024)))
+    """Connections still in the handshake (max_handshakes, max_handshakes_per_ip)."""
+    refusals: Tally = attrs.field(factory=lambda: Tally(logger, "handshakes"))
+    """Refused and failed handshakes, one line per source and window."""
+    visitors: Tally = attrs.field(factory=lambda: Tally(logger, "connections"))
+    """External connections refused at a public port (a service's caps), one line per source and window."""
+    opens: Tally = attrs.field(factory=lambda: Tally(logger, "stream opens"))
+    """Forward streams refused (target not allowed), one line per client and window."""
     allow_bind: BindAllowlist = attrs.field(init=False)
     """The bind addresses clients may ask for (the default resolved against our listening address)."""
 
@@ -113,19 +125,21 @@ class _Server:
 
     # ---------------------------------------------------------------------------------------------- links
 
-    async def _secure(self, transport: TcpStream, peer: str) -> tuple[trio.abc.Stream, bytes] | None:
-        """TLS (or plaintext) on a new link, within the handshake timeout; None when the link is dropped here."""
+    async def _secure(self, transport: TcpStream, peer: str, source: str) -> tuple[trio.abc.Stream, bytes] | None:
+        """TLS (or plaintext) on a new link, within the handshake timeout; None when the link is dropped here.
+        Failures are logged through :attr:`refusals`; a peer that does not speak TLS (a scanner) only at DEBUG."""
+        note = self.refusals.note
         try:
             with trio.move_on_after(self.config.timeouts.handshake):
                 return await secure_server_link(transport, self.tls)
-            logger.info("dropped a connection from %s: no handshake within the handshake timeout", peer)
+            note(source, logging.INFO, "dropped a connection from %s: no handshake within the handshake timeout", peer)
         except LinkMismatchError as exc:
-            logger.warning("refused a client from %s: %s", peer, exc)
+            note(source, logging.WARNING, "refused a client from %s: %s", peer, exc)
             with trio.move_on_after(self.config.timeouts.handshake):
                 await refuse_link(transport, str(exc))
             return None  # refuse_link closed it
         except (TlsHandshakeError, trio.BrokenResourceError) as exc:
-            logger.info("dropped a connection from %s: %s", peer, exc)
+            note(source, logging.DEBUG, "dropped a connection from %s: %s", peer, exc)
         await trio.aclose_forcefully(transport)
         return None
 
@@ -179,9 +193,39 @@ class _Server:
         logger.info("SIGHUP: reloaded the configuration (%s)", plan.summary())
 
     async def handle_link(self, transport: TcpStream) -> None:
+        """Admit the connection (:mod:`trio_tunnel.guard`), then run it as a link until it ends."""
         peer = peer_address(transport)
+        source = source_of(transport.socket)
+        ticket = self.admission.admit(source)
+        if ticket is None:
+            self.refusals.note(
+                source,
+                logging.WARNING,
+                "refused a connection from %s: %d handshakes from that address already in progress "
+                "(max_handshakes_per_ip)",
+                peer,
+                self.admission.caps.per_ip,
+            )
+            await trio.aclose_forcefully(transport)
+            return
+        with ticket.scope:
+            try:
+                await self._handle_link(transport, peer, source, ticket.release)
+            finally:
+                ticket.release()
+        if ticket.scope.cancelled_caught:
+            self.refusals.note(
+                source,
+                logging.INFO,
+                "dropped a connection from %s still in the handshake: %d handshakes in progress, a newer one "
+                "took its place (max_handshakes)",
+                peer,
+                self.admission.caps.total,
+            )
+
+    async def _handle_link(self, transport: TcpStream, peer: str, source: str, admitted: Callable[[], None]) -> None:
         cfg = self.config
-        secured = await self._secure(transport, peer)
+        secured = await self._secure(transport, peer, source)
         if secured is None:
             return
         link, binding = secured
@@ -197,12 +241,15 @@ class _Server:
                     channel_binding=binding,
                 ) as session,
             ):
+                admitted()  # authenticated: no longer a handshake (nor displaceable)
                 await self._run_link(session, peer)
         except HandshakeError as exc:
             if exc.silent:
-                logger.debug("dropped a connection from %s that does not speak trio-tunnel", peer)
+                self.refusals.note(
+                    source, logging.DEBUG, "dropped a connection from %s that does not speak trio-tunnel", peer
+                )
             else:
-                logger.warning("refused a client from %s: %s", peer, exc)
+                self.refusals.note(source, logging.WARNING, "refused a client from %s: %s", peer, exc)
 
     async def _run_link(self, session: Session, peer: str) -> None:
         name = session.peer_name
@@ -212,7 +259,14 @@ class _Server:
         if self.config.tokens and session.peer_token not in self.config.tokens:  # removed by a reload meanwhile
             session.go_away(ErrorCode.AUTH, TOKEN_REMOVED)
             return
-        old = self.links.get(name)
+        while (old := self.links.get(name)) is not None:
+            verdict = await judge(name, old.session, old.peer, session, self.config.timeouts.takeover_probe)
+            if not verdict.take:
+                logger.warning("refused client %r from %s: %s", name, peer, verdict.reason.split(". ")[0])
+                session.go_away(ErrorCode.NAME_IN_USE, verdict.reason)
+                return
+            if self.links.get(name) is old:  # else another newcomer replaced it while we probed: judge again
+                break
         if old is None and len(self.links) >= self.config.max_clients:
             logger.warning(
                 "refused client %r from %s: %d clients already connected (max_clients)", name, peer, len(self.links)
@@ -284,6 +338,16 @@ class _Server:
             return
         if name in link.services:
             request.reply_error(ErrorCode.PROHIBITED, {"message": f"service {name!r} is already exposed"})
+            return
+        if len(link.services) >= self.config.max_ports_per_client:
+            limit = self.config.max_ports_per_client
+            logger.warning(
+                "client %r: refused to expose %s: %d services already (max_ports_per_client)", link.name, name, limit
+            )
+            request.reply_error(
+                ErrorCode.ENHANCE_YOUR_CALM,
+                {"message": f"this client already exposes {limit} services, the server's limit (max_ports_per_client)"},
+            )
             return
         ports, suffix = (self.config.allow_ports.udp, "/udp") if udp else (self.config.allow_ports, "")
         if port not in ports:
@@ -381,7 +445,9 @@ class _Server:
         handlers: trio.Nursery,
         exposure: _Exposure,
     ) -> None:
-        entrance = _Service(link, session, name, exposure.limiter)
+        cfg = self.config
+        per_ip = cfg.max_connections_per_ip or max(1, cfg.max_connections_per_service // 4)
+        entrance = _Service(link, session, name, exposure.limiter, per_ip, self.visitors)
         handler = partial(link.traffic.carry, entrance)  # a partial: no frame per connection
         accepting = exposure.scope
         link.accepting.append(accepting)
@@ -432,7 +498,14 @@ class _Server:
             return None
         target = format_hostport(host, port) + ("/udp" if udp else "")
         if not self.config.allow_targets.allows(host, port, "udp" if udp else "tcp"):
-            logger.warning("%s: refused forward to %s for %s: not in --allow-target", link.name, target, peer)
+            self.opens.note(
+                f"client {link.name!r}",
+                logging.WARNING,
+                "%s: refused forward to %s for %s: not in --allow-target",
+                link.name,
+                target,
+                peer,
+            )
             stream.reject(
                 ErrorCode.PROHIBITED,
                 f"target {target} is not allowed by the server (ask its operator to add --allow-target)",
@@ -467,6 +540,11 @@ class _Service:
     session: Session
     route: str
     limiter: trio.CapacityLimiter
+    per_ip: int
+    """max_connections_per_ip"""
+    refusals: Tally
+    sources: dict[str, int] = attrs.field(factory=dict)
+    """Source address -> its connections open now."""
     other: ClassVar[str] = "client"
     words: ClassVar[tuple[str, str]] = REVERSE_WORDS
 
@@ -475,23 +553,49 @@ class _Service:
         return f"{self.link.name}/{self.route}"
 
     async def admit(self, peer: str) -> Session | None:
+        source = _host_of(peer)
+        held = self.sources.get(source, 0)
+        if held >= self.per_ip:
+            self.refusals.note(
+                source,
+                logging.WARNING,
+                "%s: refused %s: %d connections already open from that address (max_connections_per_ip)",
+                self.label,
+                peer,
+                held,
+            )
+            return None
         try:
             self.limiter.acquire_nowait()
         except trio.WouldBlock:
-            logger.warning(
+            self.refusals.note(
+                source,
+                logging.WARNING,
                 "%s: refused %s: %d connections already open (max_connections_per_service)",
                 self.label,
                 peer,
                 self.limiter.total_tokens,
             )
             return None
+        self.sources[source] = held + 1
         return self.session
 
     def meta(self, peer: str) -> Meta:
         return {"peer": peer}
 
-    def release(self) -> None:
+    def release(self, peer: str) -> None:
         self.limiter.release()
+        source = _host_of(peer)
+        left = self.sources.get(source, 1) - 1
+        if left > 0:
+            self.sources[source] = left
+        else:
+            self.sources.pop(source, None)
+
+
+def _host_of(peer: str) -> str:
+    """What the per-address caps count for ``HOST:PORT`` or ``[V6]:PORT`` (:func:`~trio_tunnel.guard.address_key`)."""
+    return address_key(peer.rpartition(":")[0].strip("[]") or peer)
 
 
 def _bind_error(host: str, port: int, exc: OSError) -> str:
@@ -545,8 +649,17 @@ async def _run_server(
     task_status: trio.TaskStatus[HostPort],
 ) -> None:
     tls = server_tls(config)
+    before, nofile = raise_nofile_limit()
     listeners = await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
-    server = _Server(config, shutdown, tls)
+    caps = HandshakeCaps.sized(nofile, total=config.max_handshakes, per_ip=config.max_handshakes_per_ip)
+    server = _Server(config, shutdown, tls, admission=Admission(caps))
+    logger.info(
+        "descriptor limit %d%s; at most %d connections in the handshake, %d per address",
+        nofile,
+        f" (raised from {before})" if nofile != before else "",
+        caps.total,
+        caps.per_ip,
+    )
     if tls is not None:
         announce(f"fingerprint {tls.fingerprint}")
         logger.info("TLS on the link; clients pin this server with --server-fingerprint %s", tls.fingerprint)
@@ -575,6 +688,8 @@ async def _run_server(
             if hups is not None:
                 acceptor.start_soon(reload_on_signals, hups, reload or (lambda: server.config), server.reload)
             notify.ready()  # SIGHUP has been ours since before the first stdout line (sighup_receiver)
+            for tally in (server.refusals, server.visitors, server.opens):
+                handlers.start_soon(tally.run)
             task_status.started(addresses[0])
             await shutdown.requested.wait()
             acceptor.cancel_scope.cancel(reason="shutting down: no new links")

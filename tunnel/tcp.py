@@ -35,6 +35,8 @@ from typing import Final, NoReturn, final
 
 import trio
 
+from .guard import AcceptTrouble
+
 __all__ = ["DEFAULT_RECEIVE_SIZE", "TcpStream", "serve_tcp"]
 
 logger = logging.getLogger(__name__)
@@ -363,8 +365,9 @@ async def serve_tcp(
       :func:`set_keepalive`'s TCP keepalive: on Linux set once on the listening socket (accepted sockets inherit
       them), elsewhere on each connection.
 
-    Running out of descriptors or memory (``EMFILE``, ``ENFILE``, ``ENOMEM``, ``ENOBUFS``) is logged and accepting
-    resumes :data:`ACCEPT_RETRY` seconds later; other accept errors propagate.
+    Running out of descriptors or memory (``EMFILE``, ``ENFILE``, ``ENOMEM``, ``ENOBUFS``) is logged once per burst
+    and accepting resumes after a growing pause (:class:`~trio_tunnel.guard.AcceptTrouble`); other accept errors
+    propagate.
     """
     try:
         async with trio.open_nursery() as nursery:
@@ -389,6 +392,7 @@ async def _accept_loop(
         _set_stream_options(listener.socket)
         if keepalive:
             set_keepalive(listener.socket)
+    trouble = AcceptTrouble(_name(listener), logger)
     while True:
         try:
             if inherit:
@@ -401,15 +405,9 @@ async def _accept_loop(
         except OSError as exc:
             if exc.errno not in _CAPACITY_ERRNOS:
                 raise
-            logger.error(
-                "accept on %s failed: %s (%s); retrying in %g s",
-                _name(listener),
-                exc.strerror,
-                errno.errorcode.get(exc.errno, exc.errno),
-                ACCEPT_RETRY,
-            )
-            await trio.sleep(ACCEPT_RETRY)
+            await trio.sleep(trouble.failed(exc))  # no event announces a freed descriptor: a timed retry
             continue
+        trouble.accepted()
         try:
             handlers.start_soon(handler, stream)
         except BaseException:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import logging
+
 import trio
 from trio_tunnel.client import run_client
 from trio_tunnel.config import ClientConfig, HostPort, Timeouts
-from trio_tunnel.errors import NameTakenError
 from trio_tunnel.lifecycle import Shutdown
 from trio_tunnel.testing import TunnelServer
+from tunnel_helpers import RecordWatch
 
 FAST = Timeouts(reconnect_initial=0.05, reconnect_max=0.2)
 
@@ -39,30 +40,55 @@ def client_config(server: TunnelServer, service_port: int, name: str = "dup") ->
     return server.client_config(f"web=127.0.0.1:0:127.0.0.1:{service_port}", name=name, timeouts=FAST)
 
 
-async def test_second_live_client_with_the_same_name_wins_and_the_first_stops(
+async def test_second_live_client_with_the_same_name_is_refused_and_gets_the_name_once_the_first_is_gone(
     tunnel_server: TunnelServer, nursery: trio.Nursery
 ) -> None:
-    with trio.fail_after(20):
+    """(Before issue 12 the second client took the name and the first exited for good: a kill switch.) Now the
+    live holder keeps its name and ports; the newcomer is refused with NAME_IN_USE, keeps retrying, and gets the
+    name when the holder stops."""
+    with trio.fail_after(30):
         service = await nursery.start(echo_service)
-        first_error: list[NameTakenError] = []
-        first_up = trio.Event()
+        first = Shutdown(drain_timeout=1)
         first_done = trio.Event()
-
-        async def first() -> None:
-            with pytest.raises(NameTakenError) as info:
-                await run_client(client_config(tunnel_server, service), Shutdown(), task_status=_set_on_start(first_up))
-            first_error.append(info.value)
-            first_done.set()
-
-        nursery.start_soon(first)
-        await first_up.wait()
+        first_exposed = await nursery.start(_run_then_set, client_config(tunnel_server, service), first, first_done)
+        second_up = trio.Event()
         second = Shutdown()
-        exposed = await nursery.start(run_client, client_config(tunnel_server, service), second)
-        assert await echo_once(exposed["web"]) == b"ping"
-        await first_done.wait()  # the first client ends by itself; it does not fight for the name
-        assert "another client named 'dup'" in first_error[0].reason
-        assert "--name" in first_error[0].reason
-        assert await echo_once(exposed["web"], b"still the second") == b"still the second"
+        second_done = trio.Event()
+
+        async def run_second() -> None:
+            try:
+                await run_client(client_config(tunnel_server, service), second, task_status=_set_on_start(second_up))
+            finally:
+                second_done.set()
+
+        watch = RecordWatch()
+        log = logging.getLogger("trio_tunnel")
+        log.addHandler(watch)
+        log.setLevel(logging.INFO)
+        try:
+            nursery.start_soon(run_second)
+            refusal = await watch.wait_for("in use by a live client", logger="trio_tunnel.client")
+            assert await echo_once(first_exposed["web"]) == b"ping"  # the holder is untouched
+            assert not second_up.is_set() and not first_done.is_set()
+            first.request()
+            await first_done.wait()
+            await second_up.wait()  # the name is free: the newcomer's retry gets it
+        finally:
+            log.removeHandler(watch)
+            log.setLevel(logging.NOTSET)
+        message = refusal[0].getMessage()
+        assert "the server refused the session: the name 'dup' is in use by a live client connected from " in message
+        second.request()
+        await second_done.wait()
+
+
+async def _run_then_set(
+    config: ClientConfig, shutdown: Shutdown, done: trio.Event, *, task_status: trio.TaskStatus[object]
+) -> None:
+    try:
+        await run_client(config, shutdown, task_status=task_status)
+    finally:
+        done.set()
 
 
 def _set_on_start(event: trio.Event) -> trio.TaskStatus[object]:

@@ -23,7 +23,7 @@ from trio_tunnel.errors import ConfigError
 
 from .addresses import DEFAULT_SERVER_PORT, PROTOCOL, UDP_IDLE_DEFAULT, HostPort, LocalSpec, RemoteSpec, hostport_key
 from .binds import BIND_KEY, BindAllowlist
-from .fields import BOOLEAN, FRACTION, build, count, dedupe, describe, seconds, to_tuple, toml
+from .fields import BOOLEAN, FRACTION, build, count, dedupe, describe, optional_count, seconds, to_tuple, toml
 from .policy import PORTS_KEY, TARGETS_KEY, PortSet, TargetAllowlist
 from .tokens import _TOKEN_HINT, CLIENT_NAME, default_client_name, logger
 from .toml import Section, load_section, path_reader, read_fields, read_tokens
@@ -55,6 +55,9 @@ class Timeouts:
     """... up to this cap."""
     reconnect_jitter: float = FRACTION.field(default=0.2, metadata=toml(rule=FRACTION))
     """Client: each delay is multiplied by a random factor in [1 - jitter, 1 + jitter]; 0 <= jitter < 1."""
+    takeover_probe: float = seconds(3.0)
+    """Server: when a client connects with a name a session already holds, how long that session has to answer a
+    PING. If it answers, the newcomer is refused (NAME_IN_USE); if not, it is stale and the newcomer takes over."""
 
     def __attrs_post_init__(self) -> None:
         if self.keepalive_dead <= self.keepalive_idle:
@@ -139,7 +142,18 @@ class ServerConfig:
     max_connections_per_service: int = count(1024)
     """Concurrent external connections to one exposed service; more are refused at accept."""
     max_clients: int = count(1024)
-    """Concurrent client sessions (including ones still in the handshake)."""
+    """Concurrent authenticated client sessions (connections still in the handshake count against
+    ``max_handshakes`` instead: strangers must not be able to fill the places of clients)."""
+    max_ports_per_client: int = count(64)
+    """Services (public ports) one client session may expose."""
+    max_connections_per_ip: int | None = optional_count()
+    """Concurrent external connections to one exposed service from one source address; None:
+    ``max_connections_per_service`` / 4, so that one host cannot hold every slot of a service."""
+    max_handshakes: int | None = optional_count()
+    """Connections still in the handshake, in all; None: a quarter of the descriptor limit, at most 4,096
+    (:mod:`trio_tunnel.guard`). At the cap a new connection displaces the oldest handshake."""
+    max_handshakes_per_ip: int | None = optional_count()
+    """Connections still in the handshake from one source address; None: ``max_handshakes`` / 8, at least 2."""
     max_flows_per_service: int = count(1024)
     """Concurrent UDP flows (sources) on one exposed UDP service; datagrams from more are dropped."""
     max_flows_per_client: int = count(4096)

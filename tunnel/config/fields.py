@@ -179,6 +179,16 @@ def count(default: int) -> Any:
     return COUNT.field(default=default, metadata=toml(rule=COUNT))
 
 
+def optional_count() -> Any:
+    """An attrs field: a positive count or None (not set: the program sizes it), read from TOML under its name."""
+    return attrs.field(
+        default=None,
+        converter=COUNT.converter,
+        validator=attrs.validators.optional(COUNT.validator),
+        metadata=toml(rule=COUNT),
+    )
+
+
 def to_tuple(items: Iterable[Any]) -> tuple[Any, ...]:
     """attrs converter: any iterable becomes a tuple (so a frozen config holds no list). Not generic: the attrs mypy
     plugin takes ``__init__``'s parameter type from the converter's, and cannot solve a type variable there."""
