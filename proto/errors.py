@@ -54,6 +54,10 @@ class ErrorCode(enum.IntEnum):
     SHUTTING_DOWN = 18
     NAME_NOT_FOUND = 19
     """A forward target's host name did not resolve."""
+    GROUP_TOKEN = 26
+    """A load-balancing group belongs to clients that authenticated with another token."""
+    GROUP_MISMATCH = 27
+    """A load-balancing group exists with other settings (bind address, port, balance) than the request's."""
 
     @classmethod
     def parse(cls, value: int) -> ErrorCode | int:

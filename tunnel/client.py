@@ -29,8 +29,15 @@ from .certs import PinMismatchError
 from .config import ClientConfig, HostPort, LocalSpec, RemoteSpec
 from .console import announce, format_hostport
 from .dial import DialError, dial
-from .errors import HandshakeError, LinkSecurityError, NameTakenError, RequestError, SessionClosedError
-from .handlers import FORWARD_WORDS, Destination, Meta, Traffic
+from .errors import (
+    HandshakeError,
+    LinkSecurityError,
+    NameTakenError,
+    RequestError,
+    SessionClosedError,
+    StreamOpenError,
+)
+from .handlers import FORWARD_WORDS, Arrival, Destination, Meta, Traffic
 from .lifecycle import Shutdown
 from .link import PLAINTEXT_REFUSED, ClientTls, presented_fingerprint, secure_client_link
 from .mux import MuxStream, Role, Session, open_session, unwrap_group
@@ -88,7 +95,9 @@ class _Client:
         self.services = {spec.name: spec for spec in self.config.remotes}
         self.server = format_hostport(self.config.server.host, self.config.server.port)
         self.destinations = {
-            spec.name: Destination(spec.target_host, spec.target_port, spec.name, "local service")
+            spec.name: Destination(
+                spec.target_host, spec.target_port, spec.name, "local service", proxy_protocol=spec.proxy_protocol
+            )
             for spec in self.config.remotes
         }
 
@@ -226,9 +235,10 @@ class _Client:
         self.exposed.clear()
         for spec in self.services.values():
             try:
-                reply = await session.request(
-                    EXPOSE, {"name": spec.name, "bind": spec.bind_host, "port": spec.bind_port}
-                )
+                body: dict[str, str | int] = {"name": spec.name, "bind": spec.bind_host, "port": spec.bind_port}
+                if spec.group is not None:
+                    body.update(group=spec.group, balance=spec.balance)
+                reply = await session.request(EXPOSE, body)
             except RequestError as exc:
                 logger.error("the server refused to expose %s: %s", spec.name, exc)
                 continue
@@ -295,12 +305,15 @@ class _Forward:
             logger.warning("%s: closing %s: no link to the server", self.spec.name, peer)
         return session
 
-    def meta(self, peer: str) -> Meta:
+    def meta(self, arrival: Arrival) -> Meta:
         spec = self.spec
-        return {"host": spec.target_host, "port": spec.target_port, "peer": peer, "name": spec.name}
+        return {"host": spec.target_host, "port": spec.target_port, "peer": arrival.peer, "name": spec.name}
 
     def release(self) -> None:
         pass
+
+    def retry(self, exc: StreamOpenError | SessionClosedError) -> bool:
+        return False
 
 
 def _unverified(server: str, exc: Exception, presented: str | None) -> str:

@@ -29,13 +29,16 @@ from trio_tunnel.proto import ErrorCode
 
 from .certs import default_state_dir
 from .config import HostPort, ServerConfig
+from .config.operations import BALANCES, GROUP_NAME
 from .console import announce, format_hostport
 from .dial import peer_address
-from .errors import ConfigError, HandshakeError, SessionClosedError
-from .handlers import FORWARD_WORDS, REVERSE_WORDS, Destination, Meta, Traffic
+from .errors import ConfigError, HandshakeError, SessionClosedError, StreamOpenError
+from .groups import Group, GroupRegistry, Member
+from .handlers import FORWARD_WORDS, REVERSE_WORDS, Arrival, Destination, Meta, Traffic
 from .lifecycle import Shutdown
 from .link import LinkMismatchError, ServerTls, refuse_link, secure_server_link
 from .mux import MuxStream, Request, Role, Session, open_session
+from .proxyprotocol import front_door
 from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
 from .wire import EXPOSE, FORWARD_ROUTE, REPLACED, session_config
@@ -82,6 +85,8 @@ class _Server:
     links: dict[str, _Link] = attrs.field(factory=dict)
     last_ports: dict[tuple[str, str], int] = attrs.field(factory=dict)
     """(client, service) -> the port it had last, so a service exposed on port 0 keeps its port across reconnects."""
+    groups: GroupRegistry = attrs.field(factory=GroupRegistry)
+    """Load-balancing groups: public ports shared by several clients (tunnel/groups.py)."""
 
     # ---------------------------------------------------------------------------------------------- links
 
@@ -223,6 +228,9 @@ class _Server:
                 {"message": f"port {port} is not allowed by the server (--allow-ports {self.config.allow_ports})"},
             )
             return
+        if "group" in body:
+            await self._expose_in_group(session, link, request, name, bind, port, nursery)
+            return
         try:
             listeners = await self._bind(bind, port, self.last_ports.get((link.name, name)))
         except OSError as exc:
@@ -235,6 +243,51 @@ class _Server:
         logger.info("client %r: exposing %s on %s", link.name, name, address)
         nursery.start_soon(self._serve_service, session, link, name, listeners, nursery)
         request.reply({"host": str(host), "port": int(bound)})
+
+    async def _expose_in_group(
+        self, session: Session, link: _Link, request: Request, name: str, bind: str, port: int, nursery: trio.Nursery
+    ) -> None:
+        """Join (or found) the load-balancing group the request names; see tunnel/groups.py."""
+        body = request.body if isinstance(request.body, Mapping) else {}
+        group_name, balance = body.get("group"), body.get("balance", "round-robin")
+        if not isinstance(group_name, str) or GROUP_NAME.problem(group_name) or balance not in BALANCES:
+            request.reply_error(ErrorCode.PROTOCOL, {"message": f"bad group {group_name!r} or balance {balance!r}"})
+            return
+        if not self.config.allow_groups:
+            request.reply_error(ErrorCode.PROHIBITED, {"message": "this server does not allow groups (allow_groups)"})
+            return
+        async with self.groups.lock:
+            group = self.groups.groups.get(group_name)
+            if group is not None:
+                refusal = group.refusal(session.token_id, bind, port, str(balance))
+                if refusal is not None:
+                    logger.warning("client %r: refused %s in group %s: %s", link.name, name, group_name, refusal[1])
+                    request.reply_error(refusal[0], {"message": refusal[1]})
+                    return
+            else:
+                try:
+                    listeners = await self._bind(bind, port, self.last_ports.get((link.name, name)))
+                except OSError as exc:
+                    request.reply_error(ErrorCode.CONNECT_FAILED, {"message": _bind_error(bind, port, exc)})
+                    return
+                group = self.groups.create(
+                    group_name, session.token_id, bind, str(balance), listeners, partial(front_door, self.config)
+                )
+            limiter = trio.CapacityLimiter(self.config.max_connections_per_service)
+            member = Member(link.name, name, session, link.traffic, limiter)
+            self.groups.join(group, member)
+        self._remember(link.name, name, group.port)
+        link.services[name] = group.address
+        link.accepting.append(member.scope)
+        nursery.start_soon(self._hold, link, name, group, member)
+        host, _, _ = group.address.rpartition(":")
+        request.reply({"host": host.strip("[]"), "port": group.port})
+
+    async def _hold(self, link: _Link, name: str, group: Group, member: Member) -> None:
+        try:
+            await self.groups.hold(group, member)
+        finally:
+            link.services.pop(name, None)
 
     def _remember(self, client: str, service: str, port: int) -> None:
         key = (client, service)
@@ -270,7 +323,7 @@ class _Server:
         self, session: Session, link: _Link, name: str, listeners: list[trio.SocketListener], handlers: trio.Nursery
     ) -> None:
         entrance = _Service(link, session, name, trio.CapacityLimiter(self.config.max_connections_per_service))
-        handler = partial(link.traffic.carry, entrance)  # a partial: no frame per connection
+        handler = front_door(self.config, partial(link.traffic.carry, entrance))
         accepting = trio.CancelScope()
         link.accepting.append(accepting)
         try:
@@ -346,11 +399,14 @@ class _Service:
             return None
         return self.session
 
-    def meta(self, peer: str) -> Meta:
-        return {"peer": peer}
+    def meta(self, arrival: Arrival) -> Meta:
+        return arrival.meta()
 
     def release(self) -> None:
         self.limiter.release()
+
+    def retry(self, exc: StreamOpenError | SessionClosedError) -> bool:
+        return False
 
 
 def _bind_error(host: str, port: int, exc: OSError) -> str:
@@ -408,6 +464,7 @@ async def run_server(
         )
     logger.info("server listening on %s", ", ".join(map(str, addresses)))
     async with trio.open_nursery() as handlers:  # the links live here, so they outlive the accept loop
+        server.groups.nursery = handlers  # and the groups' ports, which outlive any one member's link
         async with trio.open_nursery() as acceptor:
             acceptor.start_soon(
                 partial(serve_tcp, server.handle_link, listeners, handler_nursery=handlers, keepalive=False)
