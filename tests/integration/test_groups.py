@@ -122,3 +122,20 @@ async def test_a_client_with_another_token_cannot_join(stdout: Stdout, logs: Log
             assert fourth.value == {}
             await logs.wait_for("group 'pool' balances round-robin, not least-connections", logger="trio_tunnel.client")
             nursery.cancel_scope.cancel()
+
+
+async def test_a_member_whose_service_is_down_passes_its_connections_on(stdout: Stdout, logs: LogWatch) -> None:
+    """A member whose local service refuses (its client is up, its dial fails) is not the end of a connection:
+    nothing of it was read yet, so the server opens it on the next member."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            server = await start_server(nursery)
+            down = await start_service(nursery, named_handler(b"never"))
+            await down.stop()  # its port now refuses
+            up = await start_service(nursery, named_handler(b"up"))
+            first = await member(nursery, server, "down", f"web@pool={LOCALHOST}:0:{LOCALHOST}:{down.port}")
+            public = first.value["web"].port
+            await member(nursery, server, "up", f"web@pool={LOCALHOST}:0:{LOCALHOST}:{up.port}")
+            assert [await fetch(public) for _ in range(6)] == [b"up"] * 6
+            await logs.wait_for("group pool: down/web could not take a connection .*connection refused")
+            nursery.cancel_scope.cancel()

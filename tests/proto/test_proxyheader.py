@@ -173,3 +173,14 @@ def test_v2_refusals(ver_cmd: int, fam: int, body: bytes, why: str) -> None:
 def test_encode_refuses_unknown_versions() -> None:
     with pytest.raises(ValueError, match="v3"):
         encode("v3", None, None)
+
+
+def test_protocol_md_example_is_what_the_encoder_writes() -> None:
+    """docs/PROTOCOL.md 9.1 shows one OPEN metadata's v1 and v2 headers; they must stay what the code writes."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
+    source, destination = addr("203.0.113.7", 51234), addr("198.51.100.2", 443)
+    assert "`" + encode_v1(source, destination).decode().replace("\r\n", "\\r\\n") + "`" in doc
+    assert "\n0d0a0d0a000d0a515549540a 21 11 000c cb007107 c6336402 c822 01bb\n" in doc
+    assert encode_v2(source, destination).hex() == "0d0a0d0a000d0a515549540a2111000ccb007107c6336402c82201bb"
