@@ -280,7 +280,7 @@ class _ForwardSpec:
     def check_unique(cls, specs: Sequence[_ForwardSpec]) -> None:
         """Raise ValueError when two specs share a name, or a fixed listening address."""
         names: set[str] = set()
-        binds: set[tuple[str, int, str | None]] = set()
+        binds: dict[tuple[str, int], str | None] = {}
         for spec in specs:
             if spec.name in names:
                 raise ValueError(
@@ -288,9 +288,10 @@ class _ForwardSpec:
                 )
             names.add(spec.name)
             group = getattr(spec, "group", None)  # services of one group share their port
-            if spec.bind_port and (spec.bind_host, spec.bind_port, group) in binds:
+            key = (spec.bind_host, spec.bind_port)
+            if spec.bind_port and key in binds and (group is None or binds[key] != group):
                 raise ValueError(f"two {cls.FLAG} services listen on {spec.bind}")
-            binds.add((spec.bind_host, spec.bind_port, group or None))
+            binds[key] = group
 
     @classmethod
     def merge(cls, from_file: Sequence[_Spec], from_flags: Sequence[_Spec]) -> tuple[_Spec, ...]:
