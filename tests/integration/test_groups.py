@@ -139,3 +139,34 @@ async def test_a_member_whose_service_is_down_passes_its_connections_on(stdout: 
             assert [await fetch(public) for _ in range(6)] == [b"up"] * 6
             await logs.wait_for("group pool: down/web could not take a connection .*connection refused")
             nursery.cancel_scope.cancel()
+
+
+async def test_cli_group_survives_a_killed_client() -> None:
+    """Through the real CLI: two clients share a port with ``-R web@pool=...``; one is killed (SIGKILL: no GOAWAY,
+    the kernel just closes its socket) and every following connection lands on the other."""
+    from tunnel_helpers import TOKEN_TEXT, cli, hostport
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            token = {"TRIO_TUNNEL_TOKEN": TOKEN_TEXT}
+            service_a = await start_service(nursery, named_handler(b"a"))
+            service_b = await start_service(nursery, named_handler(b"b"))
+            async with cli(nursery, "server", "--listen", f"{LOCALHOST}:0", env=token) as server:
+                _, port = hostport(await server.expect(r"listening (\S+)"))
+                base = ["client", "--server", f"{LOCALHOST}:{port}"]
+                spec = f"web@pool={LOCALHOST}:0:{LOCALHOST}:"
+                async with (
+                    cli(nursery, *base, "--name", "a", "-R", spec + str(service_a.port), env=token) as a,
+                    cli(nursery, *base, "--name", "b", "-R", spec + str(service_b.port), env=token) as b,
+                ):
+                    _, public = hostport(await a.expect(r"exposed web (\S+)"))
+                    assert hostport(await b.expect(r"exposed web (\S+)"))[1] == public
+                    assert sorted([await fetch(public) for _ in range(10)]) == [b"a"] * 5 + [b"b"] * 5
+                    b.process.kill()
+                    await b.wait()
+                    assert [await fetch(public) for _ in range(20)] == [b"a"] * 20
+                    a.interrupt()
+                    assert await a.wait() == 0
+                server.interrupt()
+                assert await server.wait() == 0
+            nursery.cancel_scope.cancel()
