@@ -70,6 +70,8 @@ class Group:
     name: str
     token_id: str
     bind: str
+    host: str
+    """The bound address (``bind`` as the socket reports it)."""
     port: int
     """The bound port (never 0)."""
     address: str
@@ -192,7 +194,8 @@ class GroupRegistry:
         (reading a trusted load balancer's PROXY header)."""
         assert self.nursery is not None, "run_server sets the nursery"
         host, port = listeners[0].socket.getsockname()[:2]
-        group = Group(name, token_id, bind, int(port), format_hostport(str(host), int(port)), balance, listeners)
+        address = format_hostport(str(host), int(port))
+        group = Group(name, token_id, bind, str(host), int(port), address, balance, listeners)
         self.groups[name] = group
 
         async def carry(conn: TcpStream, arrival: Arrival | None = None) -> None:

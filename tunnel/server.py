@@ -280,8 +280,7 @@ class _Server:
         link.services[name] = group.address
         link.accepting.append(member.scope)
         nursery.start_soon(self._hold, link, name, group, member)
-        host, _, _ = group.address.rpartition(":")
-        request.reply({"host": host.strip("[]"), "port": group.port})
+        request.reply({"host": group.host, "port": group.port})
 
     async def _hold(self, link: _Link, name: str, group: Group, member: Member) -> None:
         try:
@@ -323,7 +322,7 @@ class _Server:
         self, session: Session, link: _Link, name: str, listeners: list[trio.SocketListener], handlers: trio.Nursery
     ) -> None:
         entrance = _Service(link, session, name, trio.CapacityLimiter(self.config.max_connections_per_service))
-        handler = front_door(self.config, partial(link.traffic.carry, entrance))
+        handler = front_door(self.config, partial(link.traffic.carry, entrance))  # a partial unless PROXY is read
         accepting = trio.CancelScope()
         link.accepting.append(accepting)
         try:

@@ -18,7 +18,7 @@ class FakeSession:
 
 
 def make_group(balance: str, *names: str, limit: int = 10) -> Group:
-    group = Group("g", "", "0.0.0.0", 9000, "0.0.0.0:9000", balance, [])
+    group = Group("g", "", "0.0.0.0", "0.0.0.0", 9000, "0.0.0.0:9000", balance, [])
     for name in names:
         session = cast(Session, FakeSession())
         group.members.append(Member(name, "web", session, Traffic(cast(Any, None)), trio.CapacityLimiter(limit)))
