@@ -382,7 +382,7 @@ class Connection:
             self._table.local_credit = hs.peer.max_streams
             self.state = ConnectionState.OPEN
             peer = hs.peer_name if self.role is Role.SERVER else ""
-            events.append(HandshakeComplete(peer, hs.session_id, dict(hs.peer_limits), hs.authenticated))
+            events.append(HandshakeComplete(peer, hs.session_id, dict(hs.peer_limits), hs.authenticated, hs.token_id))
 
     def _on_goaway(self, last: int, code: int, reason: str, events: list[Event]) -> None:
         # A later GOAWAY (e.g. an error after a graceful one) is reported too: its code and reason are the news.

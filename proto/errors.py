@@ -58,6 +58,10 @@ class ErrorCode(enum.IntEnum):
     """The client name is held by a live session (or bound to another token): retry later, or pick another name."""
     ADDRESS_IN_USE = 22
     """A listening address (an exposed service's port) is taken; asking again later may succeed."""
+    GROUP_TOKEN = 26
+    """A load-balancing group belongs to clients that authenticated with another token."""
+    GROUP_MISMATCH = 27
+    """A load-balancing group exists with other settings (bind address, port, balance) than the request's."""
 
     @classmethod
     def parse(cls, value: int) -> ErrorCode | int:

@@ -40,6 +40,10 @@ class HandshakeComplete:
     peer_limits: Mapping[str, int]
     authenticated: bool
     """False when the server runs without tokens (``method "none"``)."""
+    token_id: str = ""
+    """Server side: a digest naming the token the client proved ("" without authentication), so the application
+    can tell clients of one token from others without holding the token. Not to be logged (a short token's digest
+    can be guessed offline)."""
 
 
 @attrs.frozen

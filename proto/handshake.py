@@ -135,6 +135,13 @@ class Handshake:
         return self._matched_token
 
     @property
+    def token_id(self) -> str:
+        """See :attr:`~.events.HandshakeComplete.token_id`."""
+        if self._matched_token is None:
+            return ""
+        return hashlib.sha256(b"trio-tunnel token id\0" + self._matched_token).hexdigest()[:32]
+
+    @property
     def done(self) -> bool:
         return self.step is Step.DONE
 

@@ -159,7 +159,10 @@ def _plan(args: argparse.Namespace, environ: Mapping[str, str]) -> _Plan:
             ),
             tokens=_tokens_from(args, environ),
             name=args.name,
-            remotes=[RemoteSpec.parse(text) for text in args.remotes],
+            remotes=[
+                RemoteSpec.parse(text, **({"proxy_protocol": args.proxy_protocol} if args.proxy_protocol else {}))
+                for text in args.remotes
+            ],
             locals=[LocalSpec.parse(text) for text in args.locals],
             server_fingerprint=_split_commas(args.server_fingerprint),
             tls_ca=args.tls_ca,

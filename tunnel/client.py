@@ -32,9 +32,9 @@ from .config import ClientConfig, HostPort, LocalSpec, RemoteSpec
 from .config.binds import bind_name_warnings
 from .console import announce, format_hostport
 from .dial import DialError, dial
-from .errors import HandshakeError, LinkSecurityError, RequestError, SessionClosedError
+from .errors import HandshakeError, LinkSecurityError, RequestError, SessionClosedError, StreamOpenError
 from .forwards import ForwardSet, ForwardSlot
-from .handlers import FORWARD_WORDS, Destination, Meta, Traffic
+from .handlers import FORWARD_WORDS, Arrival, Destination, Meta, Traffic
 from .lifecycle import Shutdown
 from .link import PLAINTEXT_REFUSED, ClientTls, presented_fingerprint, secure_client_link
 from .mux import MuxStream, Role, Session, open_session, unwrap_group
@@ -330,9 +330,11 @@ class _Client:
             RequestError: the server refused (port not allowed, in use, ...).
             SessionClosedError: the link ended first.
         """
-        body = {"name": spec.name, "bind": spec.bind_host, "port": spec.bind_port}
+        body: dict[str, str | int | float] = {"name": spec.name, "bind": spec.bind_host, "port": spec.bind_port}
         if spec.protocol == "udp":
             body["idle_timeout"] = spec.idle_timeout
+        if spec.group is not None:
+            body.update(group=spec.group, balance=spec.balance)
         try:
             reply = await session.request(EXPOSE_UDP if spec.protocol == "udp" else EXPOSE, body)
         except RequestError as exc:
@@ -435,12 +437,15 @@ class _Forward:
             logger.warning("%s: closing %s: no link to the server", self.spec.name, peer)
         return session
 
-    def meta(self, peer: str) -> Meta:
+    def meta(self, arrival: Arrival) -> Meta:
         spec = self.spec
-        return {"host": spec.target_host, "port": spec.target_port, "peer": peer, "name": spec.name}
+        return {"host": spec.target_host, "port": spec.target_port, "peer": arrival.peer, "name": spec.name}
 
     def release(self, peer: str) -> None:
         pass
+
+    def retry(self, exc: StreamOpenError | SessionClosedError) -> bool:
+        return False
 
 
 def _unverified(server: str, exc: Exception, presented: str | None) -> str:
@@ -457,7 +462,14 @@ def _unverified(server: str, exc: Exception, presented: str | None) -> str:
 
 def destination(spec: RemoteSpec) -> Destination:
     """Where the server's streams for service ``spec`` go: its local target."""
-    return Destination(spec.target_host, spec.target_port, spec.name, "local service", udp=spec.protocol == "udp")
+    return Destination(
+        spec.target_host,
+        spec.target_port,
+        spec.name,
+        "local service",
+        udp=spec.protocol == "udp",
+        proxy_protocol=spec.proxy_protocol,
+    )
 
 
 def client_tls(config: ClientConfig) -> ClientTls | None:

@@ -27,7 +27,10 @@ from typing import Final, Protocol
 
 import attrs
 import trio
+from trio_tunnel.proto import ErrorCode, proxyheader
+from trio_tunnel.proto.proxyheader import Address
 
+from .console import format_hostport
 from .dial import DialError, dial, peer_address
 from .errors import SessionClosedError, StreamOpenError
 from .mux import MuxStream, Session
@@ -35,7 +38,7 @@ from .relay import SpliceResult, splice
 from .tcp import TcpStream
 from .udp import answer_stream
 
-__all__ = ["FORWARD_WORDS", "REVERSE_WORDS", "Destination", "Entrance", "Meta", "Route", "Traffic"]
+__all__ = ["FORWARD_WORDS", "REVERSE_WORDS", "Arrival", "Destination", "Entrance", "Meta", "Route", "Traffic"]
 
 REVERSE_WORDS: Final = ("in", "out")
 """How the byte counts of a ``-R`` connection are named: ``in`` towards the exposed service, ``out`` back."""
@@ -63,6 +66,48 @@ class Destination:
     """Whether the closed line says how each direction ended ("(eof)"); the server's forward line never did."""
     udp: bool = False
     """A UDP target: the stream carries datagrams to a connected UDP socket (:mod:`trio_tunnel.udp`)."""
+    proxy_protocol: str | None = None
+    """``v1``/``v2``: write a PROXY protocol header (from the stream's meta) to the target before the first byte."""
+
+
+@attrs.frozen
+class Arrival:
+    """Who an accepted connection is from and where it arrived: its peer, or the client that a trusted load
+    balancer's PROXY header names (then ``via`` is the balancer and ``early`` the bytes read past the header)."""
+
+    peer: str
+    """``HOST:PORT`` for logs (``?`` when the socket no longer knows)."""
+    source: Address | None = None
+    public: Address | None = None
+    """The address the connection arrived at (the server's public address for an exposed service)."""
+    early: bytes = b""
+    via: str = ""
+
+    @classmethod
+    def of(cls, conn: TcpStream) -> Arrival:
+        """The connection's own addresses."""
+        try:
+            source = Address.of(*conn.socket.getpeername()[:2])
+            public = Address.of(*conn.socket.getsockname()[:2])
+        except (OSError, ValueError):
+            return cls(peer_address(conn))
+        return cls(peer_address(conn), source, public)
+
+    def meta(self) -> dict[str, str | int | bool | None]:
+        """The stream's open metadata: ``peer`` (for logs) and, when known, ``peer_ip``/``peer_port`` (the external
+        user) and ``public_ip``/``public_port`` (where it connected), for a PROXY header at the far end."""
+        meta: dict[str, str | int | bool | None] = {"peer": self.peer}
+        if self.source is not None:
+            meta.update(peer_ip=str(self.source.ip), peer_port=self.source.port)
+        if self.public is not None:
+            meta.update(public_ip=str(self.public.ip), public_port=self.public.port)
+        return meta
+
+    def via_proxy(self, source: Address | None, public: Address | None, early: bytes) -> Arrival:
+        """This connection as a PROXY header describes it (None: the header said "use the connection's own")."""
+        if source is None or public is None:
+            return attrs.evolve(self, early=early)
+        return Arrival(format_hostport(str(source.ip), source.port), source, public, early, via=self.peer)
 
 
 Route = Callable[[MuxStream], Destination | None]
@@ -90,10 +135,15 @@ class Entrance(Protocol):
         """The session to carry a connection from ``peer`` over, or None (after logging why) to close it."""
         ...
 
-    def meta(self, peer: str) -> Meta: ...
+    def meta(self, arrival: Arrival) -> Meta: ...
 
     def release(self, peer: str) -> None:
         """The connection from ``peer`` that :meth:`admit` let in has ended."""
+        ...
+
+    def retry(self, exc: StreamOpenError | SessionClosedError) -> bool:
+        """The stream over :meth:`admit`'s session could not be opened (and :meth:`release` was called); True to
+        :meth:`admit` again (a group tries its other members), False to close the connection."""
         ...
 
 
@@ -146,6 +196,8 @@ class Traffic:
             peer = stream.meta.get("peer", "?")
             try:
                 target = await dial(destination.host, destination.port, timeout=dial_timeout)
+                if destination.proxy_protocol is not None:
+                    await _send_proxy_header(target, destination.proxy_protocol, stream.meta)
             except DialError as exc:
                 reason = f"{destination.what}: {exc.reason}"
                 self.log.warning("%s: cannot serve %s: %s", destination.label, peer, reason)
@@ -162,24 +214,41 @@ class Traffic:
 
     # ---------------------------------------------------------------------------------------- opening end
 
-    async def carry(self, entrance: Entrance, conn: TcpStream) -> None:
+    async def carry(self, entrance: Entrance, conn: TcpStream, arrival: Arrival | None = None) -> None:
         """Carry ``conn`` (just accepted by ``entrance``'s listener) over a stream to the far end, splice, log.
-        Closes ``conn`` on every path (the splice closes it too; closing twice is fine)."""
+        ``arrival`` says who it is from when a PROXY header was read (default: the socket's peer). Closes ``conn``
+        on every path (the splice closes it too; closing twice is fine)."""
         try:  # (not "async with": its bound __aexit__ would be held for the whole connection)
-            peer = peer_address(conn)
+            arrival = arrival or Arrival.of(conn)
+            peer = arrival.peer
             self.begin()
             try:
-                session = await entrance.admit(peer)
-                if session is None:
-                    return
-                try:
+                while True:
+                    session = await entrance.admit(peer)
+                    if session is None:
+                        return
                     try:
-                        stream = await session.open_stream(entrance.route, entrance.meta(peer))
+                        stream = await session.open_stream(entrance.route, entrance.meta(arrival))
+                        break
                     except (StreamOpenError, SessionClosedError) as exc:
+                        entrance.release(peer)
+                        if entrance.retry(exc):
+                            continue
                         self.log.warning(
                             "%s: closing %s: the %s could not serve it: %s", entrance.label, peer, entrance.other, exc
                         )
                         return
+                    except BaseException:
+                        entrance.release(peer)
+                        raise
+                try:
+                    if arrival.early:  # bytes read past a PROXY header: the connection's first data
+                        try:
+                            await stream.send_all(arrival.early)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                            self.log.warning("%s: closing %s: %s", entrance.label, peer, exc)
+                            stream.reset(ErrorCode.CANCEL, "could not deliver the first bytes")
+                            return
                     started = trio.current_time()
                     result = await splice(conn, stream)
                     self._closed(entrance.label, peer, started, result, entrance.words, True)
@@ -218,3 +287,29 @@ class Traffic:
                 words[1],
                 result.bytes_b_to_a,
             )
+
+
+async def _send_proxy_header(target: TcpStream, version: str, meta: Mapping[str, object]) -> None:
+    """Write the PROXY protocol header for the connection ``meta`` describes (the server's ``peer_ip``,
+    ``peer_port``, ``public_ip``, ``public_port``) to the freshly dialled ``target``; a server that sends none
+    gets an "unknown" header, which tells the service to use the connection's own addresses.
+
+    Raises:
+        DialError: the target closed the connection at once (it is closed here).
+    """
+    source = _address(meta.get("peer_ip"), meta.get("peer_port"))
+    public = _address(meta.get("public_ip"), meta.get("public_port"))
+    try:
+        await target.send_all(proxyheader.encode(version, source, public))
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        await trio.aclose_forcefully(target)
+        raise DialError(ErrorCode.CONNECT_FAILED, f"the connection closed before the PROXY header: {exc}") from None
+
+
+def _address(ip: object, port: object) -> Address | None:
+    if not isinstance(ip, str) or type(port) is not int:
+        return None
+    try:
+        return Address.of(ip, port)
+    except ValueError:
+        return None

@@ -101,6 +101,8 @@ class Session:
         self.peer_name = ""
         self.session_id = ""
         self.authenticated = False
+        self.token_id = ""
+        """Server side: which token the client proved (a digest; see proto's HandshakeComplete.token_id)."""
 
     def __repr__(self) -> str:
         return f"<Session {self.session_id or '(handshake)'} {self._conn.role.value} peer={self.peer_name!r}>"
@@ -574,10 +576,11 @@ class Session:
                         "%s: peer is going away (%s%s)", self, proto.code_name(code), f": {reason}" if reason else ""
                     )
                     self._credit_changed()
-                case ev.HandshakeComplete(peer_name, session_id, _, authenticated):
+                case ev.HandshakeComplete(peer_name, session_id, _, authenticated, token_id):
                     self.peer_name = peer_name or self.peer_name
                     self.session_id = session_id
                     self.authenticated = authenticated
+                    self.token_id = token_id
                     self._handshake_done.set()
                     self._conn.ping(now=trio.current_time())  # a first RTT sample for window auto-tuning
                     self._ping_sent = False

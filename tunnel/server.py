@@ -33,14 +33,17 @@ from . import notify
 from .certs import default_state_dir
 from .config import BindAllowlist, HostPort, ServerConfig
 from .config.binds import bind_refusal
+from .config.operations import BALANCES, GROUP_NAME
 from .console import announce, format_hostport
 from .dial import peer_address
-from .errors import ConfigError, HandshakeError, SessionClosedError
+from .errors import ConfigError, HandshakeError, SessionClosedError, StreamOpenError
+from .groups import Group, GroupRegistry, Member
 from .guard import Admission, HandshakeCaps, address_key, raise_nofile_limit, source_of
-from .handlers import FORWARD_WORDS, REVERSE_WORDS, Destination, Meta, Traffic
+from .handlers import FORWARD_WORDS, REVERSE_WORDS, Arrival, Destination, Meta, Traffic
 from .lifecycle import Shutdown
 from .link import LinkMismatchError, ServerTls, refuse_link, secure_server_link
 from .mux import MuxStream, Request, Role, Session, open_session
+from .proxyprotocol import front_door
 from .reload import ReloadError, one_line, plan_server, reload_on_signals, sighup_receiver
 from .takeover import judge
 from .tally import Tally
@@ -78,6 +81,8 @@ class _Link:
     """Service name -> its listener, for UNEXPOSE and reloads."""
     udp_flows: FlowBudget = attrs.field(factory=lambda: FlowBudget(4096))
     """UDP flows of all this client's UDP services (``max_flows_per_client``)."""
+    members: dict[str, tuple[Member, trio.Event]] = attrs.field(factory=dict)
+    """Service name -> its membership of a load-balancing group, and the event set once it has left."""
 
     async def drain(self) -> None:
         """Stop accepting on the public ports, GOAWAY, wait for the work in flight, then end the link."""
@@ -119,6 +124,8 @@ class _Server:
     """Forward streams refused (target not allowed), one line per client and window."""
     allow_bind: BindAllowlist = attrs.field(init=False)
     """The bind addresses clients may ask for (the default resolved against our listening address)."""
+    groups: GroupRegistry = attrs.field(factory=GroupRegistry)
+    """Load-balancing groups: public ports shared by several clients (tunnel/groups.py)."""
 
     def __attrs_post_init__(self) -> None:
         self.allow_bind = self.config.allow_bind.effective(self.config.listen.host)
@@ -363,6 +370,12 @@ class _Server:
             logger.warning("client %r: refused to expose %s on %r: not in --allow-bind", link.name, name, bind)
             request.reply_error(ErrorCode.PROHIBITED, {"message": bind_refusal(bind, self.allow_bind)})
             return
+        if "group" in body:
+            if udp:
+                request.reply_error(ErrorCode.PROHIBITED, {"message": "load-balancing groups carry TCP only"})
+                return
+            await self._expose_in_group(session, link, request, name, bind, port, nursery)
+            return
         previous = self.last_ports.get((link.name, name))
         try:
             if udp:
@@ -397,6 +410,13 @@ class _Server:
         The reply comes once the port is closed, so the client may expose a service on it again at once."""
         body = request.body if isinstance(request.body, Mapping) else {}
         name = body.get("name")
+        member = link.members.get(name) if isinstance(name, str) else None
+        if member is not None:  # a group member: leave the group (the port stays while others remain)
+            member[0].scope.cancel(reason="unexposed by the client")
+            await member[1].wait()
+            logger.info("client %r: unexposed %s (left its group)", link.name, name)
+            request.reply({})
+            return
         exposure = link.exposures.get(name) if isinstance(name, str) else None
         if exposure is None:
             request.reply_error(ErrorCode.UNKNOWN_ROUTE, {"message": f"service {name!r} is not exposed"})
@@ -405,6 +425,55 @@ class _Server:
         await exposure.closed.wait()
         logger.info("client %r: unexposed %s (port %d); its open connections carry on", link.name, name, exposure.port)
         request.reply({})
+
+    async def _expose_in_group(
+        self, session: Session, link: _Link, request: Request, name: str, bind: str, port: int, nursery: trio.Nursery
+    ) -> None:
+        """Join (or found) the load-balancing group the request names; see tunnel/groups.py."""
+        body = request.body if isinstance(request.body, Mapping) else {}
+        group_name, balance = body.get("group"), body.get("balance", "round-robin")
+        if not isinstance(group_name, str) or GROUP_NAME.problem(group_name) or balance not in BALANCES:
+            request.reply_error(ErrorCode.PROTOCOL, {"message": f"bad group {group_name!r} or balance {balance!r}"})
+            return
+        if not self.config.allow_groups:
+            request.reply_error(ErrorCode.PROHIBITED, {"message": "this server does not allow groups (allow_groups)"})
+            return
+        async with self.groups.lock:
+            group = self.groups.groups.get(group_name)
+            if group is not None:
+                refusal = group.refusal(session.token_id, bind, port, str(balance))
+                if refusal is not None:
+                    logger.warning("client %r: refused %s in group %s: %s", link.name, name, group_name, refusal[1])
+                    request.reply_error(refusal[0], {"message": refusal[1]})
+                    return
+            else:
+                try:
+                    listeners = await self._bind(bind, port, self.last_ports.get((link.name, name)))
+                except OSError as exc:
+                    code = ErrorCode.ADDRESS_IN_USE if exc.errno == errno.EADDRINUSE else ErrorCode.CONNECT_FAILED
+                    request.reply_error(code, {"message": _bind_error(bind, port, exc)})
+                    return
+                group = self.groups.create(
+                    group_name, session.token_id, bind, str(balance), listeners, partial(front_door, self.config)
+                )
+            limiter = trio.CapacityLimiter(self.config.max_connections_per_service)
+            member = Member(link.name, name, session, link.traffic, limiter)
+            self.groups.join(group, member)
+        self._remember(link.name, name, group.port)
+        link.services[name] = group.address
+        link.accepting.append(member.scope)
+        link.members[name] = (member, left := trio.Event())
+        nursery.start_soon(self._hold, link, name, group, member, left)
+        request.reply({"host": group.host, "port": group.port})
+
+    async def _hold(self, link: _Link, name: str, group: Group, member: Member, left: trio.Event) -> None:
+        try:
+            await self.groups.hold(group, member)
+        finally:
+            link.services.pop(name, None)
+            if link.members.get(name, (None,))[0] is member:
+                del link.members[name]
+            left.set()
 
     def _remember(self, client: str, service: str, port: int) -> None:
         key = (client, service)
@@ -448,7 +517,7 @@ class _Server:
         cfg = self.config
         per_ip = cfg.max_connections_per_ip or max(1, cfg.max_connections_per_service // 4)
         entrance = _Service(link, session, name, exposure.limiter, per_ip, self.visitors)
-        handler = partial(link.traffic.carry, entrance)  # a partial: no frame per connection
+        handler = front_door(self.config, partial(link.traffic.carry, entrance))  # a partial unless PROXY is read
         accepting = exposure.scope
         link.accepting.append(accepting)
         try:
@@ -580,8 +649,8 @@ class _Service:
         self.sources[source] = held + 1
         return self.session
 
-    def meta(self, peer: str) -> Meta:
-        return {"peer": peer}
+    def meta(self, arrival: Arrival) -> Meta:
+        return arrival.meta()
 
     def release(self, peer: str) -> None:
         self.limiter.release()
@@ -591,6 +660,9 @@ class _Service:
             self.sources[source] = left
         else:
             self.sources.pop(source, None)
+
+    def retry(self, exc: StreamOpenError | SessionClosedError) -> bool:
+        return False
 
 
 def _host_of(peer: str) -> str:
@@ -681,6 +753,7 @@ async def _run_server(
         )
     logger.info("server listening on %s", ", ".join(map(str, addresses)))
     async with trio.open_nursery() as handlers:  # the links live here, so they outlive the accept loop
+        server.groups.nursery = handlers  # and the groups' ports, which outlive any one member's link
         async with trio.open_nursery() as acceptor:
             acceptor.start_soon(
                 partial(serve_tcp, server.handle_link, listeners, handler_nursery=handlers, keepalive=False)

@@ -69,6 +69,12 @@ examples:
   # let the server pick a free port (see the 'exposed NAME HOST:PORT' line)
   {TOKEN_ENV}=... trio-tunnel client --server tunnel.example.com:7835 -R 0:localhost:8080
 
+  # nginx behind the tunnel sees the visitor's address ('listen 8080 proxy_protocol;')
+  trio-tunnel client --server tunnel.example.com:7835 --token-file token --proxy-protocol v1 -R web=80:127.0.0.1:8080
+
+  # two or more clients (same token) share port 9000 as group 'web'; connections go round-robin to the live ones
+  trio-tunnel client --server tunnel.example.com:7835 --token-file token -R web@web=9000:127.0.0.1:8080
+
   # reach db.internal:5432 (seen from the server) at 127.0.0.1:15432 here
   trio-tunnel client --server tunnel.example.com:7835 --token-file token -L db=15432:db.internal:5432
 
@@ -78,7 +84,8 @@ examples:
   # services from a file ([client] table); -R/-L add to them, other flags override it
   trio-tunnel client --config ~/.config/trio-tunnel.toml
 
-spec syntax (-R and -L): [NAME=][bind_address:]port:host:hostport[/udp]; IPv6 in brackets, e.g. [::1]:8080.
+spec syntax (-R and -L): [NAME=][bind_address:]port:host:hostport[/udp]; IPv6 in brackets, e.g. [::1]:8080;
+-R also NAME@GROUP=... for a load-balancing group.
 stdout: 'connected HOST:PORT', 'exposed NAME HOST:PORT', 'forwarding NAME HOST:PORT', 'disconnected REASON',
 'refused NAME REASON' (e.g. address_in_use, retried with the reconnect backoff; prohibited)."""
 
@@ -254,7 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         dest="remotes",
         metavar="SPEC",
-        help="expose a local service on the server: [NAME=][bind_address:]port:host:hostport (repeatable)",
+        help="expose a local service on the server: [NAME[@GROUP]=][bind_address:]port:host:hostport (repeatable; "
+        "@GROUP shares the port with the group's other clients)",
+    )
+    client.add_argument(
+        "--proxy-protocol",
+        choices=("v1", "v2"),
+        help="write a PROXY protocol header (HAProxy's, v1 text or v2 binary) with the external user's address to "
+        "the local service of every -R of this command",
     )
     client.add_argument(
         "-L",

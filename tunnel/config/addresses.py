@@ -12,6 +12,7 @@ from trio_tunnel.console import format_hostport
 from trio_tunnel.errors import ConfigError
 
 from .fields import ANY_PORT, REAL_PORT, Rule, describe, seconds, toml
+from .operations import BALANCE, GROUP_NAME, PROXY_VERSION, optional
 
 DEFAULT_SERVER_PORT: Final = 7835
 """The server's default listening port."""
@@ -227,9 +228,15 @@ def _parse_forward(text: str, *, default_bind: str, syntax: str, kind: str) -> d
     original = text
     try:
         name: str | None = None
+        group: str | None = None
         if "=" in text:
             name, text = text.split("=", 1)
-            SERVICE_NAME.check(name, name="name")
+            if kind == "-R" and "@" in name:  # NAME@GROUP= (a load-balancing group); @GROUP= keeps the default name
+                name, group = name.split("@", 1)
+                GROUP_NAME.check(group, name="group")
+                name = name or None
+            if name is not None:
+                SERVICE_NAME.check(name, name="name")
         text, protocol = split_protocol(text)
         fields = _split_fields(text.strip())
         if len(fields) == 3:
@@ -261,6 +268,8 @@ def _parse_forward(text: str, *, default_bind: str, syntax: str, kind: str) -> d
         fields_out["name"] = name
     if protocol == "udp":
         fields_out["protocol"] = protocol
+    if group is not None:
+        fields_out["group"] = group
     return fields_out
 
 
@@ -297,28 +306,35 @@ class _ForwardSpec:
     idle_timeout: float
 
     @classmethod
-    def parse(cls, text: str) -> Self:
-        """Parse ``[NAME=][bind_address:]port:host:hostport`` (ssh ``-R``/``-L`` syntax plus an optional name).
+    def parse(cls, text: str, **extra: Any) -> Self:
+        """Parse ``[NAME=][bind_address:]port:host:hostport`` (ssh ``-R``/``-L`` syntax plus an optional name; ``-R``
+        also takes ``NAME@GROUP=``). ``extra`` fields are added (``proxy_protocol`` from ``--proxy-protocol``).
 
         Raises:
             ConfigError: the message shows ``text``, what is wrong, and the syntax with an example.
         """
-        return cls(**_parse_forward(text, default_bind=cls.DEFAULT_BIND, syntax=cls.SYNTAX, kind=cls.FLAG))
+        fields = _parse_forward(text, default_bind=cls.DEFAULT_BIND, syntax=cls.SYNTAX, kind=cls.FLAG)
+        try:
+            return cls(**fields, **extra)
+        except ValueError as exc:
+            raise ConfigError(f"invalid {cls.FLAG} spec {text!r}: {exc}") from None
 
     @classmethod
     def check_unique(cls, specs: Sequence[_ForwardSpec]) -> None:
         """Raise ValueError when two specs share a name, or a fixed listening address."""
         names: set[str] = set()
-        binds: set[tuple[str, int, str]] = set()
+        binds: dict[tuple[str, int, str], str | None] = {}
         for spec in specs:
             if spec.name in names:
                 raise ValueError(
                     f"two {cls.FLAG} services are named {spec.name!r}; give them distinct names with the NAME= prefix"
                 )
             names.add(spec.name)
-            if spec.bind_port and (spec.bind_host, spec.bind_port, spec.protocol) in binds:
+            group = getattr(spec, "group", None)  # services of one group share their port
+            key = (spec.bind_host, spec.bind_port, spec.protocol)
+            if spec.bind_port and key in binds and (group is None or binds[key] != group):
                 raise ValueError(f"two {cls.FLAG} services listen on {spec.bind}{spec.suffix}")
-            binds.add((spec.bind_host, spec.bind_port, spec.protocol))
+            binds[key] = group
 
     @classmethod
     def merge(cls, from_file: Sequence[_Spec], from_flags: Sequence[_Spec]) -> tuple[_Spec, ...]:
@@ -386,6 +402,22 @@ class RemoteSpec(_ForwardSpec):
     name: str = _name_field()
     """The service's name (``exposed NAME HOST:PORT``); default ``target_host:target_port`` (``-udp`` appended for
     a UDP service)."""
+    proxy_protocol: str | None = optional(PROXY_VERSION)
+    """``"v1"``/``"v2"``: the client writes a PROXY protocol header with the external user's address to the local
+    service before the first byte; None: no header."""
+    group: str | None = optional(GROUP_NAME)
+    """A load-balancing group: clients exposing a service in the same group (with the same token) share one public
+    port, and the server spreads new connections over them (``-R NAME@GROUP=...``)."""
+    balance: str = BALANCE.field(default="round-robin", metadata=toml(rule=BALANCE))
+    """How the group spreads connections: ``round-robin`` or ``least-connections``."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.balance != "round-robin" and self.group is None:
+            raise ValueError(f'balance {self.balance!r} needs a group (group = "NAME", or -R NAME@GROUP=...)')
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return text.replace("=", f"@{self.group}=", 1) if self.group else text
 
 
 @final

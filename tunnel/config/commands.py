@@ -24,6 +24,7 @@ from trio_tunnel.errors import ConfigError
 from .addresses import DEFAULT_SERVER_PORT, PROTOCOL, UDP_IDLE_DEFAULT, HostPort, LocalSpec, RemoteSpec, hostport_key
 from .binds import BIND_KEY, BindAllowlist
 from .fields import BOOLEAN, FRACTION, build, count, dedupe, describe, optional_count, seconds, to_tuple, toml
+from .operations import IPNetwork, networks_key
 from .policy import PORTS_KEY, TARGETS_KEY, PortSet, TargetAllowlist
 from .tokens import _TOKEN_HINT, CLIENT_NAME, default_client_name, logger
 from .toml import Section, load_section, path_reader, read_fields, read_tokens
@@ -169,6 +170,23 @@ class ServerConfig:
     insecure_plaintext: bool = BOOLEAN.field(default=False, metadata=toml(rule=BOOLEAN))
     """No TLS on the link: every byte crosses the network readable and changeable. Both sides must say so."""
     timeouts: Timeouts = attrs.field(factory=Timeouts, metadata=toml(table=Timeouts))
+    accept_proxy_protocol: bool = BOOLEAN.field(default=False, metadata=toml(rule=BOOLEAN))
+    """Read a PROXY protocol header (v1 or v2) on the public ports from connections whose source is in
+    ``proxy_protocol_from`` (a load balancer in front of the server), and use the address it names as the peer."""
+    proxy_protocol_from: tuple[IPNetwork, ...] = attrs.field(default=(), converter=to_tuple, metadata=networks_key())
+    """The sources trusted to send a PROXY header (required with ``accept_proxy_protocol``). Connections from
+    anywhere else are never read for one: their bytes are data."""
+    proxy_protocol_timeout: float = seconds(5.0)
+    """How long a trusted source may take to send its PROXY header before its connection is closed."""
+    allow_groups: bool = BOOLEAN.field(default=True, metadata=toml(rule=BOOLEAN))
+    """Let clients that authenticated with the same token share a public port as a load-balancing group."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.accept_proxy_protocol and not self.proxy_protocol_from:
+            raise ValueError(
+                "accept_proxy_protocol needs proxy_protocol_from, the addresses of the load balancers allowed to send "
+                'a PROXY header, e.g. proxy_protocol_from = ["10.0.0.0/8"]'
+            )
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> Self:
