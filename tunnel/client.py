@@ -31,8 +31,10 @@ from .console import announce, format_hostport
 from .dial import DialError, dial
 from .errors import HandshakeError, LinkSecurityError, NameTakenError, RequestError, SessionClosedError
 from .handlers import FORWARD_WORDS, Destination, Meta, Traffic
+from .httpd import bind_metrics, serve_http
 from .lifecycle import Shutdown
 from .link import PLAINTEXT_REFUSED, ClientTls, presented_fingerprint, secure_client_link
+from .metrics import Metrics, ServiceStats, handshake_failure
 from .mux import MuxStream, Role, Session, open_session, unwrap_group
 from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
@@ -82,15 +84,28 @@ class _Client:
     exposed: dict[str, HostPort] = attrs.field(factory=dict)
     """Service name -> the public address the server bound for it on the current link."""
     tls: ClientTls | None = attrs.field(init=False)
+    metrics: Metrics = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.tls = client_tls(self.config)
         self.services = {spec.name: spec for spec in self.config.remotes}
         self.server = format_hostport(self.config.server.host, self.config.server.port)
+        self.metrics = Metrics("client", self.config.name)
         self.destinations = {
-            spec.name: Destination(spec.target_host, spec.target_port, spec.name, "local service")
+            spec.name: Destination(
+                spec.target_host,
+                spec.target_port,
+                spec.name,
+                "local service",
+                stats=self._stats(spec.name, "expose", format_hostport(spec.target_host, spec.target_port)),
+            )
             for spec in self.config.remotes
         }
+
+    def _stats(self, name: str, kind: str, target: str) -> ServiceStats:
+        stats = self.metrics.service(self.config.name, name, kind=kind)
+        stats.target = target
+        return stats
 
     def _set_session(self, session: Session | None) -> None:
         self.session = session
@@ -111,6 +126,7 @@ class _Client:
             if self.shutdown.requested.is_set():
                 break
             delay = backoff.next_delay()
+            self.metrics.reconnecting()
             logger.info("reconnecting to %s in %.1f s", self.server, delay)
             with trio.move_on_after(delay):
                 await self.shutdown.requested.wait()
@@ -177,8 +193,13 @@ class _Client:
                 announce(f"connected {self.server}")
                 logger.info("connected to %s as %r (session %s)", self.server, cfg.name, session.session_id)
                 backoff.reset()
-                reason = await self._serve_link(session)
+                seen = self.metrics.link_up(self.server, self.server, session)
+                try:
+                    reason = await self._serve_link(session)
+                finally:
+                    self.metrics.link_down(seen, replaced=self.replaced_by_peer)
         except HandshakeError as exc:
+            self.metrics.handshake_failed(handshake_failure(exc))
             if exc.code in FATAL_CODES:
                 raise
             if exc.code == ErrorCode.PROHIBITED and PLAINTEXT_REFUSED in exc.reason:
@@ -231,12 +252,14 @@ class _Client:
                 )
             except RequestError as exc:
                 logger.error("the server refused to expose %s: %s", spec.name, exc)
+                self.metrics.service(self.config.name, spec.name, kind="expose").last_error = str(exc)
                 continue
             except SessionClosedError:
                 return
             bound = HostPort(host=str(reply["host"]), port=int(reply["port"]))
             self.exposed[spec.name] = bound
             address = format_hostport(bound.host, bound.port)
+            self.metrics.service(self.config.name, spec.name, kind="expose", public=address)
             announce(f"exposed {spec.name} {address}")
             logger.info(
                 "exposed %s (local %s) on the server at %s",
@@ -259,8 +282,13 @@ class _Client:
     async def serve_forward(
         self, spec: LocalSpec, listeners: list[trio.SocketListener], handlers: trio.Nursery
     ) -> None:
+        stats = self._stats(spec.name, "forward", format_hostport(spec.target_host, spec.target_port))
+        host, port = listeners[0].socket.getsockname()[:2]
+        stats.public = format_hostport(str(host), int(port))
         try:
-            await serve_tcp(partial(self.traffic.carry, _Forward(self, spec)), listeners, handler_nursery=handlers)
+            await serve_tcp(
+                partial(self.traffic.carry, _Forward(self, spec, stats)), listeners, handler_nursery=handlers
+            )
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
@@ -281,6 +309,7 @@ class _Forward:
 
     client: _Client
     spec: LocalSpec
+    stats: ServiceStats
     route: ClassVar[str] = FORWARD_ROUTE
     other: ClassVar[str] = "server"
     words: ClassVar[tuple[str, str]] = FORWARD_WORDS
@@ -293,6 +322,7 @@ class _Forward:
         session = await self.client.current_session()
         if session is None:
             logger.warning("%s: closing %s: no link to the server", self.spec.name, peer)
+            self.stats.failed("refused", "no link to the server")
         return session
 
     def meta(self, peer: str) -> Meta:
@@ -348,7 +378,10 @@ async def _run_client(
     config: ClientConfig, shutdown: Shutdown, rng: random.Random, task_status: trio.TaskStatus[dict[str, HostPort]]
 ) -> None:
     client = _Client(config, shutdown, rng)
+    metrics_listeners = None if config.metrics is None else await bind_metrics(config.metrics)
     async with trio.open_nursery() as handlers:  # -L connections: they outlive the accept loops, for the drain
+        if metrics_listeners is not None:  # (and the endpoint: it answers while they drain)
+            handlers.start_soon(serve_http, client.metrics.respond, metrics_listeners, config.timeouts.handshake)
         async with trio.open_nursery() as nursery:
             accepting: list[trio.CancelScope] = []  # one per -L: a CancelScope can enter only one with block
             for spec in config.locals:

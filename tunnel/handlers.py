@@ -30,8 +30,9 @@ import trio
 
 from .dial import DialError, dial, peer_address
 from .errors import SessionClosedError, StreamOpenError
+from .metrics import ServiceStats, open_result
 from .mux import MuxStream, Session
-from .relay import SpliceResult, splice
+from .relay import Splice, SpliceResult
 from .tcp import TcpStream
 
 __all__ = ["FORWARD_WORDS", "REVERSE_WORDS", "Destination", "Entrance", "Meta", "Route", "Traffic"]
@@ -60,6 +61,8 @@ class Destination:
     """How the closed line names the connection (default: its peer, from the stream's ``meta["peer"]``)."""
     endings: bool = True
     """Whether the closed line says how each direction ended ("(eof)"); the server's forward line never did."""
+    stats: ServiceStats | None = None
+    """Where the connections it answers are counted (:mod:`trio_tunnel.metrics`)."""
 
 
 Route = Callable[[MuxStream], Destination | None]
@@ -88,6 +91,11 @@ class Entrance(Protocol):
         ...
 
     def meta(self, peer: str) -> Meta: ...
+
+    @property
+    def stats(self) -> ServiceStats | None:
+        """Where its connections are counted (:mod:`trio_tunnel.metrics`); ``admit`` counts its own refusals."""
+        ...
 
     def release(self) -> None:
         """The connection that :meth:`admit` let in has ended."""
@@ -138,16 +146,26 @@ class Traffic:
             if destination is None:
                 return
             peer = stream.meta.get("peer", "?")
+            stats = destination.stats
             try:
                 target = await dial(destination.host, destination.port, timeout=dial_timeout)
             except DialError as exc:
                 reason = f"{destination.what}: {exc.reason}"
                 self.log.warning("%s: cannot serve %s: %s", destination.label, peer, reason)
+                if stats is not None:
+                    stats.failed(open_result(exc.code), reason)
                 stream.reject(exc.code, f"{destination.label}: {reason}")
                 return
             stream.accept()
             started = trio.current_time()
-            result = await splice(stream, target)
+            splicer = Splice(stream, target)
+            if stats is not None:
+                stats.begin(splicer)
+            try:
+                result = await splicer.run()
+            finally:
+                if stats is not None:
+                    stats.end(splicer)
             self._closed(
                 destination.label, destination.who or str(peer), started, result, destination.words, destination.endings
             )
@@ -173,9 +191,19 @@ class Traffic:
                         self.log.warning(
                             "%s: closing %s: the %s could not serve it: %s", entrance.label, peer, entrance.other, exc
                         )
+                        if (stats := entrance.stats) is not None:
+                            failed = isinstance(exc, StreamOpenError)
+                            stats.failed(open_result(exc.code) if failed else "refused", str(exc))
                         return
                     started = trio.current_time()
-                    result = await splice(conn, stream)
+                    splicer = Splice(conn, stream)
+                    if (stats := entrance.stats) is not None:
+                        stats.begin(splicer)
+                    try:
+                        result = await splicer.run()
+                    finally:
+                        if stats is not None:
+                            stats.end(splicer)
                     self._closed(entrance.label, peer, started, result, entrance.words, True)
                 finally:
                     entrance.release()

@@ -33,8 +33,10 @@ from .console import announce, format_hostport
 from .dial import peer_address
 from .errors import ConfigError, HandshakeError, SessionClosedError
 from .handlers import FORWARD_WORDS, REVERSE_WORDS, Destination, Meta, Traffic
+from .httpd import MetricsBindError, bind_metrics, serve_http
 from .lifecycle import Shutdown
 from .link import LinkMismatchError, ServerTls, refuse_link, secure_server_link
+from .metrics import Metrics, ServiceStats, handshake_failure
 from .mux import MuxStream, Request, Role, Session, open_session
 from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
@@ -82,6 +84,7 @@ class _Server:
     links: dict[str, _Link] = attrs.field(factory=dict)
     last_ports: dict[tuple[str, str], int] = attrs.field(factory=dict)
     """(client, service) -> the port it had last, so a service exposed on port 0 keeps its port across reconnects."""
+    metrics: Metrics = attrs.field(factory=lambda: Metrics("server"))
 
     # ---------------------------------------------------------------------------------------------- links
 
@@ -91,13 +94,16 @@ class _Server:
             with trio.move_on_after(self.config.timeouts.handshake):
                 return await secure_server_link(transport, self.tls)
             logger.info("dropped a connection from %s: no handshake within the handshake timeout", peer)
+            self.metrics.handshake_failed("timeout")
         except LinkMismatchError as exc:
             logger.warning("refused a client from %s: %s", peer, exc)
+            self.metrics.handshake_failed("tls")
             with trio.move_on_after(self.config.timeouts.handshake):
                 await refuse_link(transport, str(exc))
             return None  # refuse_link closed it
         except (TlsHandshakeError, trio.BrokenResourceError) as exc:
             logger.info("dropped a connection from %s: %s", peer, exc)
+            self.metrics.handshake_failed("tls")
         await trio.aclose_forcefully(transport)
         return None
 
@@ -138,6 +144,7 @@ class _Server:
             ):
                 await self._run_link(session, peer)
         except HandshakeError as exc:
+            self.metrics.handshake_failed(handshake_failure(exc))
             if exc.silent:
                 logger.debug("dropped a connection from %s that does not speak trio-tunnel", peer)
             else:
@@ -157,6 +164,7 @@ class _Server:
             return
         link = _Link(name, peer, session)
         self.links[name] = link
+        seen = None
         try:
             if old is not None:
                 logger.info("client %r reconnected from %s: replacing its previous link from %s", name, peer, old.peer)
@@ -176,6 +184,7 @@ class _Server:
                 session.session_id,
                 "" if session.authenticated else ", NOT authenticated",
             )
+            seen = self.metrics.link_up(name, peer, session)
             with link.scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._control_loop, session, link, nursery)
@@ -191,6 +200,8 @@ class _Server:
         finally:
             if self.links.get(name) is link:
                 del self.links[name]
+            if seen is not None:
+                self.metrics.link_down(seen, replaced=link.replaced)
             link.done.set()
             reason = "replaced by a new link" if link.replaced else session.close_reason or "server shutting down"
             logger.info("client %r from %s disconnected: %s", name, peer, reason)
@@ -233,7 +244,8 @@ class _Server:
         address = format_hostport(str(host), int(bound))
         link.services[name] = address
         logger.info("client %r: exposing %s on %s", link.name, name, address)
-        nursery.start_soon(self._serve_service, session, link, name, listeners, nursery)
+        stats = self.metrics.service(link.name, name, kind="expose", public=address)
+        nursery.start_soon(self._serve_service, session, link, name, listeners, nursery, stats)
         request.reply({"host": str(host), "port": int(bound)})
 
     def _remember(self, client: str, service: str, port: int) -> None:
@@ -267,9 +279,15 @@ class _Server:
     # ---------------------------------------------------------------------------------------- reverse (-R)
 
     async def _serve_service(
-        self, session: Session, link: _Link, name: str, listeners: list[trio.SocketListener], handlers: trio.Nursery
+        self,
+        session: Session,
+        link: _Link,
+        name: str,
+        listeners: list[trio.SocketListener],
+        handlers: trio.Nursery,
+        stats: ServiceStats,
     ) -> None:
-        entrance = _Service(link, session, name, trio.CapacityLimiter(self.config.max_connections_per_service))
+        entrance = _Service(link, session, name, trio.CapacityLimiter(self.config.max_connections_per_service), stats)
         handler = partial(link.traffic.carry, entrance)  # a partial: no frame per connection
         accepting = trio.CancelScope()
         link.accepting.append(accepting)
@@ -280,6 +298,7 @@ class _Server:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
             link.services.pop(name, None)
+            stats.active = False
 
     # ---------------------------------------------------------------------------------------- forward (-L)
 
@@ -293,6 +312,7 @@ class _Server:
         target = format_hostport(host, port)
         if not self.config.allow_targets.allows(host, port):
             logger.warning("%s: refused forward to %s for %s: not in --allow-target", link.name, target, peer)
+            self._forwards(link).failed("refused", f"{target} is not in --allow-target")
             stream.reject(
                 ErrorCode.PROHIBITED,
                 f"target {target} is not allowed by the server (ask its operator to add --allow-target)",
@@ -306,7 +326,12 @@ class _Server:
             FORWARD_WORDS,
             who=f"forward {peer} -> {target}",
             endings=False,
+            stats=self._forwards(link),
         )
+
+    def _forwards(self, link: _Link) -> ServiceStats:
+        """One series for all of a client's ``-L`` forwards (their names are the client's to choose per stream)."""
+        return self.metrics.service(link.name, "forward", kind="forward")
 
     # -------------------------------------------------------------------------------------------- shutdown
 
@@ -326,6 +351,7 @@ class _Service:
     session: Session
     route: str
     limiter: trio.CapacityLimiter
+    stats: ServiceStats
     other: ClassVar[str] = "client"
     words: ClassVar[tuple[str, str]] = REVERSE_WORDS
 
@@ -343,6 +369,7 @@ class _Service:
                 peer,
                 self.limiter.total_tokens,
             )
+            self.stats.failed("limit", f"{self.limiter.total_tokens} connections already open")
             return None
         return self.session
 
@@ -400,6 +427,12 @@ async def run_server(
         host, port = listener.socket.getsockname()[:2]
         addresses.append(HostPort(host=str(host), port=int(port)))
         announce(f"listening {format_hostport(str(host), int(port))}")
+    try:
+        metrics_listeners = None if config.metrics is None else await bind_metrics(config.metrics)
+    except MetricsBindError:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
+        raise
     if not config.tokens:
         logger.warning(
             "running WITHOUT authentication (--insecure-no-auth): anyone who reaches %s can bind "
@@ -408,6 +441,8 @@ async def run_server(
         )
     logger.info("server listening on %s", ", ".join(map(str, addresses)))
     async with trio.open_nursery() as handlers:  # the links live here, so they outlive the accept loop
+        if metrics_listeners is not None:  # (and the endpoint: it answers while the links drain)
+            handlers.start_soon(serve_http, server.metrics.respond, metrics_listeners, config.timeouts.handshake)
         async with trio.open_nursery() as acceptor:
             acceptor.start_soon(
                 partial(serve_tcp, server.handle_link, listeners, handler_nursery=handlers, keepalive=False)

@@ -10,7 +10,7 @@ from typing import Any, Final, NoReturn
 
 from trio_tunnel import __version__
 
-__all__ = ["EXIT_USAGE", "PROG", "TOKEN_ENV", "build_parser"]
+__all__ = ["DEFAULT_STATUS_URL", "EXIT_USAGE", "PROG", "TOKEN_ENV", "build_parser"]
 
 PROG: Final = "trio-tunnel"
 TOKEN_ENV: Final = "TRIO_TUNNEL_TOKEN"
@@ -86,6 +86,17 @@ examples:
   trio-tunnel map 127.0.0.1:0 example.com:80 --connect-timeout 3 --max-connections 100
 
 stdout: 'listening HOST:PORT' once the listener is bound."""
+
+DEFAULT_STATUS_URL: Final = "http://127.0.0.1:9465"
+
+_STATUS_EPILOG = """\
+examples:
+  trio-tunnel server --token-file tokens --metrics 127.0.0.1:9465    # then, on the same machine:
+  trio-tunnel status                  # one table of sessions and services
+  trio-tunnel status --watch          # redrawn every second, with byte rates, like top
+  trio-tunnel status http://127.0.0.1:9466 --json
+
+exit codes: 0 shown, 1 nothing answers at URL or it is not a trio-tunnel endpoint."""
 
 _DEMO_EPILOG = """\
 examples:
@@ -210,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="no TLS: everything crosses the network readable and changeable (clients must say so too)",
     )
+    server.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics, /status (JSON) and a dashboard at / over HTTP here "
+        "(a bare PORT binds 127.0.0.1; see 'trio-tunnel status')",
+    )
     server.add_argument("--config", metavar="FILE", help="TOML file with a [server] table; flags override it")
     _add_logging_options(server, suffix="command")
 
@@ -254,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="no TLS: everything crosses the network readable and changeable (the server must say so too)",
     )
+    client.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics, /status (JSON) and a dashboard at / over HTTP here "
+        "(a bare PORT binds 127.0.0.1; see 'trio-tunnel status')",
+    )
     client.add_argument("--config", metavar="FILE", help="TOML file with a [client] table; flags override it")
     _add_logging_options(client, suffix="command")
 
@@ -284,6 +307,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--once", action="store_true", help="exit after the check instead of running until Ctrl+C")
     _add_logging_options(demo, suffix="command")
+
+    status = commands.add_parser(
+        "status",
+        help="show the sessions and services of a server or client started with --metrics",
+        description="Read /status from a server's or client's --metrics endpoint and print it as tables.",
+        epilog=_STATUS_EPILOG,
+        formatter_class=formatter,
+    )
+    status.add_argument(
+        "url", nargs="?", default=DEFAULT_STATUS_URL, metavar="URL", help=f"the endpoint (default {DEFAULT_STATUS_URL})"
+    )
+    shown = status.add_mutually_exclusive_group()
+    shown.add_argument("--watch", action="store_true", help="redraw every second until Ctrl+C, with rates")
+    shown.add_argument("--json", action="store_true", help="print the /status document as it is")
+    _add_logging_options(status, suffix="command")
     return parser
 
 

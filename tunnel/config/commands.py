@@ -148,6 +148,11 @@ class ServerConfig:
     insecure_plaintext: bool = BOOLEAN.field(default=False, metadata=toml(rule=BOOLEAN))
     """No TLS on the link: every byte crosses the network readable and changeable. Both sides must say so."""
     timeouts: Timeouts = attrs.field(factory=Timeouts, metadata=toml(table=Timeouts))
+    metrics: HostPort | None = attrs.field(
+        default=None, metadata=hostport_key(default_host="127.0.0.1", allow_zero=True)
+    )
+    """Serve Prometheus metrics, the ``/status`` document and the dashboard here (HTTP; a bare port binds 127.0.0.1).
+    None: no endpoint."""
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> Self:
@@ -168,6 +173,7 @@ class ServerConfig:
         tls_key: str | None = None,
         state_dir: str | None = None,
         insecure_plaintext: bool | None = None,
+        metrics: HostPort | None = None,
     ) -> Self:
         """The config file (if any) with the given values overriding it (``None`` = not given).
 
@@ -188,6 +194,7 @@ class ServerConfig:
                     "tls_key": tls_key,
                     "state_dir": state_dir,
                     "insecure_plaintext": insecure_plaintext,
+                    "metrics": metrics,
                 }
             )
         )
@@ -242,6 +249,11 @@ class ClientConfig:
     """CA certificates (PEM) to verify the server's certificate with, instead of the system's store."""
     insecure_plaintext: bool = BOOLEAN.field(default=False, metadata=toml(rule=BOOLEAN))
     """No TLS on the link (the server must say so too): every byte crosses the network readable and changeable."""
+    metrics: HostPort | None = attrs.field(
+        default=None, metadata=hostport_key(default_host="127.0.0.1", allow_zero=True)
+    )
+    """Serve Prometheus metrics, the ``/status`` document and the dashboard here (HTTP; a bare port binds 127.0.0.1).
+    None: no endpoint."""
 
     def __attrs_post_init__(self) -> None:
         if self.server.port == 0:
@@ -267,6 +279,7 @@ class ClientConfig:
         server_fingerprint: Sequence[str] | None = None,
         tls_ca: str | None = None,
         insecure_plaintext: bool | None = None,
+        metrics: HostPort | None = None,
     ) -> Self:
         """The config file (if any) merged with command-line values.
 
@@ -288,7 +301,7 @@ class ClientConfig:
                 fields["server_fingerprint"] = _fingerprints(list(server_fingerprint))
             except ValueError as exc:
                 raise ConfigError(f"--server-fingerprint: {exc}") from None
-        fields.update(_given({"tls_ca": tls_ca, "insecure_plaintext": insecure_plaintext}))
+        fields.update(_given({"tls_ca": tls_ca, "insecure_plaintext": insecure_plaintext, "metrics": metrics}))
         if fields.get("insecure_plaintext") and (fields.get("server_fingerprint") or fields.get("tls_ca")):
             raise ConfigError(
                 "--insecure-plaintext turns TLS off, so --server-fingerprint/--tls-ca would not be checked; "

@@ -1,0 +1,49 @@
+"""trio_tunnel.metrics without a network: bounded label sets, one registry per process object, result labels."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+from trio_tunnel.metrics import MAX_CLIENT_SERIES, RESULTS, Metrics, open_result
+from trio_tunnel.proto import ErrorCode
+
+
+def _series(metrics: Metrics, name: str) -> list[dict[str, str]]:
+    text = metrics.respond("GET", "/metrics").body.decode()
+    return [s.labels for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
+
+
+def test_each_metrics_object_has_its_own_registry() -> None:
+    one, two = Metrics("server"), Metrics("server")
+    one.service("home", "web", kind="expose").failed("refused", "no")
+    assert _series(one, "trio_tunnel_streams_opened_total") == [
+        {"client": "home", "service": "web", "result": "refused"}
+    ]
+    assert _series(two, "trio_tunnel_streams_opened_total") == []
+
+
+def test_the_client_label_set_is_bounded() -> None:
+    metrics = Metrics("server")
+    for n in range(MAX_CLIENT_SERIES + 50):
+        stats = metrics.service(f"client-{n}", "web", kind="expose")
+        stats.failed("timeout", "slow")
+        stats.active = False  # its link has ended
+    clients = {labels["client"] for labels in _series(metrics, "trio_tunnel_streams_opened_total")}
+    assert len(clients) == MAX_CLIENT_SERIES
+    assert "client-0" not in clients and f"client-{MAX_CLIENT_SERIES + 49}" in clients
+
+
+def test_open_results() -> None:
+    assert open_result(ErrorCode.CONNECT_FAILED) == "local-connect-failed"
+    assert open_result(ErrorCode.CONNECT_TIMEOUT) == "timeout"
+    assert open_result(ErrorCode.STREAM_LIMIT) == "limit"
+    assert open_result(ErrorCode.PROHIBITED) == "refused"
+    assert open_result(4711) == "refused"
+    assert {open_result(code) for code in ErrorCode} | {"ok"} == set(RESULTS)
+
+
+def test_the_udp_drop_counter_has_its_place() -> None:
+    metrics = Metrics("client", "home")
+    metrics.udp_datagrams_dropped[("home", "dns")] = 3
+    text = metrics.respond("GET", "/metrics").body.decode()
+    assert 'trio_tunnel_udp_datagrams_dropped_total{client="home",service="dns"} 3.0' in text
+    assert "trio_tunnel_reconnects_total 0.0" in text
