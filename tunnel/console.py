@@ -2,7 +2,7 @@
 
 Logs go to stderr; stdout carries only these lines (documented in README, "Lifecycle lines"):
 ``listening HOST:PORT``, ``connected HOST:PORT``, ``exposed NAME HOST:PORT``, ``forwarding NAME HOST:PORT``,
-``disconnected REASON``.
+``disconnected REASON``, ``metrics HOST:PORT`` (the ``--metrics`` endpoint is bound).
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ examples:
   # a certificate from a CA (e.g. Let's Encrypt) instead: clients verify the chain and the host name
   trio-tunnel server --token-file tokens --tls-cert fullchain.pem --tls-key privkey.pem
 
-stdout: 'fingerprint sha256:...' then 'listening HOST:PORT' once the server accepts clients."""
+stdout: 'fingerprint sha256:...' then 'listening HOST:PORT' once the server accepts clients
+(and 'metrics HOST:PORT' with --metrics)."""
 
 _CLIENT_EPILOG = f"""\
 examples:
@@ -75,7 +76,8 @@ examples:
   trio-tunnel client --config ~/.config/trio-tunnel.toml
 
 spec syntax (-R and -L): [NAME=][bind_address:]port:host:hostport; IPv6 in brackets, e.g. [::1]:8080.
-stdout: 'connected HOST:PORT', 'exposed NAME HOST:PORT', 'forwarding NAME HOST:PORT', 'disconnected REASON'."""
+stdout: 'connected HOST:PORT', 'exposed NAME HOST:PORT', 'forwarding NAME HOST:PORT', 'disconnected REASON'
+(and 'metrics HOST:PORT' with --metrics)."""
 
 _MAP_EPILOG = """\
 examples:
