@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from typing import Any
 
 import attrs
 import pytest
@@ -18,28 +19,31 @@ import tunnel_helpers
 from prometheus_client.parser import text_string_to_metric_families
 from trio_tunnel import __version__
 from trio_tunnel.client import run_client
-from trio_tunnel.config import HostPort, LocalSpec, TargetAllowlist, Timeouts
-from trio_tunnel.errors import HandshakeError
+from trio_tunnel.config import ClientConfig, HostPort, LocalSpec, TargetAllowlist, Timeouts
+from trio_tunnel.errors import HandshakeError, NameTakenError
 from trio_tunnel.lifecycle import Shutdown
 from trio_tunnel.status import Endpoint, fetch_status, render
 from tunnel_helpers import (
     CLI,
     LOCALHOST,
+    LogWatch,
     Running,
     Stdout,
     cli,
     client_config,
     hostport,
     http_get,
+    logs,
     read_all,
     read_exactly,
     start_client,
     start_server,
     start_service,
+    start_task,
     stdout,
 )
 
-__all__ = ["stdout"]  # fixture, used by name
+__all__ = ["logs", "stdout"]  # fixtures, used by name
 
 KiB = 1024
 ANY = HostPort(host=LOCALHOST, port=0)
@@ -320,3 +324,30 @@ async def test_status_of_nothing_is_one_readable_line() -> None:
         err = result.stderr.decode().splitlines()
         assert result.returncode == 1
         assert len(err) == 1 and err[0].startswith(f"trio-tunnel: error: nothing answers at http://{LOCALHOST}:{port}")
+
+
+async def test_disconnects_are_counted_by_reason(stdout: Stdout, logs: LogWatch) -> None:
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            server = await start_server(nursery, metrics=ANY, timeouts=SERVER_TIMEOUTS)
+            _, port = hostport(await stdout.expect(r"metrics (\S+)"))
+            first = await start_client(nursery, client_config(server.value, f"web=0:{LOCALHOST}:1"))
+            await first.stop()  # a graceful goodbye: GOAWAY(SHUTTING_DOWN)
+            await logs.wait_for(r"client 'home' from \S+ disconnected", logger="trio_tunnel.server")
+            # A second client of the same name takes over from a third: the older link is "replaced".
+            second = await start_task(nursery, _until_replaced, client_config(server.value, f"web=0:{LOCALHOST}:1"))
+            third = await start_client(nursery, client_config(server.value, f"web=0:{LOCALHOST}:1"))
+            await logs.wait_for(r"disconnected: replaced by a new link", logger="trio_tunnel.server")
+            samples = await scrape(port)
+            assert value(samples, "trio_tunnel_session_disconnects_total", client="home", reason="shutting_down") == 1
+            assert value(samples, "trio_tunnel_session_disconnects_total", client="home", reason="replaced") == 1
+            assert value(samples, "trio_tunnel_session_connects_total", client="home") == 3
+            assert value(samples, "trio_tunnel_sessions_connected") == 1
+            await second.done.wait()  # it stopped by itself, rather than take its name back
+            await third.stop()
+            await server.stop()
+
+
+async def _until_replaced(config: ClientConfig, shutdown: Shutdown, *, task_status: trio.TaskStatus[Any]) -> None:
+    with suppress(NameTakenError):
+        await run_client(config, shutdown, task_status=task_status)

@@ -1,7 +1,11 @@
-"""trio_tunnel.metrics without a network: bounded label sets, one registry per process object, result labels."""
+"""trio_tunnel.metrics without a network: bounded label sets, one registry per process object, result labels, and
+the flow-control stall count of a session over memory streams."""
 
 from __future__ import annotations
 
+import trio
+import trio.testing
+from mux_helpers import session_pair
 from prometheus_client.parser import text_string_to_metric_families
 from trio_tunnel.metrics import MAX_CLIENT_SERIES, RESULTS, Metrics, open_result
 from trio_tunnel.proto import ErrorCode
@@ -47,3 +51,21 @@ def test_the_udp_drop_counter_has_its_place() -> None:
     text = metrics.respond("GET", "/metrics").body.decode()
     assert 'trio_tunnel_udp_datagrams_dropped_total{client="home",service="dns"} 3.0' in text
     assert "trio_tunnel_reconnects_total 0.0" in text
+
+
+async def test_a_send_that_waits_for_credit_counts_a_stall() -> None:
+    size = 1024 * 1024  # four times the initial window
+    with trio.fail_after(20):
+        async with session_pair() as (server, client), trio.open_nursery() as nursery:
+            stream = await client.open_stream("r", wait_accepted=False)
+            await stream.send_all(b"x" * 1024)  # within the window: no wait
+            assert client.statistics().send_stalls == 0
+            nursery.start_soon(stream.send_all, b"x" * size)
+            peer = await server.accept_stream()
+            await trio.testing.wait_all_tasks_blocked()
+            stalled = client.statistics().send_stalls
+            assert stalled >= 1  # the sender waits for credit the peer has not returned
+            got = 0
+            while got < size + 1024:
+                got += len(await peer.receive_some(65536))
+            assert client.statistics().send_stalls >= stalled
