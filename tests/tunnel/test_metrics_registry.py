@@ -3,12 +3,18 @@ the flow-control stall count of a session over memory streams."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import trio
 import trio.testing
 from mux_helpers import session_pair
 from prometheus_client.parser import text_string_to_metric_families
+from trio_tunnel.config import ClientConfig, HostPort, ServerConfig
+from trio_tunnel.errors import ConfigError
 from trio_tunnel.metrics import MAX_CLIENT_SERIES, RESULTS, Metrics, open_result
 from trio_tunnel.proto import ErrorCode
+from trio_tunnel.usage import build_parser
 
 
 def _series(metrics: Metrics, name: str) -> list[dict[str, str]]:
@@ -69,3 +75,21 @@ async def test_a_send_that_waits_for_credit_counts_a_stall() -> None:
             while got < size + 1024:
                 got += len(await peer.receive_some(65536))
             assert client.statistics().send_stalls >= stalled
+
+
+def test_the_metrics_key_and_flag(tmp_path: Path) -> None:
+    path = tmp_path / "tunnel.toml"
+    path.write_text(
+        '[server]\ntoken = "metrics-test-token-0123456789"\nmetrics = 9465\n'
+        '[client]\nserver = "192.0.2.1:7835"\nmetrics = "[::1]:9466"\n'
+        '[client.expose.web]\nlocal = "127.0.0.1:80"\nremote_port = 0\n'
+    )
+    assert ServerConfig.from_toml(path).metrics == HostPort(host="127.0.0.1", port=9465)  # loopback by default
+    assert ClientConfig.from_toml(path).metrics == HostPort(host="::1", port=9466)
+    given = HostPort(host="0.0.0.0", port=9000)
+    assert ServerConfig.from_sources(config_file=path, metrics=given).metrics == given  # the flag wins
+    path.write_text('[server]\ntoken = "metrics-test-token-0123456789"\nmetrics = "localhost"\n')
+    with pytest.raises(ConfigError, match="metrics"):
+        ServerConfig.from_toml(path)
+    args = build_parser().parse_args(["client", "--metrics", "9467"])
+    assert args.metrics == "9467"
