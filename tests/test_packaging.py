@@ -40,6 +40,7 @@ def test_wheel_holds_one_top_level_package(wheel: Path) -> None:
     assert tops == {"trio_tunnel"}
     assert "trio_tunnel/proto/frames.py" in names and "trio_tunnel/proto/py.typed" in names
     assert "trio_tunnel/py.typed" in names and "trio_tunnel/__main__.py" in names
+    assert "trio_tunnel/dashboard.html" in names  # the --metrics dashboard (package data, not a module)
     # Every module of the source tree is in the wheel (pyproject lists the packages by hand).
     sources = {"trio_tunnel/" + str(p.relative_to(ROOT / "tunnel")) for p in (ROOT / "tunnel").rglob("*.py")}
     assert sources and sources <= set(names), sorted(sources - set(names))

@@ -35,6 +35,7 @@ from trio_tunnel.config import (
     DEFAULT_SERVER_PORT,
     BindAllowlist,
     ClientConfig,
+    HostPort,
     LocalSpec,
     MapConfig,
     PortSet,
@@ -55,6 +56,7 @@ from trio_tunnel.link import ServerTls
 from trio_tunnel.logsetup import LogFormat, configure_logging
 from trio_tunnel.mapper import run_map
 from trio_tunnel.server import run_server
+from trio_tunnel.status import run_status
 from trio_tunnel.usage import EXIT_USAGE, PROG, TOKEN_ENV, build_parser
 
 __all__ = ["build_parser", "main", "run_cli"]
@@ -116,6 +118,13 @@ def _split_commas(values: Sequence[str] | None) -> list[str] | None:
     return [item for value in values for item in value.split(",")]
 
 
+def _metrics_address(text: str | None) -> HostPort | None:
+    """``--metrics HOST:PORT``; a bare port binds loopback (the endpoint is for this machine unless told)."""
+    if text is None:
+        return None
+    return _flag("--metrics", lambda t: parse_hostport(t, default_host="127.0.0.1"), text)  # type: ignore[no-any-return]
+
+
 def _plan(args: argparse.Namespace, environ: Mapping[str, str]) -> _Plan:
     command: str = args.command
     if command == "server":
@@ -138,6 +147,7 @@ def _plan(args: argparse.Namespace, environ: Mapping[str, str]) -> _Plan:
             tls_key=args.tls_key,
             state_dir=args.state_dir,
             insecure_plaintext=args.insecure_plaintext,
+            metrics=_metrics_address(args.metrics),
         )
         if not server.tokens:
             logger.warning(
@@ -168,6 +178,7 @@ def _plan(args: argparse.Namespace, environ: Mapping[str, str]) -> _Plan:
             tls_ca=args.tls_ca,
             insecure_plaintext=args.insecure_plaintext,
             exit_on_refusal=args.exit_on_refusal,
+            metrics=_metrics_address(args.metrics),
         )
         reload_client = partial(_reload, ClientConfig, args, environ)
         return _Plan(command, partial(run_client, client, reload=reload_client), client.timeouts.drain, client)
@@ -392,6 +403,8 @@ def _run_cli(argv: Sequence[str] | None, environ: Mapping[str, str]) -> int:
     configure_logging(verbosity, log_format)
     if getattr(args, "print_fingerprint", False):
         return _print_fingerprint(args)
+    if args.command == "status":
+        return run_status(args.url, watch=args.watch, as_json=args.json)
     try:
         plan = _plan(args, environ)
     except ConfigError as exc:

@@ -35,8 +35,10 @@ from .dial import DialError, dial
 from .errors import HandshakeError, LinkSecurityError, RequestError, SessionClosedError, StreamOpenError
 from .forwards import ForwardSet, ForwardSlot
 from .handlers import FORWARD_WORDS, Arrival, Destination, Meta, Traffic
+from .httpd import bind_metrics, serve_http
 from .lifecycle import Shutdown
 from .link import PLAINTEXT_REFUSED, ClientTls, presented_fingerprint, secure_client_link
+from .metrics import Metrics, ServiceStats, handshake_failure
 from .mux import MuxStream, Role, Session, open_session, unwrap_group
 from .refusal import Refusals, can_heal
 from .reload import reload_on_signals, sighup_receiver
@@ -104,8 +106,11 @@ class _Client:
     on_session: Callable[[Session | None], object] | None = None
     """Told each link's session once its services are registered, and None when it ends (trio_tunnel.testing)."""
 
+    metrics: Metrics = attrs.field(init=False)
+
     def __attrs_post_init__(self) -> None:
         self.refusals = Refusals(self.config.exit_on_refusal, logger)
+        self.metrics = Metrics("client", self.config.name)
         self.set_config(self.config, client_tls(self.config))
 
     def set_config(self, config: ClientConfig, tls: ClientTls | None) -> None:
@@ -116,7 +121,17 @@ class _Client:
         self.refusals.exit_on_refusal = config.exit_on_refusal
         self.services = {spec.name: spec for spec in config.remotes}
         self.server = format_hostport(config.server.host, config.server.port)
-        self.destinations = {spec.name: destination(spec) for spec in config.remotes}
+        self.destinations = {spec.name: self.destination(spec) for spec in config.remotes}
+
+    def destination(self, spec: RemoteSpec) -> Destination:
+        """Where ``spec``'s streams go, counted under its name (:mod:`trio_tunnel.metrics`)."""
+        target = format_hostport(spec.target_host, spec.target_port) + spec.suffix
+        return attrs.evolve(destination(spec), stats=self._stats(spec.name, "expose", target))
+
+    def _stats(self, name: str, kind: str, target: str) -> ServiceStats:
+        stats = self.metrics.service(self.config.name, name, kind=kind)
+        stats.target = target
+        return stats
 
     def relink(self) -> None:
         """End the current link (its connections too) and make a new one with the current config at once."""
@@ -147,6 +162,7 @@ class _Client:
             if self.relink_pending:
                 continue
             delay = backoff.next_delay()
+            self.metrics.reconnecting()
             logger.info("reconnecting to %s in %.1f s", self.server, delay)
             with trio.move_on_after(delay) as self.link_watch:  # a reload's relink() ends the wait too
                 await self.shutdown.requested.wait()
@@ -214,11 +230,16 @@ class _Client:
             ) as session:
                 announce(f"connected {self.server}")
                 logger.info("connected to %s as %r (session %s)", self.server, cfg.name, session.session_id)
-                reason = await self._serve_link(session)
+                seen = self.metrics.link_up(self.server, self.server, session)
+                try:
+                    reason = await self._serve_link(session)
+                finally:
+                    self.metrics.link_down(seen, replaced=self.replaced_by_peer)
                 refused = session.close_code in REFUSAL_CODES and not self.shutdown.requested.is_set()
                 if not refused:
                     backoff.reset()
         except HandshakeError as exc:
+            self.metrics.handshake_failed(handshake_failure(exc))
             if exc.code in FATAL_CODES:
                 raise
             if exc.code == ErrorCode.PROHIBITED and PLAINTEXT_REFUSED in exc.reason:
@@ -340,11 +361,13 @@ class _Client:
         except RequestError as exc:
             if spec.protocol == "udp" and EXPOSE_UDP in str(exc):  # "unknown request 'expose-udp'"
                 logger.error("the server is older and carries no UDP: upgrade it to expose %s", spec.name)
+            self.metrics.service(self.config.name, spec.name, kind="expose").last_error = str(exc)
             raise
         self.refusals.exposed(spec.name)
         bound = HostPort(host=str(reply["host"]), port=int(reply["port"]))
         self.exposed[spec.name] = bound
         address = format_hostport(bound.host, bound.port) + spec.suffix
+        self.metrics.service(self.config.name, spec.name, kind="expose", public=address)
         announce(f"exposed {spec.name} {address}")
         logger.info(
             "exposed %s (local %s) on the server at %s",
@@ -394,8 +417,14 @@ class _Client:
     async def serve_forward(
         self, slot: ForwardSlot, listeners: list[trio.SocketListener], handlers: trio.Nursery
     ) -> None:
+        spec = slot.spec
+        stats = self._stats(spec.name, "forward", format_hostport(spec.target_host, spec.target_port))
+        host, port = listeners[0].socket.getsockname()[:2]
+        stats.public = format_hostport(str(host), int(port))
         try:
-            await serve_tcp(partial(self.traffic.carry, _Forward(self, slot)), listeners, handler_nursery=handlers)
+            await serve_tcp(
+                partial(self.traffic.carry, _Forward(self, slot, stats)), listeners, handler_nursery=handlers
+            )
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
@@ -419,6 +448,7 @@ class _Forward:
 
     client: _Client
     slot: ForwardSlot
+    stats: ServiceStats
     route: ClassVar[str] = FORWARD_ROUTE
     other: ClassVar[str] = "server"
     words: ClassVar[tuple[str, str]] = FORWARD_WORDS
@@ -435,6 +465,7 @@ class _Forward:
         session = await self.client.current_session()
         if session is None:
             logger.warning("%s: closing %s: no link to the server", self.spec.name, peer)
+            self.stats.failed("refused", "no link to the server")
         return session
 
     def meta(self, arrival: Arrival) -> Meta:
@@ -523,7 +554,10 @@ async def _run_client(
     from .client_reload import apply_client_reload
 
     client = _Client(config, shutdown, rng, on_session=on_session)
+    metrics_listeners = None if config.metrics is None else await bind_metrics(config.metrics)
     async with trio.open_nursery() as handlers:  # -L connections: they outlive the accept loops, for the drain
+        if metrics_listeners is not None:  # (and the endpoint: it answers while they drain)
+            handlers.start_soon(serve_http, client.metrics.respond, metrics_listeners, config.timeouts.handshake)
         async with trio.open_nursery() as nursery:
             forwards = ForwardSet(client.serve_forward, nursery, handlers, serve_udp=client.serve_udp_forward)
             for spec in config.locals:

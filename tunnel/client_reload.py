@@ -20,7 +20,7 @@ from contextlib import suppress
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
-from .client import client_tls, destination
+from .client import client_tls
 from .config import ClientConfig, LocalSpec, RemoteSpec
 from .errors import RequestError, SessionClosedError
 from .forwards import BoundForward, ForwardSet
@@ -132,12 +132,12 @@ async def _services(
         if was.name in client.exposed:
             await client.unexpose_one(session, was.name)
             undo.append(partial(client.expose_one, session, was))
-        destinations[spec.name] = destination(spec)
-        undo.append(partial(_set, destinations, was.name, destination(was)))
+        destinations[spec.name] = client.destination(spec)
+        undo.append(partial(_set, destinations, was.name, client.destination(was)))
         await _expose(client, session, spec)
         undo.append(partial(client.unexpose_one, session, spec.name))
     for spec in added:
-        destinations[spec.name] = destination(spec)  # before the port opens: its first stream finds its route
+        destinations[spec.name] = client.destination(spec)  # before the port opens: its first stream finds its route
         await _expose(client, session, spec)
         undo.append(partial(client.unexpose_one, session, spec.name))
 

@@ -2,8 +2,9 @@
 
 Logs go to stderr; stdout carries only these lines (documented in README, "Lifecycle lines"):
 ``listening HOST:PORT``, ``connected HOST:PORT``, ``exposed NAME HOST:PORT``, ``forwarding NAME HOST:PORT``,
-``disconnected REASON``, ``refused NAME REASON``, and after a SIGHUP ``unexposed NAME``, ``unforwarded NAME``,
-``reloaded``, ``reload-failed REASON``. Under systemd each line is also the unit's ``STATUS=``.
+``disconnected REASON``, ``refused NAME REASON``, ``metrics HOST:PORT`` (the ``--metrics`` endpoint is bound),
+and after a SIGHUP ``unexposed NAME``, ``unforwarded NAME``, ``reloaded``, ``reload-failed REASON``. Under systemd
+each line is also the unit's ``STATUS=``.
 """
 
 from __future__ import annotations

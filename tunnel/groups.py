@@ -33,6 +33,7 @@ from trio_tunnel.proto import ErrorCode
 from .console import format_hostport
 from .errors import SessionClosedError, StreamOpenError
 from .handlers import REVERSE_WORDS, Arrival, Meta, Traffic
+from .metrics import ServiceStats
 from .mux import Session
 from .tcp import TcpStream, serve_tcp
 
@@ -54,6 +55,8 @@ class Member:
     """Its share of connections (``max_connections_per_service``); ``borrowed_tokens`` is its open connections."""
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     """The task that holds the membership; cancelled when the member leaves."""
+    stats: ServiceStats | None = None
+    """Where the connections it takes are counted (:mod:`trio_tunnel.metrics`)."""
 
     @property
     def label(self) -> str:
@@ -148,6 +151,10 @@ class _Visit:
         member.limiter.acquire_nowait()  # pick() checked that a token is available; no checkpoint since
         member.traffic.begin()
         return member.session
+
+    @property
+    def stats(self) -> ServiceStats | None:
+        return self.member.stats if self.member is not None else None
 
     def meta(self, arrival: Arrival) -> Meta:
         return arrival.meta()

@@ -33,8 +33,9 @@ from trio_tunnel.proto.proxyheader import Address
 from .console import format_hostport
 from .dial import DialError, dial, peer_address
 from .errors import SessionClosedError, StreamOpenError
+from .metrics import ServiceStats, open_result
 from .mux import MuxStream, Session
-from .relay import SpliceResult, splice
+from .relay import Splice, SpliceResult
 from .tcp import TcpStream
 from .udp import answer_stream
 
@@ -68,6 +69,8 @@ class Destination:
     """A UDP target: the stream carries datagrams to a connected UDP socket (:mod:`trio_tunnel.udp`)."""
     proxy_protocol: str | None = None
     """``v1``/``v2``: write a PROXY protocol header (from the stream's meta) to the target before the first byte."""
+    stats: ServiceStats | None = None
+    """Where the connections it answers are counted (:mod:`trio_tunnel.metrics`)."""
 
 
 @attrs.frozen
@@ -137,6 +140,11 @@ class Entrance(Protocol):
 
     def meta(self, arrival: Arrival) -> Meta: ...
 
+    @property
+    def stats(self) -> ServiceStats | None:
+        """Where its connections are counted (:mod:`trio_tunnel.metrics`); ``admit`` counts its own refusals."""
+        ...
+
     def release(self, peer: str) -> None:
         """The connection from ``peer`` that :meth:`admit` let in has ended."""
         ...
@@ -194,6 +202,7 @@ class Traffic:
                 await answer_stream(stream, destination, self.log, dial_timeout)
                 return
             peer = stream.meta.get("peer", "?")
+            stats = destination.stats
             try:
                 target = await dial(destination.host, destination.port, timeout=dial_timeout)
                 if destination.proxy_protocol is not None:
@@ -201,11 +210,20 @@ class Traffic:
             except DialError as exc:
                 reason = f"{destination.what}: {exc.reason}"
                 self.log.warning("%s: cannot serve %s: %s", destination.label, peer, reason)
+                if stats is not None:
+                    stats.failed(open_result(exc.code), reason)
                 stream.reject(exc.code, f"{destination.label}: {reason}")
                 return
             stream.accept()
             started = trio.current_time()
-            result = await splice(stream, target)
+            splicer = Splice(stream, target)
+            if stats is not None:
+                stats.begin(splicer)
+            try:
+                result = await splicer.run()
+            finally:
+                if stats is not None:
+                    stats.end(splicer)
             self._closed(
                 destination.label, destination.who or str(peer), started, result, destination.words, destination.endings
             )
@@ -237,6 +255,9 @@ class Traffic:
                         self.log.warning(
                             "%s: closing %s: the %s could not serve it: %s", entrance.label, peer, entrance.other, exc
                         )
+                        if (stats := entrance.stats) is not None:
+                            failed = isinstance(exc, StreamOpenError)
+                            stats.failed(open_result(exc.code) if failed else "refused", str(exc))
                         return
                     except BaseException:
                         entrance.release(peer)
@@ -250,7 +271,14 @@ class Traffic:
                             stream.reset(ErrorCode.CANCEL, "could not deliver the first bytes")
                             return
                     started = trio.current_time()
-                    result = await splice(conn, stream)
+                    splicer = Splice(conn, stream)
+                    if (stats := entrance.stats) is not None:
+                        stats.begin(splicer)
+                    try:
+                        result = await splicer.run()
+                    finally:
+                        if stats is not None:
+                            stats.end(splicer)
                     self._closed(entrance.label, peer, started, result, entrance.words, True)
                 finally:
                     entrance.release(peer)

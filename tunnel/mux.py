@@ -103,6 +103,8 @@ class Session:
         self.authenticated = False
         self.token_id = ""
         """Server side: which token the client proved (a digest; see proto's HandshakeComplete.token_id)."""
+        self.send_stalls = 0
+        """Times a stream's ``send_all`` waited for credit (counted by the stream, once per wait, not per byte)."""
 
     def __repr__(self) -> str:
         return f"<Session {self.session_id or '(handshake)'} {self._conn.role.value} peer={self.peer_name!r}>"
@@ -298,6 +300,7 @@ class Session:
             pending_accept=len(self._accept_queue),
             rtt=self._conn.srtt,
             connection=self._conn.statistics(),
+            send_stalls=self.send_stalls,
         )
 
     # ------------------------------------------------------------------------------- the stream interface

@@ -40,8 +40,10 @@ from .errors import ConfigError, HandshakeError, SessionClosedError, StreamOpenE
 from .groups import Group, GroupRegistry, Member
 from .guard import Admission, HandshakeCaps, address_key, raise_nofile_limit, source_of
 from .handlers import FORWARD_WORDS, REVERSE_WORDS, Arrival, Destination, Meta, Traffic
+from .httpd import MetricsBindError, bind_metrics, serve_http
 from .lifecycle import Shutdown
 from .link import LinkMismatchError, ServerTls, refuse_link, secure_server_link
+from .metrics import Metrics, ServiceStats, handshake_failure
 from .mux import MuxStream, Request, Role, Session, open_session
 from .proxyprotocol import front_door
 from .reload import ReloadError, one_line, plan_server, reload_on_signals, sighup_receiver
@@ -126,6 +128,7 @@ class _Server:
     """The bind addresses clients may ask for (the default resolved against our listening address)."""
     groups: GroupRegistry = attrs.field(factory=GroupRegistry)
     """Load-balancing groups: public ports shared by several clients (tunnel/groups.py)."""
+    metrics: Metrics = attrs.field(factory=lambda: Metrics("server"))
 
     def __attrs_post_init__(self) -> None:
         self.allow_bind = self.config.allow_bind.effective(self.config.listen.host)
@@ -140,13 +143,16 @@ class _Server:
             with trio.move_on_after(self.config.timeouts.handshake):
                 return await secure_server_link(transport, self.tls)
             note(source, logging.INFO, "dropped a connection from %s: no handshake within the handshake timeout", peer)
+            self.metrics.handshake_failed("timeout")
         except LinkMismatchError as exc:
             note(source, logging.WARNING, "refused a client from %s: %s", peer, exc)
+            self.metrics.handshake_failed("tls")
             with trio.move_on_after(self.config.timeouts.handshake):
                 await refuse_link(transport, str(exc))
             return None  # refuse_link closed it
         except (TlsHandshakeError, trio.BrokenResourceError) as exc:
             note(source, logging.DEBUG, "dropped a connection from %s: %s", peer, exc)
+            self.metrics.handshake_failed("tls")
         await trio.aclose_forcefully(transport)
         return None
 
@@ -251,6 +257,7 @@ class _Server:
                 admitted()  # authenticated: no longer a handshake (nor displaceable)
                 await self._run_link(session, peer)
         except HandshakeError as exc:
+            self.metrics.handshake_failed(handshake_failure(exc))
             if exc.silent:
                 self.refusals.note(
                     source, logging.DEBUG, "dropped a connection from %s that does not speak trio-tunnel", peer
@@ -282,6 +289,7 @@ class _Server:
             return
         link = _Link(name, peer, session, udp_flows=FlowBudget(self.config.max_flows_per_client))
         self.links[name] = link
+        seen = None
         try:
             if old is not None:
                 logger.info("client %r reconnected from %s: replacing its previous link from %s", name, peer, old.peer)
@@ -301,6 +309,7 @@ class _Server:
                 session.session_id,
                 "" if session.authenticated else ", NOT authenticated",
             )
+            seen = self.metrics.link_up(name, peer, session)
             with link.scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._control_loop, session, link, nursery)
@@ -316,6 +325,8 @@ class _Server:
         finally:
             if self.links.get(name) is link:
                 del self.links[name]
+            if seen is not None:
+                self.metrics.link_down(seen, replaced=link.replaced)
             link.done.set()
             reason = "replaced by a new link" if link.replaced else session.close_reason or "server shutting down"
             logger.info("client %r from %s disconnected: %s", name, peer, reason)
@@ -394,6 +405,7 @@ class _Server:
         limiter = trio.CapacityLimiter(self.config.max_connections_per_service)
         exposure = link.exposures[name] = _Exposure(int(bound), limiter, udp=udp)
         logger.info("client %r: exposing %s on %s", link.name, name, address)
+        stats = self.metrics.service(link.name, name, kind="expose", public=address)
         if udp:
             asked = body.get("idle_timeout")
             idle = DEFAULT_IDLE
@@ -402,7 +414,7 @@ class _Server:
             gate = FlowGate(self.config.max_flows_per_service, budget=link.udp_flows)
             nursery.start_soon(self._serve_udp_service, session, link, name, udp_socket, gate, idle, exposure)
         else:
-            nursery.start_soon(self._serve_service, session, link, name, listeners, nursery, exposure)
+            nursery.start_soon(self._serve_service, session, link, name, listeners, nursery, exposure, stats)
         request.reply({"host": str(host), "port": int(bound)})
 
     async def _unexpose(self, link: _Link, request: Request) -> None:
@@ -457,7 +469,8 @@ class _Server:
                     group_name, session.token_id, bind, str(balance), listeners, partial(front_door, self.config)
                 )
             limiter = trio.CapacityLimiter(self.config.max_connections_per_service)
-            member = Member(link.name, name, session, link.traffic, limiter)
+            stats = self.metrics.service(link.name, name, kind="expose", public=group.address)
+            member = Member(link.name, name, session, link.traffic, limiter, stats=stats)
             self.groups.join(group, member)
         self._remember(link.name, name, group.port)
         link.services[name] = group.address
@@ -513,10 +526,11 @@ class _Server:
         listeners: list[trio.SocketListener],
         handlers: trio.Nursery,
         exposure: _Exposure,
+        stats: ServiceStats,
     ) -> None:
         cfg = self.config
         per_ip = cfg.max_connections_per_ip or max(1, cfg.max_connections_per_service // 4)
-        entrance = _Service(link, session, name, exposure.limiter, per_ip, self.visitors)
+        entrance = _Service(link, session, name, exposure.limiter, per_ip, self.visitors, stats)
         handler = front_door(self.config, partial(link.traffic.carry, entrance))  # a partial unless PROXY is read
         accepting = exposure.scope
         link.accepting.append(accepting)
@@ -530,6 +544,7 @@ class _Server:
             link.accepting.remove(accepting)
             if link.exposures.get(name) is exposure:
                 del link.exposures[name]
+            stats.active = False
             exposure.closed.set()
 
     async def _serve_udp_service(
@@ -575,6 +590,7 @@ class _Server:
                 target,
                 peer,
             )
+            self._forwards(link).failed("refused", f"{target} is not in --allow-target")
             stream.reject(
                 ErrorCode.PROHIBITED,
                 f"target {target} is not allowed by the server (ask its operator to add --allow-target)",
@@ -589,7 +605,12 @@ class _Server:
             who=f"forward {peer} -> {target}",
             endings=False,
             udp=udp,
+            stats=self._forwards(link),
         )
+
+    def _forwards(self, link: _Link) -> ServiceStats:
+        """One series for all of a client's ``-L`` forwards (their names are the client's to choose per stream)."""
+        return self.metrics.service(link.name, "forward", kind="forward")
 
     # -------------------------------------------------------------------------------------------- shutdown
 
@@ -612,6 +633,7 @@ class _Service:
     per_ip: int
     """max_connections_per_ip"""
     refusals: Tally
+    stats: ServiceStats
     sources: dict[str, int] = attrs.field(factory=dict)
     """Source address -> its connections open now."""
     other: ClassVar[str] = "client"
@@ -633,6 +655,7 @@ class _Service:
                 peer,
                 held,
             )
+            self.stats.failed("limit", f"{held} connections already open from one address")
             return None
         try:
             self.limiter.acquire_nowait()
@@ -645,6 +668,7 @@ class _Service:
                 peer,
                 self.limiter.total_tokens,
             )
+            self.stats.failed("limit", f"{self.limiter.total_tokens} connections already open")
             return None
         self.sources[source] = held + 1
         return self.session
@@ -745,6 +769,12 @@ async def _run_server(
         host, port = listener.socket.getsockname()[:2]
         addresses.append(HostPort(host=str(host), port=int(port)))
         announce(f"listening {format_hostport(str(host), int(port))}")
+    try:
+        metrics_listeners = None if config.metrics is None else await bind_metrics(config.metrics)
+    except MetricsBindError:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
+        raise
     if not config.tokens:
         logger.warning(
             "running WITHOUT authentication (--insecure-no-auth): anyone who reaches %s can bind "
@@ -754,6 +784,8 @@ async def _run_server(
     logger.info("server listening on %s", ", ".join(map(str, addresses)))
     async with trio.open_nursery() as handlers:  # the links live here, so they outlive the accept loop
         server.groups.nursery = handlers  # and the groups' ports, which outlive any one member's link
+        if metrics_listeners is not None:  # (and the endpoint: it answers while the links drain)
+            handlers.start_soon(serve_http, server.metrics.respond, metrics_listeners, config.timeouts.handshake)
         async with trio.open_nursery() as acceptor:
             acceptor.start_soon(
                 partial(serve_tcp, server.handle_link, listeners, handler_nursery=handlers, keepalive=False)

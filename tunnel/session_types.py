@@ -48,6 +48,8 @@ class SessionStatistics:
     rtt: float | None
     """Smoothed round-trip time from PING/PONG, seconds."""
     connection: proto.ConnectionStatistics
+    send_stalls: int = 0
+    """Times a stream's sender had to wait for the peer's credit (or buffer room): flow-control stalls."""
 
 
 @attrs.frozen

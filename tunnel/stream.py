@@ -369,6 +369,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                         continue
                     if self._send_wakeup is None:
                         self._send_wakeup = _Wakeup()
+                    session.send_stalls += 1
                     await self._send_wakeup.wait()
                     waited = True
                     self._check_send()

@@ -11,7 +11,7 @@ from typing import Any, Final, NoReturn
 from trio_tunnel import __version__
 from trio_tunnel.completion import SHELLS
 
-__all__ = ["EXIT_USAGE", "PROG", "TOKEN_ENV", "build_parser"]
+__all__ = ["DEFAULT_STATUS_URL", "EXIT_USAGE", "PROG", "TOKEN_ENV", "build_parser"]
 
 PROG: Final = "trio-tunnel"
 TOKEN_ENV: Final = "TRIO_TUNNEL_TOKEN"
@@ -57,7 +57,8 @@ examples:
   # a certificate from a CA (e.g. Let's Encrypt) instead: clients verify the chain and the host name
   trio-tunnel server --token-file tokens --tls-cert fullchain.pem --tls-key privkey.pem
 
-stdout: 'fingerprint sha256:...' then 'listening HOST:PORT' once the server accepts clients."""
+stdout: 'fingerprint sha256:...' then 'listening HOST:PORT' once the server accepts clients
+(and 'metrics HOST:PORT' with --metrics)."""
 
 _CLIENT_EPILOG = f"""\
 examples:
@@ -87,7 +88,8 @@ examples:
 spec syntax (-R and -L): [NAME=][bind_address:]port:host:hostport[/udp]; IPv6 in brackets, e.g. [::1]:8080;
 -R also NAME@GROUP=... for a load-balancing group.
 stdout: 'connected HOST:PORT', 'exposed NAME HOST:PORT', 'forwarding NAME HOST:PORT', 'disconnected REASON',
-'refused NAME REASON' (e.g. address_in_use, retried with the reconnect backoff; prohibited)."""
+'refused NAME REASON' (e.g. address_in_use, retried with the reconnect backoff; prohibited), and
+'metrics HOST:PORT' with --metrics."""
 
 _MAP_EPILOG = """\
 examples:
@@ -101,6 +103,17 @@ examples:
   trio-tunnel map --udp 0.0.0.0:5353 10.0.0.2:53
 
 stdout: 'listening HOST:PORT' (for UDP 'listening HOST:PORT/udp') once the listener is bound."""
+
+DEFAULT_STATUS_URL: Final = "http://127.0.0.1:9465"
+
+_STATUS_EPILOG = """\
+examples:
+  trio-tunnel server --token-file tokens --metrics 127.0.0.1:9465    # then, on the same machine:
+  trio-tunnel status                  # one table of sessions and services
+  trio-tunnel status --watch          # redrawn every second, with byte rates, like top
+  trio-tunnel status http://127.0.0.1:9466 --json
+
+exit codes: 0 shown, 1 nothing answers at URL or it is not a trio-tunnel endpoint."""
 
 _DEMO_EPILOG = """\
 examples:
@@ -242,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="no TLS: everything crosses the network readable and changeable (clients must say so too)",
     )
+    server.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics, /status (JSON) and a dashboard at / over HTTP here "
+        "(a bare PORT binds 127.0.0.1; see 'trio-tunnel status')",
+    )
     server.add_argument("--config", metavar="FILE", help="TOML file with a [server] table; flags override it")
     _add_logging_options(server, suffix="command")
 
@@ -299,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="no TLS: everything crosses the network readable and changeable (the server must say so too)",
     )
+    client.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics, /status (JSON) and a dashboard at / over HTTP here "
+        "(a bare PORT binds 127.0.0.1; see 'trio-tunnel status')",
+    )
     client.add_argument("--config", metavar="FILE", help="TOML file with a [client] table; flags override it")
     _add_logging_options(client, suffix="command")
 
@@ -341,6 +366,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     completion.add_argument("shell", choices=SHELLS, help="bash or zsh")
+    status = commands.add_parser(
+        "status",
+        help="show the sessions and services of a server or client started with --metrics",
+        description="Read /status from a server's or client's --metrics endpoint and print it as tables.",
+        epilog=_STATUS_EPILOG,
+        formatter_class=formatter,
+    )
+    status.add_argument(
+        "url", nargs="?", default=DEFAULT_STATUS_URL, metavar="URL", help=f"the endpoint (default {DEFAULT_STATUS_URL})"
+    )
+    shown = status.add_mutually_exclusive_group()
+    shown.add_argument("--watch", action="store_true", help="redraw every second until Ctrl+C, with rates")
+    shown.add_argument("--json", action="store_true", help="print the /status document as it is")
+    _add_logging_options(status, suffix="command")
     return parser
 
 

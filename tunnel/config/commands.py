@@ -180,6 +180,11 @@ class ServerConfig:
     """How long a trusted source may take to send its PROXY header before its connection is closed."""
     allow_groups: bool = BOOLEAN.field(default=True, metadata=toml(rule=BOOLEAN))
     """Let clients that authenticated with the same token share a public port as a load-balancing group."""
+    metrics: HostPort | None = attrs.field(
+        default=None, metadata=hostport_key(default_host="127.0.0.1", allow_zero=True)
+    )
+    """Serve Prometheus metrics, the ``/status`` document and the dashboard here (HTTP; a bare port binds 127.0.0.1).
+    None: no endpoint."""
 
     def __attrs_post_init__(self) -> None:
         if self.accept_proxy_protocol and not self.proxy_protocol_from:
@@ -208,6 +213,7 @@ class ServerConfig:
         tls_key: str | None = None,
         state_dir: str | None = None,
         insecure_plaintext: bool | None = None,
+        metrics: HostPort | None = None,
     ) -> Self:
         """The config file (if any) with the given values overriding it (``None`` = not given).
 
@@ -229,6 +235,7 @@ class ServerConfig:
                     "tls_key": tls_key,
                     "state_dir": state_dir,
                     "insecure_plaintext": insecure_plaintext,
+                    "metrics": metrics,
                 }
             )
         )
@@ -287,6 +294,11 @@ class ClientConfig:
     """No TLS on the link (the server must say so too): every byte crosses the network readable and changeable."""
     exit_on_refusal: bool = BOOLEAN.field(default=False, metadata=toml(rule=BOOLEAN))
     """End the client (exit 1) when the server refuses a service, instead of retrying or carrying on without it."""
+    metrics: HostPort | None = attrs.field(
+        default=None, metadata=hostport_key(default_host="127.0.0.1", allow_zero=True)
+    )
+    """Serve Prometheus metrics, the ``/status`` document and the dashboard here (HTTP; a bare port binds 127.0.0.1).
+    None: no endpoint."""
 
     def __attrs_post_init__(self) -> None:
         if self.server.port == 0:
@@ -313,6 +325,7 @@ class ClientConfig:
         tls_ca: str | None = None,
         insecure_plaintext: bool | None = None,
         exit_on_refusal: bool | None = None,
+        metrics: HostPort | None = None,
     ) -> Self:
         """The config file (if any) merged with command-line values.
 
@@ -335,7 +348,14 @@ class ClientConfig:
             except ValueError as exc:
                 raise ConfigError(f"--server-fingerprint: {exc}") from None
         fields.update(
-            _given({"tls_ca": tls_ca, "insecure_plaintext": insecure_plaintext, "exit_on_refusal": exit_on_refusal})
+            _given(
+                {
+                    "tls_ca": tls_ca,
+                    "insecure_plaintext": insecure_plaintext,
+                    "exit_on_refusal": exit_on_refusal,
+                    "metrics": metrics,
+                }
+            )
         )
         if fields.get("insecure_plaintext") and (fields.get("server_fingerprint") or fields.get("tls_ca")):
             raise ConfigError(
