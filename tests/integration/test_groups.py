@@ -4,6 +4,7 @@ token cannot join."""
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import attrs
@@ -167,6 +168,50 @@ async def test_cli_group_survives_a_killed_client() -> None:
                     assert [await fetch(public) for _ in range(20)] == [b"a"] * 20
                     a.interrupt()
                     assert await a.wait() == 0
+                server.interrupt()
+                assert await server.wait() == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_reload_that_removes_a_group_member_leaves_the_group(tmp_path: Any) -> None:
+    """A client whose SIGHUP removes its group service leaves the group (``unexposed web``, ``reloaded``): the port
+    stays bound for the other member, which now gets every connection."""
+    from tunnel_helpers import TOKEN_TEXT, cli, hostport
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            token = {"TRIO_TUNNEL_TOKEN": TOKEN_TEXT}
+            service_a = await start_service(nursery, named_handler(b"a"))
+            service_b = await start_service(nursery, named_handler(b"b"))
+            async with cli(nursery, "server", "--listen", f"{LOCALHOST}:0", env=token) as server:
+                _, port = hostport(await server.expect(r"listening (\S+)"))
+                head = f'[client]\nserver = "{LOCALHOST}:{port}"\nname = "b"\n'
+                head += f'[client.expose.solo]\nlocal = "{LOCALHOST}:{service_b.port}"\nremote_port = 0\n'
+                service = (
+                    f'[client.expose.web]\nlocal = "{LOCALHOST}:{service_b.port}"\nremote_port = 0\ngroup = "pool"\n'
+                )
+                config = tmp_path / "b.toml"
+                config.write_text(head + service)
+                base = ["client", "--server", f"{LOCALHOST}:{port}"]
+                spec = f"web@pool=0:{LOCALHOST}:{service_a.port}"
+                async with (
+                    cli(nursery, *base, "--name", "a", "-R", spec, env=token) as a,
+                    cli(nursery, "client", "--config", str(config), env=token) as b,
+                ):
+                    _, public = hostport(await a.expect(r"exposed web (\S+)"))
+                    await b.expect(r"exposed solo \S+")  # (a client needs a service: this one stays)
+                    assert hostport(await b.expect(r"exposed web (\S+)"))[1] == public
+                    assert sorted([await fetch(public) for _ in range(4)]) == [b"a", b"a", b"b", b"b"]
+                    config.write_text(head)
+                    start = b.out.cursor
+                    b.process.send_signal(signal.SIGHUP)
+                    await b.expect(r"reloaded|reload-failed .+")
+                    assert b.out.lines[start : b.out.cursor] == ["unexposed web", "reloaded"]
+                    assert [await fetch(public) for _ in range(6)] == [b"a"] * 6
+                    assert await is_listening(public)
+                    for proc in (a, b):
+                        proc.interrupt()
+                        assert await proc.wait() == 0, proc.stderr
                 server.interrupt()
                 assert await server.wait() == 0
             nursery.cancel_scope.cancel()
