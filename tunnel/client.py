@@ -430,7 +430,8 @@ class _Client:
                 await trio.aclose_forcefully(listener)
 
     async def serve_udp_forward(self, spec: LocalSpec, udp: UdpSocket) -> None:
-        await serve_udp_forward(self.current_session, spec, udp, logger)
+        drops = partial(self.metrics.udp_dropped, self.config.name, spec.name)
+        await serve_udp_forward(self.current_session, spec, udp, logger, on_drops=drops)
 
     async def current_session(self) -> Session | None:
         """The link's session; while there is none, wait for one for at most the connect timeout."""

@@ -255,6 +255,12 @@ class Metrics:
             del self.links[link.client]
         self._touch(label)
 
+    def udp_dropped(self, client: str, service: str, count: int) -> None:
+        """A UDP flow of ``client``'s ``service`` ended having dropped ``count`` datagrams (queue full, too big, or a
+        full socket buffer): counted per flow, not per datagram, so the data path never touches the registry."""
+        key = (client, service)
+        self.udp_datagrams_dropped[key] = self.udp_datagrams_dropped.get(key, 0) + count
+
     def handshake_failed(self, reason: str) -> None:
         """A link was refused before it became a session (``reason``: ``bad-token``, ``tls``, ``timeout``, ...)."""
         self.auth_failures[reason] = self.auth_failures.get(reason, 0) + 1

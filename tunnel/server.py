@@ -561,7 +561,10 @@ class _Server:
         accepting = exposure.scope
         link.accepting.append(accepting)
         try:
-            await serve_udp_service(session, udp_socket, f"{link.name}/{name}", name, gate, idle, accepting, logger)
+            drops = partial(self.metrics.udp_dropped, link.name, name)
+            await serve_udp_service(
+                session, udp_socket, f"{link.name}/{name}", name, gate, idle, accepting, logger, on_drops=drops
+            )
         finally:
             udp_socket.close()
             link.services.pop(name, None)

@@ -338,6 +338,8 @@ class UdpEntrance:
     flows: dict[Any, Flow] = attrs.field(factory=dict)
     dropped: int = 0
     """Datagrams dropped by flows that have ended (the live ones count their own)."""
+    on_drops: Callable[[int], None] | None = None
+    """Told how many datagrams a flow dropped when it ends (the ``udp_datagrams_dropped`` counter)."""
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Receive until cancelled; closes the socket at the end."""
@@ -393,6 +395,8 @@ class UdpEntrance:
             del self.flows[address]
             self.gate.release()
             self.dropped += flow.stats.dropped
+            if flow.stats.dropped and self.on_drops is not None:
+                self.on_drops(flow.stats.dropped)
             message, args = flow.closed_line(self.label, started, self.words)
             self.log.info(message, *args)
 
@@ -538,6 +542,7 @@ async def serve_udp_service(
     idle: float,
     accepting: trio.CancelScope,
     log: logging.Logger,
+    on_drops: Callable[[int], None] | None = None,
 ) -> None:
     """The server's side of one ``-R .../udp`` service: every flow on ``udp`` becomes a datagram stream to the
     client's service ``route``, until ``accepting`` is cancelled (drain) or the link ends."""
@@ -547,18 +552,24 @@ async def serve_udp_service(
 
     opener = LinkOpener(current, route, {}, label, "client", log, idle)
     with accepting:
-        await UdpEntrance(udp, label, log, gate, idle, opener).serve()
+        await UdpEntrance(udp, label, log, gate, idle, opener, on_drops=on_drops).serve()
 
 
 async def serve_udp_forward(
-    current: Callable[[], Awaitable[Session | None]], spec: LocalSpec, udp: UdpSocket, log: logging.Logger
+    current: Callable[[], Awaitable[Session | None]],
+    spec: LocalSpec,
+    udp: UdpSocket,
+    log: logging.Logger,
+    on_drops: Callable[[int], None] | None = None,
 ) -> None:
     """The client's side of one ``-L .../udp`` forward: every flow on ``udp`` becomes a datagram stream to the server,
     which sends its datagrams to ``spec``'s target if its ``allow_targets`` permit (``HOST:PORT/udp``)."""
     meta: Meta = {"host": spec.target_host, "port": spec.target_port, "name": spec.name}
     opener = LinkOpener(current, FORWARD_UDP_ROUTE, meta, spec.name, "server", log, spec.idle_timeout)
     gate = FlowGate(DEFAULT_MAX_FLOWS)
-    await UdpEntrance(udp, spec.name, log, gate, spec.idle_timeout, opener, words=("out", "back")).serve()
+    await UdpEntrance(
+        udp, spec.name, log, gate, spec.idle_timeout, opener, words=("out", "back"), on_drops=on_drops
+    ).serve()
 
 
 async def run_map_udp(

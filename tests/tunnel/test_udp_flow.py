@@ -3,12 +3,18 @@ queue that drops instead of blocking anyone."""
 
 from __future__ import annotations
 
+import logging
 import math
+import socket
 
 import attrs
 import trio
 import trio.testing
-from trio_tunnel.udp import Flow, Pipe
+from prometheus_client.parser import text_string_to_metric_families
+from trio_tunnel.metrics import Metrics
+from trio_tunnel.proto.datagram import FlowGate
+from trio_tunnel.udp import Flow, Pipe, UdpEntrance
+from trio_tunnel.udpsocket import bind_udp
 
 
 @attrs.define(eq=False)
@@ -123,3 +129,36 @@ async def test_a_datagram_above_the_pipe_limit_is_dropped_and_counted(autojump_c
             nursery.cancel_scope.cancel()
         assert pipe.sent == [bytes(100)]
         assert flow.stats.dropped_big == 2
+
+
+async def test_an_entrance_reports_each_ended_flows_drops(autojump_clock: trio.testing.MockClock) -> None:
+    """What ``trio_tunnel_udp_datagrams_dropped_total`` counts: a UDP entrance whose flow's far side never takes
+    more than one datagram drops what its queue cannot hold, and says how many once the flow idles out."""
+    with trio.fail_after(1000):
+        udp = await bind_udp("127.0.0.1", 0)
+        stuck = FakePipe(stuck=True)
+
+        async def open_pipe(_peer: str) -> Pipe:
+            return stuck
+
+        reports: list[int] = []
+        entrance = UdpEntrance(udp, "test", logging.getLogger("test"), FlowGate(4), 10.0, open_pipe)
+        entrance.on_drops = reports.append
+        metrics = Metrics("server")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(entrance.serve)
+            source = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            room = Flow("x", idle=1.0).queue.max_count
+            with source:
+                for _ in range(room + 21):  # one taken by the stuck sender, `room` queued, 20 dropped
+                    await source.sendto(b"d" * 8, udp.local)
+                    await trio.testing.wait_all_tasks_blocked()
+                await trio.sleep(11)  # the flow idles out
+            assert reports == [20]
+            metrics.udp_dropped("home", "dns", reports[0])
+            text = metrics.respond("GET", "/metrics").body.decode()
+            samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+            assert [(s.labels, s.value) for s in samples if s.name == "trio_tunnel_udp_datagrams_dropped_total"] == [
+                ({"client": "home", "service": "dns"}, 20.0)
+            ]
+            nursery.cancel_scope.cancel()
