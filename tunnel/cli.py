@@ -47,6 +47,7 @@ from trio_tunnel.config import (
     parse_token,
     parse_token_list,
     read_token_file,
+    server_identity_files,
 )
 from trio_tunnel.config.addresses import split_protocol
 from trio_tunnel.demo import run_demo
@@ -359,12 +360,16 @@ def _error(message: str) -> None:
 
 
 def _print_fingerprint(args: argparse.Namespace) -> int:
-    """``server --print-fingerprint``: the pin of --tls-cert, or of the server's own key (made if missing)."""
+    """``server --print-fingerprint``: the pin of --tls-cert, or of the server's own key (made if missing); with
+    --config, the file's tls_cert and state_dir count as the flags would."""
     try:
-        if args.tls_cert is not None:
-            value = fingerprint_of_pem_file(args.tls_cert)
+        tls_cert, _key, state_dir = server_identity_files(
+            args.config, tls_cert=args.tls_cert, tls_key=args.tls_key, state_dir=args.state_dir
+        )
+        if tls_cert is not None:
+            value = fingerprint_of_pem_file(tls_cert)
         else:
-            value = ServerTls.from_state_dir(args.state_dir or default_state_dir()).fingerprint
+            value = ServerTls.from_state_dir(state_dir or default_state_dir()).fingerprint
     except ConfigError as exc:
         _error(str(exc))
         return EXIT_USAGE

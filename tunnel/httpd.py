@@ -17,6 +17,7 @@ full before it is sent.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable
 from functools import partial
@@ -58,8 +59,27 @@ async def bind_metrics(address: HostPort) -> list[trio.SocketListener]:
     except OSError as exc:
         raise MetricsBindError(f"cannot listen on {address} for --metrics: {exc.strerror or exc}") from None
     host, port = listeners[0].socket.getsockname()[:2]
-    announce(f"metrics {format_hostport(str(host), int(port))}")
+    where = format_hostport(str(host), int(port))
+    if not all(is_loopback(listener.socket.getsockname()[0]) for listener in listeners):
+        logger.warning(
+            "the --metrics endpoint %s answers beyond this machine, without authentication: anyone who reaches it "
+            "can read client names, addresses and traffic figures. Bind it to 127.0.0.1 (the default for a bare "
+            "port), or keep it behind a firewall",
+            where,
+        )
+    announce(f"metrics {where}")
     return listeners
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a bound address) only answers this machine: 127.0.0.0/8, ::1 (or its v4-mapped form)."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 async def serve_http(

@@ -151,3 +151,17 @@ async def test_the_cli_joins_the_tunnel_server(tunnel_server: TunnelServer, nurs
             assert await read_all(await trio.open_tcp_stream(*public)) == b"hello from the service"
             proc.interrupt()
             assert await proc.wait() == 0, proc.stderr
+
+
+def test_client_args_survive_a_token_that_begins_with_a_dash() -> None:
+    """secrets.token_urlsafe may begin with ``-``: as a separate word argparse took it for an option (a flaky exit 2
+    seen in CI-like runs); ``--token=VALUE`` keeps it a value."""
+    from trio_tunnel.config import HostPort, ServerConfig
+    from trio_tunnel.lifecycle import Shutdown
+    from trio_tunnel.usage import build_parser
+
+    token = b"-GGt6SV6fOliPGs8ciMx0F_5-R1GjBne"
+    config = ServerConfig(listen=HostPort(host="127.0.0.1", port=0), tokens=(token,), insecure_plaintext=True)
+    server = TunnelServer(config, ("127.0.0.1", 7835), token, None, Shutdown())
+    args = build_parser().parse_args(["client", *server.client_args(), "-R", "svc=0:127.0.0.1:80"])
+    assert args.token == [token.decode()]

@@ -503,3 +503,16 @@ def test_log_formats_and_levels(harness: Path) -> None:
     assert err == ""
     _config, err = _dump(harness, ["-q", "server", "-v", "--insecure-no-auth"])  # they add up: back to INFO
     assert "INFO trio_tunnel.fake: started" in err and "DEBUG" not in err
+
+
+def test_print_fingerprint_reads_the_state_dir_from_the_config_file(tmp_path: Path) -> None:
+    """``server --print-fingerprint --config FILE`` pins the key the server started with that file would use (the
+    file needs no token for this)."""
+    from trio_tunnel.certs import CERT_FILE, fingerprint_of_pem_file
+
+    state = tmp_path / "from-the-file"
+    config = tmp_path / "server.toml"
+    config.write_text(f'[server]\nstate_dir = "{state}"\n')
+    done = cli("server", "--print-fingerprint", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == fingerprint_of_pem_file(state / CERT_FILE)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import trio
 import trio.testing
-from trio_tunnel.httpd import MAX_REQUEST, handle_http
+from trio_tunnel.config import HostPort
+from trio_tunnel.httpd import MAX_REQUEST, bind_metrics, handle_http, is_loopback
 from trio_tunnel.metrics import Metrics, Response
 
 LIMIT = 5.0
@@ -77,3 +80,22 @@ async def test_the_metrics_router() -> None:
     assert exposition.content_type.startswith("text/plain") and b"trio_tunnel_sessions_connected 0.0" in exposition.body
     assert metrics.respond("GET", "/").body.startswith(b"<!DOCTYPE html>")
     assert metrics.respond("GET", "/status").content_type == "application/json"
+
+
+def test_only_loopback_addresses_count_as_local() -> None:
+    assert all(is_loopback(host) for host in ("127.0.0.1", "127.8.9.1", "::1", "::ffff:127.0.0.1"))
+    assert not any(is_loopback(host) for host in ("0.0.0.0", "::", "192.0.2.7", "fe80::1%eth0", "localhost"))
+
+
+async def test_a_metrics_endpoint_beyond_loopback_is_not_opened_silently(caplog: pytest.LogCaptureFixture) -> None:
+    """No authentication on the endpoint: binding it where others can reach it is said out loud (one WARNING)."""
+    with trio.fail_after(10):
+        for host, warned in (("127.0.0.1", False), ("0.0.0.0", True)):
+            caplog.clear()
+            listeners = await bind_metrics(HostPort(host=host, port=0))
+            for listener in listeners:
+                await listener.aclose()
+            warnings = [
+                r for r in caplog.records if r.levelno == logging.WARNING and "without authentication" in r.message
+            ]
+            assert len(warnings) == (1 if warned else 0), host

@@ -12,11 +12,12 @@ rest of trio-tunnel imports.
 
 from .addresses import DEFAULT_SERVER_PORT, HostPort, LocalSpec, RemoteSpec, parse_hostport
 from .binds import BindAllowlist
-from .commands import ClientConfig, MapConfig, ServerConfig, Timeouts
+from .commands import ClientConfig, MapConfig, ServerConfig, Timeouts, server_identity_files
 from .policy import PortSet, TargetAllowlist, TargetRule
 from .tokens import default_client_name, parse_token, parse_token_list, read_token_file
 
 __all__ = [
+    "server_identity_files",
     "DEFAULT_SERVER_PORT",
     "BindAllowlist",
     "ClientConfig",

@@ -29,7 +29,7 @@ from .policy import PORTS_KEY, TARGETS_KEY, PortSet, TargetAllowlist
 from .tokens import _TOKEN_HINT, CLIENT_NAME, default_client_name, logger
 from .toml import Section, load_section, path_reader, read_fields, read_tokens
 
-__all__ = ["TABLES", "ClientConfig", "MapConfig", "ServerConfig", "Timeouts"]
+__all__ = ["TABLES", "ClientConfig", "MapConfig", "ServerConfig", "Timeouts", "server_identity_files"]
 
 
 @final
@@ -93,6 +93,19 @@ def _file_fields(cls: type, config_file: str | os.PathLike[str] | None, table: s
     if config_file is None:
         return {}, f"{table} config"
     return read_fields(cls, load_section(config_file, table, tables=tuple(TABLES))), str(config_file)
+
+
+def server_identity_files(
+    config_file: str | os.PathLike[str] | None, *, tls_cert: str | None, tls_key: str | None, state_dir: str | None
+) -> tuple[str | None, str | None, str | None]:
+    """``(tls_cert, tls_key, state_dir)`` as the server would use them: each flag, else the file's ``[server]`` key.
+    Only these keys are read (``server --print-fingerprint`` needs no token). Raises ConfigError for a bad file."""
+    fields, _source = _file_fields(ServerConfig, config_file, "server")
+    return (
+        tls_cert or fields.get("tls_cert"),
+        tls_key or fields.get("tls_key"),
+        state_dir or fields.get("state_dir"),
+    )
 
 
 def _path(key: str) -> Any:

@@ -120,8 +120,9 @@ class TunnelServer:
 
     def client_args(self) -> list[str]:
         """The ``trio-tunnel client`` flags that reach this server (add ``-R ...``); the token is on the command
-        line, which is fine for a throwaway one."""
-        args = ["--server", f"{self.address[0]}:{self.address[1]}", "--token", self.token.decode()]
+        line, which is fine for a throwaway one. (``--token=VALUE`` in one word: a random token may begin with ``-``,
+        which argparse would take for an option.)"""
+        args = ["--server", f"{self.address[0]}:{self.address[1]}", f"--token={self.token.decode()}"]
         if self.config.insecure_plaintext:
             return [*args, "--insecure-plaintext"]
         return [*args, "--server-fingerprint", self.fingerprint] if self.fingerprint else args
