@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Final
 
 from . import frames as F
+from .budget import ReceivePool
 from .control import Keepalive
 from .errors import ErrorCode, FlowControlError, FrameSizeError, LocalProtocolError, RemoteProtocolError
 from .events import (
@@ -30,7 +31,6 @@ from .events import (
     StreamReset,
     WindowUpdated,
 )
-from .budget import ReceivePool
 from .flood import FloodWatch
 from .flow import TokenBucket, next_window
 from .handshake import Handshake
@@ -100,10 +100,10 @@ class StreamTable:
         "open_flood",
         "pending",
         "pool",
+        "reset_bucket",
         "send_blocked",
         "send_dropped",
         "send_queued",
-        "reset_bucket",
         "streams",
         "time_given",
         "writable",
@@ -151,9 +151,7 @@ class StreamTable:
         self.now = 0.0
         self.time_given = False
         # The session memory budget (.budget): None when the limits set no session_window / session_send_buffer.
-        self.pool = (
-            None if limits.session_window is None else ReceivePool(limits.initial_window, limits.session_window)
-        )
+        self.pool = None if limits.session_window is None else ReceivePool(limits.initial_window, limits.session_window)
         self.send_queued = 0  # stream bytes ever queued, and dropped unsent: minus the scheduler's data_sent,
         self.send_dropped = 0  # what is queued now
         self.send_blocked: set[int] = set()
@@ -446,7 +444,9 @@ class StreamTable:
             session_room = cap - self.send_buffered()
             if session_room <= 0:
                 self.send_blocked.add(stream.sid)
-            room = min(room, session_room)
+            # A fair share each, or the writers that come first in every round would always fill the queue.
+            share = max(cap // len(self.streams), self.limits.send_quantum) - stream.send_buffered
+            room = min(room, session_room, share)
         if room <= 0:
             stream.blocked = True
             return 0
@@ -503,9 +503,7 @@ class StreamTable:
         receiving = stream.state in _RECEIVING
         if pool is not None:
             pool.update(stream, receiving)
-            grant = pool.grant(stream, stream.window, len(self.streams))
-        else:
-            grant = stream.window
+        grant = self._grant(stream)
         if not receiving or stream.recv_limit - stream.consumed > grant // 2:
             return
         # An epoch ends only once more than half the window was consumed in it (as quic-go does): a WINDOW goes
@@ -525,10 +523,7 @@ class StreamTable:
                 stream.window = new
             stream.epoch_time = now
             stream.epoch_consumed = stream.consumed
-            if pool is not None:
-                grant = pool.grant(stream, stream.window, len(self.streams))
-            else:
-                grant = stream.window
+            grant = self._grant(stream)
         limit = stream.consumed + grant
         if limit <= stream.recv_limit:
             return  # (the pool is short: the stream keeps what it has, at least the floor, and asks again later)
@@ -536,6 +531,11 @@ class StreamTable:
         if pool is not None:
             pool.update(stream, receiving)
         self._out.window_dirty[stream.sid] = None
+
+    def _grant(self, stream: StreamRecord) -> int:
+        """The receive window to grant ``stream`` now: its (auto-tuned) window, limited by the session's pool."""
+        pool = self.pool
+        return stream.window if pool is None else pool.grant(stream, stream.window, len(self.streams))
 
     def close(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)

@@ -157,6 +157,26 @@ def test_writers_held_by_the_session_send_cap_are_woken_when_it_drains() -> None
 
 def test_without_a_session_window_nothing_changes() -> None:
     pair = ConnectionPair(auto_ack=False)
-    (sid,) = open_from_server(pair, 1)
+    open_from_server(pair, 1)
     assert held(pair.client) == 256 * KiB
     assert pair.client._table.pool is None
+
+
+def test_each_grant_is_at_most_a_fair_share_so_a_reader_that_stalls_later_holds_little() -> None:
+    """Four streams read together: none is granted more than floor + pool / 4, so whichever stops reading later
+    holds at most that (first come must not take the whole pool while the others ask for it)."""
+    pair = ConnectionPair(client_limits=BUDGETED, server_limits=SENDER, auto_ack=False)
+    reader = Reader(pair)
+    sids = open_from_server(pair, 4)
+    reader.reading.update(sids)
+    block = b"f" * (64 * KiB)
+    queued: dict[int, int] = {}
+    for _ in range(100):
+        for sid in sids:
+            write(pair.server, sid, block, queued, 16 * MiB)
+        reader.step()
+        table = pair.client._table
+        for sid in sids:
+            stream = table.streams[sid]
+            assert stream.recv_limit - stream.consumed <= FLOOR + POOL // 4, "a grant above the fair share"
+    assert all(reader.read[sid] >= 1 * MiB for sid in sids), reader.read
