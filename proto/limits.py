@@ -60,6 +60,17 @@ class Limits:
     """Cap of a stream's receive window after auto-tuning."""
     autotune_budget: int = attrs.field(default=32 * MiB, validator=_positive)
     """Window growth above ``initial_window``, summed over all streams of the connection."""
+    stream_window: int | None = None
+    """The receive window a stream starts with once it sends its first WINDOW (auto-tuning grows it from there);
+    None: ``initial_window``. Set above ``initial_window`` with a ``session_window``: a new stream is granted
+    the small declared window at once, and more, out of the session's pool, once it shows it reads."""
+    session_window: int | None = None
+    """Receive budget of the session (:mod:`.budget`): the window granted above ``initial_window``, summed over
+    all streams, stays below this. None: no pool (each stream's window is limited only by ``max_window`` and
+    ``autotune_budget``). Local: the peer sees only smaller WINDOW limits, so a version-2 peer needs nothing new."""
+    session_send_buffer: int | None = None
+    """Stream bytes queued for sending, summed over all streams of the session (on top of ``max_send_buffer``
+    per stream). None: no session cap."""
 
     # --- local: streams ---
     open_timeout: float = 10.0
@@ -89,6 +100,12 @@ class Limits:
     def __attrs_post_init__(self) -> None:
         if self.max_frame_payload < 1 * KiB:
             raise ValueError("max_frame_payload must be at least 1 KiB")
+        if self.stream_window is not None and not self.initial_window <= self.stream_window <= self.max_window:
+            raise ValueError("stream_window must be between initial_window and max_window")
+        for name in ("session_window", "session_send_buffer"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
         if self.max_window < self.initial_window:
             raise ValueError("max_window must be at least initial_window")
         if self.max_header < 128:

@@ -130,6 +130,8 @@ class StreamRecord:
     consumed: int = 0
     epoch_time: float | None = None
     epoch_consumed: int = 0
+    pool_held: int = 0
+    """This stream's part of the session's receive pool (:class:`~.budget.ReceivePool`)."""
     # the application's handle, and the scheduler's queues (neither is the stream's protocol state)
     app_closed: bool = False
     """The application let go of the stream: release the entry once it is CLOSED and its queue is written."""

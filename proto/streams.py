@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Final
 
 from . import frames as F
+from .budget import ReceivePool
 from .control import Keepalive
 from .errors import ErrorCode, FlowControlError, FrameSizeError, LocalProtocolError, RemoteProtocolError
 from .events import (
@@ -98,7 +99,11 @@ class StreamTable:
         "open_bucket",
         "open_flood",
         "pending",
+        "pool",
         "reset_bucket",
+        "send_blocked",
+        "send_dropped",
+        "send_queued",
         "streams",
         "time_given",
         "writable",
@@ -145,6 +150,12 @@ class StreamTable:
         """DATA bytes for streams that were already closed: counted, then dropped."""
         self.now = 0.0
         self.time_given = False
+        # The session memory budget (.budget): None when the limits set no session_window / session_send_buffer.
+        self.pool = None if limits.session_window is None else ReceivePool(limits.initial_window, limits.session_window)
+        self.send_queued = 0  # stream bytes ever queued, and dropped unsent: minus the scheduler's data_sent,
+        self.send_dropped = 0  # what is queued now
+        self.send_blocked: set[int] = set()
+        """Streams whose writers found the session's send buffer full."""
 
     # ------------------------------------------------------------------------------------------------ table
 
@@ -202,18 +213,18 @@ class StreamTable:
         self.max_streams_dirty = True
 
     def _new_record(self, sid: int, state: StreamState, local: bool) -> StreamRecord:
-        window = self.limits.initial_window
+        limits = self.limits
         stream = self.streams[sid] = StreamRecord(
             sid,
             state,
             local=local,
             send_limit=self._hs.peer.initial_window,
-            window=window,
-            recv_limit=window,
+            window=limits.stream_window or limits.initial_window,
+            recv_limit=limits.initial_window,
             epoch_time=self.now if self.time_given else None,
         )
         if self.time_given:
-            self.deadlines[sid] = self.now + self.limits.open_timeout
+            self.deadlines[sid] = self.now + limits.open_timeout
         return stream
 
     def _maybe_release(self, stream: StreamRecord) -> None:
@@ -228,12 +239,16 @@ class StreamTable:
         del self.streams[stream.sid]
         self.deadlines.pop(stream.sid, None)
         self._out.window_dirty.pop(stream.sid, None)
-        self.budget_used -= stream.window - self.limits.initial_window
+        self.budget_used -= stream.window - (self.limits.stream_window or self.limits.initial_window)
+        if self.pool is not None:
+            self.pool.release(stream)
+        self.send_blocked.discard(stream.sid)
         if not stream.local:
             self._grant_stream()
 
     def _drop_send(self, stream: StreamRecord) -> None:
         """Nothing more goes out on this stream (it was reset or refused; its state says so): forget what is queued."""
+        self.send_dropped += stream.send_buffered
         stream.send_buf.clear()
         stream.send_buffered = 0
         stream.head_offset = 0
@@ -261,6 +276,9 @@ class StreamTable:
         self.pending = 0
         self.local_opening = 0
         self.budget_used = 0
+        if self.pool is not None:
+            self.pool.held = 0
+        self.send_blocked.clear()
         self.writable.clear()
         self.max_streams_dirty = False
 
@@ -290,6 +308,8 @@ class StreamTable:
             self.apply(stream, SI.RECV_FIN)
             events.append(StreamEnded(sid))
             self._out.window_dirty.pop(sid, None)
+            if self.pool is not None:
+                self.pool.update(stream, receiving=False)  # the peer sends no more: only the unread bytes count
             self._maybe_release(stream)
 
     def on_window(self, sid: int, limit: int, events: list[Event]) -> None:
@@ -412,11 +432,31 @@ class StreamTable:
         stream.app_closed = True
         self._maybe_release(stream)
 
+    def send_buffered(self) -> int:
+        """Stream bytes queued for sending now, summed over the session's streams."""
+        return self.send_queued - self._out.data_sent - self.send_dropped
+
+    def _room(self, stream: StreamRecord) -> int:
+        """Bytes ``stream`` may queue now; when it is 0 the stream is marked blocked (its writer will be told)."""
+        room = min(stream.send_limit - stream.sent, self.limits.max_send_buffer - stream.send_buffered)
+        cap = self.limits.session_send_buffer
+        if cap is not None and room > 0:
+            session_room = cap - self.send_buffered()
+            if session_room <= 0:
+                self.send_blocked.add(stream.sid)
+            # A fair share each, or the writers that come first in every round would always fill the queue.
+            share = max(cap // len(self.streams), self.limits.send_quantum) - stream.send_buffered
+            room = min(room, session_room, share)
+        if room <= 0:
+            stream.blocked = True
+            return 0
+        return room
+
     def send_credit(self, stream_id: int) -> int:
         stream = self.streams.get(stream_id)
         if stream is None or (stream.state, SI.SEND_DATA) not in TRANSITIONS:
             return 0
-        return max(0, min(stream.send_limit - stream.sent, self.limits.max_send_buffer - stream.send_buffered))
+        return self._room(stream)
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
         stream = self.get(stream_id)
@@ -427,16 +467,19 @@ class StreamTable:
                 f"stream {stream_id}: cannot send DATA in state {stream.state.value}"
                 + (" after FIN" if stream.local_closed else "")
             )
-        room = min(stream.send_limit - stream.sent, self.limits.max_send_buffer - stream.send_buffered)
-        take = min(len(data), max(room, 0))
-        if take < len(data):
-            stream.blocked = True
+        take = min(len(data), self._room(stream))
         if take:
+            self.send_queued += take
             # bytes are immutable: keep the caller's object when it is taken whole (no copy); copy otherwise.
             stream.send_buf.append(data if type(data) is bytes and take == len(data) else bytes(data[:take]))
             stream.send_buffered += take
             stream.sent += take
             self._out.mark_ready(stream)
+        if take < len(data):
+            stream.blocked = True
+            cap = self.limits.session_send_buffer
+            if cap is not None and self.send_buffered() >= cap:
+                self.send_blocked.add(stream_id)  # (the session's queue was what was full)
         return take
 
     def end(self, stream_id: int) -> None:
@@ -456,7 +499,12 @@ class StreamTable:
         if stream.consumed + size > stream.received:
             raise LocalProtocolError(f"stream {stream_id}: acknowledged more bytes than were received")
         stream.consumed += size
-        if stream.state not in _RECEIVING or stream.recv_limit - stream.consumed > stream.window // 2:
+        pool = self.pool
+        receiving = stream.state in _RECEIVING
+        if pool is not None:
+            pool.update(stream, receiving)
+        grant = self._grant(stream)
+        if not receiving or stream.recv_limit - stream.consumed > grant // 2:
             return
         # An epoch ends only once more than half the window was consumed in it (as quic-go does): a WINDOW goes
         # out every half window, so ending the epoch at every WINDOW would never see more than half consumed.
@@ -475,8 +523,19 @@ class StreamTable:
                 stream.window = new
             stream.epoch_time = now
             stream.epoch_consumed = stream.consumed
-        stream.recv_limit = stream.consumed + stream.window
+            grant = self._grant(stream)
+        limit = stream.consumed + grant
+        if limit <= stream.recv_limit:
+            return  # (the pool is short: the stream keeps what it has, at least the floor, and asks again later)
+        stream.recv_limit = limit
+        if pool is not None:
+            pool.update(stream, receiving)
         self._out.window_dirty[stream.sid] = None
+
+    def _grant(self, stream: StreamRecord) -> int:
+        """The receive window to grant ``stream`` now: its (auto-tuned) window, limited by the session's pool."""
+        pool = self.pool
+        return stream.window if pool is None else pool.grant(stream, stream.window, len(self.streams))
 
     def close(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)
@@ -521,6 +580,15 @@ class StreamTable:
         if stream.blocked and self.send_credit(stream.sid) > 0:
             stream.blocked = False
             self.writable.add(stream.sid)
+        blocked = self.send_blocked
+        if blocked and self.send_buffered() <= (self.limits.session_send_buffer or 0) // 2:
+            # Half drained: wake every writer the session cap held (together, so none is left behind).
+            for sid in blocked:
+                other = self.streams.get(sid)
+                if other is not None and other.blocked:
+                    other.blocked = False
+                    self.writable.add(sid)
+            blocked.clear()
         self._maybe_release(stream)
 
     def expire(self, now: float, events: list[Event]) -> None:

@@ -155,6 +155,7 @@ async def main(args: argparse.Namespace) -> None:
         print("after_single_hwm_kib", {k: _status(p, "VmHWM") for k, p in pids.items()})
         for round_ in range(args.rounds):
             start = time.perf_counter()
+            cpu0 = {k: _cpu(p) for k, p in pids.items()}
             async with trio.open_nursery() as transfers:
                 for _ in range(args.streams):
                     transfers.start_soon(_transfer, ports["echo"], args.size)
@@ -164,6 +165,8 @@ async def main(args: argparse.Namespace) -> None:
                 {k: _status(p, "VmHWM") for k, p in pids.items()},
                 "rss kib",
                 {k: _status(p, "VmRSS") for k, p in pids.items()},
+                "cpu s",
+                {k: round(_cpu(p) - cpu0[k], 2) for k, p in pids.items()},
             )
         client.kill()
         server.kill()

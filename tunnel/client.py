@@ -223,7 +223,7 @@ class _Client:
             async with open_session(
                 link,
                 role=Role.CLIENT,
-                config=session_config(cfg.timeouts, role=Role.CLIENT),
+                config=session_config(cfg.timeouts, role=Role.CLIENT, memory=cfg.link_memory),
                 name=cfg.name,
                 token=cfg.token,
                 channel_binding=binding,
@@ -352,7 +352,7 @@ class _Client:
             SessionClosedError: the link ended first.
         """
         body: dict[str, str | int | float] = {"name": spec.name, "bind": spec.bind_host, "port": spec.bind_port}
-        if spec.protocol == "udp":
+        if spec.protocol == "udp" and spec.idle_timeout is not None:
             body["idle_timeout"] = spec.idle_timeout
         if spec.group is not None:
             body.update(group=spec.group, balance=spec.balance)
@@ -501,6 +501,7 @@ def destination(spec: RemoteSpec) -> Destination:
         "local service",
         udp=spec.protocol == "udp",
         proxy_protocol=spec.proxy_protocol,
+        idle=spec.idle_timeout if spec.protocol == "tcp" else None,
     )
 
 

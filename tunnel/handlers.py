@@ -33,6 +33,7 @@ from trio_tunnel.proto.proxyheader import Address
 from .console import format_hostport
 from .dial import DialError, dial, peer_address
 from .errors import SessionClosedError, StreamOpenError
+from .idle import run_splice
 from .metrics import ServiceStats, open_result
 from .mux import MuxStream, Session
 from .relay import Splice, SpliceResult
@@ -71,6 +72,8 @@ class Destination:
     """``v1``/``v2``: write a PROXY protocol header (from the stream's meta) to the target before the first byte."""
     stats: ServiceStats | None = None
     """Where the connections it answers are counted (:mod:`trio_tunnel.metrics`)."""
+    idle: float | None = None
+    """TCP: close a connection after this many seconds without a byte either way (:mod:`trio_tunnel.idle`)."""
 
 
 @attrs.frozen
@@ -220,7 +223,7 @@ class Traffic:
             if stats is not None:
                 stats.begin(splicer)
             try:
-                result = await splicer.run()
+                result = await run_splice(splicer, destination.idle)
             finally:
                 if stats is not None:
                     stats.end(splicer)

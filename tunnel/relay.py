@@ -68,7 +68,7 @@ kernel's own socket buffers (several MiB each under autotuning)."""
 _LINGER_ABORT: Final = struct.pack("ii", 1, 0)
 _CAUSE_DEPTH: Final = 8
 
-Ending = Literal["open", "eof", "reset", "error", "send_failed", "closed", "cancelled"]
+Ending = Literal["open", "eof", "reset", "error", "send_failed", "closed", "cancelled", "idle"]
 """How one direction of a splice ended.
 
 * ``"open"``: still copying (seen only in :meth:`Splice.snapshot` of a running splice).
@@ -81,6 +81,8 @@ Ending = Literal["open", "eof", "reset", "error", "send_failed", "closed", "canc
   cannot half-close was closed at the other direction's EOF).
 * ``"cancelled"``: stopped because the other direction ended abortively, or the splice was
   cancelled.
+* ``"idle"``: stopped by a service's idle timeout (:mod:`trio_tunnel.idle`): no bytes either way
+  for that long.
 """
 
 
@@ -159,6 +161,9 @@ class Splice:
     _scope: trio.CancelScope | None
     # Each direction's count, ending and detail, as plain slots (one object per connection end, not three).
     _n_ab: int
+    active_at: float
+    """When a chunk last went through, either way (0.0 before the first): :mod:`trio_tunnel.idle` reads it.
+    Storing a time per chunk is cheaper than moving a deadline per read."""
     _n_ba: int
     _end_ab: Ending | None
     _end_ba: Ending | None
@@ -174,6 +179,7 @@ class Splice:
         self._ran = False
         self._scope = None
         self._n_ab = self._n_ba = 0
+        self.active_at = 0.0
         self._end_ab = self._end_ba = None
         self._detail_ab = self._detail_ba = ""
 
@@ -262,9 +268,10 @@ class Splice:
         # Our own streams can skip the scheduler pass at the end of send_all: the loop's next receive_some is a
         # checkpoint anyway (it yields or waits), so each turn of the loop still has one.
         light = dst if isinstance(dst, (TcpStream, MuxStream)) else None
+        budgeted = dst if isinstance(dst, MuxStream) else None  # read only what the link can queue now
         while True:
             try:
-                data = await src.receive_some(self.chunk)
+                data = await src.receive_some(self.chunk if budgeted is None else await budgeted.send_room(self.chunk))
             except trio.BrokenResourceError as exc:
                 detail = _describe(exc)
                 code = _reset_code(exc)
@@ -297,6 +304,7 @@ class Splice:
             except trio.ClosedResourceError:
                 self._finish(forward, "closed", "destination closed locally")
                 return
+            self.active_at = trio.current_time()
             if forward:
                 self._n_ab += len(data)
             else:

@@ -249,7 +249,9 @@ class _Server:
                 open_session(
                     link,
                     role=Role.SERVER,
-                    config=session_config(cfg.timeouts, role=Role.SERVER, max_streams=cfg.max_streams_per_client),
+                    config=session_config(
+                        cfg.timeouts, role=Role.SERVER, max_streams=cfg.max_streams_per_client, memory=cfg.link_memory
+                    ),
                     tokens=cfg.tokens,
                     channel_binding=binding,
                 ) as session,

@@ -378,6 +378,25 @@ class MuxStream(trio.abc.HalfCloseableStream):
         finally:
             self._sending = False
 
+    async def send_room(self, limit: int) -> int:
+        """How many bytes to read from a source for this stream: its send credit, at most ``limit``, waiting while
+        there is none. A relay that reads no more than this never holds bytes it cannot queue: they stay in the
+        kernel's socket buffer and the session's memory budget (``link_memory``) bounds what the process holds.
+
+        No schedule point unless it waits (the relay's next read is one). When the stream cannot send (not yet
+        accepted, closed, broken) it answers ``limit``: ``send_all`` then does what it always did.
+        """
+        session = self._session
+        while True:
+            if self._pending or self._closed or self._eof_sent or self._error is not None or self._sending:
+                return limit
+            room = session.stream_send_credit(self.stream_id)
+            if room > 0:
+                return min(room, limit)
+            if self._send_wakeup is None:
+                self._send_wakeup = _Wakeup()
+            await self._send_wakeup.wait()
+
     async def wait_send_all_might_not_block(self) -> None:
         if self._sending:
             raise trio.BusyResourceError("another task is already sending on this stream")

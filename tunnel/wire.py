@@ -15,6 +15,7 @@ from .mux import Role, SessionConfig
 
 __all__ = [
     "CLIENT_MAX_STREAMS",
+    "LINK_MEMORY",
     "EXPOSE",
     "EXPOSE_UDP",
     "FORWARD_ROUTE",
@@ -53,11 +54,23 @@ A kind of its own so that a server without UDP refuses it instead of binding a T
 REPLACED: Final = "replaced"
 """Start of the GOAWAY reason sent to a link that another client with the same name took over."""
 
+LINK_MEMORY: Final = 4 * 1024 * 1024
+"""Default ``link_memory``: the stream bytes one link may hold in its buffers (see session_config)."""
+
+MIN_LINK_MEMORY: Final = 1024 * 1024
+"""Smaller ``link_memory`` values count as this: below it a lone stream could not have its 256 KiB window."""
+
+FLOOR_SHARE: Final = 1024
+"""Each stream's floor window is ``link_memory / FLOOR_SHARE`` (4-64 KiB): the budget is sized for about this many
+busy streams, and with more the floors add at most their own share on top of it."""
+
 CLIENT_MAX_STREAMS: Final = 1 << 20
 """Streams a client lets its server have open at once: in effect no limit of its own (see session_config)."""
 
 
-def session_config(timeouts: Timeouts, *, role: Role, max_streams: int = 1024) -> SessionConfig:
+def session_config(
+    timeouts: Timeouts, *, role: Role, max_streams: int = 1024, memory: int = LINK_MEMORY
+) -> SessionConfig:
     """The mux settings for a link, from the user's timeouts.
 
     A stream open waits at least a second longer than the far side may spend dialing its target, so that when a
@@ -69,8 +82,15 @@ def session_config(timeouts: Timeouts, *, role: Role, max_streams: int = 1024) -
     on OPEN and RST. The client accepts what its own server opens (one stream per external connection): it sets no
     stream limit of its own (the server's ``max_connections_per_service`` bounds them) and does not rate-limit
     them, so a burst of visitors is never cut short.
+
+    ``memory`` (``link_memory``) is the session's memory budget (proto/budget.py): half for receive windows granted
+    above each stream's floor (:data:`FLOOR_SHARE`), half for bytes queued to send. A new stream is granted the floor at
+    once and a 256 KiB window (growing by auto-tuning) out of the shared half once it reads, so a lone stream moves
+    as fast as before, and 500 busy ones share the budget instead of holding 256 KiB each.
     """
     from trio_tunnel import proto
+
+    memory = max(memory, MIN_LINK_MEMORY)
 
     # Windows may grow to 16 MiB (protocol default 8): one stream then fills a 1 Gbit/s link at 50 ms RTT (a
     # bandwidth-delay product of 6 MB, and WINDOW goes out at half a window). Growth still comes out of the
@@ -82,6 +102,10 @@ def session_config(timeouts: Timeouts, *, role: Role, max_streams: int = 1024) -
         max_streams=max_streams,
         max_window=16 * 1024 * 1024,
         send_quantum=32 * 1024,
+        initial_window=min(max(memory // FLOOR_SHARE, 4 * 1024), 64 * 1024),
+        stream_window=256 * 1024,
+        session_window=memory // 2,
+        session_send_buffer=memory // 2,
     )
     if role is Role.CLIENT:
         # The server bounds what it opens (max_connections_per_service, per service); a stream cap here as well

@@ -11,7 +11,7 @@ import attrs
 from trio_tunnel.console import format_hostport
 from trio_tunnel.errors import ConfigError
 
-from .fields import ANY_PORT, REAL_PORT, Rule, describe, seconds, toml
+from .fields import ANY_PORT, REAL_PORT, SECONDS, Rule, describe, seconds, toml
 from .operations import BALANCE, GROUP_NAME, PROXY_VERSION, optional
 
 DEFAULT_SERVER_PORT: Final = 7835
@@ -214,6 +214,16 @@ UDP_IDLE_DEFAULT: Final = 60.0
 """Seconds a UDP flow lives without a datagram either way (``idle_timeout``)."""
 
 
+def _idle_field() -> Any:
+    """An attrs field: seconds or None; by default 60 for a UDP service, None (no idle timeout) for a TCP one."""
+    return attrs.field(
+        default=attrs.Factory(lambda self: UDP_IDLE_DEFAULT if self.protocol == "udp" else None, takes_self=True),
+        converter=SECONDS.converter,
+        validator=attrs.validators.optional(SECONDS.validator),
+        metadata=toml(rule=SECONDS),
+    )
+
+
 def split_protocol(text: str) -> tuple[str, str]:
     """``"53/udp"`` -> ``("53", "udp")``; without a suffix (or with ``/tcp``) the protocol is TCP."""
     stripped = text.strip()
@@ -303,7 +313,7 @@ class _ForwardSpec:
     target_host: str
     target_port: int
     protocol: str
-    idle_timeout: float
+    idle_timeout: float | None
 
     @classmethod
     def parse(cls, text: str, **extra: Any) -> Self:
@@ -397,8 +407,10 @@ class RemoteSpec(_ForwardSpec):
     """Server-side listening address; default all IPv4 interfaces."""
     protocol: str = PROTOCOL.field(default="tcp", metadata=toml(rule=PROTOCOL))
     """``"udp"``: a UDP service (``-R ...:53/udp``); each flow is one stream on the link."""
-    idle_timeout: float = seconds(UDP_IDLE_DEFAULT)
-    """UDP only: a flow ends after this many seconds without a datagram either way."""
+    idle_timeout: float | None = _idle_field()
+    """UDP: a flow ends after this many seconds without a datagram either way (default 60). TCP: a visitor's
+    connection is closed after this many seconds without a byte either way (default None: never,
+    :mod:`trio_tunnel.idle`)."""
     name: str = _name_field()
     """The service's name (``exposed NAME HOST:PORT``); default ``target_host:target_port`` (``-udp`` appended for
     a UDP service)."""

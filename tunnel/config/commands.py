@@ -172,6 +172,9 @@ class ServerConfig:
     """Concurrent UDP flows (sources) on one exposed UDP service; datagrams from more are dropped."""
     max_flows_per_client: int = count(4096)
     """Concurrent UDP flows over one client's link, all its UDP services together."""
+    link_memory: int = count(4 * 1024 * 1024)
+    """Bytes of stream data one link may hold in its buffers (the session memory budget, proto/budget.py): half
+    for receive windows above each stream's floor (link_memory / 1024, 4-64 KiB), half for bytes queued to send."""
     tls_cert: str | None = _path("tls_cert")
     """The server's certificate (PEM; a chain: the server's first) for the link; with ``tls_key``. None: the
     server's own key and self-signed certificate in ``state_dir``, made on first start."""
@@ -307,6 +310,9 @@ class ClientConfig:
     """No TLS on the link (the server must say so too): every byte crosses the network readable and changeable."""
     exit_on_refusal: bool = BOOLEAN.field(default=False, metadata=toml(rule=BOOLEAN))
     """End the client (exit 1) when the server refuses a service, instead of retrying or carrying on without it."""
+    link_memory: int = count(4 * 1024 * 1024)
+    """Bytes of stream data one link may hold in its buffers (the session memory budget, proto/budget.py): half
+    for receive windows above each stream's floor (link_memory / 1024, 4-64 KiB), half for bytes queued to send."""
     metrics: HostPort | None = attrs.field(
         default=None, metadata=hostport_key(default_host="127.0.0.1", allow_zero=True)
     )
