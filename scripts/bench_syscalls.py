@@ -44,8 +44,13 @@ async def _echo(stream: trio.SocketStream) -> None:
         pass
 
 
+_pending: dict[int, bytes] = {}
+"""Bytes read past the last line returned, per stream: two lines that arrive in one read (the server's fingerprint
+and listening lines often do) must not lose the second one."""
+
+
 async def _line(stream: trio.abc.ReceiveStream, pattern: str) -> re.Match[str]:
-    buf = b""
+    buf = _pending.pop(id(stream), b"")
     while True:
         while b"\n" not in buf:
             chunk = await stream.receive_some(4096)
@@ -54,6 +59,7 @@ async def _line(stream: trio.abc.ReceiveStream, pattern: str) -> re.Match[str]:
             buf += chunk
         line, buf = buf.split(b"\n", 1)
         if m := re.match(pattern, line.decode()):
+            _pending[id(stream)] = buf
             return m
 
 

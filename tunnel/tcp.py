@@ -124,6 +124,11 @@ def _sendmsg_nowait(sock: socket.socket, parts: Sequence[bytes | memoryview]) ->
         return 0
 
 
+_SHORT_READ: Final = 4096
+"""A read shorter than this (and than asked for) was a message, not part of a stream of bytes: the next read most
+likely finds the socket empty, so it waits first (see TcpStream.receive_some). A bulk read is longer, and the next
+one usually finds more bytes already there."""
+
 _IOV_MAX: Final = 1024
 """Buffers per sendmsg call at most (Linux's IOV_MAX; more would fail with EMSGSIZE)."""
 
@@ -144,7 +149,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
             like, never for I/O.
     """
 
-    __slots__ = ("_eof_sent", "_receiving", "_sending", "socket")
+    __slots__ = ("_drained", "_eof_sent", "_receiving", "_sending", "socket")
 
     def __init__(self, sock: socket.socket) -> None:
         """Wrap a connected stream socket (it is made non-blocking). Prefer :meth:`adopt`."""
@@ -155,6 +160,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
         self._receiving = False
         self._sending = False
         self._eof_sent = False
+        self._drained = False  # the last read was short (a message, not a stream): the socket is most likely empty
 
     @classmethod
     def adopt(cls, stream: trio.SocketStream) -> TcpStream:
@@ -181,12 +187,21 @@ class TcpStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint_if_cancelled()
             sock = self.socket
             waited = False
+            if self._drained:
+                # After a short read the socket is most likely empty: wait first and save the recv that would
+                # fail with EAGAIN (one system call per message on latency-bound traffic). If bytes did come
+                # meanwhile, the wait returns in the next pass, which the call's checkpoint would cost anyway.
+                if sock.fileno() == -1:
+                    raise trio.ClosedResourceError("this socket was already closed")
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
             while True:
                 try:
                     data = _recv_nowait(sock, max_bytes)
                 except OSError as exc:
                     _raise_stream_error(exc)
                 if data is not None:
+                    self._drained = len(data) < _SHORT_READ and len(data) < max_bytes
                     if not waited:  # a call is a schedule point; a wait already was one (no extra scheduler pass)
                         await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
@@ -242,6 +257,22 @@ class TcpStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
+
+    def send_nowait(self, parts: Sequence[bytes | memoryview]) -> int:
+        """:class:`~trio_tunnel.sink.Sink`: as much of ``parts`` as the socket takes now (one ``sendmsg``); 0 when it
+        would block, while a ``send_all`` is under way, after ``send_eof``, or on any socket error (the next
+        ``send_all`` reports it). Lets a task that read bytes write them on without waking the sender's task."""
+        if self._sending or self._eof_sent:
+            return 0
+        try:
+            return _sendmsg_nowait(self.socket, parts if len(parts) <= _IOV_MAX else parts[:_IOV_MAX])
+        except OSError:
+            return 0
+
+    @property
+    def holds_unsent(self) -> bool:
+        """:class:`~trio_tunnel.sink.Sink`: never (what the kernel did not take was not taken)."""
+        return False
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._sending:

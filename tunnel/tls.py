@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from typing import Final, NoReturn, final
 
 import trio
-from trio_tunnel.tcp import DEFAULT_RECEIVE_SIZE, TcpStream
+from trio_tunnel.tcp import _SHORT_READ, DEFAULT_RECEIVE_SIZE, TcpStream
 
 __all__ = ["CLOSE_NOTIFY_TIMEOUT", "TlsHandshakeError", "TlsStream"]
 
@@ -166,7 +166,18 @@ class TlsStream(trio.abc.Stream):
             for I/O.
     """
 
-    __slots__ = ("_closed", "_local_der", "_lot", "_receiving", "_rwait", "_sending", "_unsent", "_wwait", "socket")
+    __slots__ = (
+        "_closed",
+        "_drained",
+        "_local_der",
+        "_lot",
+        "_receiving",
+        "_rwait",
+        "_sending",
+        "_unsent",
+        "_wwait",
+        "socket",
+    )
 
     def __init__(self, sock: ssl.SSLSocket, *, local_certificate: bytes | None = None) -> None:
         """Wrap a non-blocking SSLSocket (handshake done or to be done with :meth:`do_handshake`). Prefer
@@ -181,6 +192,7 @@ class TlsStream(trio.abc.Stream):
         self._wwait = False  # ... in wait_writable
         self._lot: trio.lowlevel.ParkingLot | None = None  # tasks waiting for the waiting task (rare: made lazily)
         self._unsent: bytes | None = None  # the retry a cancelled send_all left (OpenSSL needs the same buffer)
+        self._drained = False  # the last read was short and OpenSSL holds nothing more: wait before reading
 
     @classmethod
     async def handshake(
@@ -324,13 +336,19 @@ class TlsStream(trio.abc.Stream):
                 raise trio.ClosedResourceError("this stream was closed")
             sock = self.socket
             waited = False
+            if self._drained:
+                # As TcpStream.receive_some: after a short read that emptied OpenSSL's record (pending() was 0; without
+                # read-ahead OpenSSL reads no further than the record it decrypts), the socket is most likely empty.
+                await self._wait(_READ)
+                waited = True
             while True:
-                # Reading first, always: OpenSSL may hold decrypted bytes (pending()) with nothing on the socket.
+                # Otherwise reading first: OpenSSL may hold decrypted bytes (pending()) with nothing on the socket.
                 try:
                     data = _read_nowait(sock, max_bytes)
                 except OSError as exc:
                     self._raise_error(exc)
                 if isinstance(data, bytes):
+                    self._drained = len(data) < _SHORT_READ and len(data) < max_bytes and not sock.pending()
                     if not waited:
                         await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
@@ -388,6 +406,31 @@ class TlsStream(trio.abc.Stream):
                 self._unsent = view if type(view) is bytes else bytes(view)
                 raise
             waited = True
+
+    def send_nowait(self, parts: Sequence[bytes | memoryview]) -> int:
+        """:class:`~trio_tunnel.sink.Sink`: one ``SSL_write`` of the joined parts, without waiting. OpenSSL writes
+        all or nothing, but when the socket fills midway it has committed the records it made and needs the same
+        bytes again: then they are kept (as a cancelled ``send_all`` keeps them), all count as taken, and
+        :attr:`holds_unsent` tells the owner of the waiting to call ``send_all`` (which finishes them first).
+        0 while a send is under way, something is still unsent, the stream is closed, or on any error."""
+        if self._sending or self._closed or self._unsent is not None:
+            return 0
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        size = len(data)
+        if not size:
+            return 0
+        try:
+            want = _write_nowait(self.socket, data)
+        except OSError:
+            return 0
+        if want:
+            self._unsent = data if type(data) is bytes else bytes(data)
+        return size
+
+    @property
+    def holds_unsent(self) -> bool:
+        """:class:`~trio_tunnel.sink.Sink`: a write OpenSSL must retry is pending (see :meth:`send_nowait`)."""
+        return self._unsent is not None
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._sending:
