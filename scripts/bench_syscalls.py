@@ -6,7 +6,8 @@ needs on its way through the server and the client (two hops each way), and the 
 
 The script starts an echo service, then for each executable given (default: this checkout's ``trio-tunnel``) a
 server and a client with ``-R`` to the echo service, warms up, attaches ``strace -c -f`` to both processes, runs
-``--round-trips`` ping-pongs of 64 bytes and reports the counts per round trip.
+``--round-trips`` ping-pongs of 64 bytes and reports the counts per round trip. Before that, untraced, it runs five
+times as many and reports the CPU time (utime+stime) of the server and client per round trip.
 
 Usage::
 
@@ -34,6 +35,7 @@ import trio
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "bench-syscalls-token-0123456789"
 MESSAGE = b"x" * 64
+CPU_KEY = "(cpu ns)"
 
 
 async def _echo(stream: trio.SocketStream) -> None:
@@ -86,6 +88,16 @@ def _parse_strace_summary(path: str) -> dict[str, int]:
     return counts
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """utime+stime of the processes (/proc/PID/stat, clock ticks)."""
+    total = 0
+    for pid in pids:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        fields = text[text.rfind(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 async def measure(exe: str, echo_port: int, n: int, link_mode: str = "tls") -> dict[str, int]:
     """``link_mode``: ``tls`` (the default link, a throwaway key pinned by the client), ``plaintext``
     (``--insecure-plaintext`` on both), or ``none`` (no link flags: a checkout from before TLS)."""
@@ -122,6 +134,12 @@ async def measure(exe: str, echo_port: int, n: int, link_mode: str = "tls") -> d
         assert client.stdout is not None
         public = int((await _line(client.stdout, r"exposed \S+ \S+:(\d+)")).group(1))
         await _round_trips(public, 200)  # warm-up
+        # CPU first, untraced: the tunnel's two processes' CPU time per round trip (the ptrace of strace would
+        # inflate it many times over). Clock ticks are coarse: enough round trips for a few hundred of them.
+        pids = [server.pid, client.pid]
+        cpu0 = _cpu_seconds(pids)
+        await _round_trips(public, 5 * n)
+        counts_cpu = round((_cpu_seconds(pids) - cpu0) / (5 * n) * 1e9)  # ns per round trip
         with tempfile.NamedTemporaryFile(suffix=".strace") as out:
             tracer = await trio.lowlevel.open_process(
                 ["strace", "-c", "-f", "-o", out.name, "-p", str(server.pid), "-p", str(client.pid)],
@@ -131,7 +149,7 @@ async def measure(exe: str, echo_port: int, n: int, link_mode: str = "tls") -> d
             await _round_trips(public, n)
             tracer.send_signal(signal.SIGINT)
             await tracer.wait()
-            return _parse_strace_summary(out.name)
+            return {**_parse_strace_summary(out.name), CPU_KEY: counts_cpu}
     finally:
         for proc in (server, client):
             if proc is not None:
@@ -148,9 +166,10 @@ async def main(exes: list[str], n: int, link_mode: str) -> None:
         print(f"system calls per 64-byte round trip, server and client together ({n} round trips):")
         for exe in exes:
             counts = await measure(exe, echo_port, n, link_mode)
+            cpu_ns = counts.pop(CPU_KEY)
             top = sorted(counts.items(), key=lambda kv: -kv[1])[:6]
             print(
-                f"  {exe}: total {sum(counts.values()) / n:.1f}; "
+                f"  {exe}: CPU {cpu_ns / 1e3:.0f} µs (untraced); total {sum(counts.values()) / n:.1f}; "
                 + ", ".join(f"{name} {calls / n:.1f}" for name, calls in top)
             )
         nursery.cancel_scope.cancel()
