@@ -155,7 +155,8 @@ class TcpStream(trio.abc.HalfCloseableStream):
         """Wrap a connected stream socket (it is made non-blocking). Prefer :meth:`adopt`."""
         if sock.type != socket.SOCK_STREAM:
             raise ValueError("TcpStream needs a SOCK_STREAM socket")
-        sock.setblocking(False)
+        if sock.gettimeout() != 0.0:  # a system call: not for a socket made non-blocking already
+            sock.setblocking(False)
         self.socket = sock
         self._receiving = False
         self._sending = False
@@ -420,11 +421,31 @@ async def _accept_loop(
         _set_stream_options(listener.socket)
         if keepalive:
             set_keepalive(listener.socket)
+    # The listening socket as a standard library object sharing Trio's descriptor (never closed through it:
+    # detached below), so that an accept makes one socket object, not Trio's and then ours.
+    view = _socket_view(listener.socket) if inherit else None  # type: ignore[attr-defined]
+    try:
+        await _accept_forever(handler, listener, handlers, keepalive, view)
+    finally:
+        if view is not None:
+            view.detach()
+
+
+def _socket_view(tsock: trio.socket.SocketType) -> socket.socket:
+    return socket.socket(tsock.family, tsock.type, tsock.proto, fileno=tsock.fileno())
+
+
+async def _accept_forever(
+    handler: Callable[[TcpStream], Awaitable[object]],
+    listener: trio.abc.Listener[trio.SocketStream],
+    handlers: trio.Nursery,
+    keepalive: bool,
+    view: socket.socket | None,
+) -> None:
     while True:
         try:
-            if inherit:
-                assert isinstance(listener, trio.SocketListener)
-                stream = await _accept_inheriting(listener.socket)
+            if view is not None:
+                stream = await _accept_inheriting(view)
             else:
                 stream = TcpStream.adopt(await listener.accept())
                 if keepalive:
@@ -448,19 +469,38 @@ async def _accept_loop(
             raise
 
 
-async def _accept_inheriting(listening: trio.socket.SocketType) -> TcpStream:
+async def _accept_inheriting(listening: socket.socket) -> TcpStream:
     """The next connection on a listening socket whose options the connection inherits (no SocketStream made and
-    thrown away, no per-connection setsockopt)."""
+    thrown away, no per-connection setsockopt; one socket object: ``accept4``, ``getsockname`` and ``FIONBIO``
+    are all the system calls). A checkpoint, as Trio's accept is."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    waited = False
     while True:
         try:
-            sock, _ = await listening.accept()
+            fd = _accept_nowait(listening)
         except OSError as exc:
             if exc.errno in (errno.EBADF, errno.ENOTSOCK):
                 raise trio.ClosedResourceError("the listener was closed") from None
             if exc.errno in _SKIP_ERRNOS:
                 continue
             raise
-        return TcpStream(socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach()))
+        if fd is None:
+            await trio.lowlevel.wait_readable(listening)
+            waited = True
+            continue
+        stream = TcpStream(socket.socket(listening.family, listening.type, listening.proto, fileno=fd))
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return stream
+
+
+def _accept_nowait(listening: socket.socket) -> int | None:
+    """A new connection's descriptor, or None when none is waiting (see _recv_nowait on why a helper)."""
+    try:
+        fd, _ = listening._accept()  # type: ignore[attr-defined]  # socket.accept without its socket object
+    except BlockingIOError:
+        return None
+    return int(fd)
 
 
 def _name(listener: trio.abc.Listener[trio.SocketStream]) -> str:
