@@ -34,6 +34,10 @@ what the destination does not take goes to the task that owns the waiting:
   (:meth:`Session._write_now`) if the writer is idle: not inside its loop (``_writing``) and no *tail* (bytes a
   synchronous write could not put on the wire). What the link does not take becomes the tail and the writer is
   woken; it sends the tail before asking the connection for anything else. A second batch is the writer's too.
+  At most one such write per scheduler pass (passes are counted by a Trio instrument): when a second one is wanted
+  in the same pass, many streams are busy at once, and the writer's one batch per pass (one ``sendmsg``, one TLS
+  record for all of them) is cheaper than a write each, so the writer takes over until a pass goes by without a
+  kick joining its batch. A lone message (the latency-bound case) still crosses in one pass.
 * **out of the link** (``MuxStream.set_sink``, used by :mod:`trio_tunnel.relay`): a stream's bytes that arrive while
   its splice task sleeps in ``receive_some`` on an empty buffer are written by the reader, after the whole batch of
   events is applied (one ``sendmsg`` for all of a batch's frames), straight into the socket the splice would have
@@ -92,6 +96,36 @@ __all__ = [
 logger: Final = logging.getLogger(__name__)
 
 
+@final
+class _Passes(trio.abc.Instrument):
+    """Counts Trio's scheduler passes (one ``before_io_wait`` per pass); nothing else. A session writes into its
+    link from the calling task at most once per pass: the next write of the same pass goes to the writer, whose
+    one batch, a pass later, then takes every frame queued meanwhile (many streams busy at once: one write for all,
+    not one each)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.count += 1
+
+
+_PASSES: Final = trio.lowlevel.RunVar[_Passes]("trio_tunnel_mux_passes")
+
+
+def _passes() -> _Passes:
+    """The run's pass counter (one instrument per Trio run, installed by the first session)."""
+    try:
+        return _PASSES.get()
+    except LookupError:
+        passes = _Passes()
+        trio.lowlevel.add_instrument(passes)
+        _PASSES.set(passes)
+        return passes
+
+
 def unwrap_group(eg: BaseExceptionGroup[BaseException]) -> BaseException:
     """The single real exception inside a nursery's group (internal tasks never raise), else the group."""
     leaves = [e for e in eg.exceptions if not isinstance(e, trio.Cancelled)] or list(eg.exceptions)
@@ -124,6 +158,9 @@ class Session:
         self._tail: list[bytes | memoryview] | None = None
         self._dispatching = False
         self._deliveries: list[MuxStream] = []
+        self._passes = _passes()
+        self._written_in_pass = -1  # the pass in which a task other than the writer last wrote into the link
+        self._busy_through = -1  # until this pass, writes go to the writer (several were wanted in one pass)
         self._timer_event = trio.Event()
         self._closed_event = trio.Event()
         self._handshake_done = trio.Event()
@@ -402,11 +439,27 @@ class Session:
         """There is something to write: write it now from this task if the writer is idle (one scheduler pass per
         hop), else wake the writer. During the reader's batch, nothing: the reader writes once after it."""
         if self._dispatching:
+            return  # the reader writes once after its batch
+        now = self._passes.count
+        if self._writer_event.is_set():
+            self._busy_through = now + 1  # a woken writer's next batch takes this too; stay with it a while
             return
         sink = self._sink
-        if sink is None or self._writing or self._tail is not None or self._dead is not None:
+        if (
+            sink is None
+            or self._writing
+            or self._tail is not None
+            or self._dead is not None
+            or now <= self._busy_through
+        ):
+            self._writer_event.set()
+        elif self._written_in_pass == now:
+            # A second write in one pass: many streams are busy at once. The writer batches them (one write, one
+            # TLS record for all) until a pass goes by with at most one.
+            self._busy_through = now + 1
             self._writer_event.set()
         else:
+            self._written_in_pass = now
             self._write_now(sink)
 
     def _write_now(self, sink: Sink) -> None:

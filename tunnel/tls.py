@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from typing import Final, NoReturn, final
 
 import trio
-from trio_tunnel.tcp import _SHORT_READ, DEFAULT_RECEIVE_SIZE, TcpStream
+from trio_tunnel.tcp import DEFAULT_RECEIVE_SIZE, TcpStream
 
 __all__ = ["CLOSE_NOTIFY_TIMEOUT", "TlsHandshakeError", "TlsStream"]
 
@@ -168,7 +168,6 @@ class TlsStream(trio.abc.Stream):
 
     __slots__ = (
         "_closed",
-        "_drained",
         "_local_der",
         "_lot",
         "_receiving",
@@ -192,7 +191,6 @@ class TlsStream(trio.abc.Stream):
         self._wwait = False  # ... in wait_writable
         self._lot: trio.lowlevel.ParkingLot | None = None  # tasks waiting for the waiting task (rare: made lazily)
         self._unsent: bytes | None = None  # the retry a cancelled send_all left (OpenSSL needs the same buffer)
-        self._drained = False  # the last read was short and OpenSSL holds nothing more: wait before reading
 
     @classmethod
     async def handshake(
@@ -336,19 +334,13 @@ class TlsStream(trio.abc.Stream):
                 raise trio.ClosedResourceError("this stream was closed")
             sock = self.socket
             waited = False
-            if self._drained:
-                # As TcpStream.receive_some: after a short read that emptied OpenSSL's record (pending() was 0; without
-                # read-ahead OpenSSL reads no further than the record it decrypts), the socket is most likely empty.
-                await self._wait(_READ)
-                waited = True
             while True:
-                # Otherwise reading first: OpenSSL may hold decrypted bytes (pending()) with nothing on the socket.
+                # Reading first, always: OpenSSL may hold decrypted bytes (pending()) with nothing on the socket.
                 try:
                     data = _read_nowait(sock, max_bytes)
                 except OSError as exc:
                     self._raise_error(exc)
                 if isinstance(data, bytes):
-                    self._drained = len(data) < _SHORT_READ and len(data) < max_bytes and not sock.pending()
                     if not waited:
                         await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
