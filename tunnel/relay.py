@@ -220,6 +220,9 @@ class Splice:
                 await self._copy(True)
             finished = True
         finally:
+            for stream in (self.a, self.b):
+                if isinstance(stream, MuxStream):
+                    stream.set_sink(None)  # nobody copies it into the socket any more
             self._end_ab = self._end_ab or "cancelled"
             self._end_ba = self._end_ba or "cancelled"
             try:
