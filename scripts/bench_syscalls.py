@@ -7,11 +7,13 @@ needs on its way through the server and the client (two hops each way), and the 
 The script starts an echo service, then for each executable given (default: this checkout's ``trio-tunnel``) a
 server and a client with ``-R`` to the echo service, warms up, attaches ``strace -c -f`` to both processes, runs
 ``--round-trips`` ping-pongs of 64 bytes and reports the counts per round trip. Before that, untraced, it runs five
-times as many and reports the CPU time (utime+stime) of the server and client per round trip.
+times as many and reports the CPU time (utime+stime) of the server and client per round trip. With
+``--connections N`` the unit is a short connection instead (connect, 64 bytes there and back, close). The six most
+frequent calls are shown; ``BENCH_SYSCALLS_TOP=30`` shows more.
 
 Usage::
 
-    .venv/bin/python scripts/bench_syscalls.py [--round-trips 1000] [EXE ...]
+    .venv/bin/python scripts/bench_syscalls.py [--round-trips 1000 | --connections 300] [--link tls] [EXE ...]
 
 An ``EXE`` runs like ``trio-tunnel`` (e.g. a wrapper ``PYTHONPATH=/tmp/old exec python -P -m trio_tunnel "$@"`` to
 compare with another checkout). Needs strace (``apt-get install strace``) and ptrace permission (root, or
