@@ -21,6 +21,45 @@ A :class:`Session` wraps one :class:`proto.Connection` and one transport (any :c
 application's end of one stream. The session and its streams talk through a small internal interface: the
 session's ``stream_*`` methods (the stream changing the connection's state) and the stream's ``on_*`` hooks (the
 reader, writer and timer reporting the connection's events); neither touches the other's fields.
+
+One scheduler pass per hop
+--------------------------
+A byte crossing a hop used to cost two Trio scheduler passes: the task that read it woke the task that writes, which
+wrote in the next pass. Now, when the destination has no backlog, the task that read the bytes writes them itself
+with a non-blocking send (a :class:`~trio_tunnel.sink.Sink`: ``send_nowait`` never waits and never raises), and only
+what the destination does not take goes to the task that owns the waiting:
+
+* **into the link** (:meth:`Session._kick`): whoever changes the connection's state (a splice's copy task in
+  ``MuxStream.send_all``, the reader after its batch, an opener, a reply) runs one writer batch synchronously
+  (:meth:`Session._write_now`) if the writer is idle: not inside its loop (``_writing``) and no *tail* (bytes a
+  synchronous write could not put on the wire). What the link does not take becomes the tail and the writer is
+  woken; it sends the tail before asking the connection for anything else. A second batch is the writer's too.
+  At most one such write per scheduler pass (passes are counted by a Trio instrument): when a second one is wanted
+  in the same pass, many streams are busy at once, and the writer's one batch per pass (one ``sendmsg``, one TLS
+  record for all of them) is cheaper than a write each, so the writer takes over until a pass goes by without a
+  kick joining its batch. A lone message (the latency-bound case) still crosses in one pass.
+* **out of the link** (``MuxStream.set_sink``, used by :mod:`trio_tunnel.relay`): a stream's bytes that arrive while
+  its splice task sleeps in ``receive_some`` on an empty buffer are written by the reader, after the whole batch of
+  events is applied (one ``sendmsg`` for all of a batch's frames), straight into the socket the splice would have
+  written them to; the task is woken only for what the socket did not take, or for EOF, a reset or an error.
+
+Why the invariants still hold:
+
+* *One writer owns the link.* The link is written by one synchronous call at a time (Trio runs one task at a time
+  and ``_write_now`` has no checkpoint), and only while the writer is not between its own ``send_all`` calls and no
+  tail is waiting; the writer owns every wait for the link and every byte not yet on it, so a write that must wait
+  (and ``write_timeout``, and the ``send_all`` that is not cancel-safe) is still only ever the writer's.
+* *Ordering.* Bytes go on the link in the order the connection hands them out: a synchronous write happens only
+  when nothing handed out earlier is unsent (no tail, writer idle), and its unsent rest is the next thing the
+  writer sends. Out of the link, the reader writes only when the stream's buffer held nothing before this batch
+  and the destination's one sender (the sleeping splice task) is not sending; the rest stays in the buffer, ahead
+  of anything later, for that task.
+* *Flow control.* Unchanged: the connection hands out only what credit allows; bytes written out of the link are
+  acknowledged as consumed exactly when they are written (as ``receive_some`` would), bytes left in the buffer when
+  the task takes them. Nothing is buffered anywhere new: a tail is part of a batch the writer would hold anyway.
+* *Fairness between streams.* Who writes does not decide what is written: every batch, synchronous or the writer's,
+  is the connection's scheduler's choice (control first, then round robin over all streams with data), at most
+  ``write_batch`` bytes. A busy stream's task that writes a batch writes the other streams' data in it too.
 """
 
 from __future__ import annotations
@@ -38,6 +77,7 @@ from trio_tunnel.proto import events as ev
 
 from .errors import HandshakeError, RequestError, SessionClosedError, StreamOpenError, with_auth_advice
 from .session_types import Ended, PendingReply, Request, SessionConfig, SessionStatistics
+from .sink import Sink
 from .stream import MuxStream
 from .tcp import TcpStream
 from .tls import TlsStream
@@ -54,6 +94,36 @@ __all__ = [
 ]
 
 logger: Final = logging.getLogger(__name__)
+
+
+@final
+class _Passes(trio.abc.Instrument):
+    """Counts Trio's scheduler passes (one ``before_io_wait`` per pass); nothing else. A session writes into its
+    link from the calling task at most once per pass: the next write of the same pass goes to the writer, whose
+    one batch, a pass later, then takes every frame queued meanwhile (many streams busy at once: one write for all,
+    not one each)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.count += 1
+
+
+_PASSES: Final = trio.lowlevel.RunVar[_Passes]("trio_tunnel_mux_passes")
+
+
+def _passes() -> _Passes:
+    """The run's pass counter (one instrument per Trio run, installed by the first session)."""
+    try:
+        return _PASSES.get()
+    except LookupError:
+        passes = _Passes()
+        trio.lowlevel.add_instrument(passes)
+        _PASSES.set(passes)
+        return passes
 
 
 def unwrap_group(eg: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -81,6 +151,16 @@ class Session:
         self._writer_done = trio.Event()
         self._flushed_event = trio.Event()
         self._writing = False
+        # One scheduler pass per hop (see the module docstring): the link as a Sink when it is one of ours, the
+        # bytes a synchronous write left for the writer, whether the reader is applying a batch of events (then it
+        # writes once at the end), and the streams whose bytes go straight into their sink after that batch.
+        self._sink: Sink | None = transport if isinstance(transport, TcpStream | TlsStream) else None
+        self._tail: list[bytes | memoryview] | None = None
+        self._dispatching = False
+        self._deliveries: list[MuxStream] = []
+        self._passes = _passes()
+        self._written_in_pass = -1  # the pass in which a task other than the writer last wrote into the link
+        self._busy_through = -1  # until this pass, writes go to the writer (several were wanted in one pass)
         self._timer_event = trio.Event()
         self._closed_event = trio.Event()
         self._handshake_done = trio.Event()
@@ -202,7 +282,7 @@ class Session:
         stream = MuxStream(self, sid, route, dict(meta or {}), opening=True)
         self._streams[sid] = stream
         self._deadline_armed()
-        self._wake_writer()
+        self._kick()
         logger.debug("%s: opened stream %d to %r", self, sid, route)
         if wait_accepted:
             try:
@@ -312,7 +392,7 @@ class Session:
         """Queue stream bytes; how many the connection took (0: no credit or buffer room, wait for on_writable)."""
         taken = self._conn.send_data(stream_id, data)
         if taken:
-            self._writer_event.set()
+            self._kick()
         return taken
 
     def stream_send_credit(self, stream_id: int) -> int:
@@ -324,22 +404,22 @@ class Session:
         conn = self._conn
         conn.acknowledge(stream_id, size, now=trio.current_time())
         if conn.wants_write:
-            self._writer_event.set()
+            self._kick()
 
     def stream_accept(self, stream_id: int) -> None:
         """OPEN_OK for a stream the peer opened."""
         self._conn.accept_stream(stream_id)
-        self._writer_event.set()
+        self._kick()
 
     def stream_reject(self, stream_id: int, code: ErrorCode | int, reason: str) -> None:
         """OPEN_ERR for a stream the peer opened."""
         self._conn.reject_stream(stream_id, code, reason)
-        self._writer_event.set()
+        self._kick()
 
     def stream_end(self, stream_id: int) -> None:
         """FIN after every byte queued so far."""
         self._conn.end_stream(stream_id)
-        self._writer_event.set()
+        self._kick()
 
     def stream_close(self, stream_id: int) -> None:
         """The application is done with the stream: FIN (and RST if the peer still sends), or, for a stream the
@@ -347,12 +427,17 @@ class Session:
         conn = self._conn
         conn.close_stream(stream_id)
         if conn.wants_write:
-            self._writer_event.set()
+            self._kick()
 
     def stream_reset(self, stream_id: int, code: ErrorCode | int, reason: str) -> None:
         """RST: abort both directions, drop unsent data."""
         self._conn.reset_stream(stream_id, code, reason)
-        self._writer_event.set()
+        self._kick()
+
+    def stream_deliver(self, stream: MuxStream) -> None:
+        """Bytes arrived for a stream whose receiver waits with a sink: call its ``on_deliver`` once the reader has
+        applied the whole batch (one write for all of the batch's frames, not one per frame)."""
+        self._deliveries.append(stream)
 
     def stream_forget(self, stream_id: int) -> None:
         """The stream object is closed: events for its id no longer reach it."""
@@ -371,7 +456,7 @@ class Session:
         """Answer a CTRL request (see :class:`Request`); nothing once the session is over."""
         if self._dead is None:
             self._conn.send_reply(request_id, body, code)
-            self._writer_event.set()
+            self._kick()
 
     # ------------------------------------------------------------------------------------------------ tasks
 
@@ -388,6 +473,61 @@ class Session:
 
     def _wake_writer(self) -> None:
         self._writer_event.set()
+
+    def _kick(self) -> None:
+        """There is something to write: write it now from this task if the writer is idle (one scheduler pass per
+        hop), else wake the writer. During the reader's batch, nothing: the reader writes once after it."""
+        if self._dispatching:
+            return  # the reader writes once after its batch
+        now = self._passes.count
+        if self._writer_event.is_set():
+            self._busy_through = now + 1  # a woken writer's next batch takes this too; stay with it a while
+            return
+        sink = self._sink
+        if (
+            sink is None
+            or self._writing
+            or self._tail is not None
+            or self._dead is not None
+            or now <= self._busy_through
+        ):
+            self._writer_event.set()
+        elif self._written_in_pass == now:
+            # A second write in one pass: many streams are busy at once. The writer batches them (one write, one
+            # TLS record for all) until a pass goes by with at most one.
+            self._busy_through = now + 1
+            self._writer_event.set()
+        else:
+            self._written_in_pass = now
+            self._write_now(sink)
+
+    def _write_now(self, sink: Sink) -> None:
+        """One writer batch, made and written synchronously by the calling task: what the link does not take now
+        becomes the writer's tail, and the writer is woken for it (and for a second batch: those are its job)."""
+        conn = self._conn
+        parts = conn.data_to_send_parts(self._config.write_batch)
+        for sid in conn.pop_writable():
+            stream = self._streams.get(sid)
+            if stream is not None:
+                stream.on_writable()
+        if not parts:
+            return
+        sent = sink.send_nowait(parts)
+        for i, part in enumerate(parts):
+            size = len(part)
+            if sent < size:
+                tail = parts[i:]
+                if sent:
+                    tail[0] = memoryview(part)[sent:]
+                self._tail = tail
+                self._writer_event.set()
+                return
+            sent -= size
+        if sink.holds_unsent:
+            self._tail = []  # the link keeps bytes it must finish itself: the writer's send_all does that
+            self._writer_event.set()
+        elif conn.wants_write:
+            self._writer_event.set()
 
     def _deadline_armed(self) -> None:
         """An open timeout was armed: wake the timer only if it would otherwise sleep past it."""
@@ -426,7 +566,7 @@ class Session:
             self._rx_waiter = None
         self._dispatch(self._conn.receive_data(data, now=now))
         if self._conn.wants_write:
-            self._wake_writer()
+            self._kick()
 
     async def _reader(self) -> None:
         while self._dead is None:
@@ -445,13 +585,16 @@ class Session:
                 self._writing = True
                 batches = 0
                 while True:
-                    parts = conn.data_to_send_parts(self._config.write_batch)
-                    for sid in conn.pop_writable():
-                        stream = self._streams.get(sid)
-                        if stream is not None:
-                            stream.on_writable()
-                    if not parts:
-                        break
+                    if self._tail is not None:  # what a synchronous write left (see _write_now) goes first
+                        parts, self._tail = self._tail, None
+                    else:
+                        parts = conn.data_to_send_parts(self._config.write_batch)
+                        for sid in conn.pop_writable():
+                            stream = self._streams.get(sid)
+                            if stream is not None:
+                                stream.on_writable()
+                        if not parts:
+                            break
                     batches += 1
                     if batches > 1 and send_parts is not None:
                         # Between batches, let the other tasks run (the reader above all); after the last one the
@@ -522,6 +665,18 @@ class Session:
     # ------------------------------------------------------------------------------------------------ events
 
     def _dispatch(self, events: list[proto.Event]) -> None:
+        self._dispatching = True
+        try:
+            self._dispatch_events(events)
+            deliveries = self._deliveries
+            if deliveries:
+                self._deliveries = []
+                for stream in deliveries:
+                    stream.on_deliver()
+        finally:
+            self._dispatching = False
+
+    def _dispatch_events(self, events: list[proto.Event]) -> None:
         streams = self._streams
         for event in events:
             match event:
@@ -632,7 +787,11 @@ class Session:
         """Close the session: flush what is queued (stream data, FINs), then a final GOAWAY, all within
         ``close_timeout`` (shielded: it runs even when the caller is being cancelled)."""
         with trio.move_on_after(self._config.close_timeout, shield=True):
-            while self._dead is None and (self._conn.wants_write or self._writing) and not self._writer_done.is_set():
+            while (
+                self._dead is None
+                and (self._conn.wants_write or self._writing or self._tail is not None)
+                and not self._writer_done.is_set()
+            ):
                 event = self._flushed_event = trio.Event()
                 self._wake_writer()
                 await event.wait()

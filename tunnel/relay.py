@@ -226,6 +226,9 @@ class Splice:
                 await self._copy(True)
             finished = True
         finally:
+            for stream in (self.a, self.b):
+                if isinstance(stream, MuxStream):
+                    stream.set_sink(None)  # nobody copies it into the socket any more
             self._end_ab = self._end_ab or "cancelled"
             self._end_ba = self._end_ba or "cancelled"
             try:
@@ -256,6 +259,14 @@ class Splice:
         assert self._scope is not None
         self._scope.cancel(reason=reason)
 
+    def _count(self, forward: bool, size: int) -> None:
+        """Bytes the session's reader wrote into our socket for us (:class:`_SpliceSink`): counted, and activity."""
+        self.active_at = trio.current_time()
+        if forward:
+            self._n_ab += size
+        else:
+            self._n_ba += size
+
     def _finish(self, forward: bool, end: Ending, detail: str = "") -> None:
         if forward:
             self._end_ab, self._detail_ab = end, detail
@@ -265,6 +276,10 @@ class Splice:
     async def _copy(self, forward: bool) -> None:
         """Copy a -> b (``forward``) or b -> a until that direction ends."""
         src, dst = (self.a, self.b) if forward else (self.b, self.a)
+        if isinstance(src, MuxStream) and isinstance(dst, TcpStream):
+            # While this task waits for the stream, the session's reader writes arriving bytes straight into the
+            # socket (one scheduler pass per hop); this loop gets only what the socket did not take.
+            src.set_sink(_SpliceSink(self, forward, dst))
         # Our own streams can skip the scheduler pass at the end of send_all: the loop's next receive_some is a
         # checkpoint anyway (it yields or waits), so each turn of the loop still has one.
         light = dst if isinstance(dst, (TcpStream, MuxStream)) else None
@@ -317,6 +332,28 @@ class Splice:
         # other direction would deliver to the source we are aborting: stop both.
         self._stop(f"{_name(forward)} destination broken: {detail}")
         await abort(src, ErrorCode.CONN_RESET, detail)
+
+
+@typing.final
+class _SpliceSink:
+    """One direction's destination socket as a :class:`~trio_tunnel.sink.Sink` that counts for the splice."""
+
+    __slots__ = ("_dst", "_forward", "_splice")
+
+    def __init__(self, splice: Splice, forward: bool, dst: TcpStream) -> None:
+        self._splice = splice
+        self._forward = forward
+        self._dst = dst
+
+    def send_nowait(self, parts: typing.Sequence[bytes | memoryview]) -> int:
+        sent = self._dst.send_nowait(parts)
+        if sent:
+            self._splice._count(self._forward, sent)
+        return sent
+
+    @property
+    def holds_unsent(self) -> bool:
+        return False
 
 
 def _name(forward: bool) -> str:

@@ -38,6 +38,7 @@ from .errors import SessionClosedError, StreamOpenError, StreamResetError
 
 if TYPE_CHECKING:
     from .mux import Session
+    from .sink import Sink
 
 __all__ = ["RECEIVE_SIZE", "MuxStream"]
 
@@ -100,6 +101,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         "_send_wakeup",
         "_sending",
         "_session",
+        "_sink",
         "meta",
         "route",
         "stream_id",
@@ -125,6 +127,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._send_wakeup: _Wakeup | None = None  # send_all, wait_send_all_might_not_block: until credit or error
         self._receiving = False
         self._sending = False
+        self._sink: Sink | None = None  # where bytes go while the receiver waits (set_sink)
 
     def __repr__(self) -> str:
         return f"<MuxStream {self.stream_id} {self.route!r}>"
@@ -181,10 +184,44 @@ class MuxStream(trio.abc.HalfCloseableStream):
     # which it changes the connection's state.
 
     def on_data(self, data: bytes) -> None:
-        """Bytes arrived (within the window we granted, so the buffer stays bounded)."""
-        self._recv_buf.append(data)
+        """Bytes arrived (within the window we granted, so the buffer stays bounded). With a sink and the receiver
+        asleep, they wait for :meth:`on_deliver` at the end of the reader's batch instead of waking it."""
+        buf = self._recv_buf
+        buf.append(data)
         self._recv_buffered += len(data)
+        if self._sink is not None and self._recv_task is not None:
+            if len(buf) == 1:  # the receiver sleeps only on an empty buffer: the batch's first bytes
+                self._session.stream_deliver(self)
+            return
         self._wake_recv()
+
+    def on_deliver(self) -> None:
+        """The reader's batch is applied: bytes that came while the receiver slept go straight into its sink, and
+        the receiver is woken only for what the sink did not take (and for anything else that happened)."""
+        if self._recv_task is None:
+            return  # woken meanwhile (EOF, reset, close, cancelled): it takes the bytes itself
+        sink = self._sink
+        if sink is not None and not self._recv_offset:
+            buf = self._recv_buf
+            sent = sink.send_nowait(buf)
+            if sent:
+                self._recv_buffered -= sent
+                consumed = sent
+                while buf and sent >= len(buf[0]):
+                    sent -= len(buf[0])
+                    del buf[0]
+                self._recv_offset = sent
+                self._session.stream_consumed(self.stream_id, consumed)
+        if self._recv_buffered:
+            self._wake_recv()
+
+    def set_sink(self, sink: Sink | None) -> None:
+        """While a task waits in :meth:`receive_some`, let the session's reader write arriving bytes straight
+        into ``sink`` (synchronously, when it takes them) instead of waking the task to receive them: one
+        scheduler pass per hop. Only for a receiver that would send everything it receives to ``sink``, and the
+        only one sending to it (a splice's copy direction); ``receive_some`` returns just what the sink did not
+        take. ``None`` turns it off."""
+        self._sink = sink
 
     def on_end(self) -> None:
         """The peer's FIN: receive_some returns b"" once the buffer is drained."""

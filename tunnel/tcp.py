@@ -126,6 +126,11 @@ def _sendmsg_nowait(sock: socket.socket, parts: Sequence[bytes | memoryview]) ->
         return 0
 
 
+_SHORT_READ: Final = 4096
+"""A read shorter than this (and than asked for) was a message, not part of a stream of bytes: the next read most
+likely finds the socket empty, so it waits first (see TcpStream.receive_some). A bulk read is longer, and the next
+one usually finds more bytes already there."""
+
 _IOV_MAX: Final = 1024
 """Buffers per sendmsg call at most (Linux's IOV_MAX; more would fail with EMSGSIZE)."""
 
@@ -146,17 +151,19 @@ class TcpStream(trio.abc.HalfCloseableStream):
             like, never for I/O.
     """
 
-    __slots__ = ("_eof_sent", "_receiving", "_sending", "socket")
+    __slots__ = ("_drained", "_eof_sent", "_receiving", "_sending", "socket")
 
     def __init__(self, sock: socket.socket) -> None:
         """Wrap a connected stream socket (it is made non-blocking). Prefer :meth:`adopt`."""
         if sock.type != socket.SOCK_STREAM:
             raise ValueError("TcpStream needs a SOCK_STREAM socket")
-        sock.setblocking(False)
+        if sock.gettimeout() != 0.0:  # a system call: not for a socket made non-blocking already
+            sock.setblocking(False)
         self.socket = sock
         self._receiving = False
         self._sending = False
         self._eof_sent = False
+        self._drained = False  # the last read was short (a message, not a stream): the socket is most likely empty
 
     @classmethod
     def adopt(cls, stream: trio.SocketStream) -> TcpStream:
@@ -183,12 +190,21 @@ class TcpStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint_if_cancelled()
             sock = self.socket
             waited = False
+            if self._drained:
+                # After a short read the socket is most likely empty: wait first and save the recv that would
+                # fail with EAGAIN (one system call per message on latency-bound traffic). If bytes did come
+                # meanwhile, the wait returns in the next pass, which the call's checkpoint would cost anyway.
+                if sock.fileno() == -1:
+                    raise trio.ClosedResourceError("this socket was already closed")
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
             while True:
                 try:
                     data = _recv_nowait(sock, max_bytes)
                 except OSError as exc:
                     _raise_stream_error(exc)
                 if data is not None:
+                    self._drained = len(data) < _SHORT_READ and len(data) < max_bytes
                     if not waited:  # a call is a schedule point; a wait already was one (no extra scheduler pass)
                         await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
@@ -244,6 +260,22 @@ class TcpStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
+
+    def send_nowait(self, parts: Sequence[bytes | memoryview]) -> int:
+        """:class:`~trio_tunnel.sink.Sink`: as much of ``parts`` as the socket takes now (one ``sendmsg``); 0 when it
+        would block, while a ``send_all`` is under way, after ``send_eof``, or on any socket error (the next
+        ``send_all`` reports it). Lets a task that read bytes write them on without waking the sender's task."""
+        if self._sending or self._eof_sent:
+            return 0
+        try:
+            return _sendmsg_nowait(self.socket, parts if len(parts) <= _IOV_MAX else parts[:_IOV_MAX])
+        except OSError:
+            return 0
+
+    @property
+    def holds_unsent(self) -> bool:
+        """:class:`~trio_tunnel.sink.Sink`: never (what the kernel did not take was not taken)."""
+        return False
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._sending:
@@ -392,12 +424,32 @@ async def _accept_loop(
         _set_stream_options(listener.socket)
         if keepalive:
             set_keepalive(listener.socket)
+    # The listening socket as a standard library object sharing Trio's descriptor (never closed through it:
+    # detached below), so that an accept makes one socket object, not Trio's and then ours.
+    view = _socket_view(listener.socket) if inherit else None  # type: ignore[attr-defined]
+    try:
+        await _accept_forever(handler, listener, handlers, keepalive, view)
+    finally:
+        if view is not None:
+            view.detach()
+
+
+def _socket_view(tsock: trio.socket.SocketType) -> socket.socket:
+    return socket.socket(tsock.family, tsock.type, tsock.proto, fileno=tsock.fileno())
+
+
+async def _accept_forever(
+    handler: Callable[[TcpStream], Awaitable[object]],
+    listener: trio.abc.Listener[trio.SocketStream],
+    handlers: trio.Nursery,
+    keepalive: bool,
+    view: socket.socket | None,
+) -> None:
     trouble = AcceptTrouble(_name(listener), logger)
     while True:
         try:
-            if inherit:
-                assert isinstance(listener, trio.SocketListener)
-                stream = await _accept_inheriting(listener.socket)
+            if view is not None:
+                stream = await _accept_inheriting(view)
             else:
                 stream = TcpStream.adopt(await listener.accept())
                 if keepalive:
@@ -415,19 +467,38 @@ async def _accept_loop(
             raise
 
 
-async def _accept_inheriting(listening: trio.socket.SocketType) -> TcpStream:
+async def _accept_inheriting(listening: socket.socket) -> TcpStream:
     """The next connection on a listening socket whose options the connection inherits (no SocketStream made and
-    thrown away, no per-connection setsockopt)."""
+    thrown away, no per-connection setsockopt; one socket object: ``accept4``, ``getsockname`` and ``FIONBIO``
+    are all the system calls). A checkpoint, as Trio's accept is."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    waited = False
     while True:
         try:
-            sock, _ = await listening.accept()
+            fd = _accept_nowait(listening)
         except OSError as exc:
             if exc.errno in (errno.EBADF, errno.ENOTSOCK):
                 raise trio.ClosedResourceError("the listener was closed") from None
             if exc.errno in _SKIP_ERRNOS:
                 continue
             raise
-        return TcpStream(socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach()))
+        if fd is None:
+            await trio.lowlevel.wait_readable(listening)
+            waited = True
+            continue
+        stream = TcpStream(socket.socket(listening.family, listening.type, listening.proto, fileno=fd))
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return stream
+
+
+def _accept_nowait(listening: socket.socket) -> int | None:
+    """A new connection's descriptor, or None when none is waiting (see _recv_nowait on why a helper)."""
+    try:
+        fd, _ = listening._accept()  # type: ignore[attr-defined]  # socket.accept without its socket object
+    except BlockingIOError:
+        return None
+    return int(fd)
 
 
 def _name(listener: trio.abc.Listener[trio.SocketStream]) -> str:

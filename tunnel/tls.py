@@ -166,7 +166,17 @@ class TlsStream(trio.abc.Stream):
             for I/O.
     """
 
-    __slots__ = ("_closed", "_local_der", "_lot", "_receiving", "_rwait", "_sending", "_unsent", "_wwait", "socket")
+    __slots__ = (
+        "_closed",
+        "_local_der",
+        "_lot",
+        "_receiving",
+        "_rwait",
+        "_sending",
+        "_unsent",
+        "_wwait",
+        "socket",
+    )
 
     def __init__(self, sock: ssl.SSLSocket, *, local_certificate: bytes | None = None) -> None:
         """Wrap a non-blocking SSLSocket (handshake done or to be done with :meth:`do_handshake`). Prefer
@@ -388,6 +398,31 @@ class TlsStream(trio.abc.Stream):
                 self._unsent = view if type(view) is bytes else bytes(view)
                 raise
             waited = True
+
+    def send_nowait(self, parts: Sequence[bytes | memoryview]) -> int:
+        """:class:`~trio_tunnel.sink.Sink`: one ``SSL_write`` of the joined parts, without waiting. OpenSSL writes
+        all or nothing, but when the socket fills midway it has committed the records it made and needs the same
+        bytes again: then they are kept (as a cancelled ``send_all`` keeps them), all count as taken, and
+        :attr:`holds_unsent` tells the owner of the waiting to call ``send_all`` (which finishes them first).
+        0 while a send is under way, something is still unsent, the stream is closed, or on any error."""
+        if self._sending or self._closed or self._unsent is not None:
+            return 0
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        size = len(data)
+        if not size:
+            return 0
+        try:
+            want = _write_nowait(self.socket, data)
+        except OSError:
+            return 0
+        if want:
+            self._unsent = data if type(data) is bytes else bytes(data)
+        return size
+
+    @property
+    def holds_unsent(self) -> bool:
+        """:class:`~trio_tunnel.sink.Sink`: a write OpenSSL must retry is pending (see :meth:`send_nowait`)."""
+        return self._unsent is not None
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._sending:

@@ -97,6 +97,9 @@ METRICS = [
     Metric("rss_per_conn", "memory per idle connection (VmRSS)", "KiB", False, "{:.1f}"),
     Metric("pss_per_conn", "memory per idle connection (PSS)", "KiB", False, "{:.1f}"),
     Metric("cpu_per_gib", "CPU per GiB moved (system's processes)", "s/GiB", False, "{:.2f}"),
+    Metric("cpu_per_rtt", "CPU per 64 B round trip, idle (system's processes)", "µs", False),
+    Metric("cpu_per_kconn_seq", "CPU per 1,000 sequential short connections", "ms", False),
+    Metric("cpu_per_kconn_conc", "CPU per 1,000 short connections, 200 concurrent", "ms", False),
     Metric("delay_mib_s", "1 stream over the delay line", "MiB/s", True, "{:.1f}"),
     Metric("delay_pct", "1 stream over the delay line, of line rate", "%", True, "{:.0f}"),
 ]  # the two delay metrics are templates: one pair per configured line rate (see metrics_for)
@@ -216,6 +219,15 @@ async def run_suite(target: Target, cfg: Config, log: Log = lambda s: None, rep:
         cpu_work[2] += g1 - g0
         return out
 
+    async def cpu_of(fn: Callable[[], Any], spent: list[float]) -> Any:
+        """Run ``fn`` with the system's CPU time measured around it (appended to ``spent``, seconds)."""
+        await settle(target)
+        c0 = cpu_seconds(target.pids())
+        out = await fn()
+        await trio.sleep(0.05)  # let relays reap exited children
+        spent.append(cpu_seconds(process_tree(target.roots)) - c0)
+        return out
+
     # First, on the freshly started system: memory the allocator already holds from earlier work would hide the
     # cost of new connections.
     mem = await _guard(
@@ -289,20 +301,25 @@ async def run_suite(target: Target, cfg: Config, log: Log = lambda s: None, rep:
             collateral=all(_collateral(res.get(k)) for k in ("bulk_up", "bulk_down", "par16")),
         )
 
+    spent: list[float] = []
     rtts = await _guard(
         res,
-        ["rtt_p50", "rtt_p99"],
+        ["rtt_p50", "rtt_p99", "cpu_per_rtt"],
         cfg.workload_timeout,
         log,
         "idle RTT",
-        lambda: rtt_idle(target.addr, cfg.rtt_n, cfg.rtt_seconds, seed + 3),
+        lambda: cpu_of(lambda: rtt_idle(target.addr, cfg.rtt_n, cfg.rtt_seconds, seed + 3), spent),
         target,
     )
     if rtts:
         res["rtt_p50"] = percentile(rtts, 0.5) * 1e6
         res["rtt_p99"] = percentile(rtts, 0.99) * 1e6
         res["_rtt_n"] = len(rtts)
-        log(f"  idle RTT: p50 {res['rtt_p50']:.0f} µs, p99 {res['rtt_p99']:.0f} µs ({len(rtts)} round trips)")
+        res["cpu_per_rtt"] = spent[0] / len(rtts) * 1e6
+        log(
+            f"  idle RTT: p50 {res['rtt_p50']:.0f} µs, p99 {res['rtt_p99']:.0f} µs ({len(rtts)} round trips; "
+            f"CPU {res['cpu_per_rtt']:.0f} µs each)"
+        )
 
     lr = await _guard(
         res,
@@ -337,30 +354,39 @@ async def run_suite(target: Target, cfg: Config, log: Log = lambda s: None, rep:
             collateral=any(_collateral(res.get(k)) for k in ("rtt_p99", "loaded_rtt_p99")),
         )
 
+    spent, made = [], []
     v = await _guard(
         res,
-        ["seq_cps"],
+        ["seq_cps", "cpu_per_kconn_seq"],
         cfg.seq_seconds + 30,
         log,
         "sequential connections",
-        lambda: connections_sequential(target.addr, cfg.seq_conns, cfg.seq_seconds),
+        lambda: cpu_of(lambda: connections_sequential(target.addr, cfg.seq_conns, cfg.seq_seconds, count=made), spent),
         target,
     )
     if v:
         res["seq_cps"] = v
-        log(f"  sequential connections: {v:.0f}/s")
+        res["cpu_per_kconn_seq"] = spent[0] / max(made[0], 1) * 1e6  # ms per 1,000
+        log(f"  sequential connections: {v:.0f}/s (CPU {res['cpu_per_kconn_seq']:.0f} ms per 1,000)")
+    spent, made = [], []
     v = await _guard(
         res,
-        ["conc_cps"],
+        ["conc_cps", "cpu_per_kconn_conc"],
         cfg.conc_seconds + 30,
         log,
         "concurrent connections",
-        lambda: connections_concurrent(target.addr, cfg.conc_conns, cfg.conc_workers, cfg.conc_seconds),
+        lambda: cpu_of(
+            lambda: connections_concurrent(target.addr, cfg.conc_conns, cfg.conc_workers, cfg.conc_seconds, count=made),
+            spent,
+        ),
         target,
     )
     if v:
         res["conc_cps"] = v
-        log(f"  {cfg.conc_workers}-concurrent connections: {v:.0f}/s")
+        res["cpu_per_kconn_conc"] = spent[0] / max(made[0], 1) * 1e6
+        log(
+            f"  {cfg.conc_workers}-concurrent connections: {v:.0f}/s (CPU {res['cpu_per_kconn_conc']:.0f} ms per 1,000)"
+        )
 
     return res
 

@@ -65,3 +65,37 @@ async def test_a_quiet_visitor_is_closed_after_the_services_idle_timeout() -> No
     finally:
         log.removeHandler(watch)
         log.setLevel(logging.NOTSET)
+
+
+async def count_then_answer(stream: trio.SocketStream) -> None:
+    """Reads everything (never writes until the end), then answers with the byte count."""
+    async with stream:
+        total = 0
+        while data := await stream.receive_some():
+            total += len(data)
+        await stream.send_all(b"%d" % total)
+
+
+async def test_an_upload_that_never_pauses_is_not_idle() -> None:
+    """Bytes only towards the service count as activity too, also when the session's reader writes them straight
+    into the service's socket (one scheduler pass per hop: the splice task never sees them)."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            server = await start_server(nursery)
+            service = await start_service(nursery, count_then_answer)
+            config = client_config(server.value, f"up=127.0.0.1:0:127.0.0.1:{service.port}")
+            config = attrs.evolve(config, remotes=(attrs.evolve(config.remotes[0], idle_timeout=0.5),))
+            client = await start_client(nursery, config)
+            visitor = await trio.open_tcp_stream("127.0.0.1", client.value["up"].port)
+            for _ in range(20):  # 2 s of upload, a chunk every 0.1 s, nothing coming back
+                await visitor.send_all(b"u" * 1024)
+                await trio.sleep(0.1)
+            await visitor.send_eof()
+            answer = b""
+            while data := await visitor.receive_some():
+                answer += data
+            assert answer == b"20480"
+            await visitor.aclose()
+            await client.stop()
+            await server.stop()
+            service.scope.cancel()
