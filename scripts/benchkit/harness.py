@@ -226,6 +226,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="extra argument for 'trio-tunnel server' (repeatable), e.g. --tt-server-arg=--config=x.toml",
     )
     ap.add_argument(
+        "--tt-stock-limits",
+        action="store_true",
+        help="run trio-tunnel's server without the bench's config (max_connections_per_ip = 4096): for builds "
+        "older than that key, or to see the default per-address cap refuse the bench's 1,000 idle connections",
+    )
+    ap.add_argument(
         "--tt-client-arg",
         action="append",
         default=[],

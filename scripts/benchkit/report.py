@@ -265,4 +265,7 @@ MEASURED = [
     "Delay line: a Trio proxy (scripts/delayline.py) that delays each direction and paces it to the line rate "
     "with a bounded queue, placed in the link (trio-tunnel client<->server, ssh<->sshd, socat->service, "
     "client->service for direct); one upload's goodput over it as a fraction of the line rate.",
+    "trio-tunnel's server runs with max_connections_per_ip = 4096 (all bench connections come from 127.0.0.1; "
+    "--tt-stock-limits drops it) and otherwise default settings, link_memory (4 MiB per link) included: that "
+    "budget caps one stream's window, so the delay-line rows measure it (docs/CONFIG.md, link_memory).",
 ]

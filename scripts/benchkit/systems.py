@@ -339,6 +339,13 @@ class TrioTunnel(System):
         # Over TLS (the default) the server makes a throwaway key in a temporary state directory and the client pins
         # it from the server's 'fingerprint' line, as a first run does.
         tls_server = () if plaintext else ("--state-dir", tempfile.mkdtemp(prefix="bench-trio-tunnel-"))
+        # Every bench connection comes from 127.0.0.1, and the server's default per-address cap (a quarter of
+        # max_connections_per_service, against one host holding every slot) would refuse the 1,000 idle ones.
+        limits: tuple[str, ...] = ()
+        if not opts.tt_stock_limits:
+            config = Path(tempfile.mkdtemp(prefix="bench-trio-tunnel-config-")) / "server.toml"
+            config.write_text("[server]\nmax_connections_per_ip = 4096\n")
+            limits = (f"--config={config}",)
         server = await group.start(
             f"{self.name}-server",
             [
@@ -352,6 +359,7 @@ class TrioTunnel(System):
                 "1024-65535",
                 *self.server_args,
                 *tls_server,
+                *limits,
                 *opts.tt_server_arg,
             ],
         )
