@@ -542,12 +542,8 @@ class _Server:
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
-            link.services.pop(name, None)
-            link.accepting.remove(accepting)
-            if link.exposures.get(name) is exposure:
-                del link.exposures[name]
             stats.active = False
-            exposure.closed.set()
+            _released(link, name, exposure)
 
     async def _serve_udp_service(
         self,
@@ -569,11 +565,7 @@ class _Server:
             )
         finally:
             udp_socket.close()
-            link.services.pop(name, None)
-            link.accepting.remove(accepting)
-            if link.exposures.get(name) is exposure:
-                del link.exposures[name]
-            exposure.closed.set()
+            _released(link, name, exposure)
 
     # ---------------------------------------------------------------------------------------- forward (-L)
 
@@ -692,6 +684,16 @@ class _Service:
 
     def retry(self, exc: StreamOpenError | SessionClosedError) -> bool:
         return False
+
+
+def _released(link: _Link, name: str, exposure: _Exposure) -> None:
+    """A service's public port is closed (unexposed, drained, or its link ended): forget it, and tell whoever waits
+    on ``exposure.closed`` (UNEXPOSE's reply, a reload's ``reloaded``)."""
+    link.services.pop(name, None)
+    link.accepting.remove(exposure.scope)
+    if link.exposures.get(name) is exposure:
+        del link.exposures[name]
+    exposure.closed.set()
 
 
 def _host_of(peer: str) -> str:

@@ -11,6 +11,7 @@ from typing import Final
 import attrs
 
 from .config import Timeouts
+from .config.commands import DEFAULT_LINK_MEMORY
 from .mux import Role, SessionConfig
 
 __all__ = [
@@ -54,7 +55,7 @@ A kind of its own so that a server without UDP refuses it instead of binding a T
 REPLACED: Final = "replaced"
 """Start of the GOAWAY reason sent to a link that another client with the same name took over."""
 
-LINK_MEMORY: Final = 4 * 1024 * 1024
+LINK_MEMORY: Final = DEFAULT_LINK_MEMORY
 """Default ``link_memory``: the stream bytes one link may hold in its buffers (see session_config)."""
 
 MIN_LINK_MEMORY: Final = 1024 * 1024

@@ -108,6 +108,14 @@ def server_identity_files(
     )
 
 
+DEFAULT_LINK_MEMORY: Final = 4 * 1024 * 1024
+"""``link_memory`` unless configured: the stream bytes one link may hold in its buffers (tunnel/wire.py)."""
+
+
+_METRICS_KEY: Final = hostport_key(default_host="127.0.0.1", allow_zero=True)
+"""``metrics`` of ``[server]`` and ``[client]``: an optional HTTP endpoint address, loopback unless a host is given."""
+
+
 def _path(key: str) -> Any:
     """An optional path field, read from TOML under ``key`` relative to the config file."""
     return attrs.field(default=None, metadata=toml(read=path_reader(key)))
@@ -172,7 +180,7 @@ class ServerConfig:
     """Concurrent UDP flows (sources) on one exposed UDP service; datagrams from more are dropped."""
     max_flows_per_client: int = count(4096)
     """Concurrent UDP flows over one client's link, all its UDP services together."""
-    link_memory: int = count(4 * 1024 * 1024)
+    link_memory: int = count(DEFAULT_LINK_MEMORY)
     """Bytes of stream data one link may hold in its buffers (the session memory budget, proto/budget.py): half
     for receive windows above each stream's floor (link_memory / 1024, 4-64 KiB), half for bytes queued to send."""
     tls_cert: str | None = _path("tls_cert")
@@ -196,9 +204,7 @@ class ServerConfig:
     """How long a trusted source may take to send its PROXY header before its connection is closed."""
     allow_groups: bool = BOOLEAN.field(default=True, metadata=toml(rule=BOOLEAN))
     """Let clients that authenticated with the same token share a public port as a load-balancing group."""
-    metrics: HostPort | None = attrs.field(
-        default=None, metadata=hostport_key(default_host="127.0.0.1", allow_zero=True)
-    )
+    metrics: HostPort | None = attrs.field(default=None, metadata=_METRICS_KEY)
     """Serve Prometheus metrics, the ``/status`` document and the dashboard here (HTTP; a bare port binds 127.0.0.1).
     None: no endpoint."""
 
@@ -310,12 +316,10 @@ class ClientConfig:
     """No TLS on the link (the server must say so too): every byte crosses the network readable and changeable."""
     exit_on_refusal: bool = BOOLEAN.field(default=False, metadata=toml(rule=BOOLEAN))
     """End the client (exit 1) when the server refuses a service, instead of retrying or carrying on without it."""
-    link_memory: int = count(4 * 1024 * 1024)
+    link_memory: int = count(DEFAULT_LINK_MEMORY)
     """Bytes of stream data one link may hold in its buffers (the session memory budget, proto/budget.py): half
     for receive windows above each stream's floor (link_memory / 1024, 4-64 KiB), half for bytes queued to send."""
-    metrics: HostPort | None = attrs.field(
-        default=None, metadata=hostport_key(default_host="127.0.0.1", allow_zero=True)
-    )
+    metrics: HostPort | None = attrs.field(default=None, metadata=_METRICS_KEY)
     """Serve Prometheus metrics, the ``/status`` document and the dashboard here (HTTP; a bare port binds 127.0.0.1).
     None: no endpoint."""
 
