@@ -129,6 +129,8 @@ class _Server:
     groups: GroupRegistry = attrs.field(factory=GroupRegistry)
     """Load-balancing groups: public ports shared by several clients (tunnel/groups.py)."""
     metrics: Metrics = attrs.field(factory=lambda: Metrics("server"))
+    nofile: int = 1024
+    """The descriptor limit the handshake caps' defaults are sized from (raised at start)."""
 
     def __attrs_post_init__(self) -> None:
         self.allow_bind = self.config.allow_bind.effective(self.config.listen.host)
@@ -174,6 +176,9 @@ class _Server:
                 raise ReloadError(one_line(exc)) from None
         # Nothing below can fail or checkpoint: the new config takes effect all at once.
         self.config, self.tls = new, tls
+        self.admission.caps = HandshakeCaps.sized(
+            self.nofile, total=new.max_handshakes, per_ip=new.max_handshakes_per_ip
+        )
         if plan.tls_files and tls is not None:
             where = new.tls_cert or "of the server's own key"
             logger.info("SIGHUP: reloaded the TLS certificate %s (fingerprint %s)", where, tls.fingerprint)
@@ -755,7 +760,7 @@ async def _run_server(
     before, nofile = raise_nofile_limit()
     listeners = await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
     caps = HandshakeCaps.sized(nofile, total=config.max_handshakes, per_ip=config.max_handshakes_per_ip)
-    server = _Server(config, shutdown, tls, admission=Admission(caps))
+    server = _Server(config, shutdown, tls, admission=Admission(caps), nofile=nofile)
     logger.info(
         "descriptor limit %d%s; at most %d connections in the handshake, %d per address",
         nofile,

@@ -369,3 +369,32 @@ async def test_a_new_server_address_is_dialled_at_once_even_during_a_long_backof
                 server.interrupt()
                 assert await server.wait() == 0, server.stderr
             nursery.cancel_scope.cancel()
+
+
+async def test_server_reload_applies_new_handshake_caps(tmp_path: Path) -> None:
+    """max_handshakes_per_ip read again on SIGHUP: a third stranger from one address is closed at once under a cap of
+    2, and kept (in the handshake, until its timeout) once the reloaded cap is 4."""
+    from test_handshake_caps import closed_by_server, idle_connection, still_open
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            config = tmp_path / "server.toml"
+            caps = "max_handshakes = 64\nmax_handshakes_per_ip = {}\n"
+            config.write_text(server_toml([TOKEN_TEXT], "1024-65535") + caps.format(2))
+            async with cli(nursery, "server", "--config", str(config)) as server:
+                port = int((await server.expect(rf"listening {HOSTPORT}"))[1])
+                held = [await idle_connection(port, "127.0.0.2") for _ in range(2)]
+                surplus = await idle_connection(port, "127.0.0.2")
+                with trio.fail_after(5):  # the handshake timeout is 10 s: only the cap closes it this soon
+                    assert await closed_by_server(surplus)
+                config.write_text(server_toml([TOKEN_TEXT], "1024-65535") + caps.format(4))
+                assert await reload(server) == ["reloaded"]
+                third = await idle_connection(port, "127.0.0.2")
+                with trio.move_on_after(1):  # under the old cap it would be closed within milliseconds
+                    await closed_by_server(third)
+                assert await still_open(third)
+                for sock in (*held, surplus, third):
+                    sock.close()
+                server.interrupt()
+                assert await server.wait() == 0, server.stderr
+            nursery.cancel_scope.cancel()
