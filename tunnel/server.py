@@ -35,6 +35,7 @@ from .config import BindAllowlist, HostPort, ServerConfig
 from .config.binds import bind_refusal
 from .config.operations import BALANCES, GROUP_NAME
 from .console import announce, format_hostport
+from .coordinator import Coordinator
 from .dial import peer_address
 from .errors import ConfigError, HandshakeError, SessionClosedError, StreamOpenError
 from .groups import Group, GroupRegistry, Member
@@ -47,7 +48,7 @@ from .metrics import Metrics, ServiceStats, handshake_failure
 from .mux import MuxStream, Request, Role, Session, open_session
 from .proxyprotocol import front_door
 from .reload import ReloadError, one_line, plan_server, reload_on_signals, sighup_receiver
-from .takeover import judge
+from .takeover import holder_answers, judge
 from .tally import Tally
 from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
@@ -129,9 +130,36 @@ class _Server:
     groups: GroupRegistry = attrs.field(factory=GroupRegistry)
     """Load-balancing groups: public ports shared by several clients (tunnel/groups.py)."""
     metrics: Metrics = attrs.field(factory=lambda: Metrics("server"))
+    coordinator: Coordinator | None = None
+    """The parent of ``--workers N`` (tunnel/workers.py): names, client count and last ports across workers."""
 
     def __attrs_post_init__(self) -> None:
         self.allow_bind = self.config.allow_bind.effective(self.config.listen.host)
+        if self.coordinator is not None:
+            self.coordinator.attach(self)
+
+    async def give_up(self, name: str, newcomer: str) -> str | None:
+        """Another worker's newcomer wants ``name``: probe our holder as :func:`judge` would. A live holder keeps
+        it (its address is returned); a stale one is replaced: cancelled, and returns once its ports are released.
+        """
+        link = self.links.get(name)
+        if link is None:
+            return None
+        if await holder_answers(link.session, self.config.timeouts.takeover_probe):
+            return link.peer
+        if self.links.get(name) is link:
+            logger.info(
+                "client %r reconnected from %s (another worker): replacing its link from %s", name, newcomer, link.peer
+            )
+            link.replaced = True
+            link.session.go_away(
+                ErrorCode.PROHIBITED,
+                f"{REPLACED}: another client named {name!r} connected "
+                f"from {newcomer}; client names must be unique (--name)",
+            )
+            link.scope.cancel(reason="replaced by a new link of the same client")
+        await link.done.wait()
+        return None
 
     # ---------------------------------------------------------------------------------------------- links
 
@@ -275,6 +303,14 @@ class _Server:
         if self.config.tokens and session.peer_token not in self.config.tokens:  # removed by a reload meanwhile
             session.go_away(ErrorCode.AUTH, TOKEN_REMOVED)
             return
+        if self.coordinator is not None:  # --workers: the parent says whether the name may be ours
+            claim = await self.coordinator.claim(name, session.peer_token, peer)
+            if claim.refused:
+                logger.warning("refused client %r from %s: %s", name, peer, claim.reason.split(". ")[0])
+                session.go_away(ErrorCode(claim.code), claim.reason)
+                return
+            for service, port in claim.ports.items():
+                self.last_ports.setdefault((name, service), port)
         while (old := self.links.get(name)) is not None:
             verdict = await judge(name, old.session, old.peer, session, self.config.timeouts.takeover_probe)
             if not verdict.take:
@@ -288,6 +324,8 @@ class _Server:
                 "refused client %r from %s: %d clients already connected (max_clients)", name, peer, len(self.links)
             )
             session.go_away(ErrorCode.ENHANCE_YOUR_CALM, "the server has too many clients")
+            if self.coordinator is not None:  # (max_clients lowered by a reload while the parent granted the name)
+                self.coordinator.release(name)
             return
         link = _Link(name, peer, session, udp_flows=FlowBudget(self.config.max_flows_per_client))
         self.links[name] = link
@@ -327,6 +365,8 @@ class _Server:
         finally:
             if self.links.get(name) is link:
                 del self.links[name]
+                if self.coordinator is not None:
+                    self.coordinator.release(name)
             if seen is not None:
                 self.metrics.link_down(seen, replaced=link.replaced)
             link.done.set()
@@ -452,6 +492,10 @@ class _Server:
         if not self.config.allow_groups:
             request.reply_error(ErrorCode.PROHIBITED, {"message": "this server does not allow groups (allow_groups)"})
             return
+        if self.coordinator is not None:
+            message = "this server runs several workers (--workers), which do not share groups; ask for workers = 1"
+            request.reply_error(ErrorCode.PROHIBITED, {"message": message})
+            return
         async with self.groups.lock:
             group = self.groups.groups.get(group_name)
             if group is not None:
@@ -494,6 +538,8 @@ class _Server:
         key = (client, service)
         self.last_ports.pop(key, None)
         self.last_ports[key] = port
+        if self.coordinator is not None:
+            self.coordinator.remember(client, service, port)
         while len(self.last_ports) > MAX_REMEMBERED_PORTS:  # bounded: forget the oldest
             del self.last_ports[next(iter(self.last_ports))]
 
@@ -727,6 +773,8 @@ async def run_server(
     shutdown: Shutdown,
     *,
     reload: Callable[[], ServerConfig] | None = None,
+    listeners: list[trio.SocketListener] | None = None,
+    coordinator: Coordinator | None = None,
     task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve client links until ``shutdown`` is requested, then drain for at most ``shutdown.drain_timeout``.
@@ -737,11 +785,14 @@ async def run_server(
     :meth:`_Server.reload`. Without ``reload``, SIGHUP re-reads ``tls_cert``/``tls_key`` if they are set, and is
     not handled otherwise (so a library caller keeps its own SIGHUP).
 
+    One worker of ``--workers N`` (tunnel/workers.py) gets its ``listeners`` and a ``coordinator``; its SIGHUP
+    comes from the parent.
+
     Raises:
         OSError: the link port cannot be bound (address in use, permission denied, no such address).
     """
-    with sighup_receiver(reload is not None or config.tls_cert is not None) as hups:
-        await _run_server(config, shutdown, reload, hups, task_status)
+    with sighup_receiver(coordinator is None and (reload is not None or config.tls_cert is not None)) as hups:
+        await _run_server(config, shutdown, reload, hups, task_status, listeners, coordinator)
 
 
 async def _run_server(
@@ -750,12 +801,15 @@ async def _run_server(
     reload: Callable[[], ServerConfig] | None,
     hups: AsyncIterator[int] | None,
     task_status: trio.TaskStatus[HostPort],
+    listeners: list[trio.SocketListener] | None = None,
+    coordinator: Coordinator | None = None,
 ) -> None:
     tls = server_tls(config)
     before, nofile = raise_nofile_limit()
-    listeners = await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
+    if listeners is None:
+        listeners = await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
     caps = HandshakeCaps.sized(nofile, total=config.max_handshakes, per_ip=config.max_handshakes_per_ip)
-    server = _Server(config, shutdown, tls, admission=Admission(caps))
+    server = _Server(config, shutdown, tls, admission=Admission(caps), coordinator=coordinator)
     logger.info(
         "descriptor limit %d%s; at most %d connections in the handshake, %d per address",
         nofile,

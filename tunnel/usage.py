@@ -261,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus /metrics, /status (JSON) and a dashboard at / over HTTP here "
         "(a bare PORT binds 127.0.0.1; see 'trio-tunnel status')",
     )
+    server.add_argument(
+        "--workers",
+        metavar="N",
+        help="server processes sharing the link port, supervised by this one ('auto': one per core; default 1). "
+        "Load-balancing groups need 1",
+    )
     server.add_argument("--config", metavar="FILE", help="TOML file with a [server] table; flags override it")
     _add_logging_options(server, suffix="command")
 
