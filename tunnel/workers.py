@@ -323,6 +323,11 @@ class _Parent:
         return self.metrics.respond(method, path)
 
 
+def _leaf(group: BaseExceptionGroup[WorkerError]) -> WorkerError:
+    first = group.exceptions[0]
+    return _leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
 def _json(document: dict[str, Any]) -> bytes:
     import json
 
@@ -444,6 +449,11 @@ async def run_workers(
                             channel.post("drain")
                     # the keep() tasks return once their workers have drained and exited
                 services.cancel_scope.cancel(reason="every worker has stopped")
+        except BaseExceptionGroup as group:  # a worker that cannot start: its one line, not a group
+            failed, _rest = group.split(WorkerError)
+            if failed is None:
+                raise
+            raise _leaf(failed) from None
         finally:
             for sock in held:
                 sock.close()

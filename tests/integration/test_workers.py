@@ -307,3 +307,19 @@ async def test_a_bad_worker_count_is_one_readable_line(
             errors = [line for line in server.stderr.splitlines() if line.startswith("trio-tunnel: error:")]
             assert len(errors) == 1 and expected in errors[0], server.stderr
             assert "Traceback" not in server.stderr
+
+
+async def test_a_worker_that_never_starts_ends_the_parent_with_its_reason(
+    monkeypatch: pytest.MonkeyPatch, stdout: Stdout
+) -> None:
+    """A worker that exits before it is ready, MAX_START_FAILURES times in a row, ends the server (exit 1 through
+    the CLI) instead of being restarted forever. (/bin/false stands for a worker that cannot start.)"""
+    from trio_tunnel import workers as workers_module
+    from tunnel_helpers import server_config
+
+    monkeypatch.setattr(workers_module.sys, "executable", "/bin/false")
+    config = server_config(workers=2)
+    with trio.fail_after(30):
+        with pytest.raises(workers_module.WorkerError, match=r"failed to start 3 times in a row \(exit status 1\)"):
+            await workers_module.run_workers(config, Shutdown())
+    assert stdout.matching(r"fingerprint sha256:\S+") and not stdout.matching(r"listening .*")
