@@ -22,6 +22,8 @@ class Claim:
     code: int = 0
     reason: str = ""
     ports: dict[str, int] = attrs.field(factory=dict)
+    local: bool = False
+    """This worker owns the name already: it judges a takeover itself (:func:`~trio_tunnel.takeover.judge`)."""
 
     @property
     def refused(self) -> bool:

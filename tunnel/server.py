@@ -35,7 +35,7 @@ from .config import BindAllowlist, HostPort, ServerConfig
 from .config.binds import bind_refusal
 from .config.operations import BALANCES, GROUP_NAME
 from .console import announce, format_hostport
-from .coordinator import Coordinator
+from .coordinator import Claim, Coordinator
 from .dial import peer_address
 from .errors import ConfigError, HandshakeError, SessionClosedError, StreamOpenError
 from .groups import Group, GroupRegistry, Member
@@ -138,6 +138,18 @@ class _Server:
         if self.coordinator is not None:
             self.coordinator.attach(self)
 
+    async def _claim(self, session: Session, name: str, peer: str) -> Claim | None:
+        """Ask the parent of ``--workers`` for ``name``; None when refused (the session is told why)."""
+        assert self.coordinator is not None
+        claim = await self.coordinator.claim(name, session.peer_token, peer)
+        if claim.refused:
+            logger.warning("refused client %r from %s: %s", name, peer, claim.reason.split(". ")[0])
+            session.go_away(ErrorCode(claim.code), claim.reason)
+            return None
+        for service, port in claim.ports.items():
+            self.last_ports.setdefault((name, service), port)
+        return claim
+
     async def give_up(self, name: str, newcomer: str) -> str | None:
         """Another worker's newcomer wants ``name``: probe our holder as :func:`judge` would. A live holder keeps
         it (its address is returned); a stale one is replaced: cancelled, and returns once its ports are released.
@@ -159,7 +171,8 @@ class _Server:
             )
             link.scope.cancel(reason="replaced by a new link of the same client")
         await link.done.wait()
-        return None
+        successor = self.links.get(name)  # a newcomer of this worker took it over meanwhile: it keeps the name
+        return None if successor is None else successor.peer
 
     # ---------------------------------------------------------------------------------------------- links
 
@@ -303,14 +316,9 @@ class _Server:
         if self.config.tokens and session.peer_token not in self.config.tokens:  # removed by a reload meanwhile
             session.go_away(ErrorCode.AUTH, TOKEN_REMOVED)
             return
-        if self.coordinator is not None:  # --workers: the parent says whether the name may be ours
-            claim = await self.coordinator.claim(name, session.peer_token, peer)
-            if claim.refused:
-                logger.warning("refused client %r from %s: %s", name, peer, claim.reason.split(". ")[0])
-                session.go_away(ErrorCode(claim.code), claim.reason)
-                return
-            for service, port in claim.ports.items():
-                self.last_ports.setdefault((name, service), port)
+        claim = None
+        if self.coordinator is not None and (claim := await self._claim(session, name, peer)) is None:
+            return  # --workers: the parent refused the name
         while (old := self.links.get(name)) is not None:
             verdict = await judge(name, old.session, old.peer, session, self.config.timeouts.takeover_probe)
             if not verdict.take:
@@ -319,6 +327,8 @@ class _Server:
                 return
             if self.links.get(name) is old:  # else another newcomer replaced it while we probed: judge again
                 break
+        if claim is not None and claim.local and old is None and await self._claim(session, name, peer) is None:
+            return  # our holder went while we judged it, and give_up() may have given the name to another worker
         if old is None and len(self.links) >= self.config.max_clients:
             logger.warning(
                 "refused client %r from %s: %d clients already connected (max_clients)", name, peer, len(self.links)

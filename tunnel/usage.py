@@ -57,6 +57,9 @@ examples:
   # a certificate from a CA (e.g. Let's Encrypt) instead: clients verify the chain and the host name
   trio-tunnel server --token-file tokens --tls-cert fullchain.pem --tls-key privkey.pem
 
+  # one server process per core on the same link port, supervised by this one (groups need --workers 1)
+  trio-tunnel server --token-file tokens --workers auto
+
 stdout: 'fingerprint sha256:...' then 'listening HOST:PORT' once the server accepts clients
 (and 'metrics HOST:PORT' with --metrics)."""
 

@@ -67,7 +67,8 @@ class WorkerCoordinator:
             return Claim(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
         if reply.get("reason"):
             return Claim(int(reply["code"]), str(reply["reason"]))
-        return Claim(ports={str(k): int(v) for k, v in reply.get("ports", {}).items()})
+        ports = {str(k): int(v) for k, v in reply.get("ports", {}).items()}
+        return Claim(ports=ports, local=bool(reply.get("local")))
 
     def _post(self, op: str, **fields: Any) -> None:
         if self.channel is None:

@@ -57,7 +57,7 @@ from .lifecycle import Shutdown
 from .logsetup import JsonFormatter
 from .merge import merge_metrics, merge_status, worker_families
 from .metrics import Metrics, Response
-from .registry import Ask, Grant, Refuse, Registry
+from .registry import Ask, Grant, Local, Refuse, Registry
 from .reload import ReloadError, one_line, plan_server, reload_on_signals, sighup_receiver
 from .takeover import live_holder
 
@@ -141,6 +141,7 @@ class _Parent:
         while True:
             worker = self.workers[index] = _Worker(index)
             code = await self._run(worker)
+            worker.ready = False
             gone = self.registry.forget_worker(index)
             if self.shutdown.requested.is_set():
                 return
@@ -265,7 +266,7 @@ class _Parent:
                 decision = Refuse(ErrorCode.ENHANCE_YOUR_CALM, "the server has too many clients")
         if isinstance(decision, Refuse):
             return {"code": int(decision.code), "reason": decision.reason}
-        return {"ports": self.registry.ports_of(name)}
+        return {"ports": self.registry.ports_of(name), "local": isinstance(decision, Local)}
 
     # ---------------------------------------------------------------------------------------- fan-out
 

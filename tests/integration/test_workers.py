@@ -227,6 +227,7 @@ async def test_a_killed_worker_is_restarted_and_its_clients_come_back_on_their_p
                 exposed = len(stdout.matching(r"exposed web \S+"))
                 os.kill(pid, signal.SIGKILL)
                 await server.expect_stderr(rf"worker {victim} \(pid {pid}\) exited unexpectedly \(signal 9\)")
+                await server.expect_stderr(rf"worker {victim} \(pid (?!{pid}\))\d+\) ready")  # restarted
                 while len(stdout.matching(r"exposed web \S+")) < exposed + len(hit):  # they reconnected
                     await stdout._changed.wait()
                 for name, client in clients.items():
