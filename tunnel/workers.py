@@ -268,6 +268,23 @@ class _Parent:
             return {"code": int(decision.code), "reason": decision.reason}
         return {"ports": self.registry.ports_of(name), "local": isinstance(decision, Local)}
 
+    async def started(self) -> bool:
+        """Wait until every worker has been ready once (True), or shutdown is requested first (False)."""
+        async with trio.open_nursery() as nursery:
+
+            async def ready() -> None:
+                for event in self.first_ready:
+                    await event.wait()
+                nursery.cancel_scope.cancel(reason="every worker is ready")
+
+            async def stopping() -> None:
+                await self.shutdown.requested.wait()
+                nursery.cancel_scope.cancel(reason="shutting down before every worker was ready")
+
+            nursery.start_soon(ready)
+            nursery.start_soon(stopping)
+        return all(event.is_set() for event in self.first_ready)
+
     # ---------------------------------------------------------------------------------------- fan-out
 
     def live(self) -> list[Channel]:
@@ -423,25 +440,24 @@ async def run_workers(
                 async with trio.open_nursery() as keepers:
                     for index in range(count):
                         keepers.start_soon(parent.keep, index)
-                    for event in parent.first_ready:
-                        await event.wait()
-                    hostports = []
-                    for _family, bound in addresses:
-                        hostports.append(HostPort(host=str(bound[0]), port=int(bound[1])))
-                        announce(f"listening {format_hostport(str(bound[0]), int(bound[1]))}")
-                    if config.metrics is not None:
-                        metrics_listeners = await bind_metrics(config.metrics)
-                        services.start_soon(serve_http, parent.respond, metrics_listeners, config.timeouts.handshake)
-                    if not config.tokens:
-                        logger.warning(
-                            "running WITHOUT authentication (--insecure-no-auth): anyone who reaches %s can bind "
-                            "public ports through this server",
-                            hostports[0],
-                        )
-                    logger.info("server listening on %s with %d workers", ", ".join(map(str, hostports)), count)
-                    if hups is not None:
-                        services.start_soon(reload_on_signals, hups, reload or (lambda: parent.config), parent.reload)
-                    notify.ready()
+                    hostports = [HostPort(host=str(bound[0]), port=int(bound[1])) for _family, bound in addresses]
+                    if await parent.started():  # (else a SIGINT/SIGTERM came first: straight to the drain)
+                        for hostport in hostports:
+                            announce(f"listening {format_hostport(hostport.host, hostport.port)}")
+                        if config.metrics is not None:
+                            listeners = await bind_metrics(config.metrics)
+                            services.start_soon(serve_http, parent.respond, listeners, config.timeouts.handshake)
+                        if not config.tokens:
+                            logger.warning(
+                                "running WITHOUT authentication (--insecure-no-auth): anyone who reaches %s can "
+                                "bind public ports through this server",
+                                hostports[0],
+                            )
+                        logger.info("server listening on %s with %d workers", ", ".join(map(str, hostports)), count)
+                        if hups is not None:
+                            load = reload or (lambda: parent.config)
+                            services.start_soon(reload_on_signals, hups, load, parent.reload)
+                        notify.ready()
                     task_status.started(hostports[0])
                     await shutdown.requested.wait()
                     logger.info("shutting down: draining %d worker(s) for up to %g s", count, shutdown.drain_timeout)

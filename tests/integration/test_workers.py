@@ -324,3 +324,14 @@ async def test_a_worker_that_never_starts_ends_the_parent_with_its_reason(
         with pytest.raises(workers_module.WorkerError, match=r"failed to start 3 times in a row \(exit status 1\)"):
             await workers_module.run_workers(config, Shutdown())
     assert stdout.matching(r"fingerprint sha256:\S+") and not stdout.matching(r"listening .*")
+
+
+async def test_sigterm_before_the_workers_are_ready_still_exits_0(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            args = ["server", "--listen", "127.0.0.1:0", "--token", TOKEN_TEXT, "--workers", "2"]
+            async with cli(nursery, *args) as server:
+                await server.expect(r"fingerprint sha256:\S+")  # printed before the workers are started
+                server.process.send_signal(signal.SIGTERM)
+                assert await server.wait() == 0, server.stderr
+                assert "server stopped" in server.stderr
