@@ -252,11 +252,18 @@ class _Parent:
             owner = self.workers[decision.owner]
             live: str | None = None
             if owner.channel is not None:
+                timeouts = self.config.timeouts  # a probe, then the stale link's teardown
                 try:
-                    reply = await owner.channel.request("replace", name=name, newcomer=peer)
+                    with trio.fail_after(timeouts.takeover_probe + timeouts.handshake):
+                        reply = await owner.channel.request("replace", name=name, newcomer=peer)
                     live = reply.get("live")
                 except (ChannelClosedError, IpcError) as exc:  # the owner died meanwhile: its names are free
                     logger.debug("worker %d did not judge %r: %s", decision.owner, name, exc)
+                except trio.TooSlowError:  # a hung worker: keep the name where it is; the newcomer retries
+                    logger.warning(
+                        "worker %d did not answer whether %r is stale; refusing the newcomer", owner.index, name
+                    )
+                    live = "(unknown: its server worker does not answer)"
             if live:
                 decision = Refuse(ErrorCode.NAME_IN_USE, live_holder(name, live))
             elif self.registry.hand_over(name, decision.owner, index, token):
