@@ -48,10 +48,12 @@ async def echo(stream: trio.SocketStream) -> None:
 
 
 @asynccontextmanager
-async def workers(nursery: trio.Nursery, tmp_path: Path, *extra: str) -> AsyncIterator[tuple[Cli, HostPort, str]]:
+async def workers(
+    nursery: trio.Nursery, tmp_path: Path, *extra: str, timeouts: str = ""
+) -> AsyncIterator[tuple[Cli, HostPort, str]]:
     """A ``server --workers 2`` with a short takeover probe; its link address and its ``--metrics`` address."""
     config = tmp_path / "server.toml"
-    config.write_text("[server]\n[server.timeouts]\ntakeover_probe = 0.5\ndrain = 2\n")
+    config.write_text("[server]\n[server.timeouts]\ntakeover_probe = 0.5\ndrain = 2\n" + timeouts)
     args = ["server", "--listen", "127.0.0.1:0", "--token", TOKEN_TEXT, "--workers", "2", "--metrics", "0"]
     async with cli(nursery, *args, "--config", str(config), *extra) as server:
         await server.expect(r"fingerprint sha256:\S+")
@@ -335,3 +337,33 @@ async def test_sigterm_before_the_workers_are_ready_still_exits_0(tmp_path: Path
                 server.process.send_signal(signal.SIGTERM)
                 assert await server.wait() == 0, server.stderr
                 assert "server stopped" in server.stderr
+
+
+async def test_a_hung_owner_keeps_the_name_and_the_newcomer_is_refused_within_the_probe_and_handshake_timeouts(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            service = await start_service(nursery, echo)
+            async with workers(nursery, tmp_path, timeouts="handshake = 3\n") as (server, address, metrics):
+                spec = f"web=127.0.0.1:0:127.0.0.1:{service.port}"
+                holder = await start_client(nursery, client_config(address, spec, name="dup"))
+                document = await status(metrics)
+                owner = await worker_of(metrics, "dup")
+                pid = document["workers"][owner]["pid"]
+                os.kill(pid, signal.SIGSTOP)
+                try:
+                    newcomer = Shutdown(drain_timeout=1)
+                    nursery.start_soon(run_client, client_config(address, spec, name="dup"), newcomer)
+                    await server.expect_stderr(rf"worker {owner} did not answer whether 'dup' is stale")
+                    await server.expect_stderr(
+                        rf"server\[worker {1 - owner}\]: refused client 'dup' .*its server worker does not answer"
+                    )
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+                newcomer.request()
+                assert await exchange(holder.value["web"].port, b"thawed") == b"thawed"
+                await holder.stop()
+                server.process.send_signal(signal.SIGTERM)
+                assert await server.wait() == 0
+            service.scope.cancel()
