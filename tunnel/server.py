@@ -22,7 +22,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import suppress
 from functools import partial
-from typing import ClassVar, Final
+from typing import ClassVar, Final, Literal
 
 import attrs
 import trio
@@ -149,6 +149,21 @@ class _Server:
         for service, port in claim.ports.items():
             self.last_ports.setdefault((name, service), port)
         return claim
+
+    async def _claim_again(self, session: Session, name: str, peer: str) -> _Link | Literal[False] | None:
+        """The parent's answer once more, and the judgement of whoever holds ``name`` in this worker now: the link
+        to replace (or None), or False when the newcomer was refused."""
+        if await self._claim(session, name, peer) is None:
+            return False
+        while (old := self.links.get(name)) is not None:
+            verdict = await judge(name, old.session, old.peer, session, self.config.timeouts.takeover_probe)
+            if not verdict.take:
+                logger.warning("refused client %r from %s: %s", name, peer, verdict.reason.split(". ")[0])
+                session.go_away(ErrorCode.NAME_IN_USE, verdict.reason)
+                return False
+            if self.links.get(name) is old:
+                break
+        return old
 
     async def give_up(self, name: str, newcomer: str) -> str | None:
         """Another worker's newcomer wants ``name``: probe our holder as :func:`judge` would. A live holder keeps
@@ -327,8 +342,11 @@ class _Server:
                 return
             if self.links.get(name) is old:  # else another newcomer replaced it while we probed: judge again
                 break
-        if claim is not None and claim.local and old is None and await self._claim(session, name, peer) is None:
-            return  # our holder went while we judged it, and give_up() may have given the name to another worker
+        if claim is not None and claim.local and old is None:
+            # --workers: our holder went while we judged it; give_up() may have given the name to another worker
+            if (again := await self._claim_again(session, name, peer)) is False:
+                return
+            old = again
         if old is None and len(self.links) >= self.config.max_clients:
             logger.warning(
                 "refused client %r from %s: %d clients already connected (max_clients)", name, peer, len(self.links)
