@@ -100,3 +100,16 @@ def test_worker_count() -> None:
             parse_workers(bad)
     assert worker_count(4) == 4
     assert worker_count("auto") == len(os.sched_getaffinity(0))
+
+
+def test_the_worker_count_cannot_change_on_a_reload() -> None:
+    import attrs
+    from trio_tunnel.config import HostPort, ServerConfig
+    from trio_tunnel.reload import ReloadError, plan_server
+
+    old = ServerConfig(listen=HostPort(host="127.0.0.1", port=0), tokens=(b"t" * 16,), workers=2)
+    plan_server(old, attrs.evolve(old, max_clients=5))
+    with pytest.raises(ReloadError, match=r"workers cannot change on a reload \(running with 2, the file says auto\)"):
+        plan_server(old, attrs.evolve(old, workers="auto"))
+    with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+        attrs.evolve(old, workers=0)
