@@ -59,6 +59,7 @@ from trio_tunnel.mapper import run_map
 from trio_tunnel.server import run_server
 from trio_tunnel.status import run_status
 from trio_tunnel.usage import EXIT_USAGE, PROG, TOKEN_ENV, build_parser
+from trio_tunnel.workers import parse_workers, run_workers, worker_count
 
 __all__ = ["build_parser", "main", "run_cli"]
 
@@ -149,6 +150,7 @@ def _plan(args: argparse.Namespace, environ: Mapping[str, str]) -> _Plan:
             state_dir=args.state_dir,
             insecure_plaintext=args.insecure_plaintext,
             metrics=_metrics_address(args.metrics),
+            workers=None if args.workers is None else _flag("--workers", parse_workers, args.workers),
         )
         if not server.tokens:
             logger.warning(
@@ -157,6 +159,8 @@ def _plan(args: argparse.Namespace, environ: Mapping[str, str]) -> _Plan:
                 " and reach the allowed targets" if server.allow_targets else "",
             )
         reload_server = partial(_reload, ServerConfig, args, environ)
+        if worker_count(server.workers) > 1:
+            return _Plan(command, partial(run_workers, server, reload=reload_server), server.timeouts.drain, server)
         return _Plan(command, partial(run_server, server, reload=reload_server), server.timeouts.drain, server)
     if command == "client":
         client = ClientConfig.from_sources(

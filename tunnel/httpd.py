@@ -17,9 +17,10 @@ full before it is sent.
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Final
 
@@ -40,8 +41,9 @@ MAX_REQUEST: Final = 4096
 MAX_CONNECTIONS: Final = 16
 """Connections served at once; the endpoint is for a scraper, a status command and a dashboard or two."""
 
-Respond = Callable[[str, str], Response]
-"""``respond(method, path)``: the answer to a request."""
+Respond = Callable[[str, str], Response | Awaitable[Response]]
+"""``respond(method, path)``: the answer to a request (awaited if it is a coroutine: ``server --workers`` asks its
+workers)."""
 
 
 class MetricsBindError(TunnelError):
@@ -114,7 +116,7 @@ async def handle_http(stream: trio.abc.Stream, respond: Respond, time_limit: flo
             head = await _read_head(stream)
             if head is None:
                 return
-            answer = _answer(head, respond)
+            answer = await _answer(head, respond)
             await stream.send_all(answer)
         if scope.cancelled_caught:
             logger.debug("metrics endpoint: dropped a request not done within %g s", time_limit)
@@ -142,7 +144,7 @@ async def _read_head(stream: trio.abc.Stream) -> bytes | None:
         buffer += block
 
 
-def _answer(head: bytes, respond: Respond) -> bytes:
+async def _answer(head: bytes, respond: Respond) -> bytes:
     line = head.split(b"\n", 1)[0].rstrip(b"\r")
     parts = line.split(b" ")
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not parts[1].startswith(b"/"):
@@ -151,7 +153,8 @@ def _answer(head: bytes, respond: Respond) -> bytes:
     else:
         method = parts[0].decode("ascii", "replace")
         path = parts[1].decode("ascii", "replace").split("?", 1)[0]
-        response = respond(method, path)
+        answered = respond(method, path)
+        response = await answered if inspect.isawaitable(answered) else answered
     head_out = (
         f"HTTP/1.1 {response.status}\r\n"
         f"Content-Type: {response.content_type}\r\n"

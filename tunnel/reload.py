@@ -44,7 +44,7 @@ C = TypeVar("C", ClientConfig, ServerConfig)
 LINK_KEYS: Final = ("server", "name", "token", "server_fingerprint", "tls_ca", "insecure_plaintext")
 """Client settings that define the link: a change makes a new link (the old one's connections end)."""
 
-FIXED_SERVER_KEYS: Final = ("listen", "state_dir", "insecure_plaintext")
+FIXED_SERVER_KEYS: Final = ("listen", "state_dir", "insecure_plaintext", "workers")
 """Server settings a reload cannot change: the link port stays bound, and the link's security stays what live and
 new clients were told. Changing one of them needs a restart; a reload that tries fails and changes nothing."""
 

@@ -22,7 +22,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import suppress
 from functools import partial
-from typing import ClassVar, Final
+from typing import ClassVar, Final, Literal
 
 import attrs
 import trio
@@ -35,6 +35,7 @@ from .config import BindAllowlist, HostPort, ServerConfig
 from .config.binds import bind_refusal
 from .config.operations import BALANCES, GROUP_NAME
 from .console import announce, format_hostport
+from .coordinator import Claim, Coordinator
 from .dial import peer_address
 from .errors import ConfigError, HandshakeError, SessionClosedError, StreamOpenError
 from .groups import Group, GroupRegistry, Member
@@ -47,7 +48,7 @@ from .metrics import Metrics, ServiceStats, handshake_failure
 from .mux import MuxStream, Request, Role, Session, open_session
 from .proxyprotocol import front_door
 from .reload import ReloadError, one_line, plan_server, reload_on_signals, sighup_receiver
-from .takeover import judge
+from .takeover import holder_answers, judge
 from .tally import Tally
 from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
@@ -131,9 +132,64 @@ class _Server:
     metrics: Metrics = attrs.field(factory=lambda: Metrics("server"))
     nofile: int = 1024
     """The descriptor limit the handshake caps' defaults are sized from (raised at start)."""
+    coordinator: Coordinator | None = None
+    """The parent of ``--workers N`` (tunnel/workers.py): names, client count and last ports across workers."""
 
     def __attrs_post_init__(self) -> None:
         self.allow_bind = self.config.allow_bind.effective(self.config.listen.host)
+        if self.coordinator is not None:
+            self.coordinator.attach(self)
+
+    async def _claim(self, session: Session, name: str, peer: str) -> Claim | None:
+        """Ask the parent of ``--workers`` for ``name``; None when refused (the session is told why)."""
+        assert self.coordinator is not None
+        claim = await self.coordinator.claim(name, session.peer_token, peer)
+        if claim.refused:
+            logger.warning("refused client %r from %s: %s", name, peer, claim.reason.split(". ")[0])
+            session.go_away(ErrorCode(claim.code), claim.reason)
+            return None
+        for service, port in claim.ports.items():
+            self.last_ports.setdefault((name, service), port)
+        return claim
+
+    async def _claim_again(self, session: Session, name: str, peer: str) -> _Link | Literal[False] | None:
+        """The parent's answer once more, and the judgement of whoever holds ``name`` in this worker now: the link
+        to replace (or None), or False when the newcomer was refused."""
+        if await self._claim(session, name, peer) is None:
+            return False
+        while (old := self.links.get(name)) is not None:
+            verdict = await judge(name, old.session, old.peer, session, self.config.timeouts.takeover_probe)
+            if not verdict.take:
+                logger.warning("refused client %r from %s: %s", name, peer, verdict.reason.split(". ")[0])
+                session.go_away(ErrorCode.NAME_IN_USE, verdict.reason)
+                return False
+            if self.links.get(name) is old:
+                break
+        return old
+
+    async def give_up(self, name: str, newcomer: str) -> str | None:
+        """Another worker's newcomer wants ``name``: probe our holder as :func:`judge` would. A live holder keeps
+        it (its address is returned); a stale one is replaced: cancelled, and returns once its ports are released.
+        """
+        link = self.links.get(name)
+        if link is None:
+            return None
+        if await holder_answers(link.session, self.config.timeouts.takeover_probe):
+            return link.peer
+        if self.links.get(name) is link:
+            logger.info(
+                "client %r reconnected from %s (another worker): replacing its link from %s", name, newcomer, link.peer
+            )
+            link.replaced = True
+            link.session.go_away(
+                ErrorCode.PROHIBITED,
+                f"{REPLACED}: another client named {name!r} connected "
+                f"from {newcomer}; client names must be unique (--name)",
+            )
+            link.scope.cancel(reason="replaced by a new link of the same client")
+        await link.done.wait()
+        successor = self.links.get(name)  # a newcomer of this worker took it over meanwhile: it keeps the name
+        return None if successor is None else successor.peer
 
     # ---------------------------------------------------------------------------------------------- links
 
@@ -280,6 +336,9 @@ class _Server:
         if self.config.tokens and session.peer_token not in self.config.tokens:  # removed by a reload meanwhile
             session.go_away(ErrorCode.AUTH, TOKEN_REMOVED)
             return
+        claim = None
+        if self.coordinator is not None and (claim := await self._claim(session, name, peer)) is None:
+            return  # --workers: the parent refused the name
         while (old := self.links.get(name)) is not None:
             verdict = await judge(name, old.session, old.peer, session, self.config.timeouts.takeover_probe)
             if not verdict.take:
@@ -288,11 +347,18 @@ class _Server:
                 return
             if self.links.get(name) is old:  # else another newcomer replaced it while we probed: judge again
                 break
+        if claim is not None and claim.local and old is None:
+            # --workers: our holder went while we judged it; give_up() may have given the name to another worker
+            if (again := await self._claim_again(session, name, peer)) is False:
+                return
+            old = again
         if old is None and len(self.links) >= self.config.max_clients:
             logger.warning(
                 "refused client %r from %s: %d clients already connected (max_clients)", name, peer, len(self.links)
             )
             session.go_away(ErrorCode.ENHANCE_YOUR_CALM, "the server has too many clients")
+            if self.coordinator is not None:  # (max_clients lowered by a reload while the parent granted the name)
+                self.coordinator.release(name)
             return
         link = _Link(name, peer, session, udp_flows=FlowBudget(self.config.max_flows_per_client))
         self.links[name] = link
@@ -332,6 +398,8 @@ class _Server:
         finally:
             if self.links.get(name) is link:
                 del self.links[name]
+                if self.coordinator is not None:
+                    self.coordinator.release(name)
             if seen is not None:
                 self.metrics.link_down(seen, replaced=link.replaced)
             link.done.set()
@@ -457,6 +525,10 @@ class _Server:
         if not self.config.allow_groups:
             request.reply_error(ErrorCode.PROHIBITED, {"message": "this server does not allow groups (allow_groups)"})
             return
+        if self.coordinator is not None:
+            message = "this server runs several workers (--workers), which do not share groups; ask for workers = 1"
+            request.reply_error(ErrorCode.PROHIBITED, {"message": message})
+            return
         async with self.groups.lock:
             group = self.groups.groups.get(group_name)
             if group is not None:
@@ -499,6 +571,8 @@ class _Server:
         key = (client, service)
         self.last_ports.pop(key, None)
         self.last_ports[key] = port
+        if self.coordinator is not None:
+            self.coordinator.remember(client, service, port)
         while len(self.last_ports) > MAX_REMEMBERED_PORTS:  # bounded: forget the oldest
             del self.last_ports[next(iter(self.last_ports))]
 
@@ -732,6 +806,8 @@ async def run_server(
     shutdown: Shutdown,
     *,
     reload: Callable[[], ServerConfig] | None = None,
+    listeners: list[trio.SocketListener] | None = None,
+    coordinator: Coordinator | None = None,
     task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve client links until ``shutdown`` is requested, then drain for at most ``shutdown.drain_timeout``.
@@ -742,11 +818,14 @@ async def run_server(
     :meth:`_Server.reload`. Without ``reload``, SIGHUP re-reads ``tls_cert``/``tls_key`` if they are set, and is
     not handled otherwise (so a library caller keeps its own SIGHUP).
 
+    One worker of ``--workers N`` (tunnel/workers.py) gets its ``listeners`` and a ``coordinator``; its SIGHUP
+    comes from the parent.
+
     Raises:
         OSError: the link port cannot be bound (address in use, permission denied, no such address).
     """
-    with sighup_receiver(reload is not None or config.tls_cert is not None) as hups:
-        await _run_server(config, shutdown, reload, hups, task_status)
+    with sighup_receiver(coordinator is None and (reload is not None or config.tls_cert is not None)) as hups:
+        await _run_server(config, shutdown, reload, hups, task_status, listeners, coordinator)
 
 
 async def _run_server(
@@ -755,12 +834,15 @@ async def _run_server(
     reload: Callable[[], ServerConfig] | None,
     hups: AsyncIterator[int] | None,
     task_status: trio.TaskStatus[HostPort],
+    listeners: list[trio.SocketListener] | None = None,
+    coordinator: Coordinator | None = None,
 ) -> None:
     tls = server_tls(config)
     before, nofile = raise_nofile_limit()
-    listeners = await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
+    if listeners is None:
+        listeners = await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
     caps = HandshakeCaps.sized(nofile, total=config.max_handshakes, per_ip=config.max_handshakes_per_ip)
-    server = _Server(config, shutdown, tls, admission=Admission(caps), nofile=nofile)
+    server = _Server(config, shutdown, tls, admission=Admission(caps), nofile=nofile, coordinator=coordinator)
     logger.info(
         "descriptor limit %d%s; at most %d connections in the handshake, %d per address",
         nofile,

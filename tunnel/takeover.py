@@ -22,7 +22,7 @@ import trio
 from .errors import SessionClosedError
 from .mux import Session
 
-__all__ = ["Verdict", "judge"]
+__all__ = ["Verdict", "another_token", "judge", "live_holder"]
 
 
 @attrs.frozen
@@ -55,17 +55,23 @@ async def holder_answers(holder: Session, probe_timeout: float) -> bool:
     return False
 
 
+def another_token(name: str) -> str:
+    """Why a newcomer with another token than the holder's is refused."""
+    return f"the name {name!r} is in use by a client with another token; client names must be unique (--name)"
+
+
+def live_holder(name: str, holder_peer: str) -> str:
+    """Why a newcomer is refused while the holder answers."""
+    return (
+        f"the name {name!r} is in use by a live client connected from {holder_peer}; client names must be "
+        "unique (--name). Retrying: this client gets the name once the other one is gone"
+    )
+
+
 async def judge(name: str, holder: Session, holder_peer: str, newcomer: Session, probe_timeout: float) -> Verdict:
     """May ``newcomer`` take ``name`` from ``holder`` (connected from ``holder_peer``)?"""
     if not same_token(holder.peer_token, newcomer.peer_token):
-        return Verdict(
-            False,
-            f"the name {name!r} is in use by a client with another token; client names must be unique (--name)",
-        )
+        return Verdict(False, another_token(name))
     if await holder_answers(holder, probe_timeout):
-        return Verdict(
-            False,
-            f"the name {name!r} is in use by a live client connected from {holder_peer}; client names must be "
-            "unique (--name). Retrying: this client gets the name once the other one is gone",
-        )
+        return Verdict(False, live_holder(name, holder_peer))
     return TAKE

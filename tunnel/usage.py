@@ -57,6 +57,9 @@ examples:
   # a certificate from a CA (e.g. Let's Encrypt) instead: clients verify the chain and the host name
   trio-tunnel server --token-file tokens --tls-cert fullchain.pem --tls-key privkey.pem
 
+  # one server process per core on the same link port, supervised by this one (groups need --workers 1)
+  trio-tunnel server --token-file tokens --workers auto
+
 stdout: 'fingerprint sha256:...' then 'listening HOST:PORT' once the server accepts clients
 (and 'metrics HOST:PORT' with --metrics)."""
 
@@ -260,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="serve Prometheus /metrics, /status (JSON) and a dashboard at / over HTTP here "
         "(a bare PORT binds 127.0.0.1; see 'trio-tunnel status')",
+    )
+    server.add_argument(
+        "--workers",
+        metavar="N",
+        help="server processes sharing the link port, supervised by this one ('auto': one per core; default 1). "
+        "Load-balancing groups need 1",
     )
     server.add_argument("--config", metavar="FILE", help="TOML file with a [server] table; flags override it")
     _add_logging_options(server, suffix="command")

@@ -23,7 +23,7 @@ from trio_tunnel.errors import ConfigError
 
 from .addresses import DEFAULT_SERVER_PORT, PROTOCOL, UDP_IDLE_DEFAULT, HostPort, LocalSpec, RemoteSpec, hostport_key
 from .binds import BIND_KEY, BindAllowlist
-from .fields import BOOLEAN, FRACTION, build, count, dedupe, describe, optional_count, seconds, to_tuple, toml
+from .fields import BOOLEAN, FRACTION, WORKERS, build, count, dedupe, describe, optional_count, seconds, to_tuple, toml
 from .operations import IPNetwork, networks_key
 from .policy import PORTS_KEY, TARGETS_KEY, PortSet, TargetAllowlist
 from .tokens import _TOKEN_HINT, CLIENT_NAME, default_client_name, logger
@@ -207,6 +207,9 @@ class ServerConfig:
     metrics: HostPort | None = attrs.field(default=None, metadata=_METRICS_KEY)
     """Serve Prometheus metrics, the ``/status`` document and the dashboard here (HTTP; a bare port binds 127.0.0.1).
     None: no endpoint."""
+    workers: int | str = WORKERS.field(default=1, metadata=toml(rule=WORKERS))
+    """Server processes sharing the link port (``SO_REUSEPORT``), supervised by a parent; ``"auto"``: one per core.
+    1: one process, as before (tunnel/workers.py)."""
 
     def __attrs_post_init__(self) -> None:
         if self.accept_proxy_protocol and not self.proxy_protocol_from:
@@ -236,6 +239,7 @@ class ServerConfig:
         state_dir: str | None = None,
         insecure_plaintext: bool | None = None,
         metrics: HostPort | None = None,
+        workers: int | str | None = None,
     ) -> Self:
         """The config file (if any) with the given values overriding it (``None`` = not given).
 
@@ -258,6 +262,7 @@ class ServerConfig:
                     "state_dir": state_dir,
                     "insecure_plaintext": insecure_plaintext,
                     "metrics": metrics,
+                    "workers": workers,
                 }
             )
         )

@@ -251,3 +251,14 @@ def toml(**kwargs: Any) -> dict[str, Key]:
 def keys_of(cls: type) -> list[tuple[attrs.Attribute[Any], Key]]:
     """The fields of attrs class ``cls`` that are read from TOML, in declaration order."""
     return [(field, field.metadata[TOML]) for field in attrs.fields(cls) if TOML in field.metadata]
+
+
+WORKERS: Final = Rule(
+    types=(int, str),
+    expected='an integer count >= 1 or "auto" (one per core)',
+    plain='{name} must be an integer >= 1 or "auto", got {value!r}',
+    wrong_type='{name} must be an integer >= 1 or "auto", got {value!r}',
+    wrong_type_error=ValueError,
+    problem=lambda value: None if value == "auto" or (isinstance(value, int) and value >= 1) else "no",
+)
+"""``workers`` of ``[server]`` (``--workers``): server processes sharing the link port (tunnel/workers.py)."""
