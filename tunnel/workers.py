@@ -141,12 +141,12 @@ class _Parent:
         while True:
             worker = self.workers[index] = _Worker(index)
             code = await self._run(worker)
-            worker.ready = False
+            was_ready, worker.ready = worker.ready, False  # (not ready in /status while it is down)
             gone = self.registry.forget_worker(index)
             if self.shutdown.requested.is_set():
                 return
             why = f"exit status {code}" if code >= 0 else f"signal {-code}"
-            if worker.ready:
+            if was_ready:  # it ran: a crash, not a failure to start
                 failures, delay = 0, RESTART_INITIAL
             else:
                 failures += 1

@@ -21,6 +21,7 @@ from trio_tunnel.client import run_client
 from trio_tunnel.config import HostPort
 from trio_tunnel.lifecycle import Shutdown
 from trio_tunnel.status import fetch_status, parse_url
+from trio_tunnel.workers import MAX_START_FAILURES
 from tunnel_helpers import (
     LOCALHOST,
     TOKEN_TEXT,
@@ -237,6 +238,22 @@ async def test_a_killed_worker_is_restarted_and_its_clients_come_back_on_their_p
                 document = await status(metrics)
                 assert document["workers"][victim]["pid"] != pid
                 assert sorted(s["client"] for s in document["sessions"]) == sorted(clients)
+                seen = {str(w["pid"]) for w in document["workers"]} | {str(pid)}
+                for _ in range(MAX_START_FAILURES):  # crashes after it was ready are not failures to start
+                    document = await status(metrics)
+                    hit = [s["client"] for s in document["sessions"] if s["worker"] == victim]
+                    pid = document["workers"][victim]["pid"]
+                    exposed = len(stdout.matching(r"exposed web \S+"))
+                    os.kill(pid, signal.SIGKILL)
+                    await server.expect_stderr(rf"worker {victim} \(pid {pid}\) exited unexpectedly")
+                    fresh = await server.expect_stderr(
+                        rf"worker {victim} \(pid (?!(?:{'|'.join(seen)})\))(\d+)\) ready"
+                    )
+                    seen.add(fresh[1])
+                    while len(stdout.matching(r"exposed web \S+")) < exposed + len(hit):
+                        await stdout._changed.wait()
+                for name, client in clients.items():
+                    assert await exchange(client.value["web"].port, name.encode()) == name.encode()
                 for client in clients.values():
                     await client.stop()
                 server.process.send_signal(signal.SIGTERM)
