@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Final, Protocol
 
 import attrs
@@ -31,7 +32,7 @@ from trio_tunnel.proto import ErrorCode, proxyheader
 from trio_tunnel.proto.proxyheader import Address
 
 from .console import format_hostport
-from .dial import DialError, dial, peer_address
+from .dial import DialError, dial
 from .errors import SessionClosedError, StreamOpenError
 from .idle import run_splice
 from .metrics import ServiceStats, open_result
@@ -91,13 +92,19 @@ class Arrival:
 
     @classmethod
     def of(cls, conn: TcpStream) -> Arrival:
-        """The connection's own addresses."""
+        """The connection's own addresses (one ``getpeername`` for the log name and the source both)."""
+        sock = conn.socket
         try:
-            source = Address.of(*conn.socket.getpeername()[:2])
-            public = Address.of(*conn.socket.getsockname()[:2])
+            host, port = sock.getpeername()[:2]
+        except OSError:
+            return cls("?")
+        peer = format_hostport(str(host), int(port))
+        try:
+            source = Address.of(host, port)
+            public = Address.of(*sock.getsockname()[:2])
         except (OSError, ValueError):
-            return cls(peer_address(conn))
-        return cls(peer_address(conn), source, public)
+            return cls(peer)
+        return cls(peer, source, public)
 
     def meta(self) -> dict[str, str | int | bool | None]:
         """The stream's open metadata: ``peer`` (for logs) and, when known, ``peer_ip``/``peer_port`` (the external
@@ -155,6 +162,14 @@ class Entrance(Protocol):
     def retry(self, exc: StreamOpenError | SessionClosedError) -> bool:
         """The stream over :meth:`admit`'s session could not be opened (and :meth:`release` was called); True to
         :meth:`admit` again (a group tries its other members), False to close the connection."""
+        ...
+
+    @property
+    def optimistic(self) -> bool:
+        """Carry without waiting for the far end's answer to the open (its OPEN_OK): the connection's first bytes
+        go out right behind the OPEN and the splice starts at once. A refusal then ends the splice (the connection
+        is reset) and is logged and counted as before. Only for an entrance that never retries: the bytes already
+        read could not be offered to another member."""
         ...
 
 
@@ -249,15 +264,15 @@ class Traffic:
                     if session is None:
                         return
                     try:
-                        stream = await session.open_stream(entrance.route, entrance.meta(arrival))
+                        stream = await session.open_stream(
+                            entrance.route, entrance.meta(arrival), wait_accepted=not entrance.optimistic
+                        )
                         break
                     except (StreamOpenError, SessionClosedError) as exc:
                         entrance.release(peer)
                         if entrance.retry(exc):
                             continue
-                        self.log.warning(
-                            "%s: closing %s: the %s could not serve it: %s", entrance.label, peer, entrance.other, exc
-                        )
+                        self._refused(entrance, peer, exc)
                         if (stats := entrance.stats) is not None:
                             failed = isinstance(exc, StreamOpenError)
                             stats.failed(open_result(exc.code) if failed else "refused", str(exc))
@@ -265,6 +280,8 @@ class Traffic:
                     except BaseException:
                         entrance.release(peer)
                         raise
+                if entrance.optimistic:  # a refusal is logged as it arrives, before the splice resets the connection
+                    stream.when_refused(partial(self._refused, entrance, peer))
                 try:
                     if arrival.early:  # bytes read past a PROXY header: the connection's first data
                         try:
@@ -282,6 +299,10 @@ class Traffic:
                     finally:
                         if stats is not None:
                             stats.end(splicer)
+                    if (refusal := stream.refusal) is not None:  # opened optimistically, and refused after all
+                        if stats is not None:
+                            stats.refused_after(splicer, open_result(refusal.code), str(refusal))
+                        return
                     self._closed(entrance.label, peer, started, result, entrance.words, True)
                 finally:
                     entrance.release(peer)
@@ -289,6 +310,9 @@ class Traffic:
                 self.end()
         finally:
             await conn.aclose()
+
+    def _refused(self, entrance: Entrance, peer: str, exc: StreamOpenError | SessionClosedError) -> None:
+        self.log.warning("%s: closing %s: the %s could not serve it: %s", entrance.label, peer, entrance.other, exc)
 
     def _closed(
         self, label: str, who: str, started: float, result: SpliceResult, words: tuple[str, str], endings: bool

@@ -28,7 +28,7 @@ use rather than in a :class:`trio.Event`.
 from __future__ import annotations
 
 import operator
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, final
 
 import trio
@@ -91,6 +91,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         "_eof",
         "_eof_sent",
         "_error",
+        "_on_refused",
         "_opening",
         "_pending",
         "_receiving",
@@ -120,6 +121,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._error: BaseException | None = None  # why sending (and, without EOF, receiving) fails
         self._opening = opening  # we opened it and no answer came yet
+        self._on_refused: Callable[[StreamOpenError], object] | None = None
         self._pending = not opening  # the peer opened it and we have not answered
         self._recv_task: trio.lowlevel.Task | None = None  # asleep in receive_some until data, EOF or an error
         # Made on first use (most streams never wait for these; every idle one waits to receive):
@@ -162,6 +164,18 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 raise StreamOpenError(error.code, error.reason)
             assert error is not None
             raise error
+
+    @property
+    def refusal(self) -> StreamOpenError | None:
+        """Why the peer refused the stream we opened (OPEN_ERR, or no answer in time), else None. For an opener
+        that did not wait for the answer (``open_stream(..., wait_accepted=False)``) and learns it afterwards."""
+        error = self._error
+        return error if isinstance(error, StreamOpenError) else None
+
+    def when_refused(self, callback: Callable[[StreamOpenError], object] | None) -> None:
+        """Call ``callback(error)`` when the peer refuses the stream, synchronously, before any waiter wakes: an
+        opener that did not wait for the answer says why (logs it) before its tasks close anything."""
+        self._on_refused = callback
 
     def accept(self) -> None:
         """Answer the peer's OPEN with OPEN_OK (done implicitly by the first ``send_all``)."""
@@ -241,7 +255,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
 
     def on_rejected(self, code: int, reason: str) -> None:
         """The peer's OPEN_ERR, or our open timed out."""
-        self._error = StreamOpenError(code, reason)
+        error = self._error = StreamOpenError(code, reason)
+        if self._on_refused is not None:
+            self._on_refused(error)
         self._drop_recv()
         self._wake_all()
 
