@@ -352,7 +352,11 @@ async def connect_tcp(host: str, port: int) -> TcpStream:
         trio.lowlevel.notify_closing(sock)
         sock.close()
         raise
-    return TcpStream(sock)
+    stream = TcpStream(sock)
+    # Nothing can have arrived on a connection that was just made (a service that speaks first does so after its
+    # accept): the first receive waits before it reads, saving the recv that would fail with EAGAIN.
+    stream._drained = True
+    return stream
 
 
 def _numeric_family(host: str) -> socket.AddressFamily | None:

@@ -68,6 +68,11 @@ busy streams, and with more the floors add at most their own share on top of it.
 CLIENT_MAX_STREAMS: Final = 1 << 20
 """Streams a client lets its server have open at once: in effect no limit of its own (see session_config)."""
 
+CLIENT_ACCEPT_BACKLOG: Final = 1024
+"""Streams a client lets its server have unanswered at once (dials under way): the protocol's 64 made the server's
+openers queue for a slot under a burst of visitors (200 at once in bench.py), a wait and a wakeup each. The server
+bounds what it opens (max_connections_per_service); a pending stream holds at most its floor window of early data."""
+
 
 def session_config(
     timeouts: Timeouts, *, role: Role, max_streams: int = 1024, memory: int = LINK_MEMORY
@@ -114,6 +119,7 @@ def session_config(
         limits = attrs.evolve(
             limits,
             max_streams=CLIENT_MAX_STREAMS,
+            accept_backlog=CLIENT_ACCEPT_BACKLOG,
             open_rate=proto.RateLimit(burst=1 << 30, rate=float(1 << 30)),
             reset_rate=proto.RateLimit(burst=1 << 30, rate=float(1 << 30)),
         )
