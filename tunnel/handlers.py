@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from functools import partial
-from typing import Final, Protocol
+from typing import Final, Protocol, final
 
 import attrs
 import trio
@@ -257,6 +256,7 @@ class Traffic:
         try:  # (not "async with": its bound __aexit__ would be held for the whole connection)
             arrival = arrival or Arrival.of(conn)
             peer = arrival.peer
+            early = arrival.early
             self.begin()
             try:
                 while True:
@@ -280,12 +280,14 @@ class Traffic:
                     except BaseException:
                         entrance.release(peer)
                         raise
-                if entrance.optimistic:  # a refusal is logged as it arrives, before the splice resets the connection
-                    stream.when_refused(partial(self._refused, entrance, peer))
+                arrival = None  # (its addresses went out with the OPEN: not held for the connection's lifetime)
+                if entrance.optimistic:  # a refusal closes the connection as it arrives, as if it had been awaited
+                    stream.when_refused(_Refusal(self, entrance, peer, conn))
                 try:
-                    if arrival.early:  # bytes read past a PROXY header: the connection's first data
+                    if early:  # bytes read past a PROXY header: the connection's first data
                         try:
-                            await stream.send_all(arrival.early)
+                            await stream.send_all(early)
+                            early = b""
                         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                             self.log.warning("%s: closing %s: %s", entrance.label, peer, exc)
                             stream.reset(ErrorCode.CANCEL, "could not deliver the first bytes")
@@ -342,6 +344,27 @@ class Traffic:
                 words[1],
                 result.bytes_b_to_a,
             )
+
+
+@final
+class _Refusal:
+    """:meth:`MuxStream.when_refused`'s callback for :meth:`Traffic.carry` when it did not wait for the far end's
+    answer: what a refusal did when the open was awaited, at the moment it arrives and before the splice's tasks
+    wake. The warning line, then the connection closed (a FIN, as a visitor of a service that is down always saw,
+    not the reset the splice would send for a stream that broke). A small object of its own rather than a
+    ``partial``: one is held by every open connection."""
+
+    __slots__ = ("conn", "entrance", "peer", "traffic")
+
+    def __init__(self, traffic: Traffic, entrance: Entrance, peer: str, conn: TcpStream) -> None:
+        self.traffic = traffic
+        self.entrance = entrance
+        self.peer = peer
+        self.conn = conn
+
+    def __call__(self, exc: StreamOpenError) -> None:
+        self.traffic._refused(self.entrance, self.peer, exc)
+        self.conn.close_now()
 
 
 async def _send_proxy_header(target: TcpStream, version: str, meta: Mapping[str, object]) -> None:

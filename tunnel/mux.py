@@ -279,7 +279,9 @@ class Session:
                 )
         await trio.lowlevel.checkpoint_if_cancelled()
         sid = self._conn.open_stream(route, meta, now=trio.current_time())
-        stream = MuxStream(self, sid, route, dict(meta or {}), opening=True)
+        # Our meta went out with the OPEN; the stream does not keep a copy for its lifetime (``meta`` is what the
+        # peer sent on a stream it opened).
+        stream = MuxStream(self, sid, route, {}, opening=True)
         self._streams[sid] = stream
         self._deadline_armed()
         self._kick()

@@ -113,6 +113,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self.stream_id = stream_id
         self.route = route
         self.meta = meta
+        """The OPEN's metadata of a stream the peer opened (empty on one we opened: ours is not kept)."""
         self._recv_buf: list[bytes] = []  # few entries; a list is 56 bytes empty, a deque 760
         self._recv_offset = 0
         self._recv_buffered = 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -309,11 +310,15 @@ class TcpStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         """Close the socket (before the checkpoint: done even when cancelled); waiting tasks get
         :class:`trio.ClosedResourceError`. Closing twice is fine."""
+        self.close_now()
+        await trio.lowlevel.checkpoint()
+
+    def close_now(self) -> None:
+        """:meth:`aclose` without its checkpoint, for synchronous code (a callback of the session's reader)."""
         sock = self.socket
         if sock.fileno() != -1:
             trio.lowlevel.notify_closing(sock)
             sock.close()
-        await trio.lowlevel.checkpoint()
 
     # ------------------------------------------------------------------------------------------------- options
 
@@ -359,8 +364,10 @@ async def connect_tcp(host: str, port: int) -> TcpStream:
     return stream
 
 
+@functools.lru_cache(maxsize=256)
 def _numeric_family(host: str) -> socket.AddressFamily | None:
-    """AF_INET or AF_INET6 for an IP address literal without a scope; None for anything to resolve."""
+    """AF_INET or AF_INET6 for an IP address literal without a scope; None for anything to resolve. Cached: a
+    tunnel dials the same few targets over and over."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
