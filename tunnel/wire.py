@@ -86,8 +86,9 @@ def session_config(
     The protocol's defaults are for a peer we do not trust; here the peer is an authenticated trio-tunnel. The server
     allows ``max_streams`` concurrent streams from a client (its -L connections) and keeps the protocol's rate limits
     on OPEN and RST. The client accepts what its own server opens (one stream per external connection): it sets no
-    stream limit of its own (the server's ``max_connections_per_service`` bounds them) and does not rate-limit
-    them, so a burst of visitors is never cut short.
+    stream limit of its own (the server's ``max_connections_per_service`` bounds them), does not rate-limit
+    them and holds up to :data:`CLIENT_ACCEPT_BACKLOG` of them unanswered, so a burst of visitors is never cut short
+    or queued.
 
     ``memory`` (``link_memory``) is the session's memory budget (proto/budget.py): half for receive windows granted
     above each stream's floor (:data:`FLOOR_SHARE`), half for bytes queued to send. A new stream is granted the floor at
