@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from functools import lru_cache
 from typing import Final, Protocol, final
 
 import attrs
 import trio
 from trio_tunnel.proto import ErrorCode, proxyheader
-from trio_tunnel.proto.proxyheader import Address
+from trio_tunnel.proto.proxyheader import Address, IPAddress
 
 from .console import format_hostport
 from .dial import DialError, dial
@@ -99,8 +100,9 @@ class Arrival:
             return cls("?")
         peer = format_hostport(str(host), int(port))
         try:
-            source = Address.of(host, port)
-            public = Address.of(*sock.getsockname()[:2])
+            source = Address(_ip_of(host), port)
+            public_host, public_port = sock.getsockname()[:2]
+            public = Address(_ip_of(public_host), public_port)
         except (OSError, ValueError):
             return cls(peer)
         return cls(peer, source, public)
@@ -110,9 +112,9 @@ class Arrival:
         user) and ``public_ip``/``public_port`` (where it connected), for a PROXY header at the far end."""
         meta: dict[str, str | int | bool | None] = {"peer": self.peer}
         if self.source is not None:
-            meta.update(peer_ip=str(self.source.ip), peer_port=self.source.port)
+            meta.update(peer_ip=_text_of(self.source.ip), peer_port=self.source.port)
         if self.public is not None:
-            meta.update(public_ip=str(self.public.ip), public_port=self.public.port)
+            meta.update(public_ip=_text_of(self.public.ip), public_port=self.public.port)
         return meta
 
     def via_proxy(self, source: Address | None, public: Address | None, early: bytes) -> Arrival:
@@ -120,6 +122,19 @@ class Arrival:
         if source is None or public is None:
             return attrs.evolve(self, early=early)
         return Arrival(format_hostport(str(source.ip), source.port), source, public, early, via=self.peer)
+
+
+@lru_cache(maxsize=1024)
+def _ip_of(host: str) -> IPAddress:
+    """:meth:`Address.of`'s address for a socket's host string, parsed once per host (visitors come back, the
+    public address is always the same, and ``ipaddress`` parses in Python: the better part of an accept)."""
+    return Address.of(host, 0).ip
+
+
+@lru_cache(maxsize=1024)
+def _text_of(ip: IPAddress) -> str:
+    """``str(ip)``, formatted once per address."""
+    return str(ip)
 
 
 Route = Callable[[MuxStream], Destination | None]
@@ -206,7 +221,8 @@ class Traffic:
             except SessionClosedError:
                 return
             self.begin()
-            nursery.start_soon(self.answer, stream, route, dial_timeout)
+            # (a constant name: Trio would format one per task, held for the connection's lifetime)
+            nursery.start_soon(self.answer, stream, route, dial_timeout, name="trio_tunnel.handlers.Traffic.answer")
 
     async def answer(self, stream: MuxStream, route: Route, dial_timeout: float) -> None:
         """Dial where ``route`` sends ``stream``, accept it (or reject it with the reason), splice, log. Ends the
@@ -232,6 +248,7 @@ class Traffic:
                 stream.reject(exc.code, f"{destination.label}: {reason}")
                 return
             stream.accept()
+            stream.drop_meta()  # read (peer, PROXY header): not held for the connection's lifetime
             started = trio.current_time()
             splicer = Splice(stream, target)
             if stats is not None:

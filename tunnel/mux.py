@@ -78,7 +78,7 @@ from trio_tunnel.proto import events as ev
 from .errors import HandshakeError, RequestError, SessionClosedError, StreamOpenError, with_auth_advice
 from .session_types import Ended, PendingReply, Request, SessionConfig, SessionStatistics
 from .sink import Sink
-from .stream import MuxStream
+from .stream import NO_META, MuxStream
 from .tcp import TcpStream
 from .tls import TlsStream
 
@@ -281,7 +281,7 @@ class Session:
         sid = self._conn.open_stream(route, meta, now=trio.current_time())
         # Our meta went out with the OPEN; the stream does not keep a copy for its lifetime (``meta`` is what the
         # peer sent on a stream it opened).
-        stream = MuxStream(self, sid, route, {}, opening=True)
+        stream = MuxStream(self, sid, route, NO_META, opening=True)
         self._streams[sid] = stream
         self._deadline_armed()
         self._kick()

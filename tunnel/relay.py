@@ -222,7 +222,7 @@ class Splice:
                 # other by cancelling the nursery; no cancel scope of their own (an idle connection is mostly
                 # tasks and scopes, and there are many).
                 self._scope = nursery.cancel_scope
-                nursery.start_soon(self._copy, False)
+                nursery.start_soon(self._copy, False, name="trio_tunnel.relay.Splice._copy")  # (no name per task)
                 await self._copy(True)
             finished = True
         finally:

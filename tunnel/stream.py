@@ -28,7 +28,8 @@ use rather than in a :class:`trio.Event`.
 from __future__ import annotations
 
 import operator
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, final
 
 import trio
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
     from .sink import Sink
 
 __all__ = ["RECEIVE_SIZE", "MuxStream"]
+
+NO_META: Final[Mapping[str, Any]] = MappingProxyType({})
+"""The (shared, read-only) meta of a stream we opened, and of one whose meta was dropped."""
 
 KiB: Final = 1024
 RECEIVE_SIZE: Final = 256 * KiB
@@ -108,12 +112,13 @@ class MuxStream(trio.abc.HalfCloseableStream):
         "stream_id",
     )
 
-    def __init__(self, session: Session, stream_id: int, route: str, meta: dict[str, Any], *, opening: bool) -> None:
+    def __init__(self, session: Session, stream_id: int, route: str, meta: Mapping[str, Any], *, opening: bool) -> None:
         self._session = session
         self.stream_id = stream_id
         self.route = route
-        self.meta = meta
-        """The OPEN's metadata of a stream the peer opened (empty on one we opened: ours is not kept)."""
+        self.meta: Mapping[str, Any] = meta
+        """The OPEN's metadata of a stream the peer opened (empty on one we opened: ours is not kept; and after
+        :meth:`drop_meta`)."""
         self._recv_buf: list[bytes] = []  # few entries; a list is 56 bytes empty, a deque 760
         self._recv_offset = 0
         self._recv_buffered = 0
@@ -165,6 +170,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 raise StreamOpenError(error.code, error.reason)
             assert error is not None
             raise error
+
+    def drop_meta(self) -> None:
+        """Forget :attr:`meta` once it has been read: an accepted stream holds it for its whole life otherwise
+        (half a KiB for a visitor's addresses, per idle connection)."""
+        self.meta = NO_META
 
     @property
     def refusal(self) -> StreamOpenError | None:

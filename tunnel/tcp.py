@@ -457,6 +457,7 @@ async def _accept_forever(
     view: socket.socket | None,
 ) -> None:
     trouble = AcceptTrouble(_name(listener), logger)
+    task_name = _task_name(handler)  # named once: Trio would format the same name for every connection's task
     while True:
         try:
             if view is not None:
@@ -472,7 +473,7 @@ async def _accept_forever(
             continue
         trouble.accepted()
         try:
-            handlers.start_soon(handler, stream)
+            handlers.start_soon(handler, stream, name=task_name)
         except BaseException:
             stream.socket.close()
             raise
@@ -510,6 +511,17 @@ def _accept_nowait(listening: socket.socket) -> int | None:
     except BlockingIOError:
         return None
     return int(fd)
+
+
+def _task_name(fn: object) -> str:
+    """The name Trio gives a task running ``fn`` (``module.qualname``, a partial's function's), made once: a task
+    name Trio makes itself is a new string per task, held as long as the connection."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    try:
+        return f"{fn.__module__}.{fn.__qualname__}"  # type: ignore[attr-defined]
+    except AttributeError:
+        return repr(fn)
 
 
 def _name(listener: trio.abc.Listener[trio.SocketStream]) -> str:
