@@ -245,6 +245,11 @@ class Connection:
     def peer_max_frame_payload(self) -> int:
         return self._hs.peer.max_frame_payload
 
+    @property
+    def peer_initial_window(self) -> int:
+        """What a new stream may send before the peer's first WINDOW (optimistic data included)."""
+        return self._hs.peer.initial_window
+
     def stream_state(self, stream_id: int) -> StreamState | None:
         """The state of a stream in the table, or None once it is released (or never existed)."""
         stream = self._table.streams.get(stream_id)

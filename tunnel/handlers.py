@@ -50,6 +50,10 @@ FORWARD_WORDS: Final = ("out", "back")
 
 Meta = Mapping[str, str | int | bool | None]
 
+FIRST_BYTES: Final = 16 * 1024
+"""At most this much of what a connection already sent goes out with its stream's OPEN (within the peer's initial
+window: all of it, with trio-tunnel's 4-64 KiB floor windows)."""
+
 
 @attrs.frozen
 class Destination:
@@ -274,15 +278,22 @@ class Traffic:
             arrival = arrival or Arrival.of(conn)
             peer = arrival.peer
             early = arrival.early
+            first = b""
             self.begin()
             try:
                 while True:
                     session = await entrance.admit(peer)
                     if session is None:
                         return
+                    if entrance.optimistic and not early and not first:  # (read once, whatever the retries)
+                        # What the visitor already sent goes out with the OPEN, in one write (a TLS record).
+                        first = conn.receive_nowait(min(session.open_room, FIRST_BYTES))
                     try:
                         stream = await session.open_stream(
-                            entrance.route, entrance.meta(arrival), wait_accepted=not entrance.optimistic
+                            entrance.route,
+                            entrance.meta(arrival),
+                            wait_accepted=not entrance.optimistic,
+                            first=first,
                         )
                         break
                     except (StreamOpenError, SessionClosedError) as exc:
@@ -311,6 +322,9 @@ class Traffic:
                             return
                     started = trio.current_time()
                     splicer = Splice(conn, stream)
+                    if first:
+                        splicer.count(True, len(first))
+                        first = b""
                     if (stats := entrance.stats) is not None:
                         stats.begin(splicer)
                     try:
@@ -318,9 +332,9 @@ class Traffic:
                     finally:
                         if stats is not None:
                             stats.end(splicer)
-                    if (refusal := stream.refusal) is not None:  # opened optimistically, and refused after all
+                    if stream.refusal is not None:  # opened optimistically, and refused after all (see _Refusal)
                         if stats is not None:
-                            stats.refused_after(splicer, open_result(refusal.code), str(refusal))
+                            stats.withdraw(splicer)
                         return
                     self._closed(entrance.label, peer, started, result, entrance.words, True)
                 finally:
@@ -367,7 +381,7 @@ class Traffic:
 class _Refusal:
     """:meth:`MuxStream.when_refused`'s callback for :meth:`Traffic.carry` when it did not wait for the far end's
     answer: what a refusal did when the open was awaited, at the moment it arrives and before the splice's tasks
-    wake. The warning line, then the connection closed (a FIN, as a visitor of a service that is down always saw,
+    wake. The warning line and the count, then the connection closed (a FIN, as a visitor of a service that is down always saw,
     not the reset the splice would send for a stream that broke). A small object of its own rather than a
     ``partial``: one is held by every open connection."""
 
@@ -381,6 +395,8 @@ class _Refusal:
 
     def __call__(self, exc: StreamOpenError) -> None:
         self.traffic._refused(self.entrance, self.peer, exc)
+        if (stats := self.entrance.stats) is not None:
+            stats.failed(open_result(exc.code), str(exc))
         self.conn.close_now()
 
 

@@ -237,13 +237,20 @@ class Session:
         self._check_alive()
 
     async def open_stream(
-        self, route: str, meta: Mapping[str, str | int | bool | None] | None = None, *, wait_accepted: bool = True
+        self,
+        route: str,
+        meta: Mapping[str, str | int | bool | None] | None = None,
+        *,
+        wait_accepted: bool = True,
+        first: bytes = b"",
     ) -> MuxStream:
         """Open a stream to ``route`` on the peer.
 
         Waits for stream credit if the peer's MAX_STREAMS is used up. With ``wait_accepted`` (the default) it also
         waits for the peer's OPEN_OK; otherwise the stream is returned at once and data may be sent optimistically
         (a refusal then surfaces as ``BrokenResourceError`` from the stream, caused by :class:`StreamOpenError`).
+        ``first`` is the stream's first bytes, sent right behind the OPEN in the same write (as ``send_all`` would,
+        one write and one frame batch earlier); keep it within :attr:`open_room` or the rest waits for credit here.
 
         Raises:
             StreamOpenError: the peer refused (``retryable`` tells whether the peer never processed it, e.g. it is
@@ -283,6 +290,7 @@ class Session:
         # peer sent on a stream it opened).
         stream = MuxStream(self, sid, route, NO_META, opening=True)
         self._streams[sid] = stream
+        taken = self._conn.send_data(sid, first) if first else 0
         self._deadline_armed()
         self._kick()
         logger.debug("%s: opened stream %d to %r", self, sid, route)
@@ -293,7 +301,14 @@ class Session:
                 stream.reset(ErrorCode.CANCEL, "open cancelled")
                 self._credit_changed()  # the slot it held is free again
                 raise
+        if taken < len(first):  # (beyond the credit or the send buffer: as send_all, wait for room)
+            await stream.send_all(memoryview(first)[taken:])
         return stream
+
+    @property
+    def open_room(self) -> int:
+        """How many bytes ``open_stream(first=...)`` sends right away: the peer's initial stream window."""
+        return self._conn.peer_initial_window
 
     async def accept_stream(self) -> MuxStream:
         """The next stream the peer opened. Answer it with :meth:`MuxStream.accept` (implicit on the first

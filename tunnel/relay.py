@@ -259,6 +259,11 @@ class Splice:
         assert self._scope is not None
         self._scope.cancel(reason=reason)
 
+    def count(self, forward: bool, size: int) -> None:
+        """Bytes moved for this splice outside its loops (a connection's first bytes, sent with the stream's OPEN
+        before the splice ran): counted as its own, and activity."""
+        self._count(forward, size)
+
     def _count(self, forward: bool, size: int) -> None:
         """Bytes the session's reader wrote into our socket for us (:class:`_SpliceSink`): counted, and activity."""
         self.active_at = trio.current_time()

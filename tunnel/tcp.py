@@ -214,6 +214,21 @@ class TcpStream(trio.abc.HalfCloseableStream):
         finally:
             self._receiving = False
 
+    def receive_nowait(self, max_bytes: int) -> bytes:
+        """What has already arrived, at most ``max_bytes``, without waiting and without a schedule point; ``b""``
+        when nothing has (or at EOF, or on an error, or while another task receives: the next ``receive_some``
+        finds those). Lets a relay send a connection's first bytes along with what it sends first itself."""
+        if self._receiving or max_bytes < 1:
+            return b""
+        try:
+            data = _recv_nowait(self.socket, max_bytes)
+        except OSError:
+            return b""
+        if not data:
+            return b""
+        self._drained = len(data) < _SHORT_READ and len(data) < max_bytes
+        return data
+
     # -------------------------------------------------------------------------------------------------- sending
 
     async def send_all(self, data: bytes | bytearray | memoryview, *, checkpoint: bool = True) -> None:
