@@ -381,9 +381,9 @@ class Traffic:
 class _Refusal:
     """:meth:`MuxStream.when_refused`'s callback for :meth:`Traffic.carry` when it did not wait for the far end's
     answer: what a refusal did when the open was awaited, at the moment it arrives and before the splice's tasks
-    wake. The warning line and the count, then the connection closed (a FIN, as a visitor of a service that is down always saw,
-    not the reset the splice would send for a stream that broke). A small object of its own rather than a
-    ``partial``: one is held by every open connection."""
+    wake. The warning line and the count, then the connection closed (a FIN, as a visitor of a service that is down
+    always saw, not the reset the splice would send for a stream that broke). A small object of its own rather than
+    a ``partial``: one is held by every open connection."""
 
     __slots__ = ("conn", "entrance", "peer", "traffic")
 
