@@ -317,7 +317,8 @@ class Traffic:
                             await stream.send_all(early)
                             early = b""
                         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                            self.log.warning("%s: closing %s: %s", entrance.label, peer, exc)
+                            if stream.refusal is None:  # (a refusal said so already: _Refusal)
+                                self.log.warning("%s: closing %s: %s", entrance.label, peer, exc)
                             stream.reset(ErrorCode.CANCEL, "could not deliver the first bytes")
                             return
                     started = trio.current_time()
