@@ -221,6 +221,15 @@ class Connection:
         return self._table.max_streams_dirty or self._out.wants_write
 
     @property
+    def write_due(self) -> bool:
+        """:attr:`wants_write`, less raised stream credit the peer does not need yet: that goes out with the next
+        write (:meth:`data_to_send` includes it whenever there is one) rather than in a write of its own, so a
+        connection that ends does not cost the link a frame and a write (see :attr:`StreamTable.max_streams_urgent
+        <.streams.StreamTable.max_streams_urgent>`). A writer that only runs when there is something to send asks
+        this."""
+        return self._table.max_streams_urgent or self._out.wants_write
+
+    @property
     def streams_available(self) -> int:
         """How many more streams we may open now (the peer's MAX_STREAMS credit minus streams opened)."""
         if self.state is not ConnectionState.OPEN or self._goaway_sent or self._goaway_received:
@@ -235,6 +244,11 @@ class Connection:
     @property
     def peer_max_frame_payload(self) -> int:
         return self._hs.peer.max_frame_payload
+
+    @property
+    def peer_initial_window(self) -> int:
+        """What a new stream may send before the peer's first WINDOW (optimistic data included)."""
+        return self._hs.peer.initial_window
 
     def stream_state(self, stream_id: int) -> StreamState | None:
         """The state of a stream in the table, or None once it is released (or never existed)."""
@@ -414,13 +428,15 @@ class Connection:
         if self.streams_available <= 0:
             raise LocalProtocolError("no stream credit left (wait for MAX_STREAMS)", ErrorCode.STREAM_LIMIT)
         frame = F.Open(self._table.next_sid, route, dict(meta or {}))
+        # Encoded once, for both checks (what F.check does, on these bytes): it must pass our own decoder, and
+        # route and meta may legally add up to ~5 KiB while the peer cuts the connection (FRAME_SIZE) for a header
+        # above its max_header, which is not declared: assume it is ours (1 KiB by default).
+        raw = F.encode(frame)
+        header = F.PREFIX.unpack_from(raw)[0]
         try:
-            F.check(frame)
+            F.decode_frame(raw[F.PREFIX.size : F.PREFIX.size + header], b"")
         except RemoteProtocolError as exc:
             raise LocalProtocolError(f"cannot open stream: {exc.reason}") from None
-        # Route and meta may legally add up to ~5 KiB; the peer cuts the connection (FRAME_SIZE) for a header above
-        # its max_header, which is not declared: assume it is ours (1 KiB by default).
-        header = F.PREFIX.unpack_from(F.encode(frame))[0]
         if header > self.limits.max_header:
             raise LocalProtocolError(
                 f"cannot open stream: OPEN header of {header} bytes (limit {self.limits.max_header}); shorten the meta"

@@ -200,6 +200,16 @@ class StreamTable:
         an open for lack of room."""
         return max(0, min(self.local_credit - self.local_opened, self._hs.peer.accept_backlog - self.local_opening))
 
+    @property
+    def max_streams_urgent(self) -> bool:
+        """A MAX_STREAMS is due now: the peer has used at least half the credit we sent it. Until then the raised
+        credit waits for the next write (``data_to_send`` includes it whenever it is dirty), so a connection that
+        ends does not cost a frame and a write of its own (as QUIC sends MAX_STREAMS once half the credit is
+        used)."""
+        return self.max_streams_dirty and (
+            self.granted_sent - _stream_index(self.highest_peer_sid) <= self.limits.max_streams // 2
+        )
+
     def take_max_streams(self) -> int | None:
         """The MAX_STREAMS value to send now, if the credit we grant changed since the last one."""
         self.max_streams_dirty = False
@@ -504,7 +514,15 @@ class StreamTable:
         if pool is not None:
             pool.update(stream, receiving)
         grant = self._grant(stream)
-        if not receiving or stream.recv_limit - stream.consumed > grant // 2:
+        left = stream.recv_limit - stream.consumed
+        if not receiving or left > grant // 2:
+            return
+        floor = self.limits.initial_window
+        if stream.recv_limit == floor and left > floor // 2:
+            # The first WINDOW of a stream whose target window is above the declared floor (stream_window) waits
+            # until half the floor is read, as any WINDOW waits for half a window: a short connection that moves a
+            # few bytes never needs one (one frame and one write fewer each way), and a bulk stream, which reads
+            # its floor at once, gets it as early as before.
             return
         # An epoch ends only once more than half the window was consumed in it (as quic-go does): a WINDOW goes
         # out every half window, so ending the epoch at every WINDOW would never see more than half consumed.

@@ -20,7 +20,9 @@ import gc
 import logging
 import pathlib
 import resource
+import shutil
 import sys
+import tempfile
 import tracemalloc
 
 import trio
@@ -28,6 +30,7 @@ import trio.testing
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from trio_tunnel.certs import fingerprint_of_pem_file, load_or_create_identity
 from trio_tunnel.client import run_client
 from trio_tunnel.config import ClientConfig, HostPort, RemoteSpec, ServerConfig
 from trio_tunnel.lifecycle import Shutdown
@@ -80,12 +83,25 @@ async def main(n: int, top: int, frames: int, exchange: bool = False) -> None:
         nursery.start_soon(trio.serve_listeners, _hold, listeners)
         # Room for every connection: one refused (beyond max_connections_per_service, 1024 by default) would be
         # counted as an idle connection that costs nothing.
+        # Over TLS, the link's default: a throwaway identity in a temporary state directory, pinned by the client.
+        state_dir = tempfile.mkdtemp(prefix="bench-memory-")
+        cert, _key = load_or_create_identity(pathlib.Path(state_dir))
         server_cfg = ServerConfig(
-            listen=HostPort(host="127.0.0.1", port=0), tokens=(TOKEN,), max_connections_per_service=n + 2 * WARMUP
+            listen=HostPort(host="127.0.0.1", port=0),
+            tokens=(TOKEN,),
+            max_connections_per_service=n + 2 * WARMUP,
+            max_connections_per_ip=4 * n,  # every connection comes from 127.0.0.1
+            state_dir=state_dir,
         )
         link = await nursery.start(run_server, server_cfg, shutdown)
         remote = RemoteSpec.parse(f"sink=127.0.0.1:0:127.0.0.1:{sink_port}")
-        client_cfg = ClientConfig(server=link, token=TOKEN, name="bench", remotes=(remote,))
+        client_cfg = ClientConfig(
+            server=link,
+            token=TOKEN,
+            name="bench",
+            remotes=(remote,),
+            server_fingerprint=(fingerprint_of_pem_file(cert),),
+        )
         exposed = await nursery.start(run_client, client_cfg, shutdown)
         public = exposed["sink"]
 
@@ -114,6 +130,7 @@ async def main(n: int, top: int, frames: int, exchange: bool = False) -> None:
         for c in conns:
             await c.aclose()
         nursery.cancel_scope.cancel()
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def _short(filename: str) -> str:

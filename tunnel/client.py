@@ -453,6 +453,7 @@ class _Forward:
     route: ClassVar[str] = FORWARD_ROUTE
     other: ClassVar[str] = "server"
     words: ClassVar[tuple[str, str]] = FORWARD_WORDS
+    optimistic: ClassVar[bool] = True
 
     @property
     def spec(self) -> LocalSpec:

@@ -129,6 +129,7 @@ class _Visit:
     member: Member | None = None
     other: ClassVar[str] = "client"
     words: ClassVar[tuple[str, str]] = REVERSE_WORDS
+    optimistic: ClassVar[bool] = False  # a refused open is retried on another member, with the bytes unread
 
     @property
     def label(self) -> str:

@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Final, Protocol
+from functools import lru_cache
+from typing import Final, Protocol, final
 
 import attrs
 import trio
 from trio_tunnel.proto import ErrorCode, proxyheader
-from trio_tunnel.proto.proxyheader import Address
+from trio_tunnel.proto.proxyheader import Address, IPAddress
 
 from .console import format_hostport
-from .dial import DialError, dial, peer_address
+from .dial import DialError, dial
 from .errors import SessionClosedError, StreamOpenError
 from .idle import run_splice
 from .metrics import ServiceStats, open_result
@@ -48,6 +49,10 @@ FORWARD_WORDS: Final = ("out", "back")
 """How the byte counts of a ``-L`` connection are named: ``out`` towards the target, ``back`` from it."""
 
 Meta = Mapping[str, str | int | bool | None]
+
+FIRST_BYTES: Final = 16 * 1024
+"""At most this much of what a connection already sent goes out with its stream's OPEN (within the peer's initial
+window: all of it, with trio-tunnel's 4-64 KiB floor windows)."""
 
 
 @attrs.frozen
@@ -91,22 +96,29 @@ class Arrival:
 
     @classmethod
     def of(cls, conn: TcpStream) -> Arrival:
-        """The connection's own addresses."""
+        """The connection's own addresses (one ``getpeername`` for the log name and the source both)."""
+        sock = conn.socket
         try:
-            source = Address.of(*conn.socket.getpeername()[:2])
-            public = Address.of(*conn.socket.getsockname()[:2])
+            host, port = sock.getpeername()[:2]
+        except OSError:
+            return cls("?")
+        peer = format_hostport(str(host), int(port))
+        try:
+            source = Address(_ip_of(host), port)
+            public_host, public_port = sock.getsockname()[:2]
+            public = Address(_ip_of(public_host), public_port)
         except (OSError, ValueError):
-            return cls(peer_address(conn))
-        return cls(peer_address(conn), source, public)
+            return cls(peer)
+        return cls(peer, source, public)
 
     def meta(self) -> dict[str, str | int | bool | None]:
         """The stream's open metadata: ``peer`` (for logs) and, when known, ``peer_ip``/``peer_port`` (the external
         user) and ``public_ip``/``public_port`` (where it connected), for a PROXY header at the far end."""
         meta: dict[str, str | int | bool | None] = {"peer": self.peer}
         if self.source is not None:
-            meta.update(peer_ip=str(self.source.ip), peer_port=self.source.port)
+            meta.update(peer_ip=_text_of(self.source.ip), peer_port=self.source.port)
         if self.public is not None:
-            meta.update(public_ip=str(self.public.ip), public_port=self.public.port)
+            meta.update(public_ip=_text_of(self.public.ip), public_port=self.public.port)
         return meta
 
     def via_proxy(self, source: Address | None, public: Address | None, early: bytes) -> Arrival:
@@ -114,6 +126,19 @@ class Arrival:
         if source is None or public is None:
             return attrs.evolve(self, early=early)
         return Arrival(format_hostport(str(source.ip), source.port), source, public, early, via=self.peer)
+
+
+@lru_cache(maxsize=1024)
+def _ip_of(host: str) -> IPAddress:
+    """:meth:`Address.of`'s address for a socket's host string, parsed once per host (visitors come back, the
+    public address is always the same, and ``ipaddress`` parses in Python: the better part of an accept)."""
+    return Address.of(host, 0).ip
+
+
+@lru_cache(maxsize=1024)
+def _text_of(ip: IPAddress) -> str:
+    """``str(ip)``, formatted once per address."""
+    return str(ip)
 
 
 Route = Callable[[MuxStream], Destination | None]
@@ -157,6 +182,14 @@ class Entrance(Protocol):
         :meth:`admit` again (a group tries its other members), False to close the connection."""
         ...
 
+    @property
+    def optimistic(self) -> bool:
+        """Carry without waiting for the far end's answer to the open (its OPEN_OK): the connection's first bytes
+        go out right behind the OPEN and the splice starts at once. A refusal then ends the splice (the connection
+        is reset) and is logged and counted as before. Only for an entrance that never retries: the bytes already
+        read could not be offered to another member."""
+        ...
+
 
 @attrs.define(eq=False)
 class Traffic:
@@ -192,7 +225,8 @@ class Traffic:
             except SessionClosedError:
                 return
             self.begin()
-            nursery.start_soon(self.answer, stream, route, dial_timeout)
+            # (a constant name: Trio would format one per task, held for the connection's lifetime)
+            nursery.start_soon(self.answer, stream, route, dial_timeout, name="trio_tunnel.handlers.Traffic.answer")
 
     async def answer(self, stream: MuxStream, route: Route, dial_timeout: float) -> None:
         """Dial where ``route`` sends ``stream``, accept it (or reject it with the reason), splice, log. Ends the
@@ -218,6 +252,7 @@ class Traffic:
                 stream.reject(exc.code, f"{destination.label}: {reason}")
                 return
             stream.accept()
+            stream.drop_meta()  # read (peer, PROXY header): not held for the connection's lifetime
             started = trio.current_time()
             splicer = Splice(stream, target)
             if stats is not None:
@@ -242,22 +277,30 @@ class Traffic:
         try:  # (not "async with": its bound __aexit__ would be held for the whole connection)
             arrival = arrival or Arrival.of(conn)
             peer = arrival.peer
+            early = arrival.early
+            first = b""
             self.begin()
             try:
                 while True:
                     session = await entrance.admit(peer)
                     if session is None:
                         return
+                    if entrance.optimistic and not early and not first:  # (read once, whatever the retries)
+                        # What the visitor already sent goes out with the OPEN, in one write (a TLS record).
+                        first = conn.receive_nowait(min(session.open_room, FIRST_BYTES))
                     try:
-                        stream = await session.open_stream(entrance.route, entrance.meta(arrival))
+                        stream = await session.open_stream(
+                            entrance.route,
+                            entrance.meta(arrival),
+                            wait_accepted=not entrance.optimistic,
+                            first=first,
+                        )
                         break
                     except (StreamOpenError, SessionClosedError) as exc:
                         entrance.release(peer)
                         if entrance.retry(exc):
                             continue
-                        self.log.warning(
-                            "%s: closing %s: the %s could not serve it: %s", entrance.label, peer, entrance.other, exc
-                        )
+                        self._refused(entrance, peer, exc)
                         if (stats := entrance.stats) is not None:
                             failed = isinstance(exc, StreamOpenError)
                             stats.failed(open_result(exc.code) if failed else "refused", str(exc))
@@ -265,16 +308,24 @@ class Traffic:
                     except BaseException:
                         entrance.release(peer)
                         raise
+                arrival = None  # (its addresses went out with the OPEN: not held for the connection's lifetime)
+                if entrance.optimistic:  # a refusal closes the connection as it arrives, as if it had been awaited
+                    stream.when_refused(_Refusal(self, entrance, peer, conn))
                 try:
-                    if arrival.early:  # bytes read past a PROXY header: the connection's first data
+                    if early:  # bytes read past a PROXY header: the connection's first data
                         try:
-                            await stream.send_all(arrival.early)
+                            await stream.send_all(early)
+                            early = b""
                         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                            self.log.warning("%s: closing %s: %s", entrance.label, peer, exc)
+                            if stream.refusal is None:  # (a refusal said so already: _Refusal)
+                                self.log.warning("%s: closing %s: %s", entrance.label, peer, exc)
                             stream.reset(ErrorCode.CANCEL, "could not deliver the first bytes")
                             return
                     started = trio.current_time()
                     splicer = Splice(conn, stream)
+                    if first:
+                        splicer.count(True, len(first))
+                        first = b""
                     if (stats := entrance.stats) is not None:
                         stats.begin(splicer)
                     try:
@@ -282,6 +333,10 @@ class Traffic:
                     finally:
                         if stats is not None:
                             stats.end(splicer)
+                    if stream.refusal is not None:  # opened optimistically, and refused after all (see _Refusal)
+                        if stats is not None:
+                            stats.withdraw(splicer)
+                        return
                     self._closed(entrance.label, peer, started, result, entrance.words, True)
                 finally:
                     entrance.release(peer)
@@ -289,6 +344,9 @@ class Traffic:
                 self.end()
         finally:
             await conn.aclose()
+
+    def _refused(self, entrance: Entrance, peer: str, exc: StreamOpenError | SessionClosedError) -> None:
+        self.log.warning("%s: closing %s: the %s could not serve it: %s", entrance.label, peer, entrance.other, exc)
 
     def _closed(
         self, label: str, who: str, started: float, result: SpliceResult, words: tuple[str, str], endings: bool
@@ -318,6 +376,29 @@ class Traffic:
                 words[1],
                 result.bytes_b_to_a,
             )
+
+
+@final
+class _Refusal:
+    """:meth:`MuxStream.when_refused`'s callback for :meth:`Traffic.carry` when it did not wait for the far end's
+    answer: what a refusal did when the open was awaited, at the moment it arrives and before the splice's tasks
+    wake. The warning line and the count, then the connection closed (a FIN, as a visitor of a service that is down
+    always saw, not the reset the splice would send for a stream that broke). A small object of its own rather than
+    a ``partial``: one is held by every open connection."""
+
+    __slots__ = ("conn", "entrance", "peer", "traffic")
+
+    def __init__(self, traffic: Traffic, entrance: Entrance, peer: str, conn: TcpStream) -> None:
+        self.traffic = traffic
+        self.entrance = entrance
+        self.peer = peer
+        self.conn = conn
+
+    def __call__(self, exc: StreamOpenError) -> None:
+        self.traffic._refused(self.entrance, self.peer, exc)
+        if (stats := self.entrance.stats) is not None:
+            stats.failed(open_result(exc.code), str(exc))
+        self.conn.close_now()
 
 
 async def _send_proxy_header(target: TcpStream, version: str, meta: Mapping[str, object]) -> None:

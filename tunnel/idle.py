@@ -12,6 +12,9 @@ wakes at most once per idle period however busy the connection is (the technique
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
+from typing import Any
+
 import attrs
 import trio
 
@@ -20,14 +23,19 @@ from .relay import Ending, Splice, SpliceResult
 __all__ = ["run_splice"]
 
 
-async def run_splice(splicer: Splice, idle: float | None) -> SpliceResult:
-    """Run ``splicer``; with ``idle``, stop it once no byte moved either way for ``idle`` seconds.
+def run_splice(splicer: Splice, idle: float | None) -> Coroutine[Any, Any, SpliceResult]:
+    """Run ``splicer`` (await the result); with ``idle``, stop it once no byte moved either way for ``idle`` seconds.
 
     An idle connection is closed abortively at both ends (as a cancelled splice is: the visitor and the service see
-    a reset), and the directions still open report ``"idle"``.
+    a reset), and the directions still open report ``"idle"``. (A plain function: without a timeout it hands back
+    the splice's own coroutine, one frame fewer held by every connection.)
     """
     if idle is None:
-        return await splicer.run()
+        return splicer.run()
+    return _run_watched(splicer, idle)
+
+
+async def _run_watched(splicer: Splice, idle: float) -> SpliceResult:
     timed_out = False
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:

@@ -36,8 +36,16 @@ def level_for(verbosity: int) -> int:
     return logging.ERROR
 
 
+_stamp_cache: list[tuple[int, str]] = [(-1, "")]
+"""The last second formatted: a busy tunnel logs a line per connection, many per second."""
+
+
 def _utc(created: float, *, millis: bool) -> str:
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+    second = int(created)
+    cached, stamp = _stamp_cache[0]
+    if cached != second:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _stamp_cache[0] = (second, stamp)
     return f"{stamp}.{int(created % 1 * 1000):03d}Z" if millis else f"{stamp}Z"
 
 
@@ -93,4 +101,11 @@ def configure_logging(verbosity: int = 0, fmt: LogFormat = "text", *, stream: Te
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root.addHandler(handler)
     root.setLevel(level_for(verbosity))
+    # What every record would collect and neither format shows: the caller's file and line (a walk up the stack),
+    # the thread, and the process id (a system call) and name. A tunnel logs a line per connection, so this is part
+    # of what a connection costs (the logging HOWTO's "Optimization" section lists these switches).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logging.captureWarnings(True)

@@ -139,6 +139,15 @@ class ServiceStats:
         self.bytes_in += done.bytes_a_to_b
         self.bytes_out += done.bytes_b_to_a
 
+    def withdraw(self, splice: Splice) -> None:
+        """The stream ``splice`` carried (:meth:`begin` to :meth:`end`) was refused by the far end after all (it was
+        opened optimistically, and the refusal was counted with :meth:`failed` as it came): not ``ok``, and its
+        bytes were never delivered."""
+        self.opened["ok"] = self.opened.get("ok", 1) - 1
+        done = splice.snapshot()
+        self.bytes_in -= done.bytes_a_to_b
+        self.bytes_out -= done.bytes_b_to_a
+
     def failed(self, result: str, error: str) -> None:
         """A connection could not be carried (``result`` one of :data:`RESULTS`, not ``ok``)."""
         self.opened[result] = self.opened.get(result, 0) + 1

@@ -78,7 +78,7 @@ from trio_tunnel.proto import events as ev
 from .errors import HandshakeError, RequestError, SessionClosedError, StreamOpenError, with_auth_advice
 from .session_types import Ended, PendingReply, Request, SessionConfig, SessionStatistics
 from .sink import Sink
-from .stream import MuxStream
+from .stream import NO_META, MuxStream
 from .tcp import TcpStream
 from .tls import TlsStream
 
@@ -237,13 +237,20 @@ class Session:
         self._check_alive()
 
     async def open_stream(
-        self, route: str, meta: Mapping[str, str | int | bool | None] | None = None, *, wait_accepted: bool = True
+        self,
+        route: str,
+        meta: Mapping[str, str | int | bool | None] | None = None,
+        *,
+        wait_accepted: bool = True,
+        first: bytes = b"",
     ) -> MuxStream:
         """Open a stream to ``route`` on the peer.
 
         Waits for stream credit if the peer's MAX_STREAMS is used up. With ``wait_accepted`` (the default) it also
         waits for the peer's OPEN_OK; otherwise the stream is returned at once and data may be sent optimistically
         (a refusal then surfaces as ``BrokenResourceError`` from the stream, caused by :class:`StreamOpenError`).
+        ``first`` is the stream's first bytes, sent right behind the OPEN in the same write (as ``send_all`` would,
+        one write and one frame batch earlier); keep it within :attr:`open_room` or the rest waits for credit here.
 
         Raises:
             StreamOpenError: the peer refused (``retryable`` tells whether the peer never processed it, e.g. it is
@@ -279,8 +286,11 @@ class Session:
                 )
         await trio.lowlevel.checkpoint_if_cancelled()
         sid = self._conn.open_stream(route, meta, now=trio.current_time())
-        stream = MuxStream(self, sid, route, dict(meta or {}), opening=True)
+        # Our meta went out with the OPEN; the stream does not keep a copy for its lifetime (``meta`` is what the
+        # peer sent on a stream it opened).
+        stream = MuxStream(self, sid, route, NO_META, opening=True)
         self._streams[sid] = stream
+        taken = self._conn.send_data(sid, first) if first else 0
         self._deadline_armed()
         self._kick()
         logger.debug("%s: opened stream %d to %r", self, sid, route)
@@ -291,7 +301,14 @@ class Session:
                 stream.reset(ErrorCode.CANCEL, "open cancelled")
                 self._credit_changed()  # the slot it held is free again
                 raise
+        if taken < len(first):  # (beyond the credit or the send buffer: as send_all, wait for room)
+            await stream.send_all(memoryview(first)[taken:])
         return stream
+
+    @property
+    def open_room(self) -> int:
+        """How many bytes ``open_stream(first=...)`` sends right away: the peer's initial stream window."""
+        return self._conn.peer_initial_window
 
     async def accept_stream(self) -> MuxStream:
         """The next stream the peer opened. Answer it with :meth:`MuxStream.accept` (implicit on the first
@@ -301,15 +318,19 @@ class Session:
             SessionClosedError: the session is over.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
         while not self._accept_queue:
             self._check_alive()
             if self._accept_event.is_set():
                 self._accept_event = trio.Event()
             await self._accept_event.wait()
+            waited = True
         # Take it before the scheduling point: a stream reset while we yield may leave the queue (and it must not
-        # be lost to a cancellation either, hence the shielded checkpoint).
+        # be lost to a cancellation either, hence the shielded checkpoint). After a wait, which was the call's
+        # schedule point, no second one: one scheduler pass fewer per stream answered.
         stream = self._accept_queue.popleft()
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
         return stream
 
     async def request(self, kind: str, body: Any = None) -> Any:
@@ -403,7 +424,7 @@ class Session:
         """The application took ``size`` buffered bytes: return that much credit to the peer."""
         conn = self._conn
         conn.acknowledge(stream_id, size, now=trio.current_time())
-        if conn.wants_write:
+        if conn.write_due:
             self._kick()
 
     def stream_accept(self, stream_id: int) -> None:
@@ -426,7 +447,7 @@ class Session:
         peer already ended with an error, only the release of its table entry (no frame, no writer pass)."""
         conn = self._conn
         conn.close_stream(stream_id)
-        if conn.wants_write:
+        if conn.write_due:
             self._kick()
 
     def stream_reset(self, stream_id: int, code: ErrorCode | int, reason: str) -> None:
@@ -565,7 +586,7 @@ class Session:
             self._rx_waiter.set()
             self._rx_waiter = None
         self._dispatch(self._conn.receive_data(data, now=now))
-        if self._conn.wants_write:
+        if self._conn.write_due:
             self._kick()
 
     async def _reader(self) -> None:

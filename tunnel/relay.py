@@ -222,7 +222,7 @@ class Splice:
                 # other by cancelling the nursery; no cancel scope of their own (an idle connection is mostly
                 # tasks and scopes, and there are many).
                 self._scope = nursery.cancel_scope
-                nursery.start_soon(self._copy, False)
+                nursery.start_soon(self._copy, False, name="trio_tunnel.relay.Splice._copy")  # (no name per task)
                 await self._copy(True)
             finished = True
         finally:
@@ -258,6 +258,11 @@ class Splice:
         """Stop both directions: one ended abortively, so the other has nowhere left to deliver."""
         assert self._scope is not None
         self._scope.cancel(reason=reason)
+
+    def count(self, forward: bool, size: int) -> None:
+        """Bytes moved for this splice outside its loops (a connection's first bytes, sent with the stream's OPEN
+        before the splice ran): counted as its own, and activity."""
+        self._count(forward, size)
 
     def _count(self, forward: bool, size: int) -> None:
         """Bytes the session's reader wrote into our socket for us (:class:`_SpliceSink`): counted, and activity."""

@@ -21,7 +21,7 @@ import errno
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import suppress
-from functools import partial
+from functools import lru_cache, partial
 from typing import ClassVar, Final, Literal
 
 import attrs
@@ -714,6 +714,7 @@ class _Service:
     """Source address -> its connections open now."""
     other: ClassVar[str] = "client"
     words: ClassVar[tuple[str, str]] = REVERSE_WORDS
+    optimistic: ClassVar[bool] = True
 
     @property
     def label(self) -> str:
@@ -777,7 +778,12 @@ def _released(link: _Link, name: str, exposure: _Exposure) -> None:
 
 def _host_of(peer: str) -> str:
     """What the per-address caps count for ``HOST:PORT`` or ``[V6]:PORT`` (:func:`~trio_tunnel.guard.address_key`)."""
-    return address_key(peer.rpartition(":")[0].strip("[]") or peer)
+    return _address_key(peer.rpartition(":")[0].strip("[]") or peer)
+
+
+_address_key = lru_cache(maxsize=1024)(address_key)
+"""address_key parses the address (twice per connection: admit and release); visitors come back, and the cache is
+bounded."""
 
 
 def _bind_error(host: str, port: int, exc: OSError) -> str:

@@ -28,7 +28,8 @@ use rather than in a :class:`trio.Event`.
 from __future__ import annotations
 
 import operator
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, final
 
 import trio
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
     from .sink import Sink
 
 __all__ = ["RECEIVE_SIZE", "MuxStream"]
+
+NO_META: Final[Mapping[str, Any]] = MappingProxyType({})
+"""The (shared, read-only) meta of a stream we opened, and of one whose meta was dropped."""
 
 KiB: Final = 1024
 RECEIVE_SIZE: Final = 256 * KiB
@@ -91,6 +95,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         "_eof",
         "_eof_sent",
         "_error",
+        "_on_refused",
         "_opening",
         "_pending",
         "_receiving",
@@ -107,11 +112,13 @@ class MuxStream(trio.abc.HalfCloseableStream):
         "stream_id",
     )
 
-    def __init__(self, session: Session, stream_id: int, route: str, meta: dict[str, Any], *, opening: bool) -> None:
+    def __init__(self, session: Session, stream_id: int, route: str, meta: Mapping[str, Any], *, opening: bool) -> None:
         self._session = session
         self.stream_id = stream_id
         self.route = route
-        self.meta = meta
+        self.meta: Mapping[str, Any] = meta
+        """The OPEN's metadata of a stream the peer opened (empty on one we opened: ours is not kept; and after
+        :meth:`drop_meta`)."""
         self._recv_buf: list[bytes] = []  # few entries; a list is 56 bytes empty, a deque 760
         self._recv_offset = 0
         self._recv_buffered = 0
@@ -120,6 +127,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._error: BaseException | None = None  # why sending (and, without EOF, receiving) fails
         self._opening = opening  # we opened it and no answer came yet
+        self._on_refused: Callable[[StreamOpenError], object] | None = None
         self._pending = not opening  # the peer opened it and we have not answered
         self._recv_task: trio.lowlevel.Task | None = None  # asleep in receive_some until data, EOF or an error
         # Made on first use (most streams never wait for these; every idle one waits to receive):
@@ -162,6 +170,23 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 raise StreamOpenError(error.code, error.reason)
             assert error is not None
             raise error
+
+    def drop_meta(self) -> None:
+        """Forget :attr:`meta` once it has been read: an accepted stream holds it for its whole life otherwise
+        (half a KiB for a visitor's addresses, per idle connection)."""
+        self.meta = NO_META
+
+    @property
+    def refusal(self) -> StreamOpenError | None:
+        """Why the peer refused the stream we opened (OPEN_ERR, or no answer in time), else None. For an opener
+        that did not wait for the answer (``open_stream(..., wait_accepted=False)``) and learns it afterwards."""
+        error = self._error
+        return error if isinstance(error, StreamOpenError) else None
+
+    def when_refused(self, callback: Callable[[StreamOpenError], object] | None) -> None:
+        """Call ``callback(error)`` when the peer refuses the stream, synchronously, before any waiter wakes: an
+        opener that did not wait for the answer says why (logs it) before its tasks close anything."""
+        self._on_refused = callback
 
     def accept(self) -> None:
         """Answer the peer's OPEN with OPEN_OK (done implicitly by the first ``send_all``)."""
@@ -241,7 +266,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
 
     def on_rejected(self, code: int, reason: str) -> None:
         """The peer's OPEN_ERR, or our open timed out."""
-        self._error = StreamOpenError(code, reason)
+        error = self._error = StreamOpenError(code, reason)
+        if self._on_refused is not None:
+            self._on_refused(error)
         self._drop_recv()
         self._wake_all()
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -213,6 +214,21 @@ class TcpStream(trio.abc.HalfCloseableStream):
         finally:
             self._receiving = False
 
+    def receive_nowait(self, max_bytes: int) -> bytes:
+        """What has already arrived, at most ``max_bytes``, without waiting and without a schedule point; ``b""``
+        when nothing has (or at EOF, or on an error, or while another task receives: the next ``receive_some``
+        finds those). Lets a relay send a connection's first bytes along with what it sends first itself."""
+        if self._receiving or max_bytes < 1:
+            return b""
+        try:
+            data = _recv_nowait(self.socket, max_bytes)
+        except OSError:
+            return b""
+        if not data:
+            return b""
+        self._drained = len(data) < _SHORT_READ and len(data) < max_bytes
+        return data
+
     # -------------------------------------------------------------------------------------------------- sending
 
     async def send_all(self, data: bytes | bytearray | memoryview, *, checkpoint: bool = True) -> None:
@@ -309,11 +325,15 @@ class TcpStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         """Close the socket (before the checkpoint: done even when cancelled); waiting tasks get
         :class:`trio.ClosedResourceError`. Closing twice is fine."""
+        self.close_now()
+        await trio.lowlevel.checkpoint()
+
+    def close_now(self) -> None:
+        """:meth:`aclose` without its checkpoint, for synchronous code (a callback of the session's reader)."""
         sock = self.socket
         if sock.fileno() != -1:
             trio.lowlevel.notify_closing(sock)
             sock.close()
-        await trio.lowlevel.checkpoint()
 
     # ------------------------------------------------------------------------------------------------- options
 
@@ -352,11 +372,17 @@ async def connect_tcp(host: str, port: int) -> TcpStream:
         trio.lowlevel.notify_closing(sock)
         sock.close()
         raise
-    return TcpStream(sock)
+    stream = TcpStream(sock)
+    # Nothing can have arrived on a connection that was just made (a service that speaks first does so after its
+    # accept): the first receive waits before it reads, saving the recv that would fail with EAGAIN.
+    stream._drained = True
+    return stream
 
 
+@functools.lru_cache(maxsize=256)
 def _numeric_family(host: str) -> socket.AddressFamily | None:
-    """AF_INET or AF_INET6 for an IP address literal without a scope; None for anything to resolve."""
+    """AF_INET or AF_INET6 for an IP address literal without a scope; None for anything to resolve. Cached: a
+    tunnel dials the same few targets over and over."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -446,6 +472,7 @@ async def _accept_forever(
     view: socket.socket | None,
 ) -> None:
     trouble = AcceptTrouble(_name(listener), logger)
+    task_name = _task_name(handler)  # named once: Trio would format the same name for every connection's task
     while True:
         try:
             if view is not None:
@@ -461,7 +488,7 @@ async def _accept_forever(
             continue
         trouble.accepted()
         try:
-            handlers.start_soon(handler, stream)
+            handlers.start_soon(handler, stream, name=task_name)
         except BaseException:
             stream.socket.close()
             raise
@@ -499,6 +526,17 @@ def _accept_nowait(listening: socket.socket) -> int | None:
     except BlockingIOError:
         return None
     return int(fd)
+
+
+def _task_name(fn: object) -> str:
+    """The name Trio gives a task running ``fn`` (``module.qualname``, a partial's function's), made once: a task
+    name Trio makes itself is a new string per task, held as long as the connection."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    try:
+        return f"{fn.__module__}.{fn.__qualname__}"  # type: ignore[attr-defined]
+    except AttributeError:
+        return repr(fn)
 
 
 def _name(listener: trio.abc.Listener[trio.SocketStream]) -> str:

@@ -68,6 +68,11 @@ busy streams, and with more the floors add at most their own share on top of it.
 CLIENT_MAX_STREAMS: Final = 1 << 20
 """Streams a client lets its server have open at once: in effect no limit of its own (see session_config)."""
 
+CLIENT_ACCEPT_BACKLOG: Final = 1024
+"""Streams a client lets its server have unanswered at once (dials under way): the protocol's 64 made the server's
+openers queue for a slot under a burst of visitors (200 at once in bench.py), a wait and a wakeup each. The server
+bounds what it opens (max_connections_per_service); a pending stream holds at most its floor window of early data."""
+
 
 def session_config(
     timeouts: Timeouts, *, role: Role, max_streams: int = 1024, memory: int = LINK_MEMORY
@@ -81,8 +86,9 @@ def session_config(
     The protocol's defaults are for a peer we do not trust; here the peer is an authenticated trio-tunnel. The server
     allows ``max_streams`` concurrent streams from a client (its -L connections) and keeps the protocol's rate limits
     on OPEN and RST. The client accepts what its own server opens (one stream per external connection): it sets no
-    stream limit of its own (the server's ``max_connections_per_service`` bounds them) and does not rate-limit
-    them, so a burst of visitors is never cut short.
+    stream limit of its own (the server's ``max_connections_per_service`` bounds them), does not rate-limit
+    them and holds up to :data:`CLIENT_ACCEPT_BACKLOG` of them unanswered, so a burst of visitors is never cut short
+    or queued.
 
     ``memory`` (``link_memory``) is the session's memory budget (proto/budget.py): half for receive windows granted
     above each stream's floor (:data:`FLOOR_SHARE`), half for bytes queued to send. A new stream is granted the floor at
@@ -114,6 +120,7 @@ def session_config(
         limits = attrs.evolve(
             limits,
             max_streams=CLIENT_MAX_STREAMS,
+            accept_backlog=CLIENT_ACCEPT_BACKLOG,
             open_rate=proto.RateLimit(burst=1 << 30, rate=float(1 << 30)),
             reset_rate=proto.RateLimit(burst=1 << 30, rate=float(1 << 30)),
         )
