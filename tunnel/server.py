@@ -21,8 +21,8 @@ import errno
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import suppress
-from functools import lru_cache, partial
-from typing import ClassVar, Final, Literal
+from functools import partial
+from typing import Final, Literal
 
 import attrs
 import trio
@@ -37,10 +37,11 @@ from .config.operations import BALANCES, GROUP_NAME
 from .console import announce, format_hostport
 from .coordinator import Claim, Coordinator
 from .dial import peer_address
-from .errors import ConfigError, HandshakeError, SessionClosedError, StreamOpenError
+from .errors import ConfigError, HandshakeError, SessionClosedError
+from .exposure import ClientLink, Exposure, ServiceEntrance, bind_error, bind_public, released
 from .groups import Group, GroupRegistry, Member
-from .guard import Admission, HandshakeCaps, address_key, raise_nofile_limit, source_of
-from .handlers import FORWARD_WORDS, REVERSE_WORDS, Arrival, Destination, Meta, Traffic
+from .guard import Admission, HandshakeCaps, raise_nofile_limit, source_of
+from .handlers import FORWARD_WORDS, Destination
 from .httpd import MetricsBindError, bind_metrics, serve_http
 from .lifecycle import Shutdown
 from .link import LinkMismatchError, ServerTls, refuse_link, secure_server_link
@@ -65,56 +66,11 @@ TOKEN_REMOVED: Final = "the server no longer accepts this client's token"
 
 
 @attrs.define(eq=False)
-class _Link:
-    """One authenticated client link, as the registry sees it."""
-
-    name: str
-    peer: str
-    session: Session
-    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    done: trio.Event = attrs.field(factory=trio.Event)
-    services: dict[str, str] = attrs.field(factory=dict)
-    """Service name -> public address bound for it."""
-    replaced: bool = False
-    accepting: list[trio.CancelScope] = attrs.field(factory=list)
-    """One per exposed service: its accept loop (its connections live in the link's nursery)."""
-    traffic: Traffic = attrs.field(factory=lambda: Traffic(logger))
-    """External connections and forwards in flight (graceful shutdown waits for them)."""
-    exposures: dict[str, _Exposure] = attrs.field(factory=dict)
-    """Service name -> its listener, for UNEXPOSE and reloads."""
-    udp_flows: FlowBudget = attrs.field(factory=lambda: FlowBudget(4096))
-    """UDP flows of all this client's UDP services (``max_flows_per_client``)."""
-    members: dict[str, tuple[Member, trio.Event]] = attrs.field(factory=dict)
-    """Service name -> its membership of a load-balancing group, and the event set once it has left."""
-
-    async def drain(self) -> None:
-        """Stop accepting on the public ports, GOAWAY, wait for the work in flight, then end the link."""
-        for scope in self.accepting:
-            scope.cancel(reason="draining")
-        self.session.go_away(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
-        await self.traffic.drained()
-        self.scope.cancel(reason="drained")
-        await self.done.wait()
-
-
-@attrs.define(eq=False)
-class _Exposure:
-    """One exposed service's public port: cancelling ``scope`` releases it (``closed`` is set once it is closed);
-    the connections already accepted carry on in the link's nursery."""
-
-    port: int
-    limiter: trio.CapacityLimiter
-    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    closed: trio.Event = attrs.field(factory=trio.Event)
-    udp: bool = False
-
-
-@attrs.define(eq=False)
 class _Server:
     config: ServerConfig
     shutdown: Shutdown
     tls: ServerTls | None
-    links: dict[str, _Link] = attrs.field(factory=dict)
+    links: dict[str, ClientLink] = attrs.field(factory=dict)
     last_ports: dict[tuple[str, str], int] = attrs.field(factory=dict)
     """(client, service) -> the port it had last, so a service exposed on port 0 keeps its port across reconnects."""
     admission: Admission = attrs.field(factory=lambda: Admission(HandshakeCaps.sized(1024)))
@@ -152,18 +108,16 @@ class _Server:
             self.last_ports.setdefault((name, service), port)
         return claim
 
-    async def _claim_again(self, session: Session, name: str, peer: str) -> _Link | Literal[False] | None:
-        """The parent's answer once more, and the judgement of whoever holds ``name`` in this worker now: the link
-        to replace (or None), or False when the newcomer was refused."""
-        if await self._claim(session, name, peer) is None:
-            return False
+    async def _holder(self, session: Session, name: str, peer: str) -> ClientLink | Literal[False] | None:
+        """Judge whoever holds ``name`` in this process (:func:`judge`): the stale link to replace, None when nobody
+        holds it, or False when the holder is alive and the newcomer was refused (and told why)."""
         while (old := self.links.get(name)) is not None:
             verdict = await judge(name, old.session, old.peer, session, self.config.timeouts.takeover_probe)
             if not verdict.take:
                 logger.warning("refused client %r from %s: %s", name, peer, verdict.reason.split(". ")[0])
                 session.go_away(ErrorCode.NAME_IN_USE, verdict.reason)
                 return False
-            if self.links.get(name) is old:
+            if self.links.get(name) is old:  # else another newcomer replaced it while we probed: judge again
                 break
         return old
 
@@ -238,7 +192,7 @@ class _Server:
         if plan.tls_files and tls is not None:
             where = new.tls_cert or "of the server's own key"
             logger.info("SIGHUP: reloaded the TLS certificate %s (fingerprint %s)", where, tls.fingerprint)
-        released: list[_Exposure] = []
+        released: list[Exposure] = []
         for link in list(self.links.values()):
             if not plan.keeps_token(link.session.peer_token):
                 logger.warning(
@@ -339,19 +293,20 @@ class _Server:
         claim = None
         if self.coordinator is not None and (claim := await self._claim(session, name, peer)) is None:
             return  # --workers: the parent refused the name
-        while (old := self.links.get(name)) is not None:
-            verdict = await judge(name, old.session, old.peer, session, self.config.timeouts.takeover_probe)
-            if not verdict.take:
-                logger.warning("refused client %r from %s: %s", name, peer, verdict.reason.split(". ")[0])
-                session.go_away(ErrorCode.NAME_IN_USE, verdict.reason)
-                return
-            if self.links.get(name) is old:  # else another newcomer replaced it while we probed: judge again
-                break
-        if claim is not None and claim.local and old is None:
-            # --workers: our holder went while we judged it; give_up() may have given the name to another worker
-            if (again := await self._claim_again(session, name, peer)) is False:
-                return
-            old = again
+        if (old := await self._holder(session, name, peer)) is False:
+            return
+        # --workers: if our holder went while we judged it, give_up() may have given the name to another worker:
+        # the parent's answer once more, and the judgement of whoever holds the name here now.
+        if (
+            claim is not None
+            and claim.local
+            and old is None
+            and (
+                await self._claim(session, name, peer) is None
+                or (old := await self._holder(session, name, peer)) is False
+            )
+        ):
+            return
         if old is None and len(self.links) >= self.config.max_clients:
             logger.warning(
                 "refused client %r from %s: %d clients already connected (max_clients)", name, peer, len(self.links)
@@ -360,7 +315,7 @@ class _Server:
             if self.coordinator is not None:  # (max_clients lowered by a reload while the parent granted the name)
                 self.coordinator.release(name)
             return
-        link = _Link(name, peer, session, udp_flows=FlowBudget(self.config.max_flows_per_client))
+        link = ClientLink(name, peer, session, udp_flows=FlowBudget(self.config.max_flows_per_client))
         self.links[name] = link
         seen = None
         try:
@@ -408,7 +363,7 @@ class _Server:
 
     # --------------------------------------------------------------------------------------- control plane
 
-    async def _control_loop(self, session: Session, link: _Link, nursery: trio.Nursery) -> None:
+    async def _control_loop(self, session: Session, link: ClientLink, nursery: trio.Nursery) -> None:
         while True:
             try:
                 request = await session.receive_request()
@@ -422,7 +377,7 @@ class _Server:
                 request.reply_error(ErrorCode.PROHIBITED, {"message": f"unknown request {request.kind!r}"})
 
     async def _expose(
-        self, session: Session, link: _Link, request: Request, nursery: trio.Nursery, *, udp: bool = False
+        self, session: Session, link: ClientLink, request: Request, nursery: trio.Nursery, *, udp: bool = False
     ) -> None:
         body = request.body if isinstance(request.body, Mapping) else {}
         name, bind, port = body.get("name"), body.get("bind", "0.0.0.0"), body.get("port")
@@ -468,17 +423,17 @@ class _Server:
                 udp_socket = await bind_udp_in(bind, port, ports, ports.allows_any_unprivileged, previous)
                 host, bound = udp_socket.local
             else:
-                listeners = await self._bind(bind, port, previous)
+                listeners = await bind_public(bind, port, previous, self.config.allow_ports)
                 host, bound = listeners[0].socket.getsockname()[:2]
         except OSError as exc:
             code = ErrorCode.ADDRESS_IN_USE if exc.errno == errno.EADDRINUSE else ErrorCode.CONNECT_FAILED
-            request.reply_error(code, {"message": _bind_error(bind, port, exc)})
+            request.reply_error(code, {"message": bind_error(bind, port, exc)})
             return
         self._remember(link.name, name, int(bound))
         address = format_hostport(str(host), int(bound)) + suffix
         link.services[name] = address
         limiter = trio.CapacityLimiter(self.config.max_connections_per_service)
-        exposure = link.exposures[name] = _Exposure(int(bound), limiter, udp=udp)
+        exposure = link.exposures[name] = Exposure(int(bound), limiter, udp=udp)
         logger.info("client %r: exposing %s on %s", link.name, name, address)
         stats = self.metrics.service(link.name, name, kind="expose", public=address)
         if udp:
@@ -492,7 +447,7 @@ class _Server:
             nursery.start_soon(self._serve_service, session, link, name, listeners, nursery, exposure, stats)
         request.reply({"host": str(host), "port": int(bound)})
 
-    async def _unexpose(self, link: _Link, request: Request) -> None:
+    async def _unexpose(self, link: ClientLink, request: Request) -> None:
         """Release a service's public port (the client's reload removed or changed it); open connections carry on.
         The reply comes once the port is closed, so the client may expose a service on it again at once."""
         body = request.body if isinstance(request.body, Mapping) else {}
@@ -514,7 +469,14 @@ class _Server:
         request.reply({})
 
     async def _expose_in_group(
-        self, session: Session, link: _Link, request: Request, name: str, bind: str, port: int, nursery: trio.Nursery
+        self,
+        session: Session,
+        link: ClientLink,
+        request: Request,
+        name: str,
+        bind: str,
+        port: int,
+        nursery: trio.Nursery,
     ) -> None:
         """Join (or found) the load-balancing group the request names; see tunnel/groups.py."""
         body = request.body if isinstance(request.body, Mapping) else {}
@@ -539,10 +501,12 @@ class _Server:
                     return
             else:
                 try:
-                    listeners = await self._bind(bind, port, self.last_ports.get((link.name, name)))
+                    listeners = await bind_public(
+                        bind, port, self.last_ports.get((link.name, name)), self.config.allow_ports
+                    )
                 except OSError as exc:
                     code = ErrorCode.ADDRESS_IN_USE if exc.errno == errno.EADDRINUSE else ErrorCode.CONNECT_FAILED
-                    request.reply_error(code, {"message": _bind_error(bind, port, exc)})
+                    request.reply_error(code, {"message": bind_error(bind, port, exc)})
                     return
                 group = self.groups.create(
                     group_name, session.token_id, bind, str(balance), listeners, partial(front_door, self.config)
@@ -558,7 +522,7 @@ class _Server:
         nursery.start_soon(self._hold, link, name, group, member, left)
         request.reply({"host": group.host, "port": group.port})
 
-    async def _hold(self, link: _Link, name: str, group: Group, member: Member, left: trio.Event) -> None:
+    async def _hold(self, link: ClientLink, name: str, group: Group, member: Member, left: trio.Event) -> None:
         try:
             await self.groups.hold(group, member)
         finally:
@@ -576,42 +540,21 @@ class _Server:
         while len(self.last_ports) > MAX_REMEMBERED_PORTS:  # bounded: forget the oldest
             del self.last_ports[next(iter(self.last_ports))]
 
-    async def _bind(self, host: str, port: int, previous: int | None) -> list[trio.SocketListener]:
-        ports = self.config.allow_ports
-        if not port and previous is not None and previous in ports:
-            try:  # the port this service had before (a reconnect): keep its public address if still free
-                return await trio.open_tcp_listeners(previous, host=host)
-            except OSError:
-                pass
-        if port or ports.allows_any_unprivileged:
-            return await trio.open_tcp_listeners(port, host=host)
-        last: OSError | None = None
-        for candidate in ports:  # port 0 inside a restricted set: the first free port of the set
-            if candidate == 0:
-                continue
-            try:
-                return await trio.open_tcp_listeners(candidate, host=host)
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    raise
-                last = exc
-        raise last or OSError(errno.EADDRINUSE, "no free port in the allowed set")
-
     # ---------------------------------------------------------------------------------------- reverse (-R)
 
     async def _serve_service(
         self,
         session: Session,
-        link: _Link,
+        link: ClientLink,
         name: str,
         listeners: list[trio.SocketListener],
         handlers: trio.Nursery,
-        exposure: _Exposure,
+        exposure: Exposure,
         stats: ServiceStats,
     ) -> None:
         cfg = self.config
         per_ip = cfg.max_connections_per_ip or max(1, cfg.max_connections_per_service // 4)
-        entrance = _Service(link, session, name, exposure.limiter, per_ip, self.visitors, stats)
+        entrance = ServiceEntrance(link, session, name, exposure.limiter, per_ip, self.visitors, stats)
         handler = front_door(self.config, partial(link.traffic.carry, entrance))  # a partial unless PROXY is read
         accepting = exposure.scope
         link.accepting.append(accepting)
@@ -622,17 +565,17 @@ class _Server:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
             stats.active = False
-            _released(link, name, exposure)
+            released(link, name, exposure)
 
     async def _serve_udp_service(
         self,
         session: Session,
-        link: _Link,
+        link: ClientLink,
         name: str,
         udp_socket: UdpSocket,
         gate: FlowGate,
         idle: float,
-        exposure: _Exposure,
+        exposure: Exposure,
     ) -> None:
         """A ``-R .../udp`` service until unexposed, drained or its link ends (the socket is closed by then)."""
         accepting = exposure.scope
@@ -644,11 +587,11 @@ class _Server:
             )
         finally:
             udp_socket.close()
-            _released(link, name, exposure)
+            released(link, name, exposure)
 
     # ---------------------------------------------------------------------------------------- forward (-L)
 
-    def _route_forward(self, link: _Link, stream: MuxStream) -> Destination | None:
+    def _route_forward(self, link: ClientLink, stream: MuxStream) -> Destination | None:
         """Where a client's forward stream goes: a target the allowlist lets it reach, or nowhere (rejected)."""
         meta = stream.meta
         host, port, peer = meta.get("host"), meta.get("port"), meta.get("peer", "?")
@@ -684,7 +627,7 @@ class _Server:
             stats=self._forwards(link),
         )
 
-    def _forwards(self, link: _Link) -> ServiceStats:
+    def _forwards(self, link: ClientLink) -> ServiceStats:
         """One series for all of a client's ``-L`` forwards (their names are the client's to choose per stream)."""
         return self.metrics.service(link.name, "forward", kind="forward")
 
@@ -695,106 +638,6 @@ class _Server:
         async with trio.open_nursery() as nursery:
             for link in list(self.links.values()):
                 nursery.start_soon(link.drain)
-
-
-@attrs.frozen(eq=False)
-class _Service:
-    """An exposed service's side of :meth:`Traffic.carry`: each external connection becomes a stream to the client,
-    at most ``limiter.total_tokens`` at a time (``max_connections_per_service``)."""
-
-    link: _Link
-    session: Session
-    route: str
-    limiter: trio.CapacityLimiter
-    per_ip: int
-    """max_connections_per_ip"""
-    refusals: Tally
-    stats: ServiceStats
-    sources: dict[str, int] = attrs.field(factory=dict)
-    """Source address -> its connections open now."""
-    other: ClassVar[str] = "client"
-    words: ClassVar[tuple[str, str]] = REVERSE_WORDS
-    optimistic: ClassVar[bool] = True
-
-    @property
-    def label(self) -> str:
-        return f"{self.link.name}/{self.route}"
-
-    async def admit(self, peer: str) -> Session | None:
-        source = _host_of(peer)
-        held = self.sources.get(source, 0)
-        if held >= self.per_ip:
-            self.refusals.note(
-                source,
-                logging.WARNING,
-                "%s: refused %s: %d connections already open from that address (max_connections_per_ip)",
-                self.label,
-                peer,
-                held,
-            )
-            self.stats.failed("limit", f"{held} connections already open from one address")
-            return None
-        try:
-            self.limiter.acquire_nowait()
-        except trio.WouldBlock:
-            self.refusals.note(
-                source,
-                logging.WARNING,
-                "%s: refused %s: %d connections already open (max_connections_per_service)",
-                self.label,
-                peer,
-                self.limiter.total_tokens,
-            )
-            self.stats.failed("limit", f"{self.limiter.total_tokens} connections already open")
-            return None
-        self.sources[source] = held + 1
-        return self.session
-
-    def meta(self, arrival: Arrival) -> Meta:
-        return arrival.meta()
-
-    def release(self, peer: str) -> None:
-        self.limiter.release()
-        source = _host_of(peer)
-        left = self.sources.get(source, 1) - 1
-        if left > 0:
-            self.sources[source] = left
-        else:
-            self.sources.pop(source, None)
-
-    def retry(self, exc: StreamOpenError | SessionClosedError) -> bool:
-        return False
-
-
-def _released(link: _Link, name: str, exposure: _Exposure) -> None:
-    """A service's public port is closed (unexposed, drained, or its link ended): forget it, and tell whoever waits
-    on ``exposure.closed`` (UNEXPOSE's reply, a reload's ``reloaded``)."""
-    link.services.pop(name, None)
-    link.accepting.remove(exposure.scope)
-    if link.exposures.get(name) is exposure:
-        del link.exposures[name]
-    exposure.closed.set()
-
-
-def _host_of(peer: str) -> str:
-    """What the per-address caps count for ``HOST:PORT`` or ``[V6]:PORT`` (:func:`~trio_tunnel.guard.address_key`)."""
-    return _address_key(peer.rpartition(":")[0].strip("[]") or peer)
-
-
-_address_key = lru_cache(maxsize=1024)(address_key)
-"""address_key parses the address (twice per connection: admit and release); visitors come back, and the cache is
-bounded."""
-
-
-def _bind_error(host: str, port: int, exc: OSError) -> str:
-    where = format_hostport(host, port)
-    if exc.errno == errno.EADDRINUSE:
-        return f"cannot listen on {where}: address already in use on the server"
-    if exc.errno == errno.EACCES:
-        return f"cannot listen on {where}: permission denied (ports below 1024 need privileges)"
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return f"cannot listen on {where}: the server has no such address"
-    return f"cannot listen on {where}: {exc.strerror or exc}"
 
 
 def server_tls(config: ServerConfig) -> ServerTls | None:
