@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import logging
-from functools import lru_cache
 from typing import ClassVar, Final
 
 import attrs
@@ -15,17 +14,18 @@ import trio
 from trio_tunnel.proto import ErrorCode
 from trio_tunnel.proto.datagram import FlowBudget
 
+from .config import ServerConfig
 from .config.policy import PortSet
 from .console import format_hostport
 from .errors import SessionClosedError, StreamOpenError
 from .groups import Member
-from .guard import address_key
+from .guard import SourceCounts, host_of
 from .handlers import REVERSE_WORDS, Arrival, Meta, Traffic
 from .metrics import ServiceStats
 from .mux import Session
 from .tally import Tally
 
-__all__ = ["ClientLink", "Exposure", "ServiceEntrance", "bind_error", "bind_public", "host_of", "released"]
+__all__ = ["ClientLink", "Exposure", "ServiceEntrance", "bind_error", "bind_public", "per_ip_cap", "released"]
 
 logger: Final = logging.getLogger("trio_tunnel.server")
 """The server's logger: these lines are the server's."""
@@ -71,6 +71,9 @@ class Exposure:
 
     port: int
     limiter: trio.CapacityLimiter
+    """``max_connections_per_service``"""
+    sources: SourceCounts
+    """``max_connections_per_ip``"""
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     closed: trio.Event = attrs.field(factory=trio.Event)
     udp: bool = False
@@ -85,12 +88,10 @@ class ServiceEntrance:
     session: Session
     route: str
     limiter: trio.CapacityLimiter
-    per_ip: int
-    """max_connections_per_ip"""
     refusals: Tally
     stats: ServiceStats
-    sources: dict[str, int] = attrs.field(factory=dict)
-    """Source address -> its connections open now."""
+    sources: SourceCounts
+    """Connections open now per source address (``max_connections_per_ip``)."""
     other: ClassVar[str] = "client"
     words: ClassVar[tuple[str, str]] = REVERSE_WORDS
     optimistic: ClassVar[bool] = True
@@ -100,11 +101,9 @@ class ServiceEntrance:
         return f"{self.link.name}/{self.route}"
 
     async def admit(self, peer: str) -> Session | None:
-        source = host_of(peer)
-        held = self.sources.get(source, 0)
-        if held >= self.per_ip:
+        if held := self.sources.full(peer):
             self.refusals.note(
-                source,
+                host_of(peer),
                 logging.WARNING,
                 "%s: refused %s: %d connections already open from that address (max_connections_per_ip)",
                 self.label,
@@ -117,7 +116,7 @@ class ServiceEntrance:
             self.limiter.acquire_nowait()
         except trio.WouldBlock:
             self.refusals.note(
-                source,
+                host_of(peer),
                 logging.WARNING,
                 "%s: refused %s: %d connections already open (max_connections_per_service)",
                 self.label,
@@ -126,7 +125,7 @@ class ServiceEntrance:
             )
             self.stats.failed("limit", f"{self.limiter.total_tokens} connections already open")
             return None
-        self.sources[source] = held + 1
+        self.sources.add(peer)
         return self.session
 
     def meta(self, arrival: Arrival) -> Meta:
@@ -134,12 +133,7 @@ class ServiceEntrance:
 
     def release(self, peer: str) -> None:
         self.limiter.release()
-        source = host_of(peer)
-        left = self.sources.get(source, 1) - 1
-        if left > 0:
-            self.sources[source] = left
-        else:
-            self.sources.pop(source, None)
+        self.sources.remove(peer)
 
     def retry(self, exc: StreamOpenError | SessionClosedError) -> bool:
         return False
@@ -155,14 +149,9 @@ def released(link: ClientLink, name: str, exposure: Exposure) -> None:
     exposure.closed.set()
 
 
-def host_of(peer: str) -> str:
-    """What the per-address caps count for ``HOST:PORT`` or ``[V6]:PORT`` (:func:`~trio_tunnel.guard.address_key`)."""
-    return _address_key(peer.rpartition(":")[0].strip("[]") or peer)
-
-
-_address_key = lru_cache(maxsize=1024)(address_key)
-"""address_key parses the address (twice per connection: admit and release); visitors come back, and the cache is
-bounded."""
+def per_ip_cap(config: ServerConfig) -> int:
+    """``max_connections_per_ip``, or its default: a quarter of ``max_connections_per_service``."""
+    return config.max_connections_per_ip or max(1, config.max_connections_per_service // 4)
 
 
 def bind_error(host: str, port: int, exc: OSError) -> str:

@@ -32,9 +32,11 @@ from trio_tunnel.proto import ErrorCode
 
 from .console import format_hostport
 from .errors import SessionClosedError, StreamOpenError
+from .guard import SourceCounts, host_of
 from .handlers import REVERSE_WORDS, Arrival, Meta, Traffic
 from .metrics import ServiceStats
 from .mux import Session
+from .tally import Tally
 from .tcp import TcpStream, serve_tcp
 
 __all__ = ["Group", "GroupRegistry", "Member"]
@@ -84,6 +86,9 @@ class Group:
     cursor: int = 0
     """Round-robin position: the index in :attr:`members` to try first."""
     accepting: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    sources: SourceCounts = attrs.field(factory=lambda: SourceCounts(1))
+    """Connections open now per source address, across all members (``max_connections_per_ip``: the group's port
+    counts as one service's)."""
 
     def refusal(self, token_id: str, bind: str, port: int, balance: str) -> tuple[ErrorCode, str] | None:
         """Why a request to join may not (None: it may)."""
@@ -125,6 +130,8 @@ class _Visit:
     member it has not tried yet."""
 
     group: Group
+    refusals: Tally
+    """Refused connections, one line per source and window (the server's)."""
     tried: list[Member] = attrs.field(factory=list)
     member: Member | None = None
     other: ClassVar[str] = "client"
@@ -141,6 +148,16 @@ class _Visit:
         return self.member.service
 
     async def admit(self, peer: str) -> Session | None:
+        if held := self.group.sources.full(peer):
+            self.refusals.note(
+                host_of(peer),
+                logging.WARNING,
+                "group %s: refused %s: %d connections already open from that address (max_connections_per_ip)",
+                self.group.name,
+                peer,
+                held,
+            )
+            return None
         member = self.group.pick(self.tried)
         if member is None:
             logger.warning(
@@ -151,6 +168,7 @@ class _Visit:
         self.member = member
         member.limiter.acquire_nowait()  # pick() checked that a token is available; no checkpoint since
         member.traffic.begin()
+        self.group.sources.add(peer)
         return member.session
 
     @property
@@ -164,6 +182,7 @@ class _Visit:
         assert self.member is not None
         self.member.limiter.release()
         self.member.traffic.end()
+        self.group.sources.remove(peer)
 
     def retry(self, exc: StreamOpenError | SessionClosedError) -> bool:
         logger.info(
@@ -188,6 +207,8 @@ class GroupRegistry:
     """Held from looking a group up to creating it, across the bind: two first members cannot make two groups."""
     nursery: trio.Nursery | None = None
     """The server's connection nursery (set by ``run_server``): it outlives every link."""
+    refusals: Tally = attrs.field(factory=lambda: Tally(logger, "connections"))
+    """Where refused connections are noted (``run_server`` sets the server's)."""
 
     def create(
         self,
@@ -197,17 +218,20 @@ class GroupRegistry:
         balance: str,
         listeners: list[trio.SocketListener],
         front_door: Callable[[Callable[..., Awaitable[None]]], Handler],
+        per_ip: int,
     ) -> Group:
         """A new group on ``listeners`` (now owned by it), accepting at once; ``front_door`` wraps its handler
         (reading a trusted load balancer's PROXY header)."""
         assert self.nursery is not None, "run_server sets the nursery"
         host, port = listeners[0].socket.getsockname()[:2]
         address = format_hostport(str(host), int(port))
-        group = Group(name, token_id, bind, str(host), int(port), address, balance, listeners)
+        group = Group(
+            name, token_id, bind, str(host), int(port), address, balance, listeners, sources=SourceCounts(per_ip)
+        )
         self.groups[name] = group
 
         async def carry(conn: TcpStream, arrival: Arrival | None = None) -> None:
-            await self.traffic.carry(_Visit(group), conn, arrival)
+            await self.traffic.carry(_Visit(group, self.refusals), conn, arrival)
 
         self.nursery.start_soon(self._accept, group, front_door(carry))
         return group

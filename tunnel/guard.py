@@ -27,6 +27,7 @@ import logging
 import resource
 import socket
 from collections import OrderedDict
+from functools import lru_cache
 from typing import Final
 
 import attrs
@@ -65,6 +66,40 @@ def address_key(host: str) -> str:
             return str(address.ipv4_mapped)
         return str(ipaddress.IPv6Network((address, 64), strict=False))
     return str(address)
+
+
+@lru_cache(maxsize=1024)
+def host_of(peer: str) -> str:
+    """What the per-address caps count for a ``HOST:PORT`` or ``[V6]:PORT`` peer (:func:`address_key`). Cached:
+    it parses the address (twice per connection: admit and release), visitors come back, and the cache is bounded."""
+    return address_key(peer.rpartition(":")[0].strip("[]") or peer)
+
+
+@attrs.define(eq=False)
+class SourceCounts:
+    """The connections open now through one public port, per source address, against ``max_connections_per_ip``
+    (so one host cannot hold every slot of a service or a group)."""
+
+    cap: int
+    held: dict[str, int] = attrs.field(factory=dict)
+    """:func:`host_of` key -> its connections open now (no entry at 0: bounded by the connections open)."""
+
+    def full(self, peer: str) -> int:
+        """How many connections ``peer``'s address holds when that is its cap already, else 0."""
+        held = self.held.get(host_of(peer), 0)
+        return held if held >= self.cap else 0
+
+    def add(self, peer: str) -> None:
+        source = host_of(peer)
+        self.held[source] = self.held.get(source, 0) + 1
+
+    def remove(self, peer: str) -> None:
+        source = host_of(peer)
+        left = self.held.get(source, 1) - 1
+        if left > 0:
+            self.held[source] = left
+        else:
+            self.held.pop(source, None)
 
 
 def raise_nofile_limit() -> tuple[int, int]:

@@ -38,9 +38,9 @@ from .console import announce, format_hostport
 from .coordinator import Claim, Coordinator
 from .dial import peer_address
 from .errors import ConfigError, HandshakeError, SessionClosedError
-from .exposure import ClientLink, Exposure, ServiceEntrance, bind_error, bind_public, released
+from .exposure import ClientLink, Exposure, ServiceEntrance, bind_error, bind_public, per_ip_cap, released
 from .groups import Group, GroupRegistry, Member
-from .guard import Admission, HandshakeCaps, raise_nofile_limit, source_of
+from .guard import Admission, HandshakeCaps, SourceCounts, raise_nofile_limit, source_of
 from .handlers import FORWARD_WORDS, Destination
 from .httpd import MetricsBindError, bind_metrics, serve_http
 from .lifecycle import Shutdown
@@ -192,6 +192,8 @@ class _Server:
         if plan.tls_files and tls is not None:
             where = new.tls_cert or "of the server's own key"
             logger.info("SIGHUP: reloaded the TLS certificate %s (fingerprint %s)", where, tls.fingerprint)
+        for group in self.groups.groups.values():
+            group.sources.cap = per_ip_cap(new)
         released: list[Exposure] = []
         for link in list(self.links.values()):
             if not plan.keeps_token(link.session.peer_token):
@@ -203,6 +205,7 @@ class _Server:
                 continue
             for name, exposure in link.exposures.items():
                 exposure.limiter.total_tokens = new.max_connections_per_service
+                exposure.sources.cap = per_ip_cap(new)
                 if not plan.keeps_port(exposure.port, udp=exposure.udp):
                     logger.warning(
                         "client %r: released %s on port %d: the port is no longer allowed (allow_ports %s)",
@@ -433,7 +436,7 @@ class _Server:
         address = format_hostport(str(host), int(bound)) + suffix
         link.services[name] = address
         limiter = trio.CapacityLimiter(self.config.max_connections_per_service)
-        exposure = link.exposures[name] = Exposure(int(bound), limiter, udp=udp)
+        exposure = link.exposures[name] = Exposure(int(bound), limiter, SourceCounts(per_ip_cap(self.config)), udp=udp)
         logger.info("client %r: exposing %s on %s", link.name, name, address)
         stats = self.metrics.service(link.name, name, kind="expose", public=address)
         if udp:
@@ -509,7 +512,13 @@ class _Server:
                     request.reply_error(code, {"message": bind_error(bind, port, exc)})
                     return
                 group = self.groups.create(
-                    group_name, session.token_id, bind, str(balance), listeners, partial(front_door, self.config)
+                    group_name,
+                    session.token_id,
+                    bind,
+                    str(balance),
+                    listeners,
+                    partial(front_door, self.config),
+                    per_ip_cap(self.config),
                 )
             limiter = trio.CapacityLimiter(self.config.max_connections_per_service)
             stats = self.metrics.service(link.name, name, kind="expose", public=group.address)
@@ -552,9 +561,7 @@ class _Server:
         exposure: Exposure,
         stats: ServiceStats,
     ) -> None:
-        cfg = self.config
-        per_ip = cfg.max_connections_per_ip or max(1, cfg.max_connections_per_service // 4)
-        entrance = ServiceEntrance(link, session, name, exposure.limiter, per_ip, self.visitors, stats)
+        entrance = ServiceEntrance(link, session, name, exposure.limiter, self.visitors, stats, exposure.sources)
         handler = front_door(self.config, partial(link.traffic.carry, entrance))  # a partial unless PROXY is read
         accepting = exposure.scope
         link.accepting.append(accepting)
@@ -727,6 +734,7 @@ async def _run_server(
     logger.info("server listening on %s", ", ".join(map(str, addresses)))
     async with trio.open_nursery() as handlers:  # the links live here, so they outlive the accept loop
         server.groups.nursery = handlers  # and the groups' ports, which outlive any one member's link
+        server.groups.refusals = server.visitors
         if metrics_listeners is not None:  # (and the endpoint: it answers while the links drain)
             handlers.start_soon(serve_http, server.metrics.respond, metrics_listeners, config.timeouts.handshake)
         async with trio.open_nursery() as acceptor:

@@ -1,4 +1,5 @@
-"""Per-client and per-visitor limits: max_ports_per_client, and max_connections_per_ip on each exposed service."""
+"""Per-client and per-visitor limits: max_ports_per_client, and max_connections_per_ip on each exposed service and
+each group's port."""
 
 from __future__ import annotations
 
@@ -87,3 +88,44 @@ async def test_one_address_cannot_hold_every_slot_of_a_service() -> None:
             service.scope.cancel()
     logging.getLogger("trio_tunnel").removeHandler(watch)
     logging.getLogger("trio_tunnel").setLevel(logging.NOTSET)
+
+
+async def test_one_address_cannot_hold_every_slot_of_a_group() -> None:
+    """max_connections_per_ip counts a group's port as one service's, across its members."""
+    watch = RecordWatch()
+    logging.getLogger("trio_tunnel").addHandler(watch)
+    logging.getLogger("trio_tunnel").setLevel(logging.INFO)
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                server = await start_server(nursery, max_connections_per_service=100, max_connections_per_ip=2)
+                service = await start_service(nursery, echo)
+                ports: list[int] = []
+                for name in ("a", "b"):
+                    spec = f"web@pool={LOCALHOST}:{ports[0] if ports else 0}:{LOCALHOST}:{service.port}"
+                    client = await start_client(nursery, client_config(server.value, spec, name=name))
+                    ports.append(client.value["web"].port)
+                port = ports[0]
+                assert ports == [port, port]  # both members share the group's port
+                held = [await visitor(port, "127.0.0.2") for _ in range(2)]  # one on each member (round robin)
+                for i, stream in enumerate(held):
+                    await stream.send_all(b"held %d" % i)
+                    assert await stream.receive_some() == b"held %d" % i
+                surplus = await visitor(port, "127.0.0.2")
+                with trio.fail_after(5):
+                    assert await closed(surplus)  # the members have 99 free slots each: only the per-address cap
+                assert watch.matching("group pool: refused 127.0.0.2", logger="trio_tunnel.server")
+                other = await visitor(port, "127.0.0.3")
+                await other.send_all(b"other")
+                assert await other.receive_some() == b"other"
+                await held[0].aclose()
+                await watch.wait_for("@pool: 127.0.0.2:", logger="trio_tunnel.server")  # its close was seen
+                again = await visitor(port, "127.0.0.2")  # and its slot given back
+                await again.send_all(b"again")
+                assert await again.receive_some() == b"again"
+                for stream in (*held, surplus, other, again):
+                    await stream.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        logging.getLogger("trio_tunnel").removeHandler(watch)
+        logging.getLogger("trio_tunnel").setLevel(logging.NOTSET)
