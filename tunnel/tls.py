@@ -168,6 +168,8 @@ class TlsStream(trio.abc.Stream):
 
     __slots__ = (
         "_closed",
+        "_deferred_error",
+        "_drained",
         "_local_der",
         "_lot",
         "_receiving",
@@ -191,6 +193,10 @@ class TlsStream(trio.abc.Stream):
         self._wwait = False  # ... in wait_writable
         self._lot: trio.lowlevel.ParkingLot | None = None  # tasks waiting for the waiting task (rare: made lazily)
         self._unsent: bytes | None = None  # the retry a cancelled send_all left (OpenSSL needs the same buffer)
+        # What the last read ended on (see receive_some): 0, or _READ / _WRITE when OpenSSL would have blocked, so
+        # the next receive waits first; and an error met after some data was read, raised by the next receive.
+        self._drained = 0
+        self._deferred_error: OSError | None = None
 
     @classmethod
     async def handshake(
@@ -319,8 +325,14 @@ class TlsStream(trio.abc.Stream):
     # ---------------------------------------------------------------------------------------------- receiving
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """Up to ``max_bytes`` of data (at most one TLS record's, 16 KiB); ``b""`` once the peer sent
-        close_notify. A close without close_notify is :class:`trio.BrokenResourceError`."""
+        """Up to ``max_bytes`` of data; ``b""`` once the peer sent close_notify. A close without close_notify is
+        :class:`trio.BrokenResourceError`.
+
+        One ``SSL_read`` returns at most one TLS record (16 KiB), so this reads records until ``max_bytes`` or until
+        OpenSSL would block: a bulk transfer takes one call (one pass of the multiplexer's reader, one write into a
+        splice's socket) per 256 KiB, not per 16 KiB. Having seen "would block", the next call waits for the
+        socket first instead of asking OpenSSL again (same system calls, the ``EAGAIN`` read is just made earlier).
+        """
         if max_bytes is None:
             max_bytes = DEFAULT_RECEIVE_SIZE
         elif max_bytes < 1:
@@ -332,22 +344,51 @@ class TlsStream(trio.abc.Stream):
             await trio.lowlevel.checkpoint_if_cancelled()
             if self._closed:
                 raise trio.ClosedResourceError("this stream was closed")
+            if self._deferred_error is not None:
+                exc, self._deferred_error = self._deferred_error, None
+                self._raise_error(exc)
             sock = self.socket
             waited = False
+            if self._drained:
+                await self._wait(self._drained)
+                self._drained = 0
+                waited = True
             while True:
-                # Reading first, always: OpenSSL may hold decrypted bytes (pending()) with nothing on the socket.
                 try:
                     data = _read_nowait(sock, max_bytes)
                 except OSError as exc:
                     self._raise_error(exc)
                 if isinstance(data, bytes):
-                    if not waited:
-                        await trio.lowlevel.cancel_shielded_checkpoint()
-                    return data
+                    break
                 await self._wait(data)
                 waited = True
+            if data and len(data) < max_bytes:
+                data = self._read_more(sock, data, max_bytes)
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
         finally:
             self._receiving = False
+
+    def _read_more(self, sock: ssl.SSLSocket, first: bytes, max_bytes: int) -> bytes:
+        """``first`` and the records after it that can be read now, up to ``max_bytes`` in all (see
+        :meth:`receive_some`)."""
+        chunks = [first]
+        size = len(first)
+        while size < max_bytes:
+            try:
+                more = _read_nowait(sock, max_bytes - size)
+            except OSError as exc:
+                self._deferred_error = exc  # the data read so far is good: the next call reports the error
+                break
+            if isinstance(more, int):
+                self._drained = more
+                break
+            if not more:  # close_notify: the next call reads it again
+                break
+            chunks.append(more)
+            size += len(more)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     # ------------------------------------------------------------------------------------------------ sending
 
