@@ -140,7 +140,7 @@ async def test_receive_returns_bytes_openssl_already_decrypted(contexts: tuple[s
         async with client, server:
             await client.send_all(b"abcdef")
             assert await server.receive_some(2) == b"ab"
-            assert server.socket.pending() == 4  # nothing left on the socket: no wait_readable may happen now
+            assert server.ssl_object.pending() == 4  # nothing left on the socket: no wait_readable may happen now
             assert await server.receive_some(10) == b"cdef"
 
 
@@ -172,7 +172,7 @@ async def test_cancelled_send_keeps_the_stream_valid(contexts: tuple[ssl.SSLCont
             with trio.move_on_after(0.2) as scope:
                 await client.send_all(b"a" * (16 * 1024 * 1024))
             assert scope.cancelled_caught
-            assert client._unsent is not None  # the case under test: OpenSSL holds a record half on the wire
+            assert client.holds_unsent  # the case under test: encrypted records only partly on the wire
             received = 0
 
             async def drain() -> None:
