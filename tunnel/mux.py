@@ -574,8 +574,8 @@ class Session:
 
     async def _writer(self) -> None:
         conn = self._conn
-        # A TcpStream takes the frames as they are (sendmsg), a TlsStream into one SSL_write and one send, both without an extra
-        # checkpoint per send; any other stream gets them joined.
+        # A TcpStream takes the frames as they are (sendmsg), a TlsStream into one SSL_write and one send, both
+        # without an extra checkpoint per send; any other stream gets them joined.
         transport = self._transport
         send_parts = transport.send_all_parts if isinstance(transport, TcpStream | TlsStream) else None
         try:
