@@ -180,6 +180,7 @@ class TlsStream(trio.abc.Stream):
         "_lot",
         "_out",
         "_outgoing",
+        "_peer_done",
         "_receiving",
         "_rwait",
         "_sending",
@@ -215,6 +216,7 @@ class TlsStream(trio.abc.Stream):
         self._out: bytes | memoryview | None = None  # encrypted bytes not on the wire yet, in order
         self._drained = False  # the last recv was short: the next one waits for the socket first
         self._eof = False  # the peer closed its side of the TCP connection (fed to OpenSSL)
+        self._peer_done = False  # the peer's close_notify was read: every receive returns b"" from now on
         self._deferred_error: BaseException | None = None  # met after some data was read: the next receive raises it
 
     @classmethod
@@ -423,6 +425,9 @@ class TlsStream(trio.abc.Stream):
             if self._deferred_error is not None:
                 exc, self._deferred_error = self._deferred_error, None
                 self._raise_error(exc)
+            if self._peer_done:
+                await trio.lowlevel.checkpoint()
+                return b""
             obj = self.ssl_object
             incoming = self._incoming
             waited = False
@@ -436,7 +441,9 @@ class TlsStream(trio.abc.Stream):
                         break
                 if await self._fill():
                     waited = True
-            if data and len(data) < max_bytes and (incoming.pending or obj.pending()):
+            if not data:
+                self._peer_done = True
+            elif len(data) < max_bytes and (incoming.pending or obj.pending()):
                 data = self._decrypt_more(data, max_bytes)
             if self._outgoing.pending:  # OpenSSL answered something while reading (a KeyUpdate)
                 self._queue_output()
@@ -460,7 +467,10 @@ class TlsStream(trio.abc.Stream):
             except (OSError, ValueError) as exc:
                 self._deferred_error = exc  # the data decrypted so far is good: the next call reports the error
                 break
-            if not more:  # a partial record (None), or close_notify (b"": the next call reads it again)
+            if more is None:  # a partial record
+                break
+            if not more:  # close_notify: the next receive returns b""
+                self._peer_done = True
                 break
             chunks.append(more)
             size += len(more)
