@@ -60,6 +60,11 @@ Why the invariants still hold:
 * *Fairness between streams.* Who writes does not decide what is written: every batch, synchronous or the writer's,
   is the connection's scheduler's choice (control first, then round robin over all streams with data), at most
   ``write_batch`` bytes. A busy stream's task that writes a batch writes the other streams' data in it too.
+  Fairness holds only over the bytes still in the connection's queues: what the kernel holds is first in, first
+  out. So a session of the CLI (``SessionConfig.fit_send_buffer``) sizes its link's send buffer from the first RTT
+  sample (:func:`~trio_tunnel.tcp.fit_send_buffer`: small on a short link, autotuned on a long one) and the
+  receive-window auto-tuning halves windows far beyond a stream's pace (:func:`proto.flow.next_window`): a bulk
+  stream's backlog then waits here, where a small frame of another stream goes ahead of it.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, final
 
+import attrs
 import trio
 from trio_tunnel import proto
 from trio_tunnel.proto import ErrorCode, Role
@@ -80,7 +86,7 @@ from .memtune import tune_malloc
 from .session_types import Ended, PendingReply, Request, SessionConfig, SessionStatistics
 from .sink import Sink
 from .stream import MuxStream
-from .tcp import TcpStream
+from .tcp import TcpStream, fit_send_buffer
 from .tls import TlsStream
 
 __all__ = [
@@ -718,6 +724,12 @@ class Session:
                 case ev.StreamCreditGranted():
                     self._credit_changed()
                 case ev.PongReceived(_, rtt):
+                    if rtt is not None and self._config.fit_send_buffer and self._sink is not None:
+                        # The first RTT sample (the handshake's PING) sizes the link's kernel send queue.
+                        transport = self._transport
+                        assert isinstance(transport, TcpStream | TlsStream)
+                        fit_send_buffer(transport.socket, rtt)
+                        self._config = attrs.evolve(self._config, fit_send_buffer=False)
                     if rtt is not None:
                         logger.debug(
                             "%s: rtt %.1f ms (smoothed %.1f ms)", self, rtt * 1e3, (self._conn.srtt or 0) * 1e3
