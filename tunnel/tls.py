@@ -180,6 +180,7 @@ class TlsStream(trio.abc.Stream):
         "_lot",
         "_out",
         "_outgoing",
+        "_partial",
         "_peer_done",
         "_receiving",
         "_rwait",
@@ -217,6 +218,9 @@ class TlsStream(trio.abc.Stream):
         self._drained = False  # the last recv was short: the next one waits for the socket first
         self._eof = False  # the peer closed its side of the TCP connection (fed to OpenSSL)
         self._peer_done = False  # the peer's close_notify was read: every receive returns b"" from now on
+        # The last receive filled max_bytes: OpenSSL may hold the rest of a record (pending()). A shorter one took
+        # all a record had, so only the incoming buffer needs a look (one pending() call fewer per receive).
+        self._partial = False
         self._deferred_error: BaseException | None = None  # met after some data was read: the next receive raises it
 
     @classmethod
@@ -432,19 +436,21 @@ class TlsStream(trio.abc.Stream):
             incoming = self._incoming
             waited = False
             while True:
-                if incoming.pending or obj.pending() or self._eof:
+                if incoming.pending or self._partial or self._eof:
                     try:
                         data = _decrypt_nowait(obj, max_bytes)
                     except (OSError, ValueError) as exc:
                         self._raise_error(exc)
                     if data is not None:
                         break
+                    self._partial = False
                 if await self._fill():
                     waited = True
             if not data:
                 self._peer_done = True
-            elif len(data) < max_bytes and (incoming.pending or obj.pending()):
+            elif len(data) < max_bytes and incoming.pending:
                 data = self._decrypt_more(data, max_bytes)
+            self._partial = len(data) >= max_bytes
             if self._outgoing.pending:  # OpenSSL answered something while reading (a KeyUpdate)
                 self._queue_output()
                 if not self._sending:
@@ -461,7 +467,7 @@ class TlsStream(trio.abc.Stream):
         incoming = self._incoming
         chunks = [first]
         size = len(first)
-        while size < max_bytes and (incoming.pending or obj.pending()):
+        while size < max_bytes and incoming.pending:  # (a read shorter than asked leaves nothing pending())
             try:
                 more = _decrypt_nowait(obj, max_bytes - size)
             except (OSError, ValueError) as exc:
@@ -538,8 +544,13 @@ class TlsStream(trio.abc.Stream):
             self.ssl_object.write(data)
         except (OSError, ValueError):
             return 0
-        self._queue_output()
-        self._send_queued()
+        out = self._outgoing.read()  # (inline: nothing was queued, see above; this is every hop's path)
+        try:
+            sent = _send_nowait(self.socket, out)
+        except OSError:
+            sent = 0  # the owner's next send_all reports it
+        if sent < len(out):
+            self._out = memoryview(out)[sent:] if sent else out
         return size
 
     @property
