@@ -536,6 +536,7 @@ class StreamTable:
                     consumed_in_epoch=stream.consumed - stream.epoch_consumed,
                     epoch_seconds=now - stream.epoch_time,
                     srtt=self._keepalive.srtt,
+                    min_window=self.limits.stream_window or self.limits.initial_window,
                 )
                 self.budget_used += new - stream.window
                 stream.window = new

@@ -60,6 +60,11 @@ Why the invariants still hold:
 * *Fairness between streams.* Who writes does not decide what is written: every batch, synchronous or the writer's,
   is the connection's scheduler's choice (control first, then round robin over all streams with data), at most
   ``write_batch`` bytes. A busy stream's task that writes a batch writes the other streams' data in it too.
+  Fairness holds only over the bytes still in the connection's queues: what the kernel holds is first in, first
+  out. So a session of the CLI (``SessionConfig.fit_send_buffer``) sizes its link's send buffer from the first RTT
+  sample (:func:`~trio_tunnel.tcp.fit_send_buffer`: small on a short link, autotuned on a long one) and the
+  receive-window auto-tuning halves windows far beyond a stream's pace (:func:`proto.flow.next_window`): a bulk
+  stream's backlog then waits here, where a small frame of another stream goes ahead of it.
 """
 
 from __future__ import annotations
@@ -70,16 +75,18 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, final
 
+import attrs
 import trio
 from trio_tunnel import proto
 from trio_tunnel.proto import ErrorCode, Role
 from trio_tunnel.proto import events as ev
 
 from .errors import HandshakeError, RequestError, SessionClosedError, StreamOpenError, with_auth_advice
+from .memtune import tune_malloc
 from .session_types import Ended, PendingReply, Request, SessionConfig, SessionStatistics
 from .sink import Sink
 from .stream import NO_META, MuxStream
-from .tcp import TcpStream
+from .tcp import TcpStream, fit_send_buffer
 from .tls import TlsStream
 
 __all__ = [
@@ -595,8 +602,8 @@ class Session:
 
     async def _writer(self) -> None:
         conn = self._conn
-        # A TcpStream takes the frames as they are (sendmsg), a TlsStream into one SSL_write, both without an extra
-        # checkpoint per send; any other stream gets them joined.
+        # A TcpStream takes the frames as they are (sendmsg), a TlsStream into one SSL_write and one send, both
+        # without an extra checkpoint per send; any other stream gets them joined.
         transport = self._transport
         send_parts = transport.send_all_parts if isinstance(transport, TcpStream | TlsStream) else None
         try:
@@ -738,6 +745,12 @@ class Session:
                 case ev.StreamCreditGranted():
                     self._credit_changed()
                 case ev.PongReceived(_, rtt):
+                    if rtt is not None and self._config.fit_send_buffer and self._sink is not None:
+                        # The first RTT sample (the handshake's PING) sizes the link's kernel send queue.
+                        transport = self._transport
+                        assert isinstance(transport, TcpStream | TlsStream)
+                        fit_send_buffer(transport.socket, rtt)
+                        self._config = attrs.evolve(self._config, fit_send_buffer=False)
                     if rtt is not None:
                         logger.debug(
                             "%s: rtt %.1f ms (smoothed %.1f ms)", self, rtt * 1e3, (self._conn.srtt or 0) * 1e3
@@ -849,6 +862,7 @@ async def open_session(
         HandshakeError: the handshake failed (refused, wrong token, timeout, not a trio-tunnel peer).
     """
     config = config if config is not None else SessionConfig()
+    tune_malloc()  # once per process: the data path's large buffers stay in the heap (see trio_tunnel.memtune)
     conn = proto.Connection(
         role, limits=config.limits, name=name, token=token, tokens=tokens, channel_binding=channel_binding
     )

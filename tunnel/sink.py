@@ -7,8 +7,8 @@ the destination has no backlog: ``send_nowait`` never waits and never raises; wh
 with the caller, who hands it to the task that owns the waiting (the session's writer, a splice's copy task).
 
 Implemented by :class:`~trio_tunnel.tcp.TcpStream` (``sendmsg``) and :class:`~trio_tunnel.tls.TlsStream`
-(``SSL_write``). The multiplexer calls it on its link (the session's transport) and, through a splice, on a local
-socket a stream's bytes are bound for; it never touches a socket otherwise.
+(``SSL_write`` into memory, then ``send``). The multiplexer calls it on its link (the session's transport) and,
+through a splice, on a local socket a stream's bytes are bound for; it never touches a socket otherwise.
 """
 
 from __future__ import annotations
@@ -33,6 +33,6 @@ class Sink(Protocol):
 
     @property
     def holds_unsent(self) -> bool:
-        """True while bytes that ``send_nowait`` took are not on the wire yet (a TLS record OpenSSL must retry):
+        """True while bytes that ``send_nowait`` took are not on the wire yet (encrypted TLS records queued):
         the next ``send_all`` finishes them before anything else, so whoever owns the waiting must call it."""
         ...

@@ -38,7 +38,7 @@ import trio
 
 from .guard import AcceptTrouble
 
-__all__ = ["DEFAULT_RECEIVE_SIZE", "TcpStream", "serve_tcp"]
+__all__ = ["DEFAULT_RECEIVE_SIZE", "TcpStream", "fit_send_buffer", "serve_tcp"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,37 @@ def _set_stream_options(sock: socket.socket | trio.socket.SocketType) -> None:
     if hasattr(socket, "TCP_NOTSENT_LOWAT"):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, 16 * 1024)
+
+
+SEND_BUFFER_RATE: Final = 256 * 1024 * 1024
+"""Bytes per second a link's fitted send buffer must carry at the link's round-trip time (see
+:func:`fit_send_buffer`): about what this process moves over TLS at best."""
+
+SEND_BUFFER_MIN: Final = 128 * 1024
+SEND_BUFFER_MAX: Final = 4 * 1024 * 1024
+"""A fit at least this large is not made: the kernel's autotuning (up to ``tcp_wmem``'s maximum) stays."""
+
+
+def fit_send_buffer(stream: TcpStream | trio.SocketStream | socket.socket, rtt: float) -> int | None:
+    """Cap a link socket's send buffer at what ``rtt`` needs at :data:`SEND_BUFFER_RATE` (at least
+    :data:`SEND_BUFFER_MIN`); returns the size set, or None when the link's RTT calls for more than
+    :data:`SEND_BUFFER_MAX` (a long fat link keeps the kernel's autotuning) or the option failed.
+
+    The kernel grows a busy socket's send buffer to megabytes; on a link with a short RTT those megabytes are a
+    FIFO queue that one bulk stream fills, and a small frame of another stream written after them waits for all of
+    it (about 10 ms at 200 MiB/s). Capped, the backlog stays in the multiplexer's per-stream queues, where the
+    scheduler puts the small frame ahead of it. An RTT sample is never shorter than the real RTT, so the cap never
+    starves a slow link: a larger RTT gives a larger buffer, and beyond :data:`SEND_BUFFER_MAX` none is set.
+    """
+    size = max(SEND_BUFFER_MIN, int(rtt * SEND_BUFFER_RATE))
+    if size >= SEND_BUFFER_MAX:
+        return None
+    sock = stream if isinstance(stream, socket.socket) else stream.socket
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    except OSError:
+        return None
+    return size
 
 
 # "Would block" is caught in these small functions, not in the coroutines that call them: an exception that passes

@@ -129,4 +129,5 @@ def session_config(
         handshake_timeout=timeouts.handshake,
         keepalive_idle=timeouts.keepalive_idle,
         keepalive_timeout=timeouts.keepalive_dead,
+        fit_send_buffer=True,
     )

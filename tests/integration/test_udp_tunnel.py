@@ -195,6 +195,7 @@ async def test_udp_flood_does_not_block_a_tcp_stream_beside_it(stdout: Stdout, l
             udp_public = client.value["dns"].port
             tcp_public = client.value["bulk"].port
             done = trio.Event()
+            flooding = trio.Event()  # the flood is in full swing (the transfer may be over in well under a second)
             sent = 0
 
             async def flood(index: int) -> None:
@@ -205,18 +206,24 @@ async def test_udp_flood_does_not_block_a_tcp_stream_beside_it(stdout: Stdout, l
                     while not done.is_set():
                         await sock.send(blob)  # a checkpoint each: the other tasks run between sends
                         sent += 1
+                        if sent == 1000:
+                            flooding.set()
 
             async with trio.open_nursery() as floods:
                 for index in range(4):
                     floods.start_soon(flood, index)
+                await flooding.wait()
+                before = sent
                 stream = await trio.open_tcp_stream(LOCALHOST, tcp_public)
                 async with stream:
                     await stream.send_all(payload)
                     await stream.send_eof()
                     digest = await read_exactly(stream, 32)
+                during = sent - before
                 done.set()
             assert digest == sha256(payload)
             assert sent > 1000
+            assert during > 0  # the flood went on for the whole transfer
             sock = await udp_client(LOCALHOST, udp_public)
             with sock:
                 assert await ask(sock, b"after", lambda a: a == b"after") == b"after"
