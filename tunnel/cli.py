@@ -56,6 +56,7 @@ from trio_tunnel.lifecycle import Shutdown
 from trio_tunnel.link import ServerTls
 from trio_tunnel.logsetup import LogFormat, configure_logging
 from trio_tunnel.mapper import run_map
+from trio_tunnel.memtune import tune_malloc
 from trio_tunnel.server import run_server
 from trio_tunnel.status import run_status
 from trio_tunnel.usage import EXIT_USAGE, PROG, TOKEN_ENV, build_parser
@@ -438,6 +439,7 @@ def _run_cli(argv: Sequence[str] | None, environ: Mapping[str, str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Console-script entry point: ``trio-tunnel``."""
+    tune_malloc()  # the process is ours: the data path's large buffers stay in the heap (see trio_tunnel.memtune)
     sys.exit(run_cli(argv))
 
 

@@ -10,6 +10,9 @@ the heap and stay there, which took a fifth off the CPU per GiB of a one-stream 
 The cost is memory the process keeps after a burst: at most :data:`TRIM_THRESHOLD` of free heap (its own buffers,
 reused by the next burst); allocations above :data:`MMAP_THRESHOLD` still use ``mmap``. Nothing is done on a
 C library other than glibc, nor when ``GLIBC_TUNABLES`` already sets malloc tunables (the operator's choice wins).
+
+Only the ``trio-tunnel`` command (and its ``--workers`` processes) calls it: the allocator is the whole process's,
+so a program that uses trio-tunnel as a library (``trio_tunnel.testing`` in someone's test suite) keeps its own.
 """
 
 from __future__ import annotations

@@ -82,7 +82,6 @@ from trio_tunnel.proto import ErrorCode, Role
 from trio_tunnel.proto import events as ev
 
 from .errors import HandshakeError, RequestError, SessionClosedError, StreamOpenError, with_auth_advice
-from .memtune import tune_malloc
 from .session_types import Ended, PendingReply, Request, SessionConfig, SessionStatistics
 from .sink import Sink
 from .stream import NO_META, MuxStream
@@ -862,7 +861,6 @@ async def open_session(
         HandshakeError: the handshake failed (refused, wrong token, timeout, not a trio-tunnel peer).
     """
     config = config if config is not None else SessionConfig()
-    tune_malloc()  # once per process: the data path's large buffers stay in the heap (see trio_tunnel.memtune)
     conn = proto.Connection(
         role, limits=config.limits, name=name, token=token, tokens=tokens, channel_binding=channel_binding
     )

@@ -37,6 +37,7 @@ from .errors import TunnelError
 from .ipc import MAX_FRAME, Channel, ChannelClosedError, Decoder, IpcError, Message, encode
 from .lifecycle import Shutdown
 from .logsetup import configure_logging
+from .memtune import tune_malloc
 from .registry import token_digest
 from .server import run_server
 
@@ -177,6 +178,7 @@ class _Named(logging.Filter):
 def main(argv: list[str]) -> NoReturn:
     """``INDEX FD,FD,...``: the channel's fd, then one listening socket per link address."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload comes from the parent, over the channel
+    tune_malloc()  # as trio-tunnel's own entry point does (trio_tunnel.memtune)
     index = int(argv[0])
     fds = [int(fd) for fd in argv[1].split(",")]
     ipc = socket.socket(fileno=fds[0])
