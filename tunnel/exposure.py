@@ -24,6 +24,7 @@ from .handlers import REVERSE_WORDS, Arrival, Meta, Traffic
 from .metrics import ServiceStats
 from .mux import Session
 from .tally import Tally
+from .wire import REPLACED
 
 __all__ = ["ClientLink", "Exposure", "ServiceEntrance", "bind_error", "bind_public", "per_ip_cap", "released"]
 
@@ -53,6 +54,17 @@ class ClientLink:
     """UDP flows of all this client's UDP services (``max_flows_per_client``)."""
     members: dict[str, tuple[Member, trio.Event]] = attrs.field(factory=dict)
     """Service name -> its membership of a load-balancing group, and the event set once it has left."""
+
+    def replace(self, newcomer: str) -> None:
+        """A newer link of the same name (from ``newcomer``) takes this one's place: if this link is still alive (two
+        clients share a name), tell it why (a stale one hears nothing), and end it. Its ``done`` is set once ended."""
+        self.replaced = True
+        self.session.go_away(
+            ErrorCode.PROHIBITED,
+            f"{REPLACED}: another client named {self.name!r} connected from {newcomer}; client names must be unique "
+            "(--name)",
+        )
+        self.scope.cancel(reason="replaced by a new link of the same client")
 
     async def drain(self) -> None:
         """Stop accepting on the public ports, GOAWAY, wait for the work in flight, then end the link."""

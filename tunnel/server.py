@@ -55,7 +55,7 @@ from .tcp import TcpStream, serve_tcp
 from .tls import TlsHandshakeError
 from .udp import DEFAULT_IDLE, serve_udp_service
 from .udpsocket import UdpSocket, bind_udp_in
-from .wire import EXPOSE, EXPOSE_UDP, FORWARD_ROUTE, FORWARD_UDP_ROUTE, REPLACED, UNEXPOSE, UNEXPOSED, session_config
+from .wire import EXPOSE, EXPOSE_UDP, FORWARD_ROUTE, FORWARD_UDP_ROUTE, UNEXPOSE, UNEXPOSED, session_config
 
 __all__ = ["run_server"]
 
@@ -134,13 +134,7 @@ class _Server:
             logger.info(
                 "client %r reconnected from %s (another worker): replacing its link from %s", name, newcomer, link.peer
             )
-            link.replaced = True
-            link.session.go_away(
-                ErrorCode.PROHIBITED,
-                f"{REPLACED}: another client named {name!r} connected "
-                f"from {newcomer}; client names must be unique (--name)",
-            )
-            link.scope.cancel(reason="replaced by a new link of the same client")
+            link.replace(newcomer)
         await link.done.wait()
         successor = self.links.get(name)  # a newcomer of this worker took it over meanwhile: it keeps the name
         return None if successor is None else successor.peer
@@ -324,14 +318,7 @@ class _Server:
         try:
             if old is not None:
                 logger.info("client %r reconnected from %s: replacing its previous link from %s", name, peer, old.peer)
-                old.replaced = True
-                # If the old link is still alive (two clients share a name), tell it why; a stale one hears nothing.
-                old.session.go_away(
-                    ErrorCode.PROHIBITED,
-                    f"{REPLACED}: another client named {name!r} connected "
-                    f"from {peer}; client names must be unique (--name)",
-                )
-                old.scope.cancel(reason="replaced by a new link of the same client")
+                old.replace(peer)
                 await old.done.wait()
             logger.info(
                 "client %r connected from %s (session %s%s)",
@@ -647,6 +634,28 @@ class _Server:
                 nursery.start_soon(link.drain)
 
 
+def announce_link_security(tls: ServerTls | None) -> None:
+    """The ``fingerprint`` line clients pin, or the warning that the link is plaintext."""
+    if tls is not None:
+        announce(f"fingerprint {tls.fingerprint}")
+        logger.info("TLS on the link; clients pin this server with --server-fingerprint %s", tls.fingerprint)
+    else:
+        logger.warning(
+            "the link is NOT encrypted (--insecure-plaintext): traffic and sessions can be read and taken over "
+            "by anyone on the path"
+        )
+
+
+def warn_if_open(config: ServerConfig, address: HostPort) -> None:
+    """The warning that anyone may bind public ports (``--insecure-no-auth``)."""
+    if not config.tokens:
+        logger.warning(
+            "running WITHOUT authentication (--insecure-no-auth): anyone who reaches %s can bind public ports "
+            "through this server",
+            address,
+        )
+
+
 def server_tls(config: ServerConfig) -> ServerTls | None:
     """The server's TLS identity: the operator's files, or its own key in the state directory (made on first
     use); None with ``insecure_plaintext``. Raises ConfigError with one readable line."""
@@ -706,14 +715,8 @@ async def _run_server(
         caps.total,
         caps.per_ip,
     )
-    if tls is not None:
-        announce(f"fingerprint {tls.fingerprint}")
-        logger.info("TLS on the link; clients pin this server with --server-fingerprint %s", tls.fingerprint)
-    else:
-        logger.warning(
-            "the link is NOT encrypted (--insecure-plaintext): traffic and sessions can be read and taken over "
-            "by anyone on the path"
-        )
+    if coordinator is None:  # (with --workers the parent has said it, once)
+        announce_link_security(tls)
     addresses = []
     for listener in listeners:
         host, port = listener.socket.getsockname()[:2]
@@ -725,13 +728,9 @@ async def _run_server(
         for listener in listeners:
             await trio.aclose_forcefully(listener)
         raise
-    if not config.tokens:
-        logger.warning(
-            "running WITHOUT authentication (--insecure-no-auth): anyone who reaches %s can bind "
-            "public ports through this server",
-            addresses[0],
-        )
-    logger.info("server listening on %s", ", ".join(map(str, addresses)))
+    if coordinator is None:  # (with --workers the parent says these, once)
+        warn_if_open(config, addresses[0])
+        logger.info("server listening on %s", ", ".join(map(str, addresses)))
     async with trio.open_nursery() as handlers:  # the links live here, so they outlive the accept loop
         server.groups.nursery = handlers  # and the groups' ports, which outlive any one member's link
         server.groups.refusals = server.visitors

@@ -427,19 +427,16 @@ async def run_workers(
         OSError: the link port cannot be bound.
         WorkerError: a worker kept failing to start.
     """
-    from .server import server_tls  # (the worker imports the server; the parent needs only this)
+    from .server import (  # (the worker imports the server; the parent needs these)
+        announce_link_security,
+        server_tls,
+        warn_if_open,
+    )
 
     with sighup_receiver(reload is not None or config.tls_cert is not None) as hups:
         count = worker_count(config.workers)
         tls = server_tls(config)  # made once here, so the workers only read the key in state_dir
-        if tls is not None:
-            announce(f"fingerprint {tls.fingerprint}")
-            logger.info("TLS on the link; clients pin this server with --server-fingerprint %s", tls.fingerprint)
-        else:
-            logger.warning(
-                "the link is NOT encrypted (--insecure-plaintext): traffic and sessions can be read and taken over "
-                "by anyone on the path"
-            )
+        announce_link_security(tls)
         held, addresses = await _hold_port(config)
         parent = _Parent(config, shutdown, count, addresses, Registry(config.max_clients))
         try:
@@ -454,12 +451,7 @@ async def run_workers(
                         if config.metrics is not None:
                             listeners = await bind_metrics(config.metrics)
                             services.start_soon(serve_http, parent.respond, listeners, config.timeouts.handshake)
-                        if not config.tokens:
-                            logger.warning(
-                                "running WITHOUT authentication (--insecure-no-auth): anyone who reaches %s can "
-                                "bind public ports through this server",
-                                hostports[0],
-                            )
+                        warn_if_open(config, hostports[0])
                         logger.info("server listening on %s with %d workers", ", ".join(map(str, hostports)), count)
                         if hups is not None:
                             load = reload or (lambda: parent.config)
