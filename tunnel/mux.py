@@ -61,7 +61,7 @@ Why the invariants still hold:
   is the connection's scheduler's choice (control first, then round robin over all streams with data), at most
   ``write_batch`` bytes. A busy stream's task that writes a batch writes the other streams' data in it too.
   Fairness holds only over the bytes still in the connection's queues: what the kernel holds is first in, first
-  out. So a session of the CLI (``SessionConfig.fit_send_buffer``) sizes its link's send buffer from the first RTT
+  out. So a session of the CLI (``SessionConfig.fit_send_buffer``) sizes its link's send buffer from the smallest RTT
   sample (:func:`~trio_tunnel.tcp.fit_send_buffer`: small on a short link, autotuned on a long one) and the
   receive-window auto-tuning halves windows far beyond a stream's pace (:func:`proto.flow.next_window`): a bulk
   stream's backlog then waits here, where a small frame of another stream goes ahead of it.
@@ -75,7 +75,6 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, final
 
-import attrs
 import trio
 from trio_tunnel import proto
 from trio_tunnel.proto import ErrorCode, Role
@@ -85,7 +84,7 @@ from .errors import HandshakeError, RequestError, SessionClosedError, StreamOpen
 from .session_types import Ended, PendingReply, Request, SessionConfig, SessionStatistics
 from .sink import Sink
 from .stream import NO_META, MuxStream
-from .tcp import TcpStream, fit_send_buffer
+from .tcp import SendBufferFit, TcpStream
 from .tls import TlsStream
 
 __all__ = [
@@ -161,6 +160,8 @@ class Session:
         # bytes a synchronous write left for the writer, whether the reader is applying a batch of events (then it
         # writes once at the end), and the streams whose bytes go straight into their sink after that batch.
         self._sink: Sink | None = transport if isinstance(transport, TcpStream | TlsStream) else None
+        self._send_fit: SendBufferFit | None = None
+        """The link's send buffer fitted to its smallest RTT sample (``SessionConfig.fit_send_buffer``)."""
         self._tail: list[bytes | memoryview] | None = None
         self._dispatching = False
         self._deliveries: list[MuxStream] = []
@@ -745,11 +746,12 @@ class Session:
                     self._credit_changed()
                 case ev.PongReceived(_, rtt):
                     if rtt is not None and self._config.fit_send_buffer and self._sink is not None:
-                        # The first RTT sample (the handshake's PING) sizes the link's kernel send queue.
-                        transport = self._transport
-                        assert isinstance(transport, TcpStream | TlsStream)
-                        fit_send_buffer(transport.socket, rtt)
-                        self._config = attrs.evolve(self._config, fit_send_buffer=False)
+                        # The RTT samples (the handshake's PING, then keepalives) size the link's kernel send queue.
+                        if self._send_fit is None:
+                            transport = self._transport
+                            assert isinstance(transport, TcpStream | TlsStream)
+                            self._send_fit = SendBufferFit(transport.socket)
+                        self._send_fit.sample(rtt)
                     if rtt is not None:
                         logger.debug(
                             "%s: rtt %.1f ms (smoothed %.1f ms)", self, rtt * 1e3, (self._conn.srtt or 0) * 1e3

@@ -35,7 +35,7 @@ class SessionConfig:
     read_size: int = 256 * KiB
     write_batch: int = 256 * KiB
     fit_send_buffer: bool = False
-    """Size the link socket's send buffer from the first RTT sample (:func:`trio_tunnel.tcp.fit_send_buffer`), so a
+    """Size the link socket's send buffer from its smallest RTT sample (:func:`trio_tunnel.tcp.fit_send_buffer`), so a
     bulk stream's backlog stays in the multiplexer, where another stream's frame can go ahead of it."""
 
 

@@ -136,6 +136,33 @@ def fit_send_buffer(stream: TcpStream | trio.SocketStream | socket.socket, rtt: 
     return size
 
 
+REFIT_BELOW: Final = 0.75
+"""A new RTT sample fits the send buffer again when it is below this fraction of the smallest sample so far."""
+
+
+class SendBufferFit:
+    """Fits a link's send buffer to the smallest RTT sample seen (:func:`fit_send_buffer`). A sample is never shorter
+    than the real RTT, but it can be far longer (the handshake's PING on a busy machine, a queue on the path), and
+    one inflated first sample would leave megabytes of kernel queue ahead of every small frame, or autotuning on, for
+    the link's life. So each clearly smaller sample (:data:`REFIT_BELOW`) fits the buffer again; a larger one never
+    does (the minimum is the best estimate of the path's RTT)."""
+
+    __slots__ = ("best", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.best: float | None = None
+        """The smallest sample so far, once one has been applied."""
+
+    def sample(self, rtt: float) -> bool:
+        """Apply ``rtt`` if it is the first sample or clearly below the best so far; True if it was applied."""
+        if self.best is not None and rtt >= self.best * REFIT_BELOW:
+            return False
+        self.best = rtt
+        fit_send_buffer(self.sock, rtt)
+        return True
+
+
 # "Would block" is caught in these small functions, not in the coroutines that call them: an exception that passes
 # through a coroutine frame makes Python create a frame object for it (for the traceback), and that object lives as
 # long as the coroutine, i.e. as long as the connection (about 200 bytes per socket). Waiting inside an except

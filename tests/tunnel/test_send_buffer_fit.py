@@ -10,7 +10,14 @@ import trio.testing
 from mux_helpers import session_pair
 from tls_helpers import tcp_pair
 from trio_tunnel.mux import SessionConfig
-from trio_tunnel.tcp import SEND_BUFFER_MAX, SEND_BUFFER_MIN, SEND_BUFFER_RATE, fit_send_buffer
+from trio_tunnel.tcp import (
+    REFIT_BELOW,
+    SEND_BUFFER_MAX,
+    SEND_BUFFER_MIN,
+    SEND_BUFFER_RATE,
+    SendBufferFit,
+    fit_send_buffer,
+)
 
 
 def _sndbuf(sock: socket.socket) -> int:
@@ -56,3 +63,23 @@ async def test_a_session_fits_its_link_after_the_first_rtt_sample() -> None:
             assert _sndbuf(client_tcp.socket) <= cap
             # ... and a session without the option leaves its socket alone.
             assert _sndbuf(server_tcp.socket) == before
+
+
+async def test_a_clearly_smaller_rtt_sample_fits_the_buffer_again() -> None:
+    """An inflated first sample (a busy machine at the handshake) leaves autotuning on; the first keepalive's honest
+    sample caps the queue, and later samples that are not clearly smaller change nothing."""
+    with trio.fail_after(10):
+        client, server = await tcp_pair()
+        async with client, server:
+            fit = SendBufferFit(client.socket)
+            autotuned = _sndbuf(client.socket)
+            assert fit.sample(SEND_BUFFER_MAX / SEND_BUFFER_RATE * 2)  # inflated: no cap
+            assert _sndbuf(client.socket) == autotuned
+            assert fit.sample(0.001)  # the path's real RTT
+            capped = _sndbuf(client.socket)
+            assert capped <= 2 * int(0.001 * SEND_BUFFER_RATE) < autotuned
+            assert not fit.sample(0.002)  # larger: the minimum stays
+            assert not fit.sample(0.001 * REFIT_BELOW * 1.01)  # not clearly smaller
+            assert _sndbuf(client.socket) == capped
+            assert fit.sample(0.000_5)
+            assert _sndbuf(client.socket) <= 2 * max(SEND_BUFFER_MIN, int(0.000_5 * SEND_BUFFER_RATE))
