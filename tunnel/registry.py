@@ -31,7 +31,7 @@ from trio_tunnel.proto import ErrorCode
 
 from .takeover import another_token
 
-__all__ = ["MAX_REMEMBERED_PORTS", "Ask", "Grant", "Local", "Refuse", "Registry", "token_digest"]
+__all__ = ["MAX_REMEMBERED_PORTS", "Ask", "LastPorts", "Grant", "Local", "Refuse", "Registry", "token_digest"]
 
 MAX_REMEMBERED_PORTS: Final = 4096
 """(client, service) ports remembered at most (as one server process does)."""
@@ -75,6 +75,37 @@ Decision = Grant | Local | Refuse | Ask
 
 
 @attrs.define
+class LastPorts:
+    """The public port each (client, service) had last, so a service exposed on port 0 gets it again when its client
+    reconnects. Bounded: past :data:`MAX_REMEMBERED_PORTS` the oldest entry is forgotten."""
+
+    ports: dict[tuple[str, str], int] = attrs.field(factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ports)
+
+    def get(self, client: str, service: str) -> int | None:
+        return self.ports.get((client, service))
+
+    def remember(self, client: str, service: str, port: int) -> None:
+        """``client``'s ``service`` is on ``port`` now (the latest counts)."""
+        key = (client, service)
+        self.ports.pop(key, None)
+        self.ports[key] = port
+        while len(self.ports) > MAX_REMEMBERED_PORTS:
+            del self.ports[next(iter(self.ports))]
+
+    def learn(self, client: str, service: str, port: int) -> None:
+        """What another process remembered: kept unless this one knows a port of its own for it."""
+        if (client, service) not in self.ports:
+            self.remember(client, service, port)
+
+    def of(self, client: str) -> dict[str, int]:
+        """Service -> the port it had last, for one client."""
+        return {service: port for (who, service), port in self.ports.items() if who == client}
+
+
+@attrs.define
 class _Owner:
     worker: int
     token: bytes | None
@@ -84,7 +115,7 @@ class _Owner:
 class Registry:
     max_clients: int
     owners: dict[str, _Owner] = attrs.field(factory=dict)
-    last_ports: dict[tuple[str, str], int] = attrs.field(factory=dict)
+    last_ports: LastPorts = attrs.field(factory=LastPorts)
 
     def decide(self, name: str, worker: int, token: bytes | None) -> Decision:
         """What to do with a HELLO for ``name`` on ``worker`` (``token``: its :func:`token_digest`). A Grant is
@@ -132,12 +163,8 @@ class Registry:
 
     def remember(self, client: str, service: str, port: int) -> None:
         """``client``'s ``service`` is on ``port`` now (a reconnect gets it again if it asks for port 0)."""
-        key = (client, service)
-        self.last_ports.pop(key, None)
-        self.last_ports[key] = port
-        while len(self.last_ports) > MAX_REMEMBERED_PORTS:  # bounded: forget the oldest
-            del self.last_ports[next(iter(self.last_ports))]
+        self.last_ports.remember(client, service, port)
 
     def ports_of(self, client: str) -> dict[str, int]:
         """Service -> the port it had last, for one client."""
-        return {service: port for (who, service), port in self.last_ports.items() if who == client}
+        return self.last_ports.of(client)

@@ -48,6 +48,7 @@ from .link import LinkMismatchError, ServerTls, refuse_link, secure_server_link
 from .metrics import Metrics, ServiceStats, handshake_failure
 from .mux import MuxStream, Request, Role, Session, open_session
 from .proxyprotocol import front_door
+from .registry import LastPorts
 from .reload import ReloadError, one_line, plan_server, reload_on_signals, sighup_receiver
 from .takeover import holder_answers, judge
 from .tally import Tally
@@ -61,7 +62,6 @@ __all__ = ["run_server"]
 
 logger: Final = logging.getLogger(__name__)
 
-MAX_REMEMBERED_PORTS: Final = 4096
 TOKEN_REMOVED: Final = "the server no longer accepts this client's token"
 
 
@@ -71,7 +71,7 @@ class _Server:
     shutdown: Shutdown
     tls: ServerTls | None
     links: dict[str, ClientLink] = attrs.field(factory=dict)
-    last_ports: dict[tuple[str, str], int] = attrs.field(factory=dict)
+    last_ports: LastPorts = attrs.field(factory=LastPorts)
     """(client, service) -> the port it had last, so a service exposed on port 0 keeps its port across reconnects."""
     admission: Admission = attrs.field(factory=lambda: Admission(HandshakeCaps.sized(1024)))
     """Connections still in the handshake (max_handshakes, max_handshakes_per_ip)."""
@@ -105,7 +105,7 @@ class _Server:
             session.go_away(ErrorCode(claim.code), claim.reason)
             return None
         for service, port in claim.ports.items():
-            self.last_ports.setdefault((name, service), port)
+            self.last_ports.learn(name, service, port)
         return claim
 
     async def _holder(self, session: Session, name: str, peer: str) -> ClientLink | Literal[False] | None:
@@ -407,7 +407,7 @@ class _Server:
                 return
             await self._expose_in_group(session, link, request, name, bind, port, nursery)
             return
-        previous = self.last_ports.get((link.name, name))
+        previous = self.last_ports.get(link.name, name)
         try:
             if udp:
                 udp_socket = await bind_udp_in(bind, port, ports, ports.allows_any_unprivileged, previous)
@@ -492,7 +492,7 @@ class _Server:
             else:
                 try:
                     listeners = await bind_public(
-                        bind, port, self.last_ports.get((link.name, name)), self.config.allow_ports
+                        bind, port, self.last_ports.get(link.name, name), self.config.allow_ports
                     )
                 except OSError as exc:
                     code = ErrorCode.ADDRESS_IN_USE if exc.errno == errno.EADDRINUSE else ErrorCode.CONNECT_FAILED
@@ -528,13 +528,9 @@ class _Server:
             left.set()
 
     def _remember(self, client: str, service: str, port: int) -> None:
-        key = (client, service)
-        self.last_ports.pop(key, None)
-        self.last_ports[key] = port
+        self.last_ports.remember(client, service, port)
         if self.coordinator is not None:
             self.coordinator.remember(client, service, port)
-        while len(self.last_ports) > MAX_REMEMBERED_PORTS:  # bounded: forget the oldest
-            del self.last_ports[next(iter(self.last_ports))]
 
     # ---------------------------------------------------------------------------------------- reverse (-R)
 

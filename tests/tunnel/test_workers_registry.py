@@ -8,7 +8,7 @@ import os
 import pytest
 from trio_tunnel.errors import ConfigError
 from trio_tunnel.proto import ErrorCode
-from trio_tunnel.registry import MAX_REMEMBERED_PORTS, Ask, Grant, Local, Refuse, Registry, token_digest
+from trio_tunnel.registry import MAX_REMEMBERED_PORTS, Ask, Grant, LastPorts, Local, Refuse, Registry, token_digest
 from trio_tunnel.workers import parse_workers, worker_count
 
 A, B = token_digest(b"token-a"), token_digest(b"token-b")
@@ -113,3 +113,15 @@ def test_the_worker_count_cannot_change_on_a_reload() -> None:
         plan_server(old, attrs.evolve(old, workers="auto"))
     with pytest.raises(ValueError, match="workers must be an integer >= 1"):
         attrs.evolve(old, workers=0)
+
+
+def test_last_ports_learn_keeps_its_own_and_stays_bounded() -> None:
+    ports = LastPorts()
+    ports.remember("home", "web", 40000)
+    ports.learn("home", "web", 41000)  # the parent's older news does not override this worker's own
+    ports.learn("home", "ssh", 41001)
+    assert ports.get("home", "web") == 40000 and ports.get("home", "ssh") == 41001
+    for n in range(MAX_REMEMBERED_PORTS + 10):
+        ports.learn(f"c{n}", "web", 1024 + n)
+    assert len(ports) == MAX_REMEMBERED_PORTS
+    assert ports.get("home", "web") is None  # the oldest went first
