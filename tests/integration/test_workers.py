@@ -215,6 +215,23 @@ async def test_a_public_port_held_on_one_worker_is_refused_on_the_other(tmp_path
             service.scope.cancel()
 
 
+async def crash(server: Any, metrics: Any, stdout: Stdout, victim: int, seen: set[str]) -> int:
+    """SIGKILL worker ``victim``; return once it is back (a pid not in ``seen``, which gets it) and the clients it
+    held have exposed their services again (on whichever worker). Returns the killed pid."""
+    document = await status(metrics)
+    hit = [s["client"] for s in document["sessions"] if s["worker"] == victim]
+    pid = int(document["workers"][victim]["pid"])
+    exposed = len(stdout.matching(r"exposed web \S+"))
+    os.kill(pid, signal.SIGKILL)
+    await server.expect_stderr(rf"worker {victim} \(pid {pid}\) exited unexpectedly \(signal 9\)")
+    seen.add(str(pid))
+    fresh = await server.expect_stderr(rf"worker {victim} \(pid (?!(?:{'|'.join(seen)})\))(\d+)\) ready")
+    seen.add(fresh[1])
+    while len(stdout.matching(r"exposed web \S+")) < exposed + len(hit):  # they reconnected
+        await stdout._changed.wait()
+    return pid
+
+
 async def test_a_killed_worker_is_restarted_and_its_clients_come_back_on_their_ports(
     tmp_path: Path, stdout: Stdout
 ) -> None:
@@ -225,33 +242,15 @@ async def test_a_killed_worker_is_restarted_and_its_clients_come_back_on_their_p
                 clients = await spread(nursery, address, metrics, service.port)
                 document = await status(metrics)
                 victim = document["sessions"][0]["worker"]
-                hit = [s["client"] for s in document["sessions"] if s["worker"] == victim]
-                pid = document["workers"][victim]["pid"]
-                exposed = len(stdout.matching(r"exposed web \S+"))
-                os.kill(pid, signal.SIGKILL)
-                await server.expect_stderr(rf"worker {victim} \(pid {pid}\) exited unexpectedly \(signal 9\)")
-                await server.expect_stderr(rf"worker {victim} \(pid (?!{pid}\))\d+\) ready")  # restarted
-                while len(stdout.matching(r"exposed web \S+")) < exposed + len(hit):  # they reconnected
-                    await stdout._changed.wait()
+                seen = {str(w["pid"]) for w in document["workers"]}
+                killed = await crash(server, metrics, stdout, victim, seen)
                 for name, client in clients.items():
                     assert await exchange(client.value["web"].port, name.encode()) == name.encode()
                 document = await status(metrics)
-                assert document["workers"][victim]["pid"] != pid
+                assert document["workers"][victim]["pid"] != killed
                 assert sorted(s["client"] for s in document["sessions"]) == sorted(clients)
-                seen = {str(w["pid"]) for w in document["workers"]} | {str(pid)}
                 for _ in range(MAX_START_FAILURES):  # crashes after it was ready are not failures to start
-                    document = await status(metrics)
-                    hit = [s["client"] for s in document["sessions"] if s["worker"] == victim]
-                    pid = document["workers"][victim]["pid"]
-                    exposed = len(stdout.matching(r"exposed web \S+"))
-                    os.kill(pid, signal.SIGKILL)
-                    await server.expect_stderr(rf"worker {victim} \(pid {pid}\) exited unexpectedly")
-                    fresh = await server.expect_stderr(
-                        rf"worker {victim} \(pid (?!(?:{'|'.join(seen)})\))(\d+)\) ready"
-                    )
-                    seen.add(fresh[1])
-                    while len(stdout.matching(r"exposed web \S+")) < exposed + len(hit):
-                        await stdout._changed.wait()
+                    await crash(server, metrics, stdout, victim, seen)
                 for name, client in clients.items():
                     assert await exchange(client.value["web"].port, name.encode()) == name.encode()
                 for client in clients.values():
