@@ -529,15 +529,21 @@ class Session:
             self._written_in_pass = now
             self._write_now(sink)
 
+    def _next_batch(self) -> list[bytes | memoryview]:
+        """The connection's next batch of frames (at most ``write_batch`` bytes); the streams whose queued bytes it
+        took, making room, are told they may send again."""
+        parts = self._conn.data_to_send_parts(self._config.write_batch)
+        for sid in self._conn.pop_writable():
+            stream = self._streams.get(sid)
+            if stream is not None:
+                stream.on_writable()
+        return parts
+
     def _write_now(self, sink: Sink) -> None:
         """One writer batch, made and written synchronously by the calling task: what the link does not take now
         becomes the writer's tail, and the writer is woken for it (and for a second batch: those are its job)."""
         conn = self._conn
-        parts = conn.data_to_send_parts(self._config.write_batch)
-        for sid in conn.pop_writable():
-            stream = self._streams.get(sid)
-            if stream is not None:
-                stream.on_writable()
+        parts = self._next_batch()
         if not parts:
             return
         sent = sink.send_nowait(parts)
@@ -616,11 +622,7 @@ class Session:
                     if self._tail is not None:  # what a synchronous write left (see _write_now) goes first
                         parts, self._tail = self._tail, None
                     else:
-                        parts = conn.data_to_send_parts(self._config.write_batch)
-                        for sid in conn.pop_writable():
-                            stream = self._streams.get(sid)
-                            if stream is not None:
-                                stream.on_writable()
+                        parts = self._next_batch()
                         if not parts:
                             break
                     batches += 1
