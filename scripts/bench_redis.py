@@ -35,7 +35,7 @@ from typing import Any
 
 import trio
 from benchkit.procs import ProcessGroup, SystemUnavailable, cpu_seconds, free_port, process_group, wait_accepting
-from benchkit.systems import SYSTEMS, Target
+from benchkit.systems import SYSTEMS, Target, add_system_arguments
 
 DEFAULT_SYSTEMS = "direct,socat,ssh,trio-tunnel,trio-tunnel-plain"
 
@@ -57,14 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tests", default="ping_inline,set,get", help="redis-benchmark -t (default ping_inline,set,get)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per system, medians reported (default 3)")
     ap.add_argument("--md", metavar="PATH", help="also write the markdown table here")
-    # What benchkit.systems reads from the options (the same defaults as bench.py).
-    ap.add_argument("--trio-tunnel", metavar="EXE", help="trio-tunnel executable (default: next to python)")
-    ap.add_argument("--tt-server-arg", action="append", default=[], metavar="ARG", help="extra server argument")
-    ap.add_argument("--tt-client-arg", action="append", default=[], metavar="ARG", help="extra client argument")
-    ap.add_argument("--tt-stock-limits", action="store_true", help="the server without bench.py's per-IP config")
-    ap.add_argument("--ssh-cipher", help="cipher for ssh (default: OpenSSH's default)")
-    ap.add_argument("--socat-backlog", type=int, default=1024, help=argparse.SUPPRESS)
-    ap.add_argument("--start-timeout", type=float, default=15.0, help=argparse.SUPPRESS)
+    add_system_arguments(ap)  # what benchkit.systems reads from the options (as bench.py has them)
     return ap.parse_args(argv)
 
 

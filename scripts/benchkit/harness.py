@@ -20,7 +20,7 @@ from .common import DelayParams, KiB, MiB
 from .procs import SystemUnavailable, process_group
 from .report import SystemReport, any_failed, build_document, machine_info, write_outputs
 from .suite import Config, Log, describe_error, metrics_for, rate_tag, run_delay, run_suite
-from .systems import SYSTEMS, System, start_sink
+from .systems import SYSTEMS, System, add_system_arguments, start_sink
 from .udp import add_arguments as add_udp_arguments
 from .udp import run_udp_bench, serve_udp_sink_main
 from .wire import raise_nofile, serve_sink_main
@@ -210,40 +210,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--buffer-kib", type=int, help="delay line: queue per direction (default one BDP)")
     ap.add_argument("--no-delay", action="store_true", help="skip the delay-line measurement")
-    ap.add_argument("--ssh-cipher", help="cipher for ssh (default: OpenSSH's default)")
-    ap.add_argument(
-        "--socat-backlog",
-        type=int,
-        default=1024,
-        help="listen backlog for socat (its own default is 5; default here 1024)",
-    )
-    ap.add_argument("--trio-tunnel", metavar="EXE", help="trio-tunnel executable (default: next to python)")
-    ap.add_argument(
-        "--tt-server-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra argument for 'trio-tunnel server' (repeatable), e.g. --tt-server-arg=--config=x.toml",
-    )
-    ap.add_argument(
-        "--tt-stock-limits",
-        action="store_true",
-        help="run trio-tunnel's server without the bench's config (max_connections_per_ip = 4096): for builds "
-        "older than that key, or to see the default per-address cap refuse the bench's 1,000 idle connections",
-    )
-    ap.add_argument(
-        "--tt-client-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra argument for 'trio-tunnel client' (repeatable)",
-    )
-    ap.add_argument(
-        "--start-timeout",
-        type=float,
-        default=15.0,
-        help="seconds a system may take to print its ready lines (default 15)",
-    )
+    add_system_arguments(ap)
     ap.add_argument("--budget", type=float, help="overall time budget in seconds (default 840, --quick 150)")
     ap.add_argument("--silent", action="store_true", help="no progress on stderr")
     add_udp_arguments(ap)

@@ -408,3 +408,41 @@ SYSTEM_LIST: tuple[System, ...] = (
 )
 SYSTEMS: dict[str, System] = {s.name: s for s in SYSTEM_LIST}
 assert len(SYSTEMS) == len(SYSTEM_LIST), "system names must be unique"
+
+
+def add_system_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options :meth:`System.start` reads (``opts``), for every script that starts the systems."""
+    ap.add_argument("--ssh-cipher", help="cipher for ssh (default: OpenSSH's default)")
+    ap.add_argument(
+        "--socat-backlog",
+        type=int,
+        default=1024,
+        help="listen backlog for socat (its own default is 5; default here 1024)",
+    )
+    ap.add_argument("--trio-tunnel", metavar="EXE", help="trio-tunnel executable (default: next to python)")
+    ap.add_argument(
+        "--tt-server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for 'trio-tunnel server' (repeatable), e.g. --tt-server-arg=--config=x.toml",
+    )
+    ap.add_argument(
+        "--tt-stock-limits",
+        action="store_true",
+        help="run trio-tunnel's server without the bench's config (max_connections_per_ip = 4096): for builds "
+        "older than that key, or to see the default per-address cap refuse the bench's 1,000 idle connections",
+    )
+    ap.add_argument(
+        "--tt-client-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for 'trio-tunnel client' (repeatable)",
+    )
+    ap.add_argument(
+        "--start-timeout",
+        type=float,
+        default=15.0,
+        help="seconds a system may take to print its ready lines (default 15)",
+    )
